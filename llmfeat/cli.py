@@ -1,0 +1,136 @@
+"""`llmfeat` command line. Each job command runs the same `run(spark, settings)` that spark-submit runs.
+
+llmfeat ingest [--config local|PATH] [--set key=value ...]
+llmfeat tables                         # what is published, where, at which version
+llmfeat demo                           # the end-to-end job on the embedded defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from llmfeat.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger("llmfeat")
+
+
+def config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "--profile",
+        dest="config",
+        default="local",
+        help="profile name in conf/ (local, tiny, cluster) or a YAML path (default: local)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set spark.master=local[2] (repeatable)",
+    )
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or set-up, reported as one line instead of a traceback."""
+    from spark_jobs.ingest import IngestError
+    from spark_jobs.session import JavaNotFound
+
+    return (ConfigError, IngestError, JavaNotFound, FileNotFoundError)
+
+
+def job_main(name: str, argv: list[str] | None, body: Callable[[SparkSession, Settings], Any]) -> int:
+    """Parse config flags, validate the config before Spark starts, run `body`, map bad input to exit 1."""
+    parser = argparse.ArgumentParser(prog=f"llmfeat {name}")
+    config_args(parser)
+    args = parser.parse_args(argv)
+    return _run_with_session(name, args.config, args.overrides, body)
+
+
+def _run_with_session(
+    name: str, config: str, overrides: list[str], body: Callable[[SparkSession, Settings], Any]
+) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(config, overrides)
+    except ConfigError as err:
+        print(f"llmfeat {name}: config error: {err}", file=sys.stderr)
+        return 2
+    from spark_jobs.session import build_session
+
+    started = time.monotonic()
+    try:
+        spark = build_session(settings.spark)
+        body(spark, settings)
+    except user_errors() as err:
+        print(f"llmfeat {name}: error: {err}", file=sys.stderr)
+        return 1
+    log.info("%s finished in %.1f s", name, time.monotonic() - started)
+    return 0
+
+
+def tables_summary(settings: Settings) -> str:
+    """Every Delta table under data_dir with its current version and row count (no Spark needed)."""
+    from spark_jobs.delta_io import RustDelta
+
+    root = settings.delta_root
+    names = sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir()) if root.is_dir() else []
+    if not names:
+        return f"no Delta tables under {root} yet: run `llmfeat ingest`"
+    tables = RustDelta(root)
+    lines = [f"Delta tables under {root}", f"{'table':<16}{'rows':>9}{'version':>9}"]
+    for n in names:
+        t = tables._table(n)
+        rows = t.to_pyarrow_dataset().count_rows()
+        lines.append(f"{n:<16}{rows:>9,}{t.version():>9}")
+    return "\n".join(lines)
+
+
+def demo(spark: SparkSession, settings: Settings) -> None:
+    from spark_jobs.ingest import format_summary
+    from spark_jobs.ingest import run as ingest
+
+    print("== ingest (MovieLens-100k from the recbole package -> Delta, input checks before any commit)")
+    print(format_summary(ingest(spark, settings)))
+    print("\n== published")
+    print(tables_summary(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmfeat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),
+        ("demo", "run the end-to-end job on the embedded defaults"),
+        ("tables", "list the Delta tables, their versions and row counts"),
+    ):
+        config_args(sub.add_parser(name, help=help_))
+    args = parser.parse_args(argv)
+    if args.command == "tables":
+        try:
+            print(tables_summary(load_settings(args.config, args.overrides)))
+        except ConfigError as err:
+            print(f"llmfeat tables: config error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "ingest":
+        from spark_jobs.ingest import format_summary
+        from spark_jobs.ingest import run as ingest
+
+        return _run_with_session(
+            "ingest", args.config, args.overrides, lambda s, c: print(format_summary(ingest(s, c)))
+        )
+    return _run_with_session("demo", args.config, args.overrides, demo)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Ingest job: raw ratings, items and users -> the Delta tables every other job reads.
+
+    spark-submit spark_jobs/ingest.py --config conf/local.yaml [--set key=value ...]
+    llmfeat ingest [--profile local] [--set key=value ...]
+
+Tables (under <data_dir>/delta):
+    items           item_id, title, year, genres ("A|B"), text
+    users           user_id, age, gender, occupation
+    interactions    user_id, item_id, rating, label (rating >= threshold), event_timestamp, split
+    behaviors       behavior_id (stable hash of text), text ("rated 5: Toy Story (1995), Animation|Comedy")
+    user_behaviors  user_id, behavior_id, item_id, event_timestamp
+
+Every input check runs before the first write, so bad input leaves every table at its previous version.
+Each table is MERGEd by key with deletes of vanished rows: a re-run with the same input commits nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmfeat.config import IngestConf, Settings, SourceFiles
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+REQUIRED = {
+    "interactions": ["user_id", "item_id", "rating", "timestamp"],
+    "items": ["item_id", "title"],
+    "users": ["user_id"],
+}
+OPTIONAL = {"items": ["year", "genres"], "users": ["age", "gender", "occupation"]}
+TABLE_KEYS = {
+    "items": ["item_id"],
+    "users": ["user_id"],
+    "interactions": ["user_id", "item_id", "event_timestamp"],
+    "behaviors": ["behavior_id"],
+    "user_behaviors": ["user_id", "item_id", "event_timestamp"],
+}
+
+
+class IngestError(ValueError):
+    """Bad input: names the file, the column and an example row."""
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    name: str
+    path: str
+    version: int
+    rows: int
+
+
+def ml100k_source(ml100k_dir: str | None = None) -> SourceFiles:
+    """MovieLens-100k as shipped inside the installed recbole package (read as files, never imported)."""
+    if ml100k_dir is None:
+        spec = importlib.util.find_spec("recbole")
+        if spec is None or spec.origin is None:
+            raise IngestError(
+                "ingest.source is ml-100k but the recbole package is not installed (make setup)"
+            )
+        ml100k_dir = os.path.join(os.path.dirname(spec.origin), "dataset_example", "ml-100k")
+    d = Path(ml100k_dir)
+    return SourceFiles(
+        interactions=str(d / "ml-100k.inter"),
+        items=str(d / "ml-100k.item"),
+        users=str(d / "ml-100k.user"),
+        format="tsv",
+        columns={"title": "movie_title", "year": "release_year", "genres": "class"},
+        genre_sep=" ",
+    )
+
+
+def source_files(cfg: IngestConf) -> SourceFiles:
+    if cfg.source == "ml-100k":
+        return ml100k_source(cfg.ml100k_dir)
+    if cfg.files is None:
+        raise IngestError(
+            "ingest.source is files but ingest.files is not set (interactions, items, users paths)"
+        )
+    return cfg.files
+
+
+def check_text_file(path: str) -> None:
+    """Empty files and invalid UTF-8 fail here, with the line, before Spark silently replaces bad bytes."""
+    p = Path(path)
+    if not p.exists():
+        raise IngestError(f"{path}: file not found")
+    if p.stat().st_size == 0:
+        raise IngestError(f"{path}: file is empty")
+    with p.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise IngestError(
+                    f"{path}: invalid UTF-8 at line {lineno}, byte {err.start}: {line[:120]!r}"
+                ) from None
+
+
+def read_source(spark: SparkSession, files: SourceFiles, kind: str) -> DataFrame:
+    """One source file -> a DataFrame with llmfeat's column names (all strings for text formats)."""
+    path = getattr(files, kind)
+    if files.format == "parquet":
+        if not Path(path).exists():
+            raise IngestError(f"{path}: file not found")
+        df = spark.read.parquet(path)
+    else:
+        check_text_file(path)
+        sep = "\t" if files.format == "tsv" else ","
+        df = spark.read.csv(path, header=True, sep=sep, inferSchema=False, quote='"', escape='"')
+    # recbole headers carry a type suffix ("user_id:token"); mapped names come from config.
+    df = df.toDF(*[c.split(":")[0] for c in df.columns])
+    renames = {theirs: ours for ours, theirs in files.columns.items() if theirs in df.columns}
+    df = df.select([df[c].alias(renames.get(c, c)) for c in df.columns])
+    missing = [c for c in REQUIRED[kind] if c not in df.columns]
+    if missing:
+        raise IngestError(
+            f"{path}: missing column(s) {missing} for {kind}; found {df.columns}. "
+            f"Map your names with ingest.files.columns (llmfeat name -> yours)"
+        )
+    if df.limit(1).count() == 0:
+        raise IngestError(f"{path}: file is empty (a header but no rows)")
+    keep = REQUIRED[kind] + [c for c in OPTIONAL.get(kind, []) if c in df.columns]
+    return df.select(*keep)
+
+
+def _fail_if_any(bad: DataFrame, path: str, column: str, problem: str) -> None:
+    rows = bad.limit(3).collect()
+    if rows:
+        examples = "; ".join(str(r.asDict()) for r in rows)
+        raise IngestError(f"{path}: column {column!r}: {problem}; example row(s): {examples}")
+
+
+def check_ids(df: DataFrame, path: str, keys: list[str]) -> None:
+    from pyspark.sql import functions as F
+
+    for key in keys:
+        _fail_if_any(
+            df.where(F.col(key).isNull() | (F.trim(F.col(key).cast("string")) == "")), path, key, "null id"
+        )
+    dup = df.groupBy(*keys).count().where("count > 1")
+    _fail_if_any(dup, path, "+".join(keys), "duplicate id")
+
+
+def parse_timestamp(col: str):  # type: ignore[no-untyped-def]
+    """Epoch seconds (numeric or numeric text) or an ISO-8601 string -> TIMESTAMP (UTC session)."""
+    from pyspark.sql import functions as F
+
+    text = F.trim(F.col(col).cast("string"))
+    seconds = text.try_cast("double")
+    return F.when(seconds.isNotNull(), F.timestamp_micros((seconds * 1_000_000).cast("long"))).otherwise(
+        F.try_to_timestamp(text)
+    )
+
+
+def interactions_table(raw: DataFrame, path: str, cfg: IngestConf) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    df = raw.select(
+        F.trim(F.col("user_id").cast("string")).alias("user_id"),
+        F.trim(F.col("item_id").cast("string")).alias("item_id"),
+        F.col("rating").alias("rating_raw"),
+        F.col("timestamp").alias("timestamp_raw"),
+        F.col("rating").cast("string").try_cast("double").alias("rating"),
+        parse_timestamp("timestamp").alias("event_timestamp"),
+    )
+    for key in ("user_id", "item_id"):
+        _fail_if_any(df.where(F.col(key).isNull() | (F.col(key) == "")), path, key, "null id")
+    _fail_if_any(df.where(F.col("rating").isNull()), path, "rating", "not a number")
+    _fail_if_any(
+        df.where(F.col("event_timestamp").isNull()),
+        path,
+        "timestamp",
+        "unparsable timestamp (expect epoch seconds or ISO-8601)",
+    )
+    df = df.drop("rating_raw", "timestamp_raw")
+    _fail_if_any(
+        df.groupBy("user_id", "item_id", "event_timestamp").count().where("count > 1"),
+        path,
+        "user_id+item_id+timestamp",
+        "duplicate interaction",
+    )
+    return with_split(df, cfg).withColumn("label", (F.col("rating") >= cfg.label_threshold).cast("int"))
+
+
+def time_cuts(df: DataFrame, cfg: IngestConf) -> tuple[int, int]:
+    """Global time cuts (epoch micros) so that about train/valid/test = 1-v-t / v / t of the rows."""
+    micros = df.select((df["event_timestamp"].cast("double") * 1_000_000).alias("us"))
+    q = micros.approxQuantile("us", [1 - cfg.valid_frac - cfg.test_frac, 1 - cfg.test_frac], 0.0)
+    return int(q[0]), int(q[1])
+
+
+def with_split(df: DataFrame, cfg: IngestConf) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    valid_cut, test_cut = time_cuts(df, cfg)
+    us = F.unix_micros(F.col("event_timestamp"))
+    return df.withColumn(
+        "split", F.when(us < valid_cut, "train").when(us < test_cut, "valid").otherwise("test")
+    )
+
+
+def items_table(raw: DataFrame, path: str, genre_sep: str) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    check_ids(raw, path, ["item_id"])
+    cols = raw.columns
+    year = F.col("year").cast("string").try_cast("int") if "year" in cols else F.lit(None).cast("int")
+    genres = (
+        F.array_join(F.split(F.trim(F.col("genres")), _regex_escape(genre_sep) + "+"), "|")
+        if "genres" in cols
+        else F.lit("")
+    )
+    df = raw.select(
+        F.trim(F.col("item_id").cast("string")).alias("item_id"),
+        F.trim(F.col("title")).alias("title"),
+        year.alias("year"),
+        F.coalesce(genres, F.lit("")).alias("genres"),
+    )
+    _fail_if_any(df.where(F.col("title").isNull() | (F.col("title") == "")), path, "title", "empty title")
+    head = F.when(F.col("year").isNotNull(), F.format_string("%s (%d)", "title", "year")).otherwise(
+        F.col("title")
+    )
+    text = F.when(
+        F.col("genres") != "", F.concat(head, F.lit(". Genres: "), F.regexp_replace("genres", r"\|", ", "))
+    )
+    return df.withColumn("text", text.otherwise(head))
+
+
+def users_table(raw: DataFrame, path: str) -> DataFrame:
+    from pyspark.sql import functions as F
+
+    check_ids(raw, path, ["user_id"])
+    cols = raw.columns
+
+    def opt(name: str, cast: str) -> Column:
+        col = F.trim(F.col(name).cast("string")) if name in cols else F.lit(None).cast("string")
+        return (col.try_cast("int") if cast == "int" else col).alias(name)
+
+    return raw.select(
+        F.trim(F.col("user_id").cast("string")).alias("user_id"),
+        opt("age", "int"),
+        opt("gender", "str"),
+        opt("occupation", "str"),
+    )
+
+
+def behavior_tables(interactions: DataFrame, items: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """One behaviour = one rated item as text; its id is a stable hash of the text, shared by all users."""
+    from pyspark.sql import functions as F
+
+    rated = interactions.join(items.select("item_id", "title", "year", "genres"), "item_id", "inner")
+    head = F.when(F.col("year").isNotNull(), F.format_string("%s (%d)", "title", "year")).otherwise(
+        F.col("title")
+    )
+    text = F.concat(
+        F.lit("rated "),
+        F.format_number("rating", 0).cast("string"),
+        F.lit(": "),
+        head,
+        F.when(F.col("genres") != "", F.concat(F.lit(", "), F.col("genres"))).otherwise(F.lit("")),
+    )
+    rated = rated.withColumn("text", text).withColumn("behavior_id", F.substring(F.sha2("text", 256), 1, 16))
+    behaviors = rated.select("behavior_id", "text").dropDuplicates(["behavior_id"])
+    user_behaviors = rated.select("user_id", "behavior_id", "item_id", "event_timestamp")
+    return behaviors, user_behaviors
+
+
+def _regex_escape(sep: str) -> str:
+    return "".join("\\" + ch if ch in r"\.^$|?*+()[]{}" else ch for ch in sep)
+
+
+def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
+    """Read and check every source, then derive the five tables; raises IngestError before any write."""
+    from pyspark.sql import functions as F
+
+    files = source_files(cfg)
+    items = items_table(read_source(spark, files, "items"), files.items, files.genre_sep).cache()
+    users = users_table(read_source(spark, files, "users"), files.users).cache()
+    interactions = interactions_table(
+        read_source(spark, files, "interactions"), files.interactions, cfg
+    ).cache()
+    for kind, known in (("item_id", items), ("user_id", users)):
+        unknown = interactions.join(known.select(kind), kind, "left_anti")
+        _fail_if_any(unknown, files.interactions, kind, f"id not found in the {kind[:-3]}s file")
+    behaviors, user_behaviors = behavior_tables(interactions, items)
+    interactions = interactions.select(
+        "user_id", "item_id", "rating", "label", "event_timestamp", "split"
+    ).orderBy("event_timestamp", "user_id", "item_id")
+    return {
+        "items": items.orderBy(F.col("item_id").cast("long"), "item_id"),
+        "users": users.orderBy(F.col("user_id").cast("long"), "user_id"),
+        "interactions": interactions,
+        "behaviors": behaviors.orderBy("behavior_id"),
+        "user_behaviors": user_behaviors.orderBy("user_id", "event_timestamp", "behavior_id"),
+    }
+
+
+def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
+    from spark_jobs.delta_io import open_tables
+
+    frames = build_tables(spark, settings.ingest)
+    arrows = {name: df.toArrow() for name, df in frames.items()}  # all computed before the first commit
+    tables = open_tables(settings, spark)
+    out = []
+    for name, data in arrows.items():
+        version = tables.upsert(name, data, TABLE_KEYS[name], delete_missing=True)
+        out.append(TableSummary(name, tables.path(name), version, data.num_rows))
+    return out
+
+
+def format_summary(summaries: list[TableSummary]) -> str:
+    lines = [f"{'table':<16}{'rows':>9}{'version':>9}  path"]
+    lines += [f"{s.name:<16}{s.rows:>9,}{s.version:>9}  {s.path}" for s in summaries]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.cli import job_main
+
+    return job_main("ingest", argv, lambda spark, settings: print(format_summary(run(spark, settings))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
