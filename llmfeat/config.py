@@ -67,12 +67,24 @@ class IngestConf(Section):
     test_frac: float = 0.1
 
 
+class FeastConf(Section):
+    """Feast: feature_store.yaml is generated from this into repo_dir; feature_repo/ holds the declarations."""
+
+    project: str = "llmfeat"
+    repo_dir: str | None = None  # feature_store.yaml, registry and online.db; default <data_dir>/feast
+    online_store: Literal["sqlite", "redis"] = "sqlite"
+    redis: str = "127.0.0.1:6379"  # Feast connection string: "host:port[,password=...,ssl=true]"
+    offline_store: Literal["file", "spark"] = "file"  # spark reads the feast_* tables from the metastore
+    batch_engine: Literal["local", "spark"] = "local"  # spark needs offline_store: spark
+
+
 class Settings(Section):
     profile: str = "local"
     data_dir: str = "data/local"  # Delta tables live under <data_dir>/delta/<table>
     spark: SparkConf = SparkConf()
     delta: DeltaConf = DeltaConf()
     ingest: IngestConf = IngestConf()
+    feast: FeastConf = FeastConf()
 
     @property
     def delta_root(self) -> Path:
