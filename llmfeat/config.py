@@ -7,6 +7,7 @@ A profile is a partial document over the defaults below (the defaults are the em
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,22 @@ class FeastConf(Section):
     batch_engine: Literal["local", "spark"] = "local"  # spark needs offline_store: spark
 
 
+class ValidationConf(Section):
+    """great-expectations gates (validation/): bounds the suites use, where reports and rejected rows go."""
+
+    docs_dir: str = "data_docs"  # Data Docs site, under data_dir unless absolute
+    quarantine_table: str = "quarantine"  # Delta table under <data_dir>/delta for rows a gate rejected
+    examples: int = 5  # example rows named per failed expectation in the error message
+    earliest_timestamp: dt.datetime = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
+    max_clock_skew_s: float = 300.0  # event times may lead the validating clock by this much
+    rating_range: tuple[float, float] = (1.0, 5.0)
+    label_rate: tuple[float, float] = (0.01, 0.99)  # a collapsed label (all 0 or all 1) stops publication
+    norm_slack: float = 2.0  # repr norm bounds: reference quantiles widened by this factor
+    drift_min_mean_cosine: float = 0.9
+    drift_changed_below: float = 0.999  # a row whose cosine to its previous vector is below this changed
+    drift_max_changed_share: float = 0.5
+
+
 class Settings(Section):
     profile: str = "local"
     data_dir: str = "data/local"  # Delta tables live under <data_dir>/delta/<table>
@@ -85,6 +102,7 @@ class Settings(Section):
     delta: DeltaConf = DeltaConf()
     ingest: IngestConf = IngestConf()
     feast: FeastConf = FeastConf()
+    validation: ValidationConf = ValidationConf()
 
     @property
     def delta_root(self) -> Path:
