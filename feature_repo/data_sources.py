@@ -1,0 +1,55 @@
+"""Data sources: the Feast-facing Delta tables that `llmfeat features materialize` publishes.
+
+The compress job stores vectors as float16 (or int8 with a per-row scale) to save bytes; Feast serves
+Array(Float32), so the publish step decodes them once into `feast_*` tables with a checked, fixed dimension.
+
+Embedded default: FileSource over Delta (delta-rs reads it, no JVM). Paths are relative to the generated repo
+directory (<data_dir>/feast), which Feast resolves through repo_path.
+Clusters (offline_store: spark): the SparkSource twins read the same tables by name from the metastore
+(register them once: CREATE TABLE feast_item_llm USING DELTA LOCATION '<data_dir>/delta/feast_item_llm').
+"""
+
+from feast import FileSource
+from feast.data_format import DeltaFormat
+from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+TIMESTAMP = "event_timestamp"
+
+
+def _file(name: str, table: str, description: str) -> FileSource:
+    return FileSource(
+        name=name,
+        path=f"../delta/{table}",
+        file_format=DeltaFormat(),
+        timestamp_field=TIMESTAMP,
+        description=description,
+    )
+
+
+def _spark(name: str, table: str, description: str) -> SparkSource:
+    return SparkSource(name=name, table=table, timestamp_field=TIMESTAMP, description=description)
+
+
+user_llm_source = _file("user_llm_source", "feast_user_llm", "Compressed LLM user vectors, float32.")
+item_llm_source = _file("item_llm_source", "feast_item_llm", "Compressed LLM item vectors, float32.")
+behavior_llm_source = _file(
+    "behavior_llm_source", "feast_behavior_llm", "Compressed LLM behaviour vectors, float32."
+)
+item_meta_source = _file("item_meta_source", "feast_item_meta", "Item metadata from the items table.")
+user_stats_source = _file("user_stats_source", "feast_user_stats", "Daily cumulative user counters.")
+item_stats_source = _file("item_stats_source", "feast_item_stats", "Daily cumulative item counters.")
+
+# The same tables through the Spark offline store, keyed by the file source they replace.
+SPARK_SOURCES = {
+    src.name: _spark(
+        src.name.replace("_source", "_spark_source"), src.path.rsplit("/", 1)[-1], src.description
+    )
+    for src in (
+        user_llm_source,
+        item_llm_source,
+        behavior_llm_source,
+        item_meta_source,
+        user_stats_source,
+        item_stats_source,
+    )
+}

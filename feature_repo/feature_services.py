@@ -1,0 +1,24 @@
+"""Feature services: one per model version, so a model is always served exactly what it was trained on."""
+
+from feast import FeatureService
+from feature_views import item_llm_fv, item_meta_fv, item_stats_fv, user_llm_fv, user_stats_fv
+
+ctr_marc_v1 = FeatureService(
+    name="ctr_marc_v1",
+    features=[user_llm_fv[["user_vector"]], item_llm_fv[["item_vector"]]],
+    description="CTR ranker on MARC-compressed user and item vectors (the ranking-request fetch).",
+    tags={"model": "ctr", "compressor": "marc"},
+)
+
+ctr_marc_counters_v1 = FeatureService(
+    name="ctr_marc_counters_v1",
+    features=[
+        user_llm_fv[["user_vector"]],
+        item_llm_fv[["item_vector"]],
+        item_meta_fv[["year"]],
+        user_stats_fv,
+        item_stats_fv,
+    ],
+    description="CTR ranker on the vectors, item year and the cumulative counters.",
+    tags={"model": "ctr", "compressor": "marc"},
+)

@@ -1,0 +1,66 @@
+"""Point-in-time training sets from Feast: every entity row kept, each joined to the latest value at or before
+its own event_timestamp (never a later one).
+
+Feast's file offline store silently drops entity rows that have no feature value in the TTL window (here: an
+interaction older than the first vector of its user or item). The guard numbers the rows before the join and
+joins the result back onto them, so such rows come back with nulls, in their original order.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+log = logging.getLogger(__name__)
+ROW = "_llmfeat_row"
+
+
+class TrainingSetError(ValueError):
+    pass
+
+
+def historical_features(store: FeatureStore, entity_df: pd.DataFrame, features: Any) -> pd.DataFrame:
+    """entity_df (join keys, event_timestamp in UTC, labels...) -> the same rows plus the features.
+
+    `features`: a FeatureService, its name, or a list of "view:feature" references.
+    """
+    if "event_timestamp" not in entity_df.columns:
+        raise TrainingSetError(f"entity_df needs an event_timestamp column; found {list(entity_df.columns)}")
+    rows = entity_df.reset_index(drop=True).copy()
+    rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
+    rows[ROW] = np.arange(len(rows), dtype=np.int64)
+    if isinstance(features, str):
+        features = store.get_feature_service(features)
+    joined = store.get_historical_features(entity_df=rows, features=features).to_df()
+    if joined[ROW].duplicated().any():
+        raise TrainingSetError("the point-in-time join duplicated entity rows: duplicate keys in entity_df?")
+    added = [c for c in joined.columns if c not in rows.columns]
+    out = rows.merge(joined[[ROW, *added]], on=ROW, how="left", validate="one_to_one")
+    dropped = len(rows) - len(joined)
+    if dropped:
+        log.info("%d of %d rows had no feature value at their time: kept with nulls", dropped, len(rows))
+    return out.sort_values(ROW).drop(columns=ROW).reset_index(drop=True)
+
+
+def vector_matrix(frame: pd.DataFrame, column: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A column of vectors (or nulls) -> ([B, D] float32 with zero rows where missing, [B] bool missing)."""
+    missing = frame[column].isna().to_numpy()
+    out = np.zeros((len(frame), dim), dtype=np.float32)  # [B, D]
+    present = frame.loc[~missing, column]
+    if len(present):
+        out[~missing] = np.stack(present.to_numpy()).astype(np.float32)
+    return out, missing
+
+
+def interactions_entity_df(tables: Any, split: str | None = None) -> pd.DataFrame:
+    """The interactions Delta table as an entity frame: user_id, item_id, event_timestamp, label[, split]."""
+    df = tables.read_arrow("interactions").to_pandas()
+    if split is not None:
+        df = df[df["split"] == split]
+    return df[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)

@@ -1,0 +1,134 @@
+"""Online features for one ranking request: 1 user + N candidate items, in one call, as arrays.
+
+    features = OnlineFeatures(open_store(settings))          # SQLite or Redis, from feature_store.yaml
+    batch = features.fetch("196", ["242", "302", ...])       # RankingFeatures
+    batch.user     [D] float32     batch.user_missing  bool
+    batch.items    [N, D] float32  batch.item_missing  [N] bool   (unknown ids: zeros + flag)
+    user, items, item_missing = batch.to_torch()
+
+`OnlineFeatures` reads through the online store's own `online_read` (one read for the user, one for all items)
+and decodes the protobuf values straight into one preallocated array; Feast's generic `get_online_features`
+returns the same values as Python lists (bench/retrieval_latency.py measures both).
+`HttpFeatures` fetches the same arrays from `feast serve` (POST /get-online-features).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.request
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmfeat.feast_repo import FeatureStoreError, vector_dim
+
+if TYPE_CHECKING:
+    import torch
+    from feast import FeatureStore, FeatureView
+
+MATERIALIZE_HINT = "run `llmfeat features materialize` (after `llmfeat compress`)"
+
+
+@dataclass(frozen=True)
+class RankingFeatures:
+    user: np.ndarray  # [D] float32, zeros when missing
+    items: np.ndarray  # [N, D] float32, zero rows where missing
+    user_missing: bool
+    item_missing: np.ndarray  # [N] bool
+
+    def to_torch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(user [D], items [N, D], item_missing [N]) sharing memory with the arrays."""
+        import torch
+
+        return torch.from_numpy(self.user), torch.from_numpy(self.items), torch.from_numpy(self.item_missing)
+
+
+class OnlineFeatures:
+    """In-process retrieval from the configured online store (SQLite or Redis)."""
+
+    def __init__(self, store: FeatureStore, user_view: str = "user_llm_fv", item_view: str = "item_llm_fv"):
+        self.store = store
+        self.user_view, self.user_field = self._view(user_view)
+        self.item_view, self.item_field = self._view(item_view)
+        self.dim = vector_dim(self.item_view)
+        self._online = store._get_provider().online_store  # the store's own batch read
+
+    def _view(self, name: str) -> tuple[FeatureView, str]:
+        try:
+            view = self.store.get_feature_view(name)
+        except Exception as err:
+            raise FeatureStoreError(
+                f"feature view {name!r} is not in the registry: run `llmfeat features apply`"
+            ) from err
+        if not view.materialization_intervals:
+            raise FeatureStoreError(f"feature view {name!r} has never been materialized: {MATERIALIZE_HINT}")
+        field = next(f.name for f in view.schema if f.name.endswith("_vector"))
+        return view, field
+
+    def _read(
+        self, view: FeatureView, field: str, join_key: str, ids: list[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=i)]) for i in ids]
+        try:
+            rows = self._online.online_read(self.store.config, view, keys, [field])
+        except sqlite3.OperationalError as err:  # the table is created by apply, filled by materialize
+            raise FeatureStoreError(
+                f"online table for {view.name} is missing ({err}): {MATERIALIZE_HINT}"
+            ) from None
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)  # [N, D]
+        missing = np.ones(len(ids), dtype=bool)  # [N]
+        for row, (_, values) in enumerate(rows):
+            value = values.get(field) if values else None
+            if value is not None and value.HasField("float_list_val"):
+                out[row] = value.float_list_val.val
+                missing[row] = False
+        return out, missing
+
+    def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:
+        user, user_missing = self._read(self.user_view, self.user_field, "user_id", [user_id])
+        items, item_missing = self._read(self.item_view, self.item_field, "item_id", list(item_ids))
+        return RankingFeatures(user[0], items, bool(user_missing[0]), item_missing)
+
+
+class HttpFeatures:
+    """The same request against `feast serve`: one POST of a feature service for 1 user x N items."""
+
+    def __init__(self, url: str, service: str = "ctr_marc_v1", dim: int = 64, timeout_s: float = 5.0):
+        self.url = url.rstrip("/") + "/get-online-features"
+        self.service, self.dim, self.timeout_s = service, dim, timeout_s
+
+    def request_body(self, user_id: str, item_ids: list[str]) -> bytes:
+        entities = {"user_id": [user_id] * len(item_ids), "item_id": list(item_ids)}
+        return json.dumps({"feature_service": self.service, "entities": entities}).encode()
+
+    def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:
+        req = urllib.request.Request(
+            self.url, self.request_body(user_id, item_ids), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            return parse_response(json.load(resp), len(item_ids), self.dim)
+
+
+def parse_response(body: dict[str, Any], n: int, dim: int) -> RankingFeatures:
+    """Feast's JSON (feature_names + one result per feature, one value per entity row) -> arrays."""
+    names = body["metadata"]["feature_names"]
+    columns = dict(zip(names, body["results"], strict=True))
+
+    def vectors(name: str) -> tuple[np.ndarray, np.ndarray]:
+        result = columns[name]
+        found = np.array([s == "PRESENT" for s in result["statuses"]], dtype=bool)
+        out = np.zeros((n, dim), dtype=np.float32)
+        if found.any():
+            out[found] = np.array(
+                [v for v, f in zip(result["values"], found, strict=True) if f], dtype=np.float32
+            )
+        return out, ~found
+
+    user, user_missing = vectors("user_vector")
+    items, item_missing = vectors("item_vector")
+    return RankingFeatures(user[0], items, bool(user_missing[0]), item_missing)

@@ -1,0 +1,249 @@
+"""Materialize job: feature tables in Delta -> Feast-facing tables -> Feast online store.
+
+    spark-submit spark_jobs/materialize.py --config conf/local.yaml [--set key=value ...] [--full]
+    llmfeat features materialize [--profile local] [--full]
+
+1. Publish (the only place float16/int8 become float32): each compressed table (user_features,
+   item_features, behavior_features) is decoded into a `feast_*` Delta table with an Array(Float32) column of
+   the dimension the feature view declares. A wrong dimension, a null or a non-finite vector stops the job
+   before anything is written or materialized. Lineage columns are copied as they are.
+   Item metadata and daily cumulative counters are derived from items and interactions.
+2. Apply the repo (feature_repo/ under this profile's feature_store.yaml).
+3. Materialize: incremental from the last materialized end time; a view never materialized, a static view and
+   `--full` take the whole history. Tables that do not exist yet (compress not run) are skipped, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmfeat.config import Settings
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from pyspark.sql import DataFrame, SparkSession
+
+    from spark_jobs.delta_io import DeltaTables
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+LINEAGE = {
+    "source_version": pa.int64(),
+    "encoder_id": pa.string(),
+    "layer": pa.int64(),
+    "compressor_name": pa.string(),
+    "compressor_version": pa.string(),
+    "dtype": pa.string(),
+}
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+class FeatureTableError(ValueError):
+    """A feature table that must not be served: names the table, the problem and example keys."""
+
+
+@dataclass(frozen=True)
+class VectorTable:
+    source: str  # the compress job's Delta table
+    key: str
+    target: str  # the Feast-facing Delta table (data_sources.py)
+    column: str  # the vector field in the feature view
+    view: str
+
+
+VECTOR_TABLES = (
+    VectorTable("user_features", "user_id", "feast_user_llm", "user_vector", "user_llm_fv"),
+    VectorTable("item_features", "item_id", "feast_item_llm", "item_vector", "item_llm_fv"),
+    VectorTable(
+        "behavior_features", "behavior_id", "feast_behavior_llm", "behavior_vector", "behavior_llm_fv"
+    ),
+)
+STATIC_VIEWS = {"item_meta_fv"}  # stamped at the epoch: always materialized in full
+
+
+@dataclass(frozen=True)
+class Published:
+    table: str
+    view: str
+    rows: int
+    version: int
+    note: str = ""
+
+
+def _examples(table: pa.Table, key: str, mask: pa.Array) -> list[str]:
+    return [str(k) for k in table.filter(mask)[key].to_pylist()[:3]]
+
+
+def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
+    """Compressed rows -> Feast rows: key, <column> list<float32>[dim], event_timestamp, lineage.
+
+    float16 is widened; int8 is multiplied by the row's float32 `scale`. Raises FeatureTableError on a wrong
+    length, a null or a non-finite value, naming the table and example keys.
+    """
+    for col in (spec.key, "vector", "event_timestamp"):
+        if col not in table.column_names:
+            raise FeatureTableError(f"{spec.source}: missing column {col!r}; found {table.column_names}")
+    vectors = table["vector"].combine_chunks()
+    null = pc.is_null(vectors)
+    if pc.any(null).as_py():
+        raise FeatureTableError(
+            f"{spec.source}: null vector for {spec.key} {_examples(table, spec.key, null)}"
+        )
+    wrong = pc.not_equal(pc.list_value_length(vectors), dim)
+    if pc.any(wrong).as_py():
+        got = sorted(set(pc.list_value_length(vectors).filter(wrong).to_pylist()))[:3]
+        raise FeatureTableError(
+            f"{spec.source}: vector length {got} but {spec.view} declares {dim} "
+            f"(feature_repo/feature_views.py VECTOR_DIM); e.g. {spec.key} {_examples(table, spec.key, wrong)}"
+        )
+    values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # [B, D]
+    if pa.types.is_int8(vectors.type.value_type):
+        if "scale" not in table.column_names:
+            raise FeatureTableError(f"{spec.source}: int8 vectors need a float32 `scale` column")
+        values = values * table["scale"].to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise FeatureTableError(
+            f"{spec.source}: non-finite vector for {spec.key} {_examples(table, spec.key, pa.array(bad))}"
+        )
+    flat = pa.array(values.reshape(-1), type=pa.float32())
+    columns = {
+        spec.key: table[spec.key].cast(pa.string()),
+        spec.column: pa.ListArray.from_arrays(
+            pa.array(np.arange(0, flat.length() + 1, dim, dtype=np.int32)), flat
+        ),
+        "event_timestamp": table["event_timestamp"].cast(TIMESTAMP),
+    }
+    for name, type_ in LINEAGE.items():
+        present = name in table.column_names
+        columns[name] = table[name].cast(type_) if present else pa.nulls(table.num_rows, type_)
+    return pa.table(columns)
+
+
+def item_meta(items: pa.Table) -> pa.Table:
+    """Static metadata, valid since the epoch so that every historical interaction can join it."""
+    return pa.table(
+        {
+            "item_id": items["item_id"].cast(pa.string()),
+            "title": items["title"].cast(pa.string()),
+            "year": items["year"].cast(pa.int64()),
+            "genres": items["genres"].cast(pa.string()),
+            "event_timestamp": pa.array([EPOCH] * items.num_rows, type=TIMESTAMP),
+        }
+    )
+
+
+def daily_counters(interactions: DataFrame, key: str, prefix: str) -> DataFrame:
+    """Cumulative impressions and clicks per key, one row per active day, stamped at the next midnight (UTC):
+    a row holds only interactions strictly before its timestamp, so a point-in-time join cannot leak."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    day = F.date_trunc("day", F.col("event_timestamp")).alias("day")
+    daily = interactions.groupBy(key, day).agg(F.count("*").alias("n"), F.sum("label").alias("c"))
+    upto = Window.partitionBy(key).orderBy("day").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    return daily.select(
+        F.col(key).cast("string").alias(key),
+        (F.col("day") + F.expr("INTERVAL 1 DAY")).alias("event_timestamp"),
+        F.sum("n").over(upto).cast("long").alias(f"{prefix}_impressions"),
+        F.sum("c").over(upto).cast("long").alias(f"{prefix}_clicks"),
+    )
+
+
+def publish(spark: SparkSession, tables: DeltaTables) -> list[Published]:
+    """Write every Feast-facing table whose input exists; all checks run before the first write."""
+    from llmfeat.feast_repo import feature_views, vector_dim
+
+    views = feature_views()
+    staged: list[tuple[str, str, pa.Table, list[str], list[str]]] = []  # table, view, data, keys, compare
+    skipped: list[Published] = []
+    for spec in VECTOR_TABLES:
+        if not tables.exists(spec.source):
+            skipped.append(Published(spec.target, spec.view, 0, -1, f"no {spec.source} table yet"))
+            continue
+        data = decode_vectors(tables.read_arrow(spec.source), spec, vector_dim(views[spec.view]))
+        staged.append((spec.target, spec.view, data, [spec.key], ["event_timestamp", *LINEAGE]))
+    if tables.exists("items"):
+        staged.append(
+            ("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"], [])
+        )
+    if tables.exists("interactions"):
+        inter = tables.read_spark("interactions")
+        for key, prefix in (("user_id", "user"), ("item_id", "item")):
+            counts = _utc(daily_counters(inter, key, prefix).toArrow())
+            compare = [f"{prefix}_impressions", f"{prefix}_clicks"]
+            staged.append(
+                (f"feast_{prefix}_stats", f"{prefix}_stats_fv", counts, [key, "event_timestamp"], compare)
+            )
+    out = []
+    for name, view, data, keys, compare in staged:
+        version = tables.upsert(name, data, keys, delete_missing=True, compare=compare or None)
+        out.append(Published(name, view, data.num_rows, version))
+    return out + skipped
+
+
+def _utc(table: pa.Table) -> pa.Table:
+    i = table.column_names.index("event_timestamp")
+    return table.set_column(i, "event_timestamp", table["event_timestamp"].cast(TIMESTAMP))
+
+
+def materialize(store: FeatureStore, views: list[str], full: bool = False) -> None:
+    """Incremental per view; the whole history for a view never materialized, a static view, or `full`."""
+    now = datetime.now(UTC)
+    whole = [
+        v
+        for v in views
+        if full or v in STATIC_VIEWS or store.get_feature_view(v).most_recent_end_time is None
+    ]
+    if whole:
+        store.materialize(start_date=EPOCH, end_date=now, feature_views=whole)
+    rest = [v for v in views if v not in whole]
+    if rest:
+        store.materialize_incremental(end_date=now, feature_views=rest)
+
+
+def run(spark: SparkSession, settings: Settings, full: bool = False) -> list[Published]:
+    from llmfeat.feast_repo import apply_repo
+    from spark_jobs.delta_io import open_tables
+
+    published = publish(spark, open_tables(settings, spark))
+    store = apply_repo(settings)
+    materialize(store, [p.view for p in published if p.version >= 0], full=full)
+    return published
+
+
+def format_published(published: list[Published]) -> str:
+    lines = [f"{'table':<20}{'feature view':<18}{'rows':>9}{'version':>9}  note"]
+    for p in published:
+        version = str(p.version) if p.version >= 0 else "-"
+        lines.append(f"{p.table:<20}{p.view:<18}{p.rows:>9,}{version:>9}  {p.note or 'materialized'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.cli import _run_with_session, config_args
+
+    parser = argparse.ArgumentParser(prog="llmfeat features materialize")
+    config_args(parser)
+    parser.add_argument("--full", action="store_true", help="re-materialize the whole history of every view")
+    args = parser.parse_args(argv)
+    return _run_with_session(
+        "features materialize",
+        args.config,
+        args.overrides,
+        lambda spark, settings: print(format_published(run(spark, settings, full=args.full))),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
