@@ -1,0 +1,109 @@
+"""CTR metrics and their intervals: AUC, GAUC, LogLoss; bootstrap over test rows and intervals over seeds.
+
+All functions take numpy arrays: y (N,) in {0, 1}, p (N,) predicted click probabilities, groups (N,) user
+keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties get the average rank); nan when one class is missing."""
+    y = np.asarray(y).astype(bool)
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    sorted_p = np.asarray(p)[order]
+    ranks = np.empty(len(p), dtype=np.float64)
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_p, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0  # 1-based average rank of each tie block
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
+    """Per-user AUC weighted by the user's impressions, over users with both labels."""
+    order = np.argsort(groups, kind="mergesort")
+    g, y, p = np.asarray(groups)[order], np.asarray(y)[order], np.asarray(p)[order]
+    _, starts = np.unique(g, return_index=True)
+    bounds = np.append(starts, len(g))
+    total, weight = 0.0, 0
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        yy = y[a:b]
+        if 0 < yy.sum() < len(yy):
+            total += auc(yy, p[a:b]) * len(yy)
+            weight += len(yy)
+    return total / weight if weight else float("nan")
+
+
+def logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(y, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} [{self.low:.4f}, {self.high:.4f}]"
+
+
+def bootstrap_interval(
+    stat: Callable[[np.ndarray], float], n: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> Interval:
+    """Percentile interval of `stat(idx)` over `n_boot` resamples of row indices 0..n-1 (stat(arange) =
+    mean)."""
+    nan = float("nan")
+    if n == 0:
+        return Interval(nan, nan, nan)
+    rng = np.random.default_rng(seed)
+    values = np.array([stat(rng.integers(0, n, n)) for _ in range(n_boot)])
+    values = values[~np.isnan(values)]
+    alpha = (1 - level) / 2
+    point = stat(np.arange(n))
+    if len(values) == 0:
+        return Interval(point, nan, nan)
+    return Interval(point, float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha)))
+
+
+def seed_interval(values: list[float] | np.ndarray, level: float = 0.95) -> Interval:
+    """Mean and a t interval over independent seeds (at least 2)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return Interval(mean, float("nan"), float("nan"))
+    half = float(stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return Interval(mean, mean - half, mean + half)
+
+
+def seed_mean_auc(y: np.ndarray, preds: np.ndarray) -> Callable[[np.ndarray], float]:
+    """stat(idx) = mean over seeds of AUC on rows idx; preds (S, N)."""
+    return lambda idx: float(np.mean([auc(y[idx], p[idx]) for p in preds]))
+
+
+def paired_auc_difference(
+    y: np.ndarray, preds_a: np.ndarray, preds_b: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> Interval:
+    """AUC(a) - AUC(b), each averaged over seeds (preds (S, N)), with a paired bootstrap interval over
+    rows."""
+    fa, fb = seed_mean_auc(y, preds_a), seed_mean_auc(y, preds_b)
+    return bootstrap_interval(lambda idx: fa(idx) - fb(idx), len(y), n_boot, seed)

@@ -1,0 +1,87 @@
+"""One training loop for every model here: Adam over shuffled mini-batches, early stopping on a held-out
+score.
+
+The model is not the trainer: callers pass a loss function over a batch of row indices and a score function
+(higher is better, e.g. validation AUC); the best state is restored at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 512
+    max_epochs: int = 40
+    patience: int = 4
+    seed: int = 0
+
+
+@dataclass
+class TrainHistory:
+    train_loss: list[float] = field(default_factory=list)
+    valid_score: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_score: float = float("-inf")
+    extra: dict[str, list[float]] = field(default_factory=dict)
+
+
+def train_early_stopping(
+    model: nn.Module,
+    rows: np.ndarray,
+    loss_fn: Callable[[np.ndarray], Tensor | tuple[Tensor, dict[str, float]]],
+    score_fn: Callable[[], float],
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> TrainHistory:
+    """Train on `rows` (indices given to loss_fn in batches); stop after `patience` epochs without a better
+    score."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = TrainHistory()
+    best_state = copy.deepcopy(model.state_dict())
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        perm = rng.permutation(rows)
+        losses = []
+        for start in range(0, len(perm), cfg.batch_size):
+            batch = perm[start : start + cfg.batch_size]
+            if len(batch) < 2:
+                continue
+            out = loss_fn(batch)
+            loss, parts = out if isinstance(out, tuple) else (out, {})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            for k, v in parts.items():
+                history.extra.setdefault(k, []).append(v)
+        model.eval()
+        with torch.no_grad():
+            score = score_fn()
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        history.train_loss.append(mean_loss)
+        history.valid_score.append(score)
+        if on_epoch:
+            on_epoch(epoch, mean_loss, score)
+        if score > history.best_score:
+            history.best_score, history.best_epoch = score, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - history.best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return history
