@@ -2,6 +2,7 @@
 
 llmfeat ingest [--config local|PATH] [--set key=value ...]
 llmfeat tables                         # what is published, where, at which version
+llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
 llmfeat demo                           # the end-to-end job on the embedded defaults
 """
 
@@ -42,10 +43,12 @@ def config_args(parser: argparse.ArgumentParser) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or set-up, reported as one line instead of a traceback."""
+    from llmfeat.feast_repo import FeatureStoreError
     from spark_jobs.ingest import IngestError
+    from spark_jobs.materialize import FeatureTableError
     from spark_jobs.session import JavaNotFound
 
-    return (ConfigError, IngestError, JavaNotFound, FileNotFoundError)
+    return (FeatureStoreError, FeatureTableError, ConfigError, IngestError, JavaNotFound, FileNotFoundError)
 
 
 def job_main(name: str, argv: list[str] | None, body: Callable[[SparkSession, Settings], Any]) -> int:
@@ -103,6 +106,28 @@ def demo(spark: SparkSession, settings: Settings) -> None:
     print(format_summary(ingest(spark, settings)))
     print("\n== published")
     print(tables_summary(settings))
+    from spark_jobs.materialize import demo_step as features_demo_step
+
+    features_demo_step(spark, settings)
+
+
+def features_command(args: argparse.Namespace) -> int:
+    """`features apply` registers the repo (no Spark); `features materialize` publishes and materializes."""
+    from llmfeat.feast_repo import FeatureStoreError, apply_repo, repo_dir
+    from spark_jobs.materialize import format_published, run
+
+    if args.action == "materialize":
+        body = lambda s, c: print(format_published(run(s, c, full=args.full)))  # noqa: E731
+        return _run_with_session("features materialize", args.config, args.overrides, body)
+    try:
+        settings = load_settings(args.config, args.overrides)
+        store = apply_repo(settings)
+    except (ConfigError, FeatureStoreError) as err:
+        print(f"llmfeat features apply: error: {err}", file=sys.stderr)
+        return 2
+    views = ", ".join(sorted(v.name for v in store.list_feature_views()))
+    print(f"applied feature repo {repo_dir(settings)}: {views}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         ("tables", "list the Delta tables, their versions and row counts"),
     ):
         config_args(sub.add_parser(name, help=help_))
+    features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
+    features.add_argument("action", choices=["apply", "materialize"])
+    features.add_argument("--full", action="store_true", help="materialize the whole history again")
+    config_args(features)
     args = parser.parse_args(argv)
+    if args.command == "features":
+        return features_command(args)
     if args.command == "tables":
         try:
             print(tables_summary(load_settings(args.config, args.overrides)))

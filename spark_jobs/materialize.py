@@ -230,6 +230,28 @@ def format_published(published: list[Published]) -> str:
     return "\n".join(lines)
 
 
+def demo_step(spark: SparkSession, settings: Settings) -> None:
+    """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
+    from llmfeat.feast_repo import open_store, repo_dir
+    from serving.features import OnlineFeatures
+    from spark_jobs.delta_io import open_tables
+
+    print(f"\n== features (Feast repo {repo_dir(settings)}, online store {settings.feast.online_store})")
+    published = run(spark, settings)
+    print(format_published(published))
+    if not all(p.version >= 0 for p in published if p.view in ("user_llm_fv", "item_llm_fv")):
+        print(
+            "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
+        )
+        return
+    items = open_tables(settings, spark).read_arrow("items")["item_id"].to_pylist()[:100]
+    batch = OnlineFeatures(open_store(settings)).fetch("1", items)
+    print(
+        f"ranking request: user 1 x {len(items)} items -> user {batch.user.shape}, items {batch.items.shape} "
+        f"{batch.items.dtype}, missing items {int(batch.item_missing.sum())}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.cli import _run_with_session, config_args
 
