@@ -39,7 +39,7 @@ class SparkConf(Section):
     app_name: str = "llmfeat"
     driver_memory: str = "4g"
     shuffle_partitions: int = 8
-    extra: dict[str, str] = {}  # any other spark.* setting, passed as is
+    extra: dict[str, str | int | float | bool] = {}  # any other spark.* setting, passed as text
     gpu: GpuConf = GpuConf()
 
 
@@ -79,6 +79,55 @@ class FeastConf(Section):
     batch_engine: Literal["local", "spark"] = "local"  # spark needs offline_store: spark
 
 
+class EncodeConf(Section):
+    """LLM encode job: which model, which layers, how texts are pooled and batched (models/encoder.py)."""
+
+    model: str = "smollm2"  # "smollm2" (packaged GGUF), a .gguf path, or a local Hugging Face model folder
+    cache_dir: str = "~/.cache/llmfeat/models"  # a GGUF is converted once to safetensors here
+    layers: list[int] = [8, 15, 22, 30]  # tapped in one pass; nothing above the deepest is computed
+    pooling: Literal["mean", "last"] = "mean"
+    normalize: Literal["none", "l2"] = "l2"  # per layer and vector; raw middle layers overflow float16
+    max_length: int = 512  # tokens; longer texts keep their head and are counted as truncated
+    token_budget: int = 16384  # padded tokens per forward batch (texts are sorted by length first)
+    max_batch: int = 4096
+    device: Literal["auto", "cpu"] = "auto"  # auto: Spark's task GPU, else a visible GPU, else CPU
+    partitions: int = 0  # encode tasks per chunk; 0 = Spark's default parallelism
+    commit_rows: int = 50000  # texts per Delta commit: a failed run keeps every finished chunk
+    user_max_behaviors: int = 50  # newest behaviours kept in a user's text (older ones are cut first)
+    user_max_chars: int = 1500  # character budget of a user's text, also cut from the oldest side
+    history_cut: str = "valid"  # user texts hold behaviours strictly before: a split name or an ISO time
+
+
+class MarcConf(Section):
+    """MARC compressor training (models/marc.py) and the compress job (spark_jobs/compress.py)."""
+
+    layer: int = 15  # source layer of <entity>_repr; recorded with the compressor and every vector
+    out_dim: int = 64  # d
+    hidden_dim: int = 256
+    task_dim: int = 64
+    dropout: float = 0.1
+    keep_weight: float = 0.1  # weight of the HSIC(x, z) term (maximised)
+    indep_weight: float = 0.1  # weight of the HSIC(z, t) term (minimised)
+    kernel_scale: float = 1.0  # RBF width = kernel_scale * median pairwise distance
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 512
+    max_epochs: int = 30
+    patience: int = 4
+    seed: int = 0
+    fit_split: Literal["train", "valid"] = "train"  # rows the compressor is fitted on; early stops on valid
+    output_dtype: Literal["float16", "int8"] = "int8"  # user_features / item_features vector type
+
+
+class MlflowConf(Section):
+    """Tracking and registry; the default is a SQLite store under <data_dir>/mlflow."""
+
+    tracking_uri: str | None = None  # e.g. http://mlflow.internal:5000; None = sqlite:///<data_dir>/mlflow/mlflow.db
+    experiment: str = "llmfeat-marc"
+    registry_name: str = "llmfeat-marc"  # registered as <registry_name>-users and <registry_name>-items
+    alias: str = "champion"
+
+
 class ValidationConf(Section):
     """great-expectations gates (validation/): bounds the suites use, where reports and rejected rows go."""
 
@@ -101,8 +150,11 @@ class Settings(Section):
     spark: SparkConf = SparkConf()
     delta: DeltaConf = DeltaConf()
     ingest: IngestConf = IngestConf()
+    encode: EncodeConf = EncodeConf()
     feast: FeastConf = FeastConf()
     validation: ValidationConf = ValidationConf()
+    marc: MarcConf = MarcConf()
+    mlflow: MlflowConf = MlflowConf()
 
     @property
     def delta_root(self) -> Path:
@@ -139,10 +191,12 @@ def load_settings(profile: str = "local", overrides: list[str] | tuple[str, ...]
     doc.setdefault("profile", path.stem)
     for item in overrides:
         keys, value = parse_override(item)
-        _check_path(keys, source=f"--set {item}")
+        keys = _check_path(keys, source=f"--set {item}")
         node = doc
         for k in keys[:-1]:
-            node = node.setdefault(k, {}) or {}
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
         node[keys[-1]] = value
     try:
         settings = Settings.model_validate(doc)
@@ -169,8 +223,9 @@ def _model_at(keys: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def _check_path(keys: list[str], source: str) -> None:
-    """Reject an override path before it is applied; keys under a dict field (spark.extra.*) are free."""
+def _check_path(keys: list[str], source: str) -> list[str]:
+    """Reject an override path before it is applied. Under a dict field (spark.extra) the rest of the
+    path is one free key: `spark.extra.spark.executor.cores` -> ["spark", "extra", "spark.executor.cores"]."""
     model: type[BaseModel] = Settings
     for i, k in enumerate(keys):
         field = model.model_fields.get(k)
@@ -178,8 +233,10 @@ def _check_path(keys: list[str], source: str) -> None:
             raise ConfigError(_unknown(keys[: i + 1], model, source))
         sub = _section_type(field.annotation)
         if sub is None:
-            return
+            rest = keys[i + 1 :]
+            return keys[: i + 1] + ([".".join(rest)] if rest else [])
         model = sub
+    return keys
 
 
 def _unknown(keys: list[str], model: type[BaseModel] | None, source: str) -> str:

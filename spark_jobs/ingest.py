@@ -276,15 +276,16 @@ def _regex_escape(sep: str) -> str:
 
 
 def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
-    """Read and check every source, then derive the five tables; raises IngestError before any write."""
+    """Read and check every source, then derive the five tables; raises IngestError before any write.
+
+    The three sources are cached for the checks; `run` drops the cache once they are collected.
+    """
     from pyspark.sql import functions as F
 
     files = source_files(cfg)
     items = items_table(read_source(spark, files, "items"), files.items, files.genre_sep).cache()
     users = users_table(read_source(spark, files, "users"), files.users).cache()
-    interactions = interactions_table(
-        read_source(spark, files, "interactions"), files.interactions, cfg
-    ).cache()
+    interactions = interactions_table(read_source(spark, files, "interactions"), files.interactions, cfg).cache()
     for kind, known in (("item_id", items), ("user_id", users)):
         unknown = interactions.join(known.select(kind), kind, "left_anti")
         _fail_if_any(unknown, files.interactions, kind, f"id not found in the {kind[:-3]}s file")
@@ -304,8 +305,12 @@ def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
 def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
     from spark_jobs.delta_io import open_tables
 
-    frames = build_tables(spark, settings.ingest)
-    arrows = {name: df.toArrow() for name, df in frames.items()}  # all computed before the first commit
+    try:
+        frames = build_tables(spark, settings.ingest)
+        arrows = {name: df.toArrow() for name, df in frames.items()}  # all computed before the first commit
+    finally:
+        # Spark caches by plan, not by file content: a stale cache would hide an edited input on re-run.
+        spark.catalog.clearCache()
     tables = open_tables(settings, spark)
     out = []
     for name, data in arrows.items():

@@ -72,7 +72,7 @@ def session_conf(cfg: SparkConf) -> dict[str, str]:
             conf["spark.executor.resource.gpu.discoveryScript"] = (
                 script if os.path.isabs(script) else str(REPO_ROOT / script)
             )
-    conf.update(cfg.extra)
+    conf.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra.items()})
     return conf
 
 

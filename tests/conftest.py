@@ -1,0 +1,75 @@
+"""Shared fixtures: one local SparkSession for the whole run, tiny deterministic data, settings in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from llmfeat.config import Settings, load_settings
+
+ITEMS = (
+    "item_id,title,year,genres\n"
+    "1,Toy Story,1995,Animation|Children's|Comedy\n"
+    "2,GoldenEye,1995,Action|Adventure|Thriller\n"
+    "3,Four Rooms,1995,Thriller\n"
+    "4,Nameless,,\n"
+)
+USERS = "user_id,age,gender,occupation\n10,24,M,technician\n11,53,F,other\n12,23,M,writer\n"
+# 10 interactions over 10 days: with 80/10/10 cuts, days 1-8 train, day 9 valid, day 10 test.
+INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
+    f"{u},{i},{r},{ts}\n"
+    for u, i, r, ts in [
+        (10, 1, 5, 1_000_000_000),
+        (10, 2, 3, 1_000_086_400),
+        (11, 1, 4, 1_000_172_800),
+        (11, 3, 2, 1_000_259_200),
+        (12, 2, 5, 1_000_345_600),
+        (12, 4, 1, 1_000_432_000),
+        (10, 3, 4, 1_000_518_400),
+        (11, 2, 5, 1_000_604_800),
+        (12, 1, 3, 1_000_691_200),
+        (10, 4, 4, 1_000_777_600),
+    ]
+)
+
+
+@pytest.fixture(scope="session")
+def spark():  # type: ignore[no-untyped-def]
+    from spark_jobs.session import build_session
+
+    session = build_session(load_settings("tiny").spark)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def source_dir(tmp_path: Path) -> Path:
+    """Tiny CSV inputs in the layout `ingest.source: files` expects."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "items.csv").write_text(ITEMS)
+    (src / "users.csv").write_text(USERS)
+    (src / "interactions.csv").write_text(INTERACTIONS)
+    return src
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, source_dir: Path) -> Iterator[Callable[..., Settings]]:
+    """Settings on the tiny profile, writing under tmp_path and reading the tiny CSVs."""
+
+    def make(*overrides: str) -> Settings:
+        return load_settings(
+            "tiny",
+            [
+                f"data_dir={tmp_path / 'lake'}",
+                "ingest.source=files",
+                f"ingest.files.interactions={source_dir / 'interactions.csv'}",
+                f"ingest.files.items={source_dir / 'items.csv'}",
+                f"ingest.files.users={source_dir / 'users.csv'}",
+                *overrides,
+            ],
+        )
+
+    yield make
