@@ -1,0 +1,58 @@
+"""great-expectations suites as code, and the gate every job runs before it commits a table.
+
+    from validation import gate, repr_suite
+    report = gate(frame, repr_suite("items", "item_id", width=576), table="items_repr", tables=t, run_id=r)
+
+Importing this package is cheap; great-expectations loads on first use of a suite or the gate.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from validation.gating import GateFailed, GateReport, gate, new_run_id
+    from validation.reference import norm_bounds_from
+    from validation.suites import (
+        Suite,
+        drift_suite,
+        feature_suite,
+        raw_suite,
+        repr_suite,
+        training_set_suite,
+    )
+
+_WHERE = {
+    "gate": "validation.gating",
+    "GateFailed": "validation.gating",
+    "GateReport": "validation.gating",
+    "new_run_id": "validation.gating",
+    "norm_bounds_from": "validation.reference",
+    "Suite": "validation.suites",
+    "raw_suite": "validation.suites",
+    "repr_suite": "validation.suites",
+    "feature_suite": "validation.suites",
+    "training_set_suite": "validation.suites",
+    "drift_suite": "validation.suites",
+}
+__all__ = [
+    "gate",
+    "GateFailed",
+    "GateReport",
+    "new_run_id",
+    "norm_bounds_from",
+    "Suite",
+    "raw_suite",
+    "repr_suite",
+    "feature_suite",
+    "training_set_suite",
+    "drift_suite",
+]
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name not in _WHERE:
+        raise AttributeError(f"module 'validation' has no attribute {name!r}")
+    return getattr(importlib.import_module(_WHERE[name]), name)

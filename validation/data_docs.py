@@ -1,0 +1,121 @@
+"""Data Docs: the HTML report of every gate run, where to find it, and how to look at it.
+
+One great-expectations site per data_dir (<data_dir>/data_docs by default). Validation results are kept as
+JSON beside it, so index.html lists every run of every job, grouped by run id; each gate run adds one page,
+validations/<suite>/<run_id>/<time>/<engine>-<table>.html. The MLflow run that used a table carries tags
+pointing at its page.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from great_expectations.data_context import EphemeralDataContext
+
+    from validation.gating import GateReport
+
+SITE = "llmfeat"
+RESULTS = "_results"  # validation results (JSON) the index is built from
+
+
+def docs_context(docs_dir: Path) -> EphemeralDataContext:
+    """An in-memory GX context whose validation results and Data Docs site live under `docs_dir`.
+
+    In memory so that no great_expectations.yml is written and two jobs never race on it; results on disk
+    so that the index a job rebuilds still lists the runs of every other job.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+        analytics_enabled=False,
+    )
+    config.stores["validation_results_store"] = {
+        "class_name": "ValidationResultsStore",
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(docs_dir / RESULTS),
+        },
+    }
+    config.data_docs_sites = {
+        SITE: {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        }
+    }
+    return gx.get_context(mode="ephemeral", project_config=config)
+
+
+def page_path(url: str | None) -> Path | None:
+    return Path(url.removeprefix("file://")) if url else None
+
+
+def link_to_mlflow(client: Any, mlflow_run_id: str, *reports: GateReport) -> dict[str, str]:
+    """Tag the MLflow run that used these tables with their Data Docs pages and gate outcomes."""
+    tags: dict[str, str] = {}
+    for r in reports:
+        tags[f"data_docs.{r.table}"] = r.docs_page or ""
+        tags[f"validation.{r.table}"] = f"{'passed' if r.success else 'failed'} ({r.suite}, run {r.run_id})"
+        if r.docs_index:
+            tags["data_docs"] = r.docs_index
+    for key, value in tags.items():
+        client.set_tag(mlflow_run_id, key, value)
+    return tags
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def chromium_args(chromium: str, profile_dir: str) -> list[str]:
+    """Headless, offline, no first-run work: nothing leaves the machine and nothing waits on the network."""
+    return [
+        chromium,
+        "--headless",
+        "--no-sandbox",  # runs as root in containers
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile_dir}",
+    ]
+
+
+def render(page: Path, *, screenshot: Path | None = None, size: tuple[int, int] = (1280, 1000)) -> str:
+    """Load a Data Docs page in headless Chromium; returns the rendered DOM, writes a PNG if asked."""
+    chromium = find_chromium()
+    if chromium is None:
+        raise FileNotFoundError("chromium not found: apt-get install chromium (or make system-deps)")
+    with tempfile.TemporaryDirectory(prefix="llmfeat-chromium-") as profile:
+        args = chromium_args(chromium, profile)
+        env = {**os.environ, "HOME": profile}  # chromium writes caches under $HOME
+        if screenshot is not None:
+            cmd = [*args, f"--window-size={size[0]},{size[1]}", f"--screenshot={screenshot}", page.as_uri()]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120, env=env)
+        dom = subprocess.run(
+            [*args, "--dump-dom", page.as_uri()],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+    return dom.stdout

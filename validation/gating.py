@@ -1,0 +1,246 @@
+"""The gate every job runs before it commits a table.
+
+    report = gate(frame, suite, table="items_repr", tables=delta_tables, run_id=run_id)
+    tables.upsert("items_repr", frame, keys)   # reached only when every expectation passed
+
+`frame` is a Spark DataFrame (jobs), a pandas DataFrame or a pyarrow Table (small tables). On failure the gate
+writes the failing rows with their reasons to the quarantine table, renders the run's Data Docs page and
+raises `GateFailed`, whose message names each failed expectation with example rows; the caller's commit is
+never reached, so the previous table version stays current, and `llmfeat` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from llmfeat.config import ValidationConf
+from validation.data_docs import SITE, docs_context
+from validation.derived import ROW_ID, is_spark, with_derived, with_row_id
+from validation.quarantine import quarantine_rows
+
+if TYPE_CHECKING:
+    from great_expectations.core import ExpectationValidationResult
+
+    from spark_jobs.delta_io import DeltaTables
+    from validation.suites import Suite
+
+log = logging.getLogger(__name__)
+DEFAULTS = ValidationConf()
+# Expectation arguments worth naming in a message; the rest (batch id, result format) is noise.
+SHOWN_KWARGS = (
+    "column", "column_list", "column_A", "column_B", "min_value", "max_value", "value_set", "row_condition",
+)  # fmt: skip
+
+
+class GateFailed(ValueError):
+    """A table failed its suite: nothing was committed. `report` holds the failures."""
+
+    def __init__(self, report: GateReport):
+        super().__init__(report.summary())
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Failure:
+    expectation: str  # "expect_column_values_to_be_between(column=vector__dim, min_value=8, ...)"
+    detail: str  # "2 of 10 rows" or "observed 0.0"
+    row_ids: tuple[int, ...] = ()  # empty for a table-level failure: the whole batch is implicated
+    examples: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class GateReport:
+    table: str
+    suite: str
+    run_id: str
+    success: bool
+    rows: int
+    expectations: int
+    failures: tuple[Failure, ...] = ()
+    docs_page: str | None = None  # this run's Data Docs page (file:// URL)
+    docs_index: str | None = None
+    quarantine: str | None = None  # where the rejected rows went
+    quarantined: int = 0
+    version: int | None = field(default=None)  # the table's current version, kept by a failure
+
+    def summary(self) -> str:
+        if self.success:
+            return (
+                f"{self.table}: {self.expectations} expectations passed on {self.rows:,} rows ({self.suite})"
+            )
+        kept = "new table not created" if self.version is None else f"table stays at version {self.version}"
+        lines = [
+            f"validation failed for table {self.table!r} (suite {self.suite}, run {self.run_id}): "
+            f"{len(self.failures)} of {self.expectations} expectations failed; nothing committed, {kept}; "
+            f"{self.quarantined} row(s) quarantined in {self.quarantine}"
+        ]
+        for f in self.failures:
+            lines.append(f"  - {f.expectation}: {f.detail}")
+            lines += [f"      e.g. {_short(e)}" for e in f.examples]
+        if self.docs_page:
+            lines.append(f"  Data Docs: {self.docs_page}")
+        return "\n".join(lines)
+
+
+def new_run_id(job: str) -> str:
+    """A run id that sorts by time and names the job: ingest-20250101T120000Z-1a2b3c."""
+    return f"{job}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+
+
+def docs_dir_for(tables: DeltaTables, conf: ValidationConf) -> Path:
+    """Data Docs live beside the lake: <data_dir>/<docs_dir> (tables.root is <data_dir>/delta)."""
+    path = Path(conf.docs_dir)
+    return path if path.is_absolute() else tables.root.parent / path
+
+
+def gate(
+    data: Any,
+    suite: Suite,
+    *,
+    table: str,
+    tables: DeltaTables,
+    run_id: str,
+    conf: ValidationConf = DEFAULTS,
+) -> GateReport:
+    """Validate `data` against `suite`; return the report, or quarantine, report and raise GateFailed."""
+    batch = _prepared(data, suite)
+    try:
+        return _validate(batch, suite, table, tables, run_id, conf)
+    finally:
+        if is_spark(batch):
+            batch.unpersist()
+
+
+def _prepared(data: Any, suite: Suite) -> Any:
+    if isinstance(data, pa.Table):
+        data = data.to_pandas()
+    if suite.prepare is not None:
+        data = suite.prepare(data)
+    return with_row_id(with_derived(data, suite.derived))
+
+
+def _validate(
+    batch: Any, suite: Suite, table: str, tables: DeltaTables, run_id: str, conf: ValidationConf
+) -> GateReport:
+    import great_expectations as gx
+
+    docs_dir = docs_dir_for(tables, conf)
+    context = docs_context(docs_dir)
+    source = (
+        context.data_sources.add_spark("spark")
+        if is_spark(batch)
+        else context.data_sources.add_pandas("pandas")
+    )
+    batch_definition = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("batch")
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=table, data=batch_definition, suite=context.suites.add(suite.gx_suite()))
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"{table}_gate",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[SITE])],
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": [ROW_ID, *suite.keys],
+            },
+        )
+    )
+    result = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=gx.RunIdentifier(run_name=run_id))
+    (identifier, validation), *_ = result.run_results.items()
+    urls = context.get_docs_sites_urls(resource_identifier=identifier, site_name=SITE)
+    rows = batch.count() if is_spark(batch) else len(batch)  # cached: no recomputation
+    failures = tuple(_failure(r, suite.keys, conf.examples) for r in validation.results if not r.success)
+    report = GateReport(
+        table=table,
+        suite=suite.name,
+        run_id=run_id,
+        success=bool(validation.success),
+        rows=rows,
+        expectations=len(validation.results),
+        failures=failures,
+        docs_page=urls[0]["site_url"] if urls else None,
+        docs_index=(docs_dir / "index.html").as_uri(),
+        version=tables.version(table),
+    )
+    if report.success:
+        log.info("%s", report.summary())
+        return report
+    quarantined = _quarantine(batch, suite, report, tables, conf)
+    raise GateFailed(_replace(report, quarantine=tables.path(conf.quarantine_table), quarantined=quarantined))
+
+
+def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], examples: int) -> Failure:
+    config = r.expectation_config
+    assert config is not None
+    shown = {k: _plain(v) for k, v in config.kwargs.items() if k in SHOWN_KWARGS and v is not None}
+    name = f"{config.type}({', '.join(f'{k}={v}' for k, v in shown.items())})"
+    info = r.exception_info or {}
+    if info.get("raised_exception"):  # e.g. a column the suite expects is missing
+        message = str(info.get("exception_message") or "error").splitlines()[0]
+        return Failure(name, f"could not be evaluated: {message}")
+    res = r.result or {}
+    index = res.get("unexpected_index_list") or []
+    if "unexpected_count" in res and index:
+        ids = tuple(int(i[ROW_ID]) for i in index)
+        shown_rows = tuple(_example(i, keys) for i in index[:examples])
+        return Failure(name, f"{res['unexpected_count']} of {res.get('element_count')} rows", ids, shown_rows)
+    return Failure(name, f"observed {_plain(res.get('observed_value'))}")
+
+
+def _example(index_row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The row's keys first, then the value the expectation checked."""
+    ordered = [k for k in keys if k in index_row] + [k for k in index_row if k not in keys and k != ROW_ID]
+    return {k: _plain(index_row[k]) for k in ordered}
+
+
+def _quarantine(
+    batch: Any, suite: Suite, report: GateReport, tables: DeltaTables, conf: ValidationConf
+) -> int:
+    row_reasons: dict[int, list[str]] = {}
+    table_reasons = []
+    for f in report.failures:
+        if f.row_ids:
+            for i in f.row_ids:
+                row_reasons.setdefault(i, []).append(f.expectation)
+        else:
+            table_reasons.append(f"{f.expectation}: {f.detail}")
+    meta = {"run_id": report.run_id, "table": report.table, "suite": report.suite}
+    records = quarantine_rows(batch, suite.keys, row_reasons, table_reasons, meta)
+    if records.num_rows:
+        tables.write(conf.quarantine_table, records, mode="append")
+    log.warning("%s: %d row(s) quarantined in %s", report.table, records.num_rows, conf.quarantine_table)
+    return records.num_rows
+
+
+def _replace(report: GateReport, **changes: Any) -> GateReport:
+    from dataclasses import replace
+
+    return replace(report, **changes)
+
+
+def _plain(value: Any) -> Any:
+    """numpy / pandas scalars as plain Python values, so messages read `3`, not `np.int64(3)`."""
+    if isinstance(value, dt.datetime | pd.Timestamp):
+        return value.isoformat()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value).__module__.startswith("great_expectations"):  # a row condition
+        return str(value)
+    return value
+
+
+def _short(row: dict[str, Any], width: int = 200) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in row.items())
+    return text if len(text) <= width else text[: width - 3] + "..."

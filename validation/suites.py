@@ -1,0 +1,276 @@
+"""great-expectations suites as code: one function per suite, each returning a `Suite` the gate runs.
+
+A `Suite` is the GX expectations plus what the gate needs around them: the key columns that name a row in
+messages and in quarantine, the derived columns the expectations read (validation/derived.py), and for drift
+the previous version the batch is joined with.
+
+    raw tables        items_suite, users_suite, interactions_suite, behaviors_suite, user_behaviors_suite
+    representations   repr_suite        (<entity>_repr: dimension, finite, norms, one row per key and layer)
+    features          feature_suite     (user_features, item_features: dimension, int8 range, lineage)
+    training sets     training_set_suite (label rate, no feature from the future)
+    drift             drift_suite       (two versions of a feature table over the same keys)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+from great_expectations.expectations.row_conditions import Column
+
+from llmfeat.config import ValidationConf
+from validation.derived import Derived
+
+REPR_LINEAGE = ("encoder_id", "weights_hash", "pooling", "max_length", "content_hash", "encoded_at")
+# One value per published batch: a batch mixing encoders or compressors is a bug upstream.
+REPR_SINGLE_VALUED = ("encoder_id", "weights_hash", "pooling", "max_length")
+FEATURE_LINEAGE = ("source_version", "encoder_id", "layer", "compressor_name", "compressor_version", "dtype")
+DEFAULTS = ValidationConf()
+INT8_CODES = (-127, 127)  # symmetric quantisation: -128 is never produced
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    keys: tuple[str, ...]
+    expectations: tuple[gxe.Expectation, ...]
+    derived: tuple[Derived, ...] = ()
+    # Turns the batch into the frame the expectations read (drift: joins the previous version).
+    prepare: Callable[[Any], Any] | None = field(default=None, compare=False)
+
+    def gx_suite(self) -> gx.ExpectationSuite:
+        return gx.ExpectationSuite(
+            name=self.name, expectations=[e.copy(deep=True) for e in self.expectations]
+        )
+
+
+def _now_bound(conf: ValidationConf) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=conf.max_clock_skew_s)
+
+
+def _ids(keys: Sequence[str]) -> list[gxe.Expectation]:
+    """Keys present and unique: together for a compound key, so a shared user_id alone is fine."""
+    out: list[gxe.Expectation] = [gxe.ExpectColumnValuesToNotBeNull(column=k) for k in keys]
+    if len(keys) == 1:
+        out.append(gxe.ExpectColumnValuesToBeUnique(column=keys[0]))
+    else:
+        out.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=list(keys)))
+    return out
+
+
+def _timestamps(column: str, conf: ValidationConf) -> list[gxe.Expectation]:
+    """Sane event times: present, not before `earliest_timestamp`, not after now (plus clock skew)."""
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column=column),
+        gxe.ExpectColumnValuesToBeBetween(
+            column=column, min_value=conf.earliest_timestamp, max_value=_now_bound(conf)
+        ),
+    ]
+
+
+def items_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    year_max = _now_bound(conf).year + 1
+    return Suite(
+        "items",
+        ("item_id",),
+        (
+            *_ids(["item_id"]),
+            gxe.ExpectColumnValuesToNotBeNull(column="title"),
+            gxe.ExpectColumnValuesToNotBeNull(column="text"),
+            gxe.ExpectColumnValuesToBeBetween(column="year", min_value=1800, max_value=year_max),
+        ),
+    )
+
+
+def users_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    return Suite(
+        "users",
+        ("user_id",),
+        (*_ids(["user_id"]), gxe.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=120)),
+    )
+
+
+def interactions_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    lo, hi = conf.label_rate
+    return Suite(
+        "interactions",
+        ("user_id", "item_id", "event_timestamp"),
+        (
+            *_ids(["user_id", "item_id", "event_timestamp"]),
+            *_timestamps("event_timestamp", conf),
+            gxe.ExpectColumnValuesToBeBetween(
+                column="rating", min_value=conf.rating_range[0], max_value=conf.rating_range[1]
+            ),
+            gxe.ExpectColumnValuesToNotBeNull(column="rating"),
+            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
+            gxe.ExpectColumnMeanToBeBetween(column="label", min_value=lo, max_value=hi),
+            gxe.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "valid", "test"]),
+        ),
+    )
+
+
+def behaviors_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    return Suite(
+        "behaviors",
+        ("behavior_id",),
+        (*_ids(["behavior_id"]), gxe.ExpectColumnValuesToNotBeNull(column="text")),
+    )
+
+
+def user_behaviors_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    keys = ("user_id", "item_id", "event_timestamp")
+    return Suite(
+        "user_behaviors",
+        keys,
+        (
+            *_ids(keys),
+            gxe.ExpectColumnValuesToNotBeNull(column="behavior_id"),
+            *_timestamps("event_timestamp", conf),
+        ),
+    )
+
+
+RAW_SUITES: dict[str, Callable[[ValidationConf], Suite]] = {
+    "items": items_suite,
+    "users": users_suite,
+    "interactions": interactions_suite,
+    "behaviors": behaviors_suite,
+    "user_behaviors": user_behaviors_suite,
+}
+
+
+def raw_suite(table: str, conf: ValidationConf = DEFAULTS) -> Suite:
+    """The suite of one ingest table, by name."""
+    return RAW_SUITES[table](conf)
+
+
+def _vector_shape(vector: str, dim: int) -> list[gxe.Expectation]:
+    derived_dim, finite = Derived("dim", vector).name, Derived("finite", vector).name
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column=vector),
+        gxe.ExpectColumnValuesToBeBetween(column=derived_dim, min_value=dim, max_value=dim),
+        gxe.ExpectColumnValuesToBeInSet(column=finite, value_set=[True]),
+    ]
+
+
+def repr_suite(
+    entity: str,
+    key: str,
+    width: int,
+    norm_bounds: dict[int, tuple[float, float]] | None = None,
+    vector: str = "vector",
+) -> Suite:
+    """`<entity>_repr`: one row per key and layer; width = the encoder's hidden size.
+
+    `norm_bounds` maps layer -> (min, max) L2 norm, taken from a reference run with `norm_bounds_from`;
+    per layer because mid layers carry norms about 100x the final layer's.
+    """
+    norm = Derived("norm", vector)
+    by_layer = [
+        gxe.ExpectColumnValuesToBeBetween(
+            column=norm.name, min_value=lo, max_value=hi, row_condition=Column("layer") == layer
+        )
+        for layer, (lo, hi) in sorted((norm_bounds or {}).items())
+    ]
+    return Suite(
+        f"{entity}_repr",
+        (key, "layer"),
+        (
+            *_ids([key, "layer"]),
+            *_vector_shape(vector, width),
+            *by_layer,
+            *[gxe.ExpectColumnValuesToNotBeNull(column=c) for c in REPR_LINEAGE],
+            *[
+                gxe.ExpectColumnUniqueValueCountToBeBetween(column=c, min_value=1, max_value=1)
+                for c in REPR_SINGLE_VALUED
+            ],
+        ),
+        derived=(Derived("dim", vector), Derived("finite", vector), norm),
+    )
+
+
+def feature_suite(
+    name: str,
+    key: str,
+    dim: int,
+    dtype: str = "float16",
+    vector: str = "vector",
+    lineage: Sequence[str] = FEATURE_LINEAGE,
+    conf: ValidationConf = DEFAULTS,
+) -> Suite:
+    """user_features / item_features: dimension, finite values, int8 codes in range with a positive scale,
+    lineage columns present and single-valued (one encoder, layer and compressor per publication)."""
+    derived = [Derived("dim", vector), Derived("finite", vector)]
+    checks = [*_ids([key]), *_vector_shape(vector, dim), *_timestamps("event_timestamp", conf)]
+    if dtype == "int8":
+        lo, hi = INT8_CODES
+        derived += [Derived("min", vector), Derived("max", vector)]
+        checks += [
+            gxe.ExpectColumnValuesToBeBetween(column=Derived("min", vector).name, min_value=lo, max_value=hi),
+            gxe.ExpectColumnValuesToBeBetween(column=Derived("max", vector).name, min_value=lo, max_value=hi),
+            gxe.ExpectColumnValuesToNotBeNull(column="scale"),
+            gxe.ExpectColumnValuesToBeBetween(column="scale", min_value=0, strict_min=True),
+        ]
+    for col in lineage:
+        checks += [
+            gxe.ExpectColumnValuesToNotBeNull(column=col),
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column=col, min_value=1, max_value=1),
+        ]
+    if "dtype" in lineage:
+        checks.append(gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[dtype]))
+    return Suite(name, (key,), tuple(checks), derived=tuple(derived))
+
+
+def training_set_suite(
+    feature_timestamps: Sequence[str],
+    keys: Sequence[str] = ("user_id", "item_id", "event_timestamp"),
+    name: str = "training_set",
+    conf: ValidationConf = DEFAULTS,
+) -> Suite:
+    """A point-in-time training set: labels 0/1 at a plausible rate, and no feature newer than its event
+    (a missing feature, null timestamp, is allowed: the row had none inside the TTL)."""
+    lo, hi = conf.label_rate
+    point_in_time = [
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A="event_timestamp", column_B=ts, or_equal=True, ignore_row_if="either_value_is_missing"
+        )
+        for ts in feature_timestamps
+    ]
+    return Suite(
+        name,
+        tuple(keys),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
+            gxe.ExpectColumnValuesToNotBeNull(column="label"),
+            gxe.ExpectColumnMeanToBeBetween(column="label", min_value=lo, max_value=hi),
+            *_timestamps("event_timestamp", conf),
+            *point_in_time,
+        ),
+    )
+
+
+def drift_suite(
+    name: str,
+    key: str,
+    previous: Any,
+    vector: str = "vector",
+    conf: ValidationConf = DEFAULTS,
+) -> Suite:
+    """A new version of a feature table against the previous one over the keys both hold: the mean cosine
+    similarity stays above `drift_min_mean_cosine` and at most `drift_max_changed_share` of rows changed
+    (cosine below `drift_changed_below`). `previous` is the published version (Spark or pandas)."""
+    from validation.drift import CHANGED, COSINE, joined_versions
+
+    return Suite(
+        f"{name}_drift",
+        (key,),
+        (
+            gxe.ExpectColumnMeanToBeBetween(column=COSINE, min_value=conf.drift_min_mean_cosine),
+            gxe.ExpectColumnMeanToBeBetween(column=CHANGED, max_value=conf.drift_max_changed_share),
+        ),
+        prepare=lambda batch: joined_versions(batch, previous, key, vector, conf.drift_changed_below),
+    )
