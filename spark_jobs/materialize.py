@@ -120,7 +120,7 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
     columns = {
         spec.key: table[spec.key].cast(pa.string()),
         spec.column: pa.ListArray.from_arrays(
-            pa.array(np.arange(0, flat.length() + 1, dim, dtype=np.int32)), flat
+            pa.array(np.arange(0, len(flat) + 1, dim, dtype=np.int32)), flat
         ),
         "event_timestamp": table["event_timestamp"].cast(TIMESTAMP),
     }
@@ -160,34 +160,44 @@ def daily_counters(interactions: DataFrame, key: str, prefix: str) -> DataFrame:
     )
 
 
-def publish(spark: SparkSession, tables: DeltaTables) -> list[Published]:
-    """Write every Feast-facing table whose input exists; all checks run before the first write."""
+def publish(spark: SparkSession | None, tables: DeltaTables) -> list[Published]:
+    """Write every Feast-facing table whose input exists; all checks run before the first write.
+    Counters need Spark (they aggregate interactions); without a session only vectors and metadata publish."""
     from llmfeat.feast_repo import feature_views, vector_dim
 
     views = feature_views()
-    staged: list[tuple[str, str, pa.Table, list[str], list[str]]] = []  # table, view, data, keys, compare
+    staged: list[tuple[str, str, pa.Table, list[str], list[str], bool]] = []  # ..., keys, compare, delete
     skipped: list[Published] = []
     for spec in VECTOR_TABLES:
         if not tables.exists(spec.source):
             skipped.append(Published(spec.target, spec.view, 0, -1, f"no {spec.source} table yet"))
             continue
         data = decode_vectors(tables.read_arrow(spec.source), spec, vector_dim(views[spec.view]))
-        staged.append((spec.target, spec.view, data, [spec.key], ["event_timestamp", *LINEAGE]))
+        # Keyed by (key, time) and never deleted: the table keeps every published vector, so a training set
+        # joins the vector that was current at each interaction; the online store gets the latest.
+        staged.append((spec.target, spec.view, data, [spec.key, "event_timestamp"], [*LINEAGE], False))
     if tables.exists("items"):
         staged.append(
-            ("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"], [])
+            ("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"], [], True)
         )
-    if tables.exists("interactions"):
+    if spark is not None and tables.exists("interactions"):
         inter = tables.read_spark("interactions")
         for key, prefix in (("user_id", "user"), ("item_id", "item")):
             counts = _utc(daily_counters(inter, key, prefix).toArrow())
             compare = [f"{prefix}_impressions", f"{prefix}_clicks"]
             staged.append(
-                (f"feast_{prefix}_stats", f"{prefix}_stats_fv", counts, [key, "event_timestamp"], compare)
+                (
+                    f"feast_{prefix}_stats",
+                    f"{prefix}_stats_fv",
+                    counts,
+                    [key, "event_timestamp"],
+                    compare,
+                    True,
+                )
             )
     out = []
-    for name, view, data, keys, compare in staged:
-        version = tables.upsert(name, data, keys, delete_missing=True, compare=compare or None)
+    for name, view, data, keys, compare, delete in staged:
+        version = tables.upsert(name, data, keys, delete_missing=delete, compare=compare or None)
         out.append(Published(name, view, data.num_rows, version))
     return out + skipped
 
@@ -212,7 +222,7 @@ def materialize(store: FeatureStore, views: list[str], full: bool = False) -> No
         store.materialize_incremental(end_date=now, feature_views=rest)
 
 
-def run(spark: SparkSession, settings: Settings, full: bool = False) -> list[Published]:
+def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> list[Published]:
     from llmfeat.feast_repo import apply_repo
     from spark_jobs.delta_io import open_tables
 

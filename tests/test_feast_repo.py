@@ -1,0 +1,128 @@
+"""Feast repository declarations, generated config and the float16/int8 -> float32 publish step (no Spark)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from llmfeat import feast_repo
+from llmfeat.config import Settings, load_settings
+from serving.features import parse_response
+from spark_jobs.materialize import VECTOR_TABLES, FeatureTableError, decode_vectors
+
+DIM = 64
+USER_SPEC, ITEM_SPEC = VECTOR_TABLES[0], VECTOR_TABLES[1]
+LINEAGE = {
+    "source_version": 3,
+    "encoder_id": "smollm2-135m",
+    "layer": 15,
+    "compressor_name": "marc",
+    "compressor_version": "1",
+}
+
+
+def vectors_for(keys: list[str], seed: int = 0, dim: int = DIM) -> np.ndarray:
+    """Deterministic float32 vectors [len(keys), dim]; exactly representable in float16."""
+    rng = np.random.default_rng(seed)
+    return np.round(rng.normal(size=(len(keys), dim)) * 8) / 8
+
+
+def feature_table(
+    key: str, keys: list[str], vectors: np.ndarray, ts: datetime | list[datetime], dtype: str = "float16"
+) -> pa.Table:
+    """A compress-job output table: key, vector (float16, or int8 + scale), event_timestamp, lineage."""
+    stamps = ts if isinstance(ts, list) else [ts] * len(keys)
+    cols: dict[str, pa.Array] = {key: pa.array(keys, pa.string())}
+    if dtype == "int8":
+        scale = np.abs(vectors).max(axis=1) / 127
+        q = np.round(vectors / scale[:, None]).astype(np.int8)
+        cols["vector"] = pa.array(list(q), pa.list_(pa.int8()))
+        cols["scale"] = pa.array(scale.astype(np.float32), pa.float32())
+    else:
+        cols["vector"] = pa.array(list(vectors.astype(np.float16)), pa.list_(pa.float16()))
+    cols["event_timestamp"] = pa.array(stamps, pa.timestamp("us", tz="UTC"))
+    for name, value in {**LINEAGE, "dtype": dtype}.items():
+        cols[name] = pa.array([value] * len(keys))
+    return pa.table(cols)
+
+
+def tiny_settings(data_dir: Path, *overrides: str) -> Settings:
+    return load_settings("tiny", [f"data_dir={data_dir}", *overrides])
+
+
+@pytest.mark.unit
+def test_declarations_import_without_side_effects(tmp_path: Path) -> None:
+    code = "import sys; sys.path.insert(0, 'feature_repo'); import feature_services, feature_views"
+    subprocess.run([sys.executable, "-c", code], cwd=feast_repo.DECLARATIONS_DIR.parent, check=True)
+    found = feast_repo.declarations()
+    views = feast_repo.feature_views()
+    assert {"user_llm_fv", "item_llm_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(views)
+    assert {"ctr_marc_v1", "ctr_marc_counters_v1", "user", "item", "behavior"} <= set(found)
+    assert feast_repo.vector_dim(views["item_llm_fv"]) == DIM
+    assert not list(feast_repo.DECLARATIONS_DIR.glob("*.db"))  # importing wrote nothing
+
+
+@pytest.mark.unit
+def test_store_config_per_profile(tmp_path: Path) -> None:
+    local = feast_repo.store_config(tiny_settings(tmp_path))
+    assert local["online_store"] == {"type": "sqlite", "path": "online.db"}
+    assert local["offline_store"] == {"type": "file"}
+    cluster = feast_repo.store_config(load_settings("cluster"))
+    assert cluster["online_store"]["type"] == "redis"
+    assert cluster["offline_store"]["type"] == "spark"
+    assert cluster["batch_engine"]["type"] == "spark.engine"
+    spark_objects = feast_repo.repo_objects(load_settings("cluster"))
+    item_fv = next(o for o in spark_objects if getattr(o, "name", "") == "item_llm_fv")
+    assert item_fv.batch_source.name == "item_llm_spark_source"
+    with pytest.raises(feast_repo.FeatureStoreError, match="offline_store spark"):
+        feast_repo.store_config(tiny_settings(tmp_path, "feast.batch_engine=spark"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_decode_to_float32(dtype: str) -> None:
+    keys = ["1", "2", "3"]
+    vecs = vectors_for(keys)
+    out = decode_vectors(
+        feature_table("item_id", keys, vecs, datetime(2024, 1, 1, tzinfo=UTC), dtype), ITEM_SPEC, DIM
+    )
+    assert out.schema.field("item_vector").type == pa.list_(pa.float32())
+    got = np.array(out["item_vector"].to_pylist(), dtype=np.float32)
+    tol = 0 if dtype == "float16" else np.abs(vecs).max() / 127
+    np.testing.assert_allclose(got, vecs, atol=tol)
+    assert out["layer"].to_pylist() == [15] * 3 and out["dtype"].to_pylist() == [dtype] * 3
+
+
+@pytest.mark.unit
+def test_decode_rejects_wrong_dimension_and_nan() -> None:
+    ts = datetime(2024, 1, 1, tzinfo=UTC)
+    short = feature_table("user_id", ["7", "8"], vectors_for(["7", "8"], dim=32), ts)
+    with pytest.raises(FeatureTableError, match=r"vector length \[32\].*declares 64.*\['7', '8'\]"):
+        decode_vectors(short, USER_SPEC, DIM)
+    vecs = vectors_for(["7", "8"])
+    vecs[1, 3] = np.nan
+    with pytest.raises(FeatureTableError, match=r"non-finite.*\['8'\]"):
+        decode_vectors(feature_table("user_id", ["7", "8"], vecs, ts), USER_SPEC, DIM)
+
+
+@pytest.mark.unit
+def test_parse_http_response_flags_unknown_ids() -> None:
+    body = {
+        "metadata": {"feature_names": ["user_id", "item_id", "user_vector", "item_vector"]},
+        "results": [
+            {"values": ["1", "1"], "statuses": ["PRESENT"] * 2},
+            {"values": ["a", "zz"], "statuses": ["PRESENT"] * 2},
+            {"values": [[1.0] * 4, [1.0] * 4], "statuses": ["PRESENT"] * 2},
+            {"values": [[2.0] * 4, None], "statuses": ["PRESENT", "NOT_FOUND"]},
+        ],
+    }
+    batch = parse_response(body, n=2, dim=4)
+    assert batch.items.shape == (2, 4) and batch.items.dtype == np.float32
+    assert batch.item_missing.tolist() == [False, True] and not batch.user_missing
+    assert batch.items[1].sum() == 0 and batch.user[0] == 1.0
