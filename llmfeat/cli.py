@@ -47,8 +47,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from spark_jobs.ingest import IngestError
     from spark_jobs.materialize import FeatureTableError
     from spark_jobs.session import JavaNotFound
+    from validation.gating import GateFailed
 
-    return (FeatureStoreError, FeatureTableError, ConfigError, IngestError, JavaNotFound, FileNotFoundError)
+    return (
+        FeatureStoreError,
+        FeatureTableError,
+        ConfigError,
+        IngestError,
+        GateFailed,
+        JavaNotFound,
+        FileNotFoundError,
+    )
 
 
 def job_main(name: str, argv: list[str] | None, body: Callable[[SparkSession, Settings], Any]) -> int:
@@ -106,6 +115,10 @@ def demo(spark: SparkSession, settings: Settings) -> None:
     print(format_summary(ingest(spark, settings)))
     print("\n== published")
     print(tables_summary(settings))
+    from validation.data_docs import where_note
+
+    print("\n== validation (a great-expectations gate runs before every commit)")
+    print(where_note(settings))
     from spark_jobs.materialize import demo_step as features_demo_step
 
     features_demo_step(spark, settings)

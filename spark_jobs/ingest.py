@@ -10,7 +10,8 @@ Tables (under <data_dir>/delta):
     behaviors       behavior_id (stable hash of text), text ("rated 5: Toy Story (1995), Animation|Comedy")
     user_behaviors  user_id, behavior_id, item_id, event_timestamp
 
-Every input check runs before the first write, so bad input leaves every table at its previous version.
+Every input check, and every table's great-expectations gate (validation/), runs before the first write, so bad
+input leaves every table at its previous version (rejected rows go to the quarantine table).
 Each table is MERGEd by key with deletes of vanished rows: a re-run with the same input commits nothing.
 """
 
@@ -21,12 +22,14 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import IngestConf, Settings, SourceFiles
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+
+    from spark_jobs.delta_io import DeltaTables
 
 REQUIRED = {
     "interactions": ["user_id", "item_id", "rating", "timestamp"],
@@ -312,11 +315,21 @@ def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
         # Spark caches by plan, not by file content: a stale cache would hide an edited input on re-run.
         spark.catalog.clearCache()
     tables = open_tables(settings, spark)
+    check_tables(arrows, tables, settings)
     out = []
     for name, data in arrows.items():
         version = tables.upsert(name, data, TABLE_KEYS[name], delete_missing=True)
         out.append(TableSummary(name, tables.path(name), version, data.num_rows))
     return out
+
+
+def check_tables(arrows: dict[str, Any], tables: DeltaTables, settings: Settings) -> None:
+    """Every table passes its great-expectations gate before the first commit (raises GateFailed)."""
+    from validation import gate, new_run_id, raw_suite
+
+    run_id, conf = new_run_id("ingest"), settings.validation
+    for name, data in arrows.items():
+        gate(data, raw_suite(name, conf), table=name, tables=tables, run_id=run_id, conf=conf)
 
 
 def format_summary(summaries: list[TableSummary]) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from great_expectations.data_context import EphemeralDataContext
 
+    from llmfeat.config import Settings
     from validation.gating import GateReport
 
 SITE = "llmfeat"
@@ -119,3 +120,25 @@ def render(page: Path, *, screenshot: Path | None = None, size: tuple[int, int] 
             env=env,
         )
     return dom.stdout
+
+
+def locations(settings: Settings) -> tuple[Path, Path]:
+    """(Data Docs index.html, quarantine table) for a configuration."""
+    docs = Path(settings.validation.docs_dir)
+    docs = docs if docs.is_absolute() else Path(settings.data_dir) / docs
+    return docs / "index.html", settings.delta_root / settings.validation.quarantine_table
+
+
+def where_note(settings: Settings) -> str:
+    """What the demo prints: where each gate's report and rejected rows are."""
+    index, quarantine = locations(settings)
+    shown = index.as_uri() if index.exists() else f"{index} (no run yet)"
+    lines = [f"Data Docs (one page per gate run): {shown}"]
+    if (quarantine / "_delta_log").is_dir():
+        from deltalake import DeltaTable
+
+        rows = DeltaTable(str(quarantine)).to_pyarrow_dataset().count_rows()
+        lines.append(f"quarantine: {quarantine} ({rows:,} rejected rows so far)")
+    else:
+        lines.append(f"quarantine: {quarantine} (empty: no gate has failed)")
+    return "\n".join(lines)
