@@ -1,6 +1,7 @@
 """`llmfeat` command line. Each job command runs the same `run(spark, settings)` that spark-submit runs.
 
 llmfeat ingest [--config local|PATH] [--set key=value ...]
+llmfeat encode [--entity items,users,behaviors|all]  # LLM layer states -> <entity>_repr
 llmfeat tables                         # what is published, where, at which version
 llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
 llmfeat demo                           # the end-to-end job on the embedded defaults
@@ -44,6 +45,7 @@ def config_args(parser: argparse.ArgumentParser) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or set-up, reported as one line instead of a traceback."""
     from llmfeat.feast_repo import FeatureStoreError
+    from models.encoder import EncoderError
     from spark_jobs.ingest import IngestError
     from spark_jobs.materialize import FeatureTableError
     from spark_jobs.session import JavaNotFound
@@ -54,6 +56,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         FeatureTableError,
         ConfigError,
         IngestError,
+        EncoderError,
         GateFailed,
         JavaNotFound,
         FileNotFoundError,
@@ -143,6 +146,17 @@ def features_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def encode_command(args: argparse.Namespace) -> int:
+    from spark_jobs.encode import parse_entities, run_all
+
+    try:
+        entities = parse_entities(args.entity)
+    except argparse.ArgumentTypeError as err:
+        print(f"llmfeat encode: {err}", file=sys.stderr)
+        return 2
+    return _run_with_session("encode", args.config, args.overrides, lambda s, c: run_all(s, c, entities))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfeat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         ("tables", "list the Delta tables, their versions and row counts"),
     ):
         config_args(sub.add_parser(name, help=help_))
+    encode_parser = sub.add_parser("encode", help="entity texts -> <entity>_repr tables of LLM layer states")
+    config_args(encode_parser)
+    encode_parser.add_argument(
+        "--entity", default="all", help="items, users, behaviors, a comma list, or all (default: all)"
+    )
     features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
     features.add_argument("action", choices=["apply", "materialize"])
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
@@ -173,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_with_session(
             "ingest", args.config, args.overrides, lambda s, c: print(format_summary(ingest(s, c)))
         )
+    if args.command == "encode":
+        return encode_command(args)
     return _run_with_session("demo", args.config, args.overrides, demo)
 
 
