@@ -3,7 +3,8 @@ its own event_timestamp (never a later one).
 
 Feast's file offline store silently drops entity rows that have no feature value in the TTL window (here: an
 interaction older than the first vector of its user or item). The guard numbers the rows before the join and
-joins the result back onto them, so such rows come back with nulls, in their original order.
+joins each view's result back onto them, one view at a time, so such rows come back with that view's
+features null and the others filled, in their original order.
 """
 
 from __future__ import annotations
@@ -35,17 +36,39 @@ def historical_features(store: FeatureStore, entity_df: pd.DataFrame, features: 
     rows = entity_df.reset_index(drop=True).copy()
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     rows[ROW] = np.arange(len(rows), dtype=np.int64)
+    out = rows
+    for refs in _refs_by_view(store, features):
+        # One join per view: the file store drops a row lacking any one view's value, so a shared join would
+        # also lose the values of the other views for that row.
+        joined = store.get_historical_features(entity_df=rows, features=refs).to_df()
+        if joined[ROW].duplicated().any():
+            raise TrainingSetError(
+                "the point-in-time join duplicated entity rows: duplicate keys in entity_df?"
+            )
+        added = [c for c in joined.columns if c not in rows.columns]
+        out = out.merge(joined[[ROW, *added]], on=ROW, how="left", validate="one_to_one")
+        if len(joined) < len(rows):
+            log.info(
+                "%s: %d of %d rows had no value at their time (kept, null)",
+                refs[0],
+                len(rows) - len(joined),
+                len(rows),
+            )
+    return out.sort_values(ROW).drop(columns=ROW).reset_index(drop=True)
+
+
+def _refs_by_view(store: FeatureStore, features: Any) -> list[list[str]]:
+    """A FeatureService (or its name) or "view:feature" references -> references grouped by view."""
     if isinstance(features, str):
         features = store.get_feature_service(features)
-    joined = store.get_historical_features(entity_df=rows, features=features).to_df()
-    if joined[ROW].duplicated().any():
-        raise TrainingSetError("the point-in-time join duplicated entity rows: duplicate keys in entity_df?")
-    added = [c for c in joined.columns if c not in rows.columns]
-    out = rows.merge(joined[[ROW, *added]], on=ROW, how="left", validate="one_to_one")
-    dropped = len(rows) - len(joined)
-    if dropped:
-        log.info("%d of %d rows had no feature value at their time: kept with nulls", dropped, len(rows))
-    return out.sort_values(ROW).drop(columns=ROW).reset_index(drop=True)
+    if not isinstance(features, list):
+        features = [
+            f"{p.name_to_use()}:{f.name}" for p in features.feature_view_projections for f in p.features
+        ]
+    groups: dict[str, list[str]] = {}
+    for ref in features:
+        groups.setdefault(ref.split(":", 1)[0], []).append(ref)
+    return list(groups.values())
 
 
 def vector_matrix(frame: pd.DataFrame, column: str, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,9 @@ def feature_table(
         cols["vector"] = pa.array(list(q), pa.list_(pa.int8()))
         cols["scale"] = pa.array(scale.astype(np.float32), pa.float32())
     else:
-        cols["vector"] = pa.array(list(vectors.astype(np.float16)), pa.list_(pa.float16()))
+        # Delta has no half type: the compress job stores float16-exact values as float32.
+        cols["vector"] = pa.array(list(vectors.astype(np.float16).astype(np.float32)), pa.list_(pa.float32()))
+        cols["scale"] = pa.nulls(len(keys), pa.float32())
     cols["event_timestamp"] = pa.array(stamps, pa.timestamp("us", tz="UTC"))
     for name, value in {**LINEAGE, "dtype": dtype}.items():
         cols[name] = pa.array([value] * len(keys))
