@@ -184,10 +184,8 @@ def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], examples: in
     assert config is not None
     shown = {k: _plain(v) for k, v in config.kwargs.items() if k in SHOWN_KWARGS and v is not None}
     name = f"{config.type}({', '.join(f'{k}={v}' for k, v in shown.items())})"
-    info = r.exception_info or {}
-    if info.get("raised_exception"):  # e.g. a column the suite expects is missing
-        message = str(info.get("exception_message") or "error").splitlines()[0]
-        return Failure(name, f"could not be evaluated: {message}")
+    if error := _exception(r.exception_info or {}):  # e.g. a column the suite expects is missing
+        return Failure(name, f"could not be evaluated: {error}")
     res = r.result or {}
     index = res.get("unexpected_index_list") or []
     if "unexpected_count" in res and index:
@@ -195,6 +193,15 @@ def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], examples: in
         shown_rows = tuple(_example(i, keys) for i in index[:examples])
         return Failure(name, f"{res['unexpected_count']} of {res.get('element_count')} rows", ids, shown_rows)
     return Failure(name, f"observed {_plain(res.get('observed_value'))}")
+
+
+def _exception(info: dict[str, Any]) -> str | None:
+    """The first error message in GX's exception_info, flat or keyed by metric."""
+    found = [info] + [v for v in info.values() if isinstance(v, dict)]
+    for entry in found:
+        if entry.get("raised_exception"):
+            return str(entry.get("exception_message") or "error").splitlines()[0]
+    return None
 
 
 def _example(index_row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -1,0 +1,283 @@
+"""The validation gate on pandas batches: each planted defect stops publication, keeps the previous version
+current and lands in the quarantine table with its reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from llmfeat.config import ValidationConf
+from spark_jobs.delta_io import RustDelta
+from validation import (
+    GateFailed,
+    drift_suite,
+    feature_suite,
+    gate,
+    norm_bounds_from,
+    raw_suite,
+    repr_suite,
+    training_set_suite,
+)
+from validation.suites import Suite
+
+pytestmark = pytest.mark.unit
+DIM = 8
+NOW = pd.Timestamp.now(tz="UTC").floor("s")
+
+
+@pytest.fixture
+def tables(tmp_path: Path) -> RustDelta:
+    return RustDelta(tmp_path / "lake" / "delta")
+
+
+def _vectors(n: int, dim: int = DIM, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=dim).astype("float32") for _ in range(n)]
+
+
+def items_repr(n: int = 6) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": [str(i) for i in range(n)],
+            "layer": 15,
+            "vector": _vectors(n),
+            "encoder_id": "smollm2-135m",
+            "weights_hash": "w1",
+            "pooling": "mean",
+            "max_length": 64,
+            "content_hash": [f"c{i}" for i in range(n)],
+            "encoded_at": NOW,
+        }
+    )
+
+
+def item_features(n: int = 6, dtype: str = "float16") -> pd.DataFrame:
+    vectors = _vectors(n)
+    if dtype == "int8":
+        vectors = [np.clip(np.round(v * 40), -127, 127).astype("int8") for v in vectors]
+    return pd.DataFrame(
+        {
+            "item_id": [str(i) for i in range(n)],
+            "vector": vectors,
+            "scale": 0.025,
+            "event_timestamp": NOW - pd.Timedelta(hours=1),
+            "source_version": 3,
+            "encoder_id": "smollm2-135m",
+            "layer": 15,
+            "compressor_name": "marc",
+            "compressor_version": "2",
+            "dtype": dtype,
+        }
+    )
+
+
+def interactions(n: int = 10) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": [str(i % 3) for i in range(n)],
+            "item_id": [str(i) for i in range(n)],
+            "rating": [float(1 + i % 5) for i in range(n)],
+            "label": [int(1 + i % 5 >= 4) for i in range(n)],
+            "event_timestamp": [
+                pd.Timestamp("2001-09-09", tz="UTC") + pd.Timedelta(days=i) for i in range(n)
+            ],
+            "split": ["train"] * (n - 2) + ["valid", "test"],
+        }
+    )
+
+
+def publish(tables: RustDelta, name: str, frame: pd.DataFrame, suite: Suite, run_id: str = "job-1") -> int:
+    """What a job does: gate, then commit (reached only when the gate passed)."""
+    gate(frame, suite, table=name, tables=tables, run_id=run_id)
+    return tables.upsert(name, frame, list(suite.keys))
+
+
+def quarantined(tables: RustDelta, run_id: str) -> pd.DataFrame:
+    q = tables.read_arrow("quarantine").to_pandas()
+    return q[q["run_id"] == run_id].reset_index(drop=True)
+
+
+def assert_stopped(tables: RustDelta, name: str, good: pd.DataFrame, version: int) -> None:
+    """The failed publication committed nothing: same version, same rows."""
+    assert tables.version(name) == version
+    assert tables.read_arrow(name).num_rows == len(good)
+
+
+def test_clean_tables_pass_every_suite(tables: RustDelta) -> None:
+    bounds = norm_bounds_from(items_repr())
+    reports = [
+        gate(
+            items_repr(),
+            repr_suite("items", "item_id", DIM, bounds),
+            table="items_repr",
+            tables=tables,
+            run_id="r",
+        ),
+        gate(
+            item_features(),
+            feature_suite("item_features", "item_id", DIM),
+            table="f16",
+            tables=tables,
+            run_id="r",
+        ),
+        gate(
+            item_features(dtype="int8"),
+            feature_suite("item_features", "item_id", DIM, dtype="int8"),
+            table="i8",
+            tables=tables,
+            run_id="r",
+        ),
+        gate(interactions(), raw_suite("interactions"), table="interactions", tables=tables, run_id="r"),
+    ]
+    assert all(r.success for r in reports)
+    assert not tables.exists("quarantine")
+    assert Path(reports[0].docs_page.removeprefix("file://")).is_file()
+
+
+def test_nan_vector_is_stopped_and_quarantined(tables: RustDelta) -> None:
+    good = items_repr()
+    v0 = publish(tables, "items_repr", good, repr_suite("items", "item_id", DIM))
+    bad = items_repr()
+    bad.at[2, "vector"] = np.array([0.1] * (DIM - 1) + [np.nan], dtype="float32")
+    with pytest.raises(GateFailed) as err:
+        publish(tables, "items_repr", bad, repr_suite("items", "item_id", DIM), run_id="job-2")
+    message = str(err.value)
+    assert "expect_column_values_to_be_in_set(column=vector__finite" in message
+    assert "item_id='2'" in message and f"table stays at version {v0}" in message
+    assert_stopped(tables, "items_repr", good, v0)
+    q = quarantined(tables, "job-2")
+    assert q["row_key"].map(json.loads).tolist() == [{"item_id": "2", "layer": 15}]
+    assert "vector__finite" in q.loc[0, "reasons"]
+    assert json.loads(q.loc[0, "row"])["vector"][-1] != json.loads(q.loc[0, "row"])["vector"][-1]  # NaN kept
+
+
+def test_wrong_dimension_is_stopped(tables: RustDelta) -> None:
+    good = item_features()
+    suite = feature_suite("item_features", "item_id", DIM)
+    v0 = publish(tables, "item_features", good, suite)
+    bad = item_features()
+    bad.at[4, "vector"] = np.ones(DIM + 1, dtype="float32")
+    with pytest.raises(GateFailed, match=r"vector__dim, min_value=8.0, max_value=8.0\): 1 of 6 rows"):
+        publish(tables, "item_features", bad, suite, run_id="job-2")
+    assert_stopped(tables, "item_features", good, v0)
+    assert quarantined(tables, "job-2")["row_key"].tolist() == ['{"item_id": "4"}']
+
+
+def test_duplicate_key_per_layer_is_stopped(tables: RustDelta) -> None:
+    good = items_repr()
+    v0 = publish(tables, "items_repr", good, repr_suite("items", "item_id", DIM))
+    bad = pd.concat([items_repr(), items_repr().iloc[[3]]], ignore_index=True)
+    other_layer = items_repr().iloc[[3]].assign(layer=20)  # same item at another layer is fine
+    bad = pd.concat([bad, other_layer], ignore_index=True)
+    with pytest.raises(GateFailed, match="expect_compound_columns_to_be_unique") as err:
+        publish(tables, "items_repr", bad, repr_suite("items", "item_id", DIM), run_id="job-2")
+    assert "2 of 8 rows" in str(err.value)
+    assert_stopped(tables, "items_repr", good, v0)
+    assert set(quarantined(tables, "job-2")["row_key"]) == {'{"item_id": "3", "layer": 15}'}
+
+
+def test_future_timestamp_is_stopped(tables: RustDelta) -> None:
+    good = interactions()
+    v0 = publish(tables, "interactions", good, raw_suite("interactions"))
+    bad = interactions()
+    bad.loc[5, "event_timestamp"] = NOW + pd.Timedelta(days=2)
+    with pytest.raises(
+        GateFailed, match="expect_column_values_to_be_between\\(column=event_timestamp"
+    ) as err:
+        publish(tables, "interactions", bad, raw_suite("interactions"), run_id="job-2")
+    assert "item_id='5'" in str(err.value)
+    assert_stopped(tables, "interactions", good, v0)
+    assert len(quarantined(tables, "job-2")) == 1
+
+
+def test_collapsed_label_rate_quarantines_the_whole_batch(tables: RustDelta) -> None:
+    good = interactions()
+    v0 = publish(tables, "interactions", good, raw_suite("interactions"))
+    bad = interactions().assign(label=0, rating=1.0)
+    with pytest.raises(GateFailed, match=r"expect_column_mean_to_be_between\(column=label.*observed 0.0"):
+        publish(tables, "interactions", bad, raw_suite("interactions"), run_id="job-2")
+    assert_stopped(tables, "interactions", good, v0)
+    q = quarantined(tables, "job-2")
+    assert len(q) == len(bad)  # a table-level failure implicates every row: nothing is lost
+    assert q["reasons"].str.contains("observed 0.0").all()
+
+
+def test_training_set_feature_from_the_future_and_label_rate(tables: RustDelta) -> None:
+    events = interactions()
+    train = events.assign(
+        user_features__event_timestamp=events["event_timestamp"] - pd.Timedelta(hours=1),
+        item_features__event_timestamp=events["event_timestamp"] - pd.Timedelta(days=1),
+    )
+    train.loc[7, "item_features__event_timestamp"] = train.loc[7, "event_timestamp"] + pd.Timedelta(seconds=1)
+    train.loc[8, "user_features__event_timestamp"] = pd.NaT  # no feature inside the TTL: allowed
+    suite = training_set_suite(["user_features__event_timestamp", "item_features__event_timestamp"])
+    with pytest.raises(GateFailed) as err:
+        gate(train, suite, table="training_set", tables=tables, run_id="train-1")
+    failures = err.value.report.failures
+    assert [f.expectation.split("(")[0] for f in failures] == [
+        "expect_column_pair_values_a_to_be_greater_than_b"
+    ]
+    assert "column_B=item_features__event_timestamp" in failures[0].expectation
+    assert json.loads(quarantined(tables, "train-1").loc[0, "row_key"])["item_id"] == "7"
+
+
+def test_int8_codes_scale_and_lineage(tables: RustDelta) -> None:
+    suite = feature_suite("item_features", "item_id", DIM, dtype="int8")
+    bad = item_features(dtype="int8")
+    bad["vector"] = [v.astype("int16") for v in bad["vector"]]
+    bad.at[0, "vector"] = np.array([300] + [0] * (DIM - 1), dtype="int16")  # not an int8 code
+    bad.loc[1, "scale"] = 0.0
+    bad.loc[2, "compressor_version"] = "3"  # two compressors in one publication
+    with pytest.raises(GateFailed) as err:
+        gate(bad, suite, table="item_features", tables=tables, run_id="c-1")
+    names = {f.expectation for f in err.value.report.failures}
+    assert (
+        "expect_column_values_to_be_between(column=vector__max, min_value=-127.0, max_value=127.0)" in names
+    )
+    assert any("column=scale" in n for n in names)
+    assert any("unique_value_count" in n and "compressor_version" in n for n in names)
+
+    missing = item_features(dtype="int8").drop(columns=["source_version"])
+    with pytest.raises(GateFailed, match="source_version.*could not be evaluated"):
+        gate(missing, suite, table="item_features", tables=tables, run_id="c-2")
+
+
+def test_norms_outside_the_reference_run(tables: RustDelta) -> None:
+    reference = pd.concat([items_repr(), items_repr().assign(layer=29, vector=lambda d: d["vector"] / 100)])
+    bounds = norm_bounds_from(reference, slack=2.0)
+    assert bounds[15][0] > bounds[29][1]  # per layer: mid-layer norms dwarf the last layer's
+    bad = items_repr()
+    bad.at[1, "vector"] = bad.at[1, "vector"] * 1000
+    with pytest.raises(GateFailed, match=r"vector__norm.*row_condition=.*layer.*1 of 6 rows"):
+        gate(bad, repr_suite("items", "item_id", DIM, bounds), table="items_repr", tables=tables, run_id="e")
+
+
+def test_drift_between_versions(tables: RustDelta) -> None:
+    previous = item_features()
+    same = item_features()
+    same.at[0, "vector"] = same.at[0, "vector"] * 2  # a rescaled vector keeps its direction
+    assert gate(same, drift_suite("item_features", "item_id", previous), table="item_features", tables=tables,
+                run_id="d-1").success  # fmt: skip
+    moved = item_features().assign(vector=_vectors(6, seed=1))
+    with pytest.raises(GateFailed) as err:
+        gate(moved, drift_suite("item_features", "item_id", previous), table="item_features", tables=tables,
+             run_id="d-2")  # fmt: skip
+    assert [f.expectation.split(",")[0] for f in err.value.report.failures] == [
+        "expect_column_mean_to_be_between(column=cosine",
+        "expect_column_mean_to_be_between(column=changed",
+    ]
+
+
+def test_bounds_come_from_config(tables: RustDelta) -> None:
+    strict = ValidationConf(label_rate=(0.5, 0.9), earliest_timestamp=dt.datetime(2001, 9, 12, tzinfo=dt.UTC))
+    with pytest.raises(GateFailed) as err:
+        gate(
+            interactions(), raw_suite("interactions", strict), table="interactions", tables=tables, run_id="x"
+        )
+    failed = " ".join(f.expectation for f in err.value.report.failures)
+    assert "column=label" in failed and "column=event_timestamp" in failed
