@@ -345,4 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from spark_jobs.ingest import main as package_main
+
+    sys.exit(package_main())
