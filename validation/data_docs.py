@@ -1,8 +1,9 @@
 """Data Docs: the HTML report of every gate run, where to find it, and how to look at it.
 
-One great-expectations site per data_dir (<data_dir>/data_docs by default). Validation results are kept as
-JSON beside it, so index.html lists every run of every job, grouped by run id; each gate run adds one page,
-validations/<suite>/<run_id>/<time>/<engine>-<table>.html. The MLflow run that used a table carries tags
+One great-expectations site per data_dir (<data_dir>/data_docs by default). Each gate run adds one page,
+validations/<suite>/<run_id>/<time>/<engine>-<table>.html. Validation results are kept as JSON beside it, so
+the site's index.html and runs.html list every run of every job. runs.html is plain HTML that reads offline;
+GX's index.html fills its list with JavaScript from public CDNs. The MLflow run that used a table carries tags
 pointing at its page.
 """
 
@@ -123,10 +124,10 @@ def render(page: Path, *, screenshot: Path | None = None, size: tuple[int, int] 
 
 
 def locations(settings: Settings) -> tuple[Path, Path]:
-    """(Data Docs index.html, quarantine table) for a configuration."""
+    """(the runs page listing every gate's Data Docs page, quarantine table) for a configuration."""
     docs = Path(settings.validation.docs_dir)
     docs = docs if docs.is_absolute() else Path(settings.data_dir) / docs
-    return docs / "index.html", settings.delta_root / settings.validation.quarantine_table
+    return docs / RUNS_PAGE, settings.delta_root / settings.validation.quarantine_table
 
 
 def where_note(settings: Settings) -> str:
@@ -142,3 +143,41 @@ def where_note(settings: Settings) -> str:
     else:
         lines.append(f"quarantine: {quarantine} (empty: no gate has failed)")
     return "\n".join(lines)
+
+
+RUNS_PAGE = "runs.html"
+
+
+def write_runs_page(docs_dir: Path) -> Path:
+    """runs.html: every gate run, newest first, linking each table's GX page; plain HTML that reads offline
+    (GX's own index.html builds its list with JavaScript from public CDNs, so it is empty without network)."""
+    import html
+    import json
+
+    runs: dict[str, list[tuple[str, str, bool, str]]] = {}
+    for result in sorted((docs_dir / RESULTS).glob("*/*/*/*.json")):
+        suite, run, when, batch = result.relative_to(docs_dir / RESULTS).with_suffix("").parts
+        doc = json.loads(result.read_text())
+        stats = doc.get("statistics", {})
+        summary = f"{stats.get('successful_expectations', '?')}/{stats.get('evaluated_expectations', '?')}"
+        page = f"validations/{suite}/{run}/{when}/{batch}.html"
+        runs.setdefault(run, []).append((batch, page, bool(doc.get("success")), summary))
+    rows = []
+    for run in sorted(runs, key=lambda r: max(p for _, p, _, _ in runs[r]), reverse=True):
+        for batch, page, ok, summary in runs[run]:
+            status = '<b style="color:#080">passed</b>' if ok else '<b style="color:#b00">FAILED</b>'
+            rows.append(
+                f"<tr><td>{html.escape(run)}</td>"
+                f"<td><a href='{html.escape(page)}'>{html.escape(batch)}</a></td>"
+                f"<td>{status}</td><td>{summary}</td></tr>"
+            )
+    body = "\n".join(rows) or "<tr><td colspan=4>no gate has run yet</td></tr>"
+    out = docs_dir / RUNS_PAGE
+    out.write_text(
+        "<!doctype html><meta charset='utf-8'><title>llmfeat validation runs</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:4px 12px;border-bottom:1px solid #ddd}"
+        "th{text-align:left}</style><h1>Validation runs</h1>"
+        "<p>One row per gated table per run; each links to its great-expectations Data Docs page.</p>"
+        f"<table><tr><th>run</th><th>table</th><th>gate</th><th>expectations met</th></tr>\n{body}</table>\n"
+    )
+    return out

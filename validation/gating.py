@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from llmfeat.config import ValidationConf
-from validation.data_docs import SITE, docs_context
+from validation.data_docs import SITE, docs_context, write_runs_page
 from validation.derived import ROW_ID, is_spark, with_derived, with_row_id
 from validation.quarantine import quarantine_rows
 
@@ -169,7 +169,7 @@ def _validate(
         expectations=len(validation.results),
         failures=failures,
         docs_page=urls[0]["site_url"] if urls else None,
-        docs_index=(docs_dir / "index.html").as_uri(),
+        docs_index=write_runs_page(docs_dir).as_uri(),
         version=tables.version(table),
     )
     if report.success:
