@@ -119,6 +119,53 @@ class MarcConf(Section):
     output_dtype: Literal["float16", "int8"] = "int8"  # user_features / item_features vector type
 
 
+class LiteConf(Section):
+    """Lite-LLM4Rec next-item model and its baselines (models/lite_llm4rec.py, models/train_lite.py)."""
+
+    item_layer: int = 15  # layer of items_repr the item vectors come from (encoded once)
+    max_seq: int = 50  # newest items of a history fed to the sequence model
+    dim: int = 64  # D of the recommendation transformer
+    heads: int = 2
+    blocks: int = 2
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128  # training windows per step
+    max_epochs: int = 60
+    patience: int = 5  # epochs without a better valid NDCG@k
+    seeds: list[int] = [0, 1, 2]
+    k: int = 10  # Recall@k / NDCG@k, full ranking over all items
+    models: list[Literal["popularity", "sasrec", "lite"]] = ["popularity", "sasrec", "lite"]
+    publish_k: int = 0  # > 0: write each user's top-k candidates of the lite model to Delta (Feast view)
+    candidates_table: str = "user_candidates"
+    experiment: str = "llmfeat-lite"
+
+
+class SlmrecConf(Section):
+    """SLMRec student encoder distilled from the teacher's tapped layer (models/slmrec.py, train_slmrec.py).
+
+    The student is the teacher's first `student_layers` blocks; pooling and normalisation follow `encode`.
+    """
+
+    teacher: str = "smollm2"  # as encode.model: a packaged name, a .gguf or a Hugging Face folder
+    teacher_layer: int = 15  # the tapped layer the student reproduces at its last layer
+    student_layers: int = 8  # N: teacher blocks kept
+    blocks: int = 4  # B: distillation points, evenly spaced in teacher and student
+    l2_weight: float = 0.1  # loss per block: (1 - cos) + l2_weight * ||h_s - h_t||_2
+    tuning: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lr: float = 1e-4
+    batch_size: int = 16
+    steps: int = 200
+    max_length: int = 64  # tokens per distillation text (short texts keep CPU distillation bounded)
+    texts_per_entity: int = 512  # sampled from items, users and behaviours each
+    holdout: int = 128  # texts per entity kept out of training for the held-out cosine
+    seed: int = 0
+    output_dir: str = "students"  # under data_dir unless absolute; the student folder is written inside
+    experiment: str = "llmfeat-slmrec"
+
+
 class MlflowConf(Section):
     """Tracking and registry; the default is a SQLite store under <data_dir>/mlflow."""
 
@@ -144,6 +191,63 @@ class ValidationConf(Section):
     drift_max_changed_share: float = 0.5
 
 
+class CtrConf(Section):
+    """CTR rankers (models/ctr.py) trained from a Feast training set (models/train_ctr.py)."""
+
+    experiment: str = "llmfeat-ctr"
+    registry_name: str = "llmfeat-ctr"  # one registered model; versions carry aliases champion / challenger
+    kind: Literal["dnn", "deepfm"] = "deepfm"
+    llm_feature_service: str = "ctr_llm_v1"  # feature_repo/feature_services.py: vectors + item metadata
+    id_feature_service: str = "ctr_id_v1"  # the same model without the LLM vectors
+    emb_dim: int = 16  # E: width of every field embedding
+    hidden: list[int] = [128, 64]
+    dropout: float = 0.2
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 1024
+    epochs: int = 8
+    patience: int = 3
+    seed: int = 0
+    stop_frac: float = 0.5  # latest share of the valid split held out for early stopping and valid metrics
+    n_boot: int = 200  # bootstrap resamples for the intervals of the final metrics
+
+
+class GateConf(Section):
+    """When `llmfeat promote` may move champion to the challenger (offline comparison on the test split)."""
+
+    min_auc_lift: float = 0.0  # lower end of the paired 95% interval of AUC(challenger) - AUC(champion)
+    max_delong_p: float = 0.05
+    max_logloss_increase: float = 0.0  # upper end of the interval of LogLoss(challenger) - LogLoss(champion)
+
+
+class ServingConf(Section):
+    """Ranking service for the online A/B (serving/ranking_service.py)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8077
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    challenger_share: float = 0.5  # share of users (stable hash) routed to the challenger
+    salt: str = "ab-1"  # a new salt reshuffles the users between arms
+    max_candidates: int = 500
+    log_dir: str = "impressions"  # under data_dir unless absolute; one atomically written file per batch
+    flush_every: int = 200  # events per log file
+    flush_interval_s: float = 2.0
+
+
+class AbtestConf(Section):
+    """Replay of held-out traffic and the analysis of the online A/B (serving/replay.py, models/abtest.py)."""
+
+    requests: int = 3000  # replayed requests (users of the test split, candidates from their held-out rows)
+    candidates: int = 10  # items per request
+    slots: int = 3  # top-k of the returned ranking counted as impressions
+    seed: int = 0
+    bid_min: float = 0.5  # cost-per-click bid of an item: bid_min..bid_max by a stable hash of its id
+    bid_max: float = 1.5
+    srm_alpha: float = 0.001  # sample-ratio-mismatch alarm threshold (chi-square p-value)
+    n_boot: int = 500
+
+
 class Settings(Section):
     profile: str = "local"
     data_dir: str = "data/local"  # Delta tables live under <data_dir>/delta/<table>
@@ -154,7 +258,13 @@ class Settings(Section):
     feast: FeastConf = FeastConf()
     validation: ValidationConf = ValidationConf()
     marc: MarcConf = MarcConf()
+    lite: LiteConf = LiteConf()
+    slmrec: SlmrecConf = SlmrecConf()
     mlflow: MlflowConf = MlflowConf()
+    ctr: CtrConf = CtrConf()
+    gate: GateConf = GateConf()
+    serving: ServingConf = ServingConf()
+    abtest: AbtestConf = AbtestConf()
 
     @property
     def delta_root(self) -> Path:
