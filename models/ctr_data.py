@@ -91,12 +91,13 @@ def repr_matrix(table: pa.Table, entity: str, layer: int, keys: np.ndarray, name
         bad = found[int(np.flatnonzero(lengths != width)[0])]
         raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: vector width differs from {width}")
     flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    matrix = flat.reshape(len(found), width)
+    order = [pos[k] for k in keys]
+    matrix = flat.reshape(len(found), width)[order]
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
-        bad = found[int(np.flatnonzero(~finite)[0])]
+        bad = keys[int(np.flatnonzero(~finite)[0])]
         raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: NaN or inf in the vector")
-    return matrix[[pos[k] for k in keys]]
+    return matrix
 
 
 def repr_layers(table: pa.Table) -> list[int]:

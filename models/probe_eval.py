@@ -127,7 +127,7 @@ def _seed_mean(
     return lambda idx: float(np.mean([metric(y[idx], p[idx]) for p in preds]))
 
 
-def test_metrics(a: CtrArrays, preds: np.ndarray, n_boot: int = 300) -> dict[str, Interval]:
+def split_metrics(a: CtrArrays, preds: np.ndarray, n_boot: int = 300) -> dict[str, Interval]:
     """preds (S, N_test) -> {auc, gauc, logloss} x {all, warm, cold}: means over seeds.
 
     AUC and LogLoss intervals: bootstrap over test rows; GAUC interval: over seeds.

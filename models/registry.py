@@ -1,0 +1,140 @@
+"""MLflow glue: where the tracking store is, logging a compressor as a model, registering it under an
+alias, and loading it back by alias with the lineage it was trained on.
+
+Registered names: <mlflow.registry_name>-users and <mlflow.registry_name>-items. Each model version carries
+tags that the compress job checks before it applies the compressor: encoder_id, weights_hash, layer, pooling,
+in_dim, out_dim, entity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from llmfeat.config import Settings
+
+LINEAGE_TAGS = ("entity", "encoder_id", "weights_hash", "layer", "pooling", "in_dim", "out_dim")
+PIP_REQUIREMENTS = ["torch==2.13.0", "numpy"]
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The configured URI, else a SQLite store under <data_dir>/mlflow (created on first use)."""
+    if settings.mlflow.tracking_uri:
+        return settings.mlflow.tracking_uri
+    root = Path(settings.data_dir) / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Local artefacts next to a local SQLite store; a remote server decides for itself."""
+    if settings.mlflow.tracking_uri:
+        return None
+    return (Path(settings.data_dir) / "mlflow" / "artifacts").resolve().as_uri()
+
+
+def use_tracking(settings: Settings) -> str:
+    """Point the mlflow library at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    mlflow.set_registry_uri(tracking_uri(settings))
+    name = settings.mlflow.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location(settings))
+    mlflow.set_experiment(experiment_id=exp_id)
+    return str(exp_id)
+
+
+def registered_name(settings: Settings, entity: str) -> str:
+    return f"{settings.mlflow.registry_name}-{entity}"
+
+
+@dataclass(frozen=True)
+class RegisteredCompressor:
+    name: str
+    version: str
+    alias: str
+    tags: dict[str, str]
+
+    @property
+    def layer(self) -> int:
+        return int(self.tags["layer"])
+
+    @property
+    def encoder_id(self) -> str:
+        return self.tags["encoder_id"]
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.tags["out_dim"])
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.tags["in_dim"])
+
+
+def log_and_register(
+    compressor: nn.Module, settings: Settings, entity: str, lineage: dict[str, Any]
+) -> RegisteredCompressor:
+    """Inside an active run: log the compressor (signature from an input example), register, set the alias."""
+    import mlflow
+
+    in_dim = int(lineage["in_dim"])
+    compressor.eval()  # exported in eval mode, so the shipped program has no dropout
+    example = np.zeros((2, in_dim), dtype=np.float32)
+    name = registered_name(settings, entity)
+    info = mlflow.pytorch.log_model(
+        compressor,
+        name=f"compressor-{entity}",
+        input_example=example,
+        pip_requirements=PIP_REQUIREMENTS,
+        registered_model_name=name,
+    )
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    tags = {k: str(lineage[k]) for k in LINEAGE_TAGS}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, settings.mlflow.alias, version)
+    return RegisteredCompressor(name, version, settings.mlflow.alias, tags)
+
+
+def resolve_alias(settings: Settings, entity: str, alias: str | None = None) -> RegisteredCompressor:
+    """The model version behind <name>@<alias>, with its lineage tags; a clear error when there is none."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(settings), registry_uri=tracking_uri(settings))
+    name, alias = registered_name(settings, entity), alias or settings.mlflow.alias
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except mlflow.MlflowException as err:
+        raise LookupError(
+            f"no compressor registered as {name}@{alias} in {tracking_uri(settings)}: "
+            f"run `llmfeat train-compressor` first ({err.message.splitlines()[0]})"
+        ) from None
+    missing = [k for k in LINEAGE_TAGS if k not in mv.tags]
+    if missing:
+        raise LookupError(f"{name} version {mv.version} lacks lineage tags {missing}; re-register it")
+    return RegisteredCompressor(name, str(mv.version), alias, {k: mv.tags[k] for k in LINEAGE_TAGS})
+
+
+def model_uri(registered: RegisteredCompressor) -> str:
+    """A pinned version, not the alias: an alias moved mid-job must not mix two compressors."""
+    return f"models:/{registered.name}/{registered.version}"
+
+
+def load_compressor(settings: Settings, registered: RegisteredCompressor) -> nn.Module:
+    """The logged torch.export program (pt2) of the compressor, exported in eval mode (no dropout)."""
+    import mlflow
+
+    mlflow.set_registry_uri(tracking_uri(settings))
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    model: nn.Module = mlflow.pytorch.load_model(model_uri(registered))
+    return model

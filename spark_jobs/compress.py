@@ -1,0 +1,296 @@
+"""Compress job: `<entity>_repr` at the compressor's layer -> user_features / item_features Delta tables.
+
+    spark-submit spark_jobs/compress.py --entity users,items [--config local|PATH] [--set key=value ...]
+    llmfeat compress [--entity items] [--set mlflow.alias=challenger] [--set marc.output_dtype=float16]
+
+The compressor is loaded from the MLflow registry by alias (<registry_name>-<entity>@<alias>). Output, one row
+per key: key, vector (float16 values, or int8 codes with a per-row float32 `scale`: vector * scale ~ the
+compressed vector), event_timestamp (when the source representation was encoded), and lineage: source_table,
+source_version, encoder_id, weights_hash, pooling, layer, content_hash, compressor_name, compressor_version,
+dtype. float16 values are stored as float32 numbers exactly representable in float16 (Delta has no half type).
+
+Checks, all before anything is written (a failure leaves the feature table at its previous version):
+the representation table holds the compressor's layer, from the encoder it was trained on; every key of the
+entity table has a finite vector of the compressor's input width at that layer. Errors name the key and table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from llmfeat.config import Settings
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+    from models.registry import RegisteredCompressor
+    from spark_jobs.delta_io import DeltaTables
+
+ENTITY_KEYS = {"users": "user_id", "items": "item_id"}
+FEATURE_TABLES = {"users": "user_features", "items": "item_features"}
+PASSED_THROUGH = ("encoder_id", "weights_hash", "pooling", "content_hash")
+
+
+class CompressError(ValueError):
+    """Input the compressor must not be applied to: names the table, the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class CompressSummary:
+    entity: str
+    table: str
+    rows: int
+    version: int
+    compressor: str
+    layer: int
+    dtype: str
+    bytes_per_vector: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.table}: {self.rows:,} rows, version {self.version}, {self.compressor}, "
+            f"layer {self.layer}, {self.dtype} ({self.bytes_per_vector} bytes per vector)"
+        )
+
+
+def check_lineage(reprs: DataFrame, name: str, reg: RegisteredCompressor, configured_layer: int) -> None:
+    """The compressor's layer and encoder must be what the table holds (and what the config asks for)."""
+    from pyspark.sql import functions as F
+
+    if configured_layer != reg.layer:
+        raise CompressError(
+            f"marc.layer is {configured_layer} but {reg.name} version {reg.version} (@{reg.alias}) was "
+            f"trained on layer {reg.layer}: set marc.layer={reg.layer} or register a compressor for "
+            f"layer {configured_layer}"
+        )
+    layers = sorted(r["layer"] for r in reprs.select("layer").distinct().collect())
+    if reg.layer not in layers:
+        raise CompressError(
+            f"{name} has no layer {reg.layer}, the layer {reg.name} version {reg.version} was trained on "
+            f"(layers in {name}: {layers})"
+        )
+    at = reprs.where(F.col("layer") == reg.layer)
+    encoders = sorted(r["encoder_id"] for r in at.select("encoder_id").distinct().collect())
+    if encoders != [reg.encoder_id]:
+        other = [e for e in encoders if e != reg.encoder_id]
+        example = at.where(F.col("encoder_id") != reg.encoder_id).limit(1).collect()
+        raise CompressError(
+            f"{name} layer {reg.layer} was encoded by {other} (e.g. key {example[0][0]!r}) but {reg.name} "
+            f"version {reg.version} was trained on encoder {reg.encoder_id!r}, layer {reg.layer}: re-encode "
+            f"with that encoder or train a compressor on this one"
+        )
+
+
+def check_rows(at: DataFrame, keys: DataFrame, key: str, name: str, layer: int, in_dim: int) -> None:
+    """Every key has one finite vector of width in_dim at `layer`; the first offending key is named."""
+    from pyspark.sql import functions as F
+
+    missing = keys.join(at.select(key), key, "left_anti")
+    n_missing = missing.count()
+    if n_missing:
+        first = missing.orderBy(key).first()
+        example = first[key] if first is not None else "?"
+        raise CompressError(
+            f"{name}: {key}={example!r} has no layer-{layer} vector ({n_missing} key(s) missing); "
+            f"run `llmfeat encode` for them first"
+        )
+    wrong = at.where(F.col("vector").isNull() | (F.size("vector") != in_dim))
+    bad = wrong.select(key, F.size("vector").alias("n")).orderBy(key).first()
+    if bad is not None:
+        raise CompressError(
+            f"{name}: {key}={bad[key]!r} layer {layer}: vector has {bad['n']} values, "
+            f"the compressor expects {in_dim}"
+        )
+    nonfinite = F.exists("vector", lambda x: F.isnan(x) | (F.abs(x) == float("inf")) | x.isNull())
+    bad = at.where(nonfinite).select(key).orderBy(key).first()
+    if bad is not None:
+        raise CompressError(f"{name}: {key}={bad[key]!r} layer {layer}: NaN or inf in the vector")
+    dup = at.groupBy(key).count().where("count > 1").orderBy(key).first()
+    if dup is not None:
+        raise CompressError(f"{name}: {key}={dup[key]!r} has {dup['count']} rows at layer {layer}")
+
+
+_WORKER_MODELS: dict[str, Any] = {}
+
+
+def worker_compressor(model_uri: str, registry_uri: str) -> Any:
+    """One load per Python worker, from the registry (the exported program does not pickle)."""
+    if model_uri not in _WORKER_MODELS:
+        import mlflow
+
+        mlflow.set_registry_uri(registry_uri)
+        mlflow.set_tracking_uri(registry_uri)
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[model_uri] = mlflow.pytorch.load_model(model_uri)
+    return _WORKER_MODELS[model_uri]
+
+
+@dataclass(frozen=True)
+class PartitionCompressor:
+    """mapInArrow body: Arrow batches of (key, vector, ...) -> compressed rows. Plain data only, so Spark can
+    ship it; each worker loads the registered model version once."""
+
+    model_uri: str  # models:/<name>/<version>: a fixed version, never the alias, so every task agrees
+    registry_uri: str
+    key: str
+    dtype: str
+
+    def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import torch
+
+        torch.set_num_threads(1)
+        compressor = worker_compressor(self.model_uri, self.registry_uri)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            vectors = batch.column("vector")
+            x = (
+                vectors.flatten()
+                .to_numpy(zero_copy_only=False)
+                .astype(np.float32)
+                .reshape(batch.num_rows, -1)
+            )
+            with torch.no_grad():
+                z = compressor(torch.from_numpy(x)).numpy()  # (B, d)
+            yield encode_rows(batch, self.key, z, self.dtype)
+
+
+def encode_rows(batch: pa.RecordBatch, key: str, z: np.ndarray, dtype: str) -> pa.RecordBatch:
+    """(B, d) compressed vectors -> key, vector, scale, event_timestamp and pass-through lineage."""
+    from models.baselines import quantise_int8
+
+    n, d = z.shape
+    if dtype == "int8":
+        q, scale = quantise_int8(z)
+        values: pa.Array = pa.array(q.reshape(-1), pa.int8())
+        scales = pa.array(scale, pa.float32())
+    else:
+        values = pa.array(z.astype(np.float16).astype(np.float32).reshape(-1), pa.float32())
+        scales = pa.nulls(n, pa.float32())
+    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
+    cols = {
+        key: batch.column(key),
+        "vector": pa.ListArray.from_arrays(offsets, values),
+        "scale": scales,
+        "event_timestamp": batch.column("encoded_at"),
+    }
+    cols |= {c: batch.column(c) for c in PASSED_THROUGH}
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def output_schema(key: str, dtype: str) -> str:
+    element = "tinyint" if dtype == "int8" else "float"
+    lineage = ", ".join(f"{c} string" for c in PASSED_THROUGH)
+    return f"{key} string, vector array<{element}>, scale float, event_timestamp timestamp, {lineage}"
+
+
+def compress_entity(
+    spark: SparkSession, settings: Settings, tables: DeltaTables, entity: str
+) -> tuple[pa.Table, RegisteredCompressor]:
+    """Checks, then the compressed rows with lineage, as Arrow (nothing written yet)."""
+    from pyspark.sql import functions as F
+
+    from models.registry import model_uri, resolve_alias, tracking_uri
+
+    key, name = ENTITY_KEYS[entity], f"{entity}_repr"
+    reg = resolve_alias(settings, entity)
+    version = tables.version(name)
+    if version is None:
+        raise CompressError(
+            f"{name} not found under {tables.root}: run `llmfeat encode --entity {entity}` first"
+        )
+    reprs = tables.read_spark(name, version)
+    check_lineage(reprs, name, reg, settings.marc.layer)
+    at = reprs.where(F.col("layer") == reg.layer).cache()
+    check_rows(at, tables.read_spark(entity).select(key), key, name, reg.layer, reg.in_dim)
+    fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, settings.marc.output_dtype)
+    cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
+    out = at.select(*cols).mapInArrow(fn, output_schema(key, settings.marc.output_dtype)).toArrow()
+    at.unpersist()
+    n = out.num_rows
+    lineage = {
+        "source_table": pa.array([name] * n, pa.string()),
+        "source_version": pa.array([version] * n, pa.int64()),
+        "layer": pa.array([reg.layer] * n, pa.int64()),
+        "compressor_name": pa.array([reg.name] * n, pa.string()),
+        "compressor_version": pa.array([reg.version] * n, pa.string()),
+        "dtype": pa.array([settings.marc.output_dtype] * n, pa.string()),
+    }
+    out = out.set_column(
+        out.schema.get_field_index("event_timestamp"),
+        "event_timestamp",
+        out.column("event_timestamp").cast(pa.timestamp("us", tz="UTC")),
+    )
+    for col, arr in lineage.items():
+        out = out.append_column(col, arr)
+    return out.sort_by(key), reg
+
+
+def run(spark: SparkSession, settings: Settings, entities: list[str] | None = None) -> list[CompressSummary]:
+    """Compute every entity's table first, then commit: a bad row anywhere writes nothing."""
+    from models.baselines import bytes_per_vector
+    from spark_jobs.delta_io import open_tables
+
+    tables = open_tables(settings, spark)
+    results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(ENTITY_KEYS)]
+    summaries = []
+    for entity, rows, reg in results:
+        table = FEATURE_TABLES[entity]
+        version = tables.upsert(table, rows, [ENTITY_KEYS[entity]], delete_missing=True)
+        dtype = settings.marc.output_dtype
+        summaries.append(
+            CompressSummary(
+                entity,
+                table,
+                rows.num_rows,
+                version,
+                f"{reg.name} v{reg.version} @{reg.alias}",
+                reg.layer,
+                dtype,
+                bytes_per_vector(reg.out_dim, dtype),
+            )  # fmt: skip
+        )
+    return summaries
+
+
+def parse_entities(value: str) -> list[str]:
+    names = list(ENTITY_KEYS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ENTITY_KEYS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown entity {unknown}; expected users, items or all")
+    return names
+
+
+def entity_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--entity", type=parse_entities, default=list(ENTITY_KEYS), help="users, items or all"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.cli import _run_with_session, config_args
+
+    parser = argparse.ArgumentParser(prog="compress")
+    config_args(parser)
+    entity_args(parser)
+    args = parser.parse_args(argv)
+
+    def body(spark: SparkSession, settings: Settings) -> None:
+        for summary in run(spark, settings, args.entity):
+            print(summary)
+
+    return _run_with_session("compress", args.config, args.overrides, body)
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from spark_jobs.compress import main as package_main
+
+    sys.exit(package_main())

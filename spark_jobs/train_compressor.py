@@ -1,0 +1,160 @@
+"""Train the MARC compressor on the representation tables and register it in MLflow under an alias.
+
+    spark-submit spark_jobs/train_compressor.py --config conf/local.yaml [--set marc.layer=15 ...]
+    llmfeat train-compressor [--profile local] [--set key=value ...]
+
+Reads users_repr / items_repr at `marc.layer` plus interactions, users and items; fits on `marc.fit_split`
+rows, early-stops on the valid split's AUC; logs params, per-epoch curves, final metrics and both compressors
+(with signature and input example) to MLflow; registers <registry_name>-users / -items and points the alias
+(`mlflow.alias`, default champion) at the new versions. The task-adaptation module is not shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmfeat.config import MarcConf, Settings
+from models.ctr_data import CtrArrays, ReprError, ctr_arrays, repr_matrix
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from models.registry import RegisteredCompressor
+    from models.train_marc import MarcFit
+
+log = logging.getLogger(__name__)
+LINEAGE_COLUMNS = ("encoder_id", "weights_hash", "pooling")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    run_id: str
+    valid_auc: float
+    best_epoch: int
+    registered: list[RegisteredCompressor]
+
+    def __str__(self) -> str:
+        lines = [
+            f"MARC compressor: valid AUC {self.valid_auc:.4f} (best epoch {self.best_epoch}), "
+            f"run {self.run_id}"
+        ]
+        for r in self.registered:
+            lines.append(
+                f"  {r.name} version {r.version} @{r.alias}: layer {r.layer}, {r.in_dim} -> {r.out_dim}, "
+                f"encoder {r.encoder_id}"
+            )
+        return "\n".join(lines)
+
+
+def layer_lineage(table: pa.Table, name: str, layer: int) -> dict[str, Any]:
+    """The single encoder_id / weights_hash / pooling of one layer's rows; mixed values are an error."""
+    rows = table.filter(pc.equal(table.column("layer"), layer))
+    out: dict[str, Any] = {"layer": layer}
+    for col in LINEAGE_COLUMNS:
+        values = sorted(set(rows.column(col).to_pylist())) if col in rows.column_names else ["unknown"]
+        if len(values) != 1:
+            raise ReprError(f"{name}: layer {layer} mixes {col} values {values}: re-encode the table first")
+        out[col] = values[0]
+    return out
+
+
+def marc_config(cfg: MarcConf, in_dim: int) -> Any:
+    from models.marc import MarcConfig
+
+    return MarcConfig(
+        in_dim, cfg.out_dim, cfg.hidden_dim, cfg.task_dim, cfg.dropout, cfg.keep_weight, cfg.indep_weight,
+        cfg.kernel_scale,
+    )  # fmt: skip
+
+
+def train_config(cfg: MarcConf) -> Any:
+    from models.trainer import TrainConfig
+
+    return TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed)
+
+
+def load_inputs(
+    spark: SparkSession | None, settings: Settings
+) -> tuple[CtrArrays, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Arrays for training, the layer's states per entity (U, D) / (I, D), and each table's lineage."""
+    from spark_jobs.delta_io import open_tables
+
+    tables = open_tables(settings, spark)
+    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
+    layer = settings.marc.layer
+    states, lineage = {}, {}
+    for entity, keys in (("users", a.user_keys), ("items", a.item_keys)):
+        name = f"{entity}_repr"
+        table = tables.read_arrow(name)
+        states[entity] = repr_matrix(table, entity, layer, keys, name)
+        lineage[entity] = layer_lineage(table, name, layer) | {
+            "entity": entity,
+            "in_dim": states[entity].shape[1],
+            "out_dim": settings.marc.out_dim,
+            "source_version": tables.version(name),
+        }
+    return a, states, lineage
+
+
+def log_fit(
+    fit: MarcFit, settings: Settings, lineage: dict[str, dict[str, Any]]
+) -> list[RegisteredCompressor]:
+    import mlflow
+    from models.registry import log_and_register
+
+    mlflow.log_params({f"marc.{k}": v for k, v in settings.marc.model_dump().items()})
+    for entity, lin in lineage.items():
+        mlflow.log_params({f"{entity}.{k}": v for k, v in lin.items()})
+    h = fit.history
+    for epoch, (loss, score) in enumerate(zip(h.train_loss, h.valid_score, strict=True)):
+        mlflow.log_metrics({"train_loss": loss, "valid_auc": score}, step=epoch)
+    for key, values in h.extra.items():  # per-batch curves, thinned to at most 200 points
+        stride = max(1, len(values) // 200)
+        for step in range(0, len(values), stride):
+            mlflow.log_metric(f"batch_{key}", values[step], step=step)
+    mlflow.log_metrics({"best_valid_auc": h.best_score, "best_epoch": h.best_epoch})
+    return [log_and_register(fit.compressor(e), settings, e, lineage[e]) for e in ("users", "items")]
+
+
+def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
+    import torch
+
+    import mlflow
+    from models.registry import use_tracking
+    from models.train_marc import fit_marc
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    a, states, lineage = load_inputs(spark, settings)
+    cfg = settings.marc
+    log.info(
+        "MARC: layer %d, %d -> %d, fit on %s", cfg.layer, states["items"].shape[1], cfg.out_dim, cfg.fit_split
+    )
+    fit = fit_marc(
+        a, states["users"], states["items"], marc_config(cfg, states["items"].shape[1]), train_config(cfg),
+        fit_split=cfg.fit_split,
+    )  # fmt: skip
+    use_tracking(settings)
+    with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
+        mlflow.set_tags({"kind": "marc-compressor", "marc_config": str(asdict(fit.model.cfg))})
+        registered = log_fit(fit, settings, lineage)
+    return TrainSummary(active.info.run_id, fit.history.best_score, fit.history.best_epoch, registered)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.cli import job_main
+
+    return job_main("train-compressor", argv, lambda spark, settings: print(run(spark, settings)))
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from spark_jobs.train_compressor import main as package_main
+
+    sys.exit(package_main())
