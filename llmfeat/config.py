@@ -248,6 +248,36 @@ class AbtestConf(Section):
     n_boot: int = 500
 
 
+class BaheConf(Section):
+    """BAHE (models/bahe.py): shallow LLM layers encode each behaviour once; trainable deep layers over a
+    user's behaviour sequence give the user vector (spark_jobs/bahe.py trains and publishes it)."""
+
+    split_layer: int = 10  # behaviours are encoded by layers 1..split_layer only (about a third of 30)
+    deep: Literal["llm", "small"] = "llm"  # llm: blocks split+1.. of the LLM; small: a fresh transformer
+    deep_layers: int = 2  # trainable blocks over the behaviour sequence
+    heads: int = 9  # attention heads of the small transformer (must divide the width)
+    input_gain: float = 24.0  # behaviour vectors are unit-norm; scaled so each dimension has RMS about 1
+    pooling: Literal["mean", "last"] = "mean"  # over the behaviours strictly before the row's time
+    max_behaviors: int = 1024  # newest behaviours kept per user sequence
+    position_budget: int = 8192  # behaviour positions per forward batch (users are packed by length)
+    compress: bool = True  # MARC compressor on the pooled vector, so it fits the user feature table
+    out_dim: int = 64
+    compress_hidden: int = 256
+    keep_weight: float = 0.1  # weight of -nHSIC(pooled, compressed), as in MARC
+    emb_dim: int = 32  # width of the CTR head's item embedding and user projection
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    users_per_batch: int = 64
+    max_epochs: int = 8
+    patience: int = 2
+    seed: int = 0
+    history_cut: str = "valid"  # published user vectors use behaviours strictly before this (split or ISO)
+    feature_table: str = "user_features"  # where the user vectors are published
+    behavior_dim: int = 64  # behaviour vectors published to behavior_features: PCA of the split layer
+    demo_users: int = 60  # the demo encodes the behaviours of this many users only; 0 = all (--full)
+
+
 class Settings(Section):
     profile: str = "local"
     data_dir: str = "data/local"  # Delta tables live under <data_dir>/delta/<table>
@@ -261,6 +291,7 @@ class Settings(Section):
     lite: LiteConf = LiteConf()
     slmrec: SlmrecConf = SlmrecConf()
     mlflow: MlflowConf = MlflowConf()
+    bahe: BaheConf = BaheConf()
     ctr: CtrConf = CtrConf()
     gate: GateConf = GateConf()
     serving: ServingConf = ServingConf()
