@@ -22,3 +22,18 @@ ctr_marc_counters_v1 = FeatureService(
     description="CTR ranker on the vectors, item year and the cumulative counters.",
     tags={"model": "ctr", "compressor": "marc"},
 )
+
+# The CTR rankers of models/ctr.py: the same model with and without the LLM vectors (models/train_ctr.py).
+ctr_llm_v1 = FeatureService(
+    name="ctr_llm_v1",
+    features=[user_llm_fv[["user_vector"]], item_llm_fv[["item_vector"]], item_meta_fv[["year", "genres"]]],
+    description="CTR ranker (DNN / DeepFM) on user and item LLM vectors plus item metadata; ids in the model.",
+    tags={"model": "ctr", "llm": "true"},
+)
+
+ctr_id_v1 = FeatureService(
+    name="ctr_id_v1",
+    features=[item_meta_fv[["year", "genres"]]],
+    description="The same CTR ranker without the LLM vectors: ids (in the model) and item metadata only.",
+    tags={"model": "ctr", "llm": "false"},
+)

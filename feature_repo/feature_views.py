@@ -1,7 +1,8 @@
 """Feature views. Vectors are Array(Float32) of exactly VECTOR_DIM values (checked before materialization).
 
 TTL 0 means a value never expires: a vector or a cumulative counter stays valid until a newer row replaces it.
-Lineage columns ride along as features, so a model can log which encoder, layer and compressor it was fed.
+Lineage columns are served too (the *_lineage_fv views), so a model can log which encoder, layer and
+compressor produced the vectors it was fed.
 """
 
 from datetime import timedelta
@@ -46,7 +47,7 @@ user_llm_fv = FeatureView(
     name="user_llm_fv",
     entities=[user],
     ttl=NO_EXPIRY,
-    schema=[_vector("user_vector", "user"), *_lineage()],
+    schema=[_vector("user_vector", "user")],
     source=user_llm_source,
     online=True,
     description="Compressed mid-layer LLM representation of each user.",
@@ -57,7 +58,7 @@ item_llm_fv = FeatureView(
     name="item_llm_fv",
     entities=[item],
     ttl=NO_EXPIRY,
-    schema=[_vector("item_vector", "item"), *_lineage()],
+    schema=[_vector("item_vector", "item")],
     source=item_llm_source,
     online=True,
     description="Compressed mid-layer LLM representation of each item.",
@@ -68,11 +69,43 @@ behavior_llm_fv = FeatureView(
     name="behavior_llm_fv",
     entities=[behavior],
     ttl=NO_EXPIRY,
-    schema=[_vector("behavior_vector", "behaviour"), *_lineage()],
+    schema=[_vector("behavior_vector", "behaviour")],
     source=behavior_llm_source,
     online=True,
     description="Compressed shallow-layer LLM representation of each atomic behaviour (BAHE).",
     tags={"kind": "llm_vector", "dim": str(VECTOR_DIM)},
+)
+
+# Lineage in views of their own on the same tables: the online stores read every feature of a view per key, so
+# keeping the vector views to one field makes the ranking-request read one row per key instead of seven.
+user_llm_lineage_fv = FeatureView(
+    name="user_llm_lineage_fv",
+    entities=[user],
+    ttl=NO_EXPIRY,
+    schema=_lineage(),
+    source=user_llm_source,
+    description="Where each user vector came from.",
+    tags={"kind": "lineage"},
+)
+
+item_llm_lineage_fv = FeatureView(
+    name="item_llm_lineage_fv",
+    entities=[item],
+    ttl=NO_EXPIRY,
+    schema=_lineage(),
+    source=item_llm_source,
+    description="Where each item vector came from.",
+    tags={"kind": "lineage"},
+)
+
+behavior_llm_lineage_fv = FeatureView(
+    name="behavior_llm_lineage_fv",
+    entities=[behavior],
+    ttl=NO_EXPIRY,
+    schema=_lineage(),
+    source=behavior_llm_source,
+    description="Where each behaviour vector came from.",
+    tags={"kind": "lineage"},
 )
 
 item_meta_fv = FeatureView(

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from llmfeat.config import Settings
 
 if TYPE_CHECKING:
-    from feast import FeatureStore
+    from feast import FeatureStore, FeatureView
     from pyspark.sql import DataFrame, SparkSession
 
     from spark_jobs.delta_io import DeltaTables
@@ -222,13 +222,26 @@ def materialize(store: FeatureStore, views: list[str], full: bool = False) -> No
         store.materialize_incremental(end_date=now, feature_views=rest)
 
 
+def views_on(tables: list[str]) -> list[str]:
+    """Every declared feature view reading one of these Feast-facing tables (vectors have a lineage twin)."""
+    from llmfeat.feast_repo import feature_views
+
+    names = set(tables)
+    return [v.name for v in feature_views().values() if _table_of(v) in names]
+
+
+def _table_of(view: FeatureView) -> str:
+    source = view.batch_source
+    return str(getattr(source, "path", "") or "").rsplit("/", 1)[-1] if source is not None else ""
+
+
 def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> list[Published]:
     from llmfeat.feast_repo import apply_repo
     from spark_jobs.delta_io import open_tables
 
     published = publish(spark, open_tables(settings, spark))
     store = apply_repo(settings)
-    materialize(store, [p.view for p in published if p.version >= 0], full=full)
+    materialize(store, views_on([p.table for p in published if p.version >= 0]), full=full)
     return published
 
 
@@ -278,4 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from spark_jobs.materialize import main as package_main
+
+    sys.exit(package_main())

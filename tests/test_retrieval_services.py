@@ -18,7 +18,7 @@ from llmfeat.feast_repo import apply_repo, open_store
 from serving.features import HttpFeatures, OnlineFeatures
 from serving.local_servers import feast_serve, redis_server
 from spark_jobs.delta_io import RustDelta
-from spark_jobs.materialize import materialize, publish
+from spark_jobs.materialize import materialize, publish, views_on
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +32,7 @@ def build_store(settings: Settings) -> None:
     tables.write("user_features", feature_table("user_id", USERS, vectors_for(USERS, 1), ts))
     tables.write("item_features", feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), ts))
     published = publish(None, tables)
-    materialize(apply_repo(settings), [p.view for p in published if p.version >= 0])
+    materialize(apply_repo(settings), views_on([p.table for p in published if p.version >= 0]))
 
 
 @pytest.fixture(scope="module")
