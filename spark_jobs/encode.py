@@ -261,7 +261,11 @@ class PartitionEncoder:
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def run(spark: SparkSession, settings: Settings, entity: str) -> EncodeSummary:
+def run(
+    spark: SparkSession, settings: Settings, entity: str, only: DataFrame | None = None
+) -> EncodeSummary:
+    """Encode the entity's new or changed texts; `only` (a frame with the key column) restricts the run to
+    those keys, e.g. a sample, and then nothing is deleted."""
     from pyspark.sql import functions as F
 
     from spark_jobs.delta_io import open_tables
@@ -276,7 +280,10 @@ def run(spark: SparkSession, settings: Settings, entity: str) -> EncodeSummary:
     tables = open_tables(settings, spark)
     summary = EncodeSummary(entity, name, tables.version(name))
 
-    texts = with_checks(entity_texts(tables, entity, cfg), key).cache()
+    texts = with_checks(entity_texts(tables, entity, cfg), key)
+    if only is not None:
+        texts = texts.join(only.select(key).distinct(), key, "left_semi")
+    texts = texts.cache()
     for row in texts.where(F.col("problem").isNotNull()).groupBy("problem").count().collect():
         summary.skipped[row["problem"]] = row["count"]
         examples = [r[key] for r in texts.where(F.col("problem") == row["problem"]).limit(3).collect()]
@@ -307,7 +314,7 @@ def run(spark: SparkSession, settings: Settings, entity: str) -> EncodeSummary:
         summary.version = tables.upsert(name, rows, [key, "layer"], compare=["content_hash", "encoded_at"])
         log.info("%s: chunk %d/%d committed, version %s", name, chunk + 1, n_chunks, summary.version)
     summary.seconds = time.monotonic() - started
-    summary.deleted = delete_vanished(tables, name, key, good, existing)
+    summary.deleted = delete_vanished(tables, name, key, good, existing) if only is None else 0
     summary.version = tables.version(name)
     texts.unpersist()
     todo.unpersist()
