@@ -2,8 +2,13 @@
 
 llmfeat ingest [--config local|PATH] [--set key=value ...]
 llmfeat encode [--entity items,users,behaviors|all]  # LLM layer states -> <entity>_repr
+llmfeat train-compressor               # MARC on <entity>_repr -> MLflow registry, alias champion
+llmfeat compress [--entity users,items]  # registered compressor -> user_features, item_features
+llmfeat eval-compression               # layer sweep and compression baselines -> docs/marc_*.{md,png}
 llmfeat tables                         # what is published, where, at which version
 llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
+llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
+llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
 llmfeat demo                           # the end-to-end job on the embedded defaults
 """
 
@@ -14,6 +19,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import ConfigError, Settings, load_settings
@@ -45,7 +51,9 @@ def config_args(parser: argparse.ArgumentParser) -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or set-up, reported as one line instead of a traceback."""
     from llmfeat.feast_repo import FeatureStoreError
+    from models.ctr_data import ReprError
     from models.encoder import EncoderError
+    from spark_jobs.compress import CompressError
     from spark_jobs.ingest import IngestError
     from spark_jobs.materialize import FeatureTableError
     from spark_jobs.session import JavaNotFound
@@ -57,6 +65,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         IngestError,
         EncoderError,
+        ReprError,
+        CompressError,
+        LookupError,  # no compressor registered under the alias
         GateFailed,
         JavaNotFound,
         FileNotFoundError,
@@ -122,9 +133,15 @@ def demo(spark: SparkSession, settings: Settings) -> None:
 
     print("\n== validation (a great-expectations gate runs before every commit)")
     print(where_note(settings))
+    from spark_jobs.compress import demo_step as marc_demo_step
     from spark_jobs.materialize import demo_step as features_demo_step
 
+    marc_demo_step(spark, settings)
+
     features_demo_step(spark, settings)
+    from models.ctr_commands import demo_step as ctr_demo_step
+
+    ctr_demo_step(settings)
 
 
 def features_command(args: argparse.Namespace) -> int:
@@ -157,6 +174,44 @@ def encode_command(args: argparse.Namespace) -> int:
     return _run_with_session("encode", args.config, args.overrides, lambda s, c: run_all(s, c, entities))
 
 
+def marc_command(args: argparse.Namespace) -> int:
+    """train-compressor, compress and eval-compression."""
+    if args.command == "train-compressor":
+        from spark_jobs.train_compressor import run as train
+
+        return _run_with_session(args.command, args.config, args.overrides, lambda s, c: print(train(s, c)))
+    if args.command == "compress":
+        from spark_jobs.compress import run as compress
+
+        def body(spark: SparkSession, settings: Settings) -> None:
+            for summary in compress(spark, settings, args.entity):
+                print(summary)
+
+        return _run_with_session(args.command, args.config, args.overrides, body)
+    from models.compression_report import run as evaluate
+    from models.compression_report import sweep_config
+
+    cfg = sweep_config(args.seeds, args.layers, args.marc_layers)
+    return _run_with_session(
+        args.command, args.config, args.overrides, lambda s, c: evaluate(c, cfg, args.out)
+    )
+
+
+def marc_parsers(sub: Any) -> None:
+    from spark_jobs.compress import entity_args
+
+    config_args(sub.add_parser("train-compressor", help="MARC compressor -> MLflow registry under an alias"))
+    compress = sub.add_parser("compress", help="<entity>_repr -> user_features / item_features, by alias")
+    config_args(compress)
+    entity_args(compress)
+    ev = sub.add_parser("eval-compression", help="layer sweep and compression baselines, table and plots")
+    config_args(ev)
+    ev.add_argument("--seeds", type=int, default=3)
+    ev.add_argument("--layers", default="", help="comma list of layers for the sweep (default: all)")
+    ev.add_argument("--marc-layers", default="", help="extra layers to train MARC on for the layer plot")
+    ev.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfeat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     features.add_argument("action", choices=["apply", "materialize"])
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
     config_args(features)
+    marc_parsers(sub)
+    from models import ctr_commands
+
+    ctr_commands.add_parsers(sub, config_args)
     args = parser.parse_args(argv)
+    if args.command in ctr_commands.COMMANDS:
+        return ctr_commands.dispatch(args)
+    if args.command in ("train-compressor", "compress", "eval-compression"):
+        return marc_command(args)
     if args.command == "features":
         return features_command(args)
     if args.command == "tables":

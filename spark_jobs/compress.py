@@ -294,3 +294,24 @@ if __name__ == "__main__":
     from spark_jobs.compress import main as package_main
 
     sys.exit(package_main())
+
+
+def demo_step(spark: SparkSession, settings: Settings) -> None:
+    """Demo: train a compressor for a few epochs on the representation tables, register it, compress both
+    tables. Skipped, with a note, when the representation tables are not there yet."""
+    from spark_jobs.delta_io import open_tables
+    from spark_jobs.train_compressor import run as train
+
+    tables = open_tables(settings, spark)
+    missing = [f"{e}_repr" for e in ENTITY_KEYS if not tables.exists(f"{e}_repr")]
+    print("\n== MARC compressor (train a few epochs -> MLflow registry @alias -> compress to feature tables)")
+    if missing:
+        print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity users,items` first")
+        return
+    quick = settings.marc.model_copy(update={"max_epochs": min(settings.marc.max_epochs, 3)})
+    print(train(spark, settings.model_copy(update={"marc": quick})))
+    for summary in run(spark, settings):
+        print(summary)
+    print(
+        "full evaluation (layer sweep, baselines, plots): llmfeat eval-compression; results in docs/marc.md"
+    )
