@@ -231,12 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
     config_args(features)
     marc_parsers(sub)
-    from models import ctr_commands
+    from models import ctr_commands, rec_commands
 
     ctr_commands.add_parsers(sub, config_args)
+    rec_commands.add_parsers(sub, config_args)
     args = parser.parse_args(argv)
     if args.command in ctr_commands.COMMANDS:
         return ctr_commands.dispatch(args)
+    if args.command in rec_commands.COMMANDS:
+        return rec_commands.dispatch(args)
     if args.command in ("train-compressor", "compress", "eval-compression"):
         return marc_command(args)
     if args.command == "features":

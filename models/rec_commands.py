@@ -1,0 +1,59 @@
+"""`llmfeat` subcommands for the next-item model and the distilled student encoder (cli.py only dispatches).
+
+    llmfeat train-lite [--set lite.publish_k=50]      popularity, SASRec, Lite-LLM4Rec: Recall/NDCG@k -> MLflow
+    llmfeat distil-student [--set slmrec.steps=200]   SLMRec student folder for `encode.model`, run in MLflow
+    llmfeat eval-student --student FOLDER             probe AUC and encode throughput, student vs teacher
+
+None of them needs Spark: Delta is read with delta-rs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmfeat.config import ConfigError, load_settings
+
+COMMANDS = ("train-lite", "distil-student", "eval-student")
+
+
+def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    lite = sub.add_parser("train-lite", help="next-item models on the time split (Lite-LLM4Rec + baselines)")
+    distil = sub.add_parser("distil-student", help="SLMRec: distil a layer-pruned student encoder")
+    ev = sub.add_parser("eval-student", help="student vs teacher: feature AUC and encode throughput")
+    ev.add_argument("--student", type=Path, required=True, help="student folder written by distil-student")
+    ev.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    for p in (lite, distil, ev):
+        config_args(p)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from models.encoder import EncoderError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"llmfeat {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "train-lite":
+            from models.train_lite import main as train_lite
+
+            train_lite(settings)
+        elif args.command == "distil-student":
+            from models.train_slmrec import main as distil
+
+            distil(settings)
+        else:
+            from models.student_eval import main as evaluate
+
+            evaluate(settings, args.student, args.out)
+    except (FileNotFoundError, EncoderError, ValueError) as err:
+        print(f"llmfeat {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
