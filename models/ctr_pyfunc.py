@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
@@ -25,7 +26,7 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pandas", "mlflow==3.17.2", "llmfe
 ARTIFACTS = ("weights", "config", "encoder")
 
 
-class CtrRanker(mlflow.pyfunc.PythonModel):
+class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
     """pyfunc wrapper: scoring frame -> click probabilities."""
 
     def __init__(self) -> None:
