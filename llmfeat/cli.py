@@ -134,8 +134,10 @@ def demo(spark: SparkSession, settings: Settings) -> None:
     print("\n== validation (a great-expectations gate runs before every commit)")
     print(where_note(settings))
     from spark_jobs.compress import demo_step as marc_demo_step
+    from spark_jobs.encode import demo_step as encode_demo_step
     from spark_jobs.materialize import demo_step as features_demo_step
 
+    encode_demo_step(spark, settings)
     marc_demo_step(spark, settings)
 
     features_demo_step(spark, settings)

@@ -92,9 +92,9 @@ class EncodeConf(Section):
     max_batch: int = 4096
     device: Literal["auto", "cpu"] = "auto"  # auto: Spark's task GPU, else a visible GPU, else CPU
     partitions: int = 0  # encode tasks per chunk; 0 = Spark's default parallelism
-    commit_rows: int = 50000  # texts per Delta commit: a failed run keeps every finished chunk
+    commit_rows: int = 20000  # texts per Delta commit: a failed run keeps every finished chunk
     user_max_behaviors: int = 50  # newest behaviours kept in a user's text (older ones are cut first)
-    user_max_chars: int = 1500  # character budget of a user's text, also cut from the oldest side
+    user_max_chars: int = 1200  # about 450 SmolLM2 tokens, under max_length; also cut from the oldest side
     history_cut: str = "valid"  # user texts hold behaviours strictly before: a split name or an ISO time
 
 

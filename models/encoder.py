@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,7 @@ class EncoderConfig:
     max_length: int = 512
     token_budget: int = 16384
     max_batch: int = 4096
+    tokenize_chunk: int = 16384  # texts tokenised ahead, in a thread, while the model runs
     log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -262,9 +264,14 @@ class LayerEncoder:
         """Token ids cut to max_length (the head is kept) and which texts were cut."""
         cap = self.cfg.max_length * CHARS_PER_TOKEN_CAP
         clipped = [t[:cap] for t in texts]
-        ids = self.tokenizer(clipped, add_special_tokens=True, truncation=False)["input_ids"]
-        truncated = np.array([len(x) > self.cfg.max_length for x in ids], dtype=bool)
-        truncated |= np.array([len(t) > cap for t in texts], dtype=bool)
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            # The Rust tokenizer directly: same ids, no per-text Python dicts (3x faster on short texts).
+            ids = [e.ids for e in backend.encode_batch_fast(clipped, add_special_tokens=True)]
+        else:
+            ids = self.tokenizer(clipped, add_special_tokens=True, truncation=False)["input_ids"]
+        cut = [len(x) > self.cfg.max_length or len(t) > cap for x, t in zip(ids, texts, strict=True)]
+        truncated = np.array(cut, dtype=bool)
         return [x[: self.cfg.max_length] for x in ids], truncated
 
     def batches(self, lengths: np.ndarray) -> list[np.ndarray]:
@@ -278,32 +285,45 @@ class LayerEncoder:
             start += size
         return out
 
-    @torch.inference_mode()
     def encode(self, texts: list[str]) -> Encoded:
+        """[N] texts -> [N, L, H] pooled states; the next chunk is tokenised in a thread as the model runs."""
         started = time.monotonic()
-        ids, truncated = self.tokenize(texts)
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        empty = np.flatnonzero(lengths == 0)
-        if len(empty):
-            raise EncoderError(f"text #{int(empty[0])} tokenises to nothing: {texts[int(empty[0])][:80]!r}")
         n, layers = len(texts), sorted(set(self.cfg.layers))
-        parts: list[tuple[np.ndarray, torch.Tensor]] = []
-        done_tokens, last_log = 0, started
-        for rows in self.batches(lengths):
-            self._run_batch([ids[i] for i in rows], lengths[rows])
-            # [B, L, H], kept on the device until the end so the GPU never waits for a copy
-            parts.append((rows, torch.stack([self._pooled[k] for k in layers], dim=1)))
-            done_tokens += int(lengths[rows].sum())
-            if time.monotonic() - last_log > self.cfg.log_every_s:
-                last_log = time.monotonic()
-                rate = last_log - started
-                log.info("encoded %d/%d texts, %.0f texts/s, %.0f tokens/s", sum(len(r) for r, _ in parts),
-                         n, sum(len(r) for r, _ in parts) / rate, done_tokens / rate)  # fmt: skip
+        chunks = [slice(i, min(i + self.cfg.tokenize_chunk, n)) for i in range(0, n, self.cfg.tokenize_chunk)]
+        parts: list[tuple[np.ndarray, torch.Tensor]] = []  # (rows, [B, L, H] on the device)
+        truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+        last_log, done_texts, done_tokens = started, 0, 0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.tokenize, texts[chunks[0]]) if chunks else None
+            for i, chunk in enumerate(chunks):
+                assert pending is not None
+                ids, truncated[chunk] = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.tokenize, texts[chunks[i + 1]])
+                lengths[chunk] = [len(x) for x in ids]
+                self._check_nonempty(lengths[chunk], texts[chunk], chunk.start)
+                with torch.inference_mode():
+                    for rows in self.batches(lengths[chunk]):
+                        self._run_batch([ids[r] for r in rows], lengths[chunk][rows])
+                        parts.append((rows + chunk.start, torch.stack([self._pooled[k] for k in layers], 1)))
+                        done_texts += len(rows)
+                        done_tokens += int(lengths[chunk][rows].sum())
+                        if time.monotonic() - last_log > self.cfg.log_every_s:
+                            last_log, secs = time.monotonic(), time.monotonic() - started
+                            log.info("encoded %d/%d texts, %.1f texts/s, %.0f tokens/s", done_texts, n,
+                                     done_texts / secs, done_tokens / secs)  # fmt: skip
         out = np.empty((n, len(layers), self._hidden(parts)), dtype=np.float32)
         for rows, v in parts:
-            out[rows] = v.cpu().numpy()
+            out[rows] = v.cpu().numpy()  # one copy per batch at the end: the GPU never waited for them
         pick = [layers.index(k) for k in self.cfg.layers]  # back to the configured layer order
         return Encoded(out[:, pick], truncated, lengths, time.monotonic() - started)
+
+    @staticmethod
+    def _check_nonempty(lengths: np.ndarray, texts: list[str], offset: int) -> None:
+        empty = np.flatnonzero(lengths == 0)
+        if len(empty):
+            i = int(empty[0])
+            raise EncoderError(f"text #{offset + i} tokenises to nothing: {texts[i][:80]!r}")
 
     def _hidden(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> int:
         return int(parts[0][1].shape[-1]) if parts else 0
@@ -313,11 +333,17 @@ class LayerEncoder:
         batch = np.full((len(ids), t), self.pad_id, dtype=np.int64)  # [B, T], right padded
         for row, x in enumerate(ids):
             batch[row, : len(x)] = x
-        input_ids = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        mask = (torch.arange(t) < torch.from_numpy(lengths)[:, None]).to(self.device)  # [B, T]
-        self._mask, self._lengths = mask, torch.from_numpy(lengths).to(self.device)
+        pin = self.device.type == "cuda"  # pinned host memory: the copies do not wait for the GPU
+        input_ids = _to(torch.from_numpy(batch), self.device, pin)
+        self._lengths = _to(torch.from_numpy(lengths), self.device, pin)  # [B]
+        self._mask = torch.arange(t, device=self.device) < self._lengths[:, None]  # [B, T]
+        mask = self._mask
         self._pooled.clear()
         self.model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+
+
+def _to(x: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
 
 
 def pad_to(length: int, multiple: int = 8) -> int:

@@ -261,9 +261,7 @@ class PartitionEncoder:
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def run(
-    spark: SparkSession, settings: Settings, entity: str, only: DataFrame | None = None
-) -> EncodeSummary:
+def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | None = None) -> EncodeSummary:
     """Encode the entity's new or changed texts; `only` (a frame with the key column) restricts the run to
     those keys, e.g. a sample, and then nothing is deleted."""
     from pyspark.sql import functions as F
@@ -373,8 +371,18 @@ def run_all(spark: SparkSession, settings: Settings, entities: list[str]) -> lis
     for entity in entities:
         summary = run(spark, settings, entity)
         print(summary, flush=True)
+        for line in summary.devices:  # which GPU each task was given, and the device it used
+            print(f"  {line}", flush=True)
         out.append(summary)
     return out
+
+
+def demo_step(spark: SparkSession, settings: Settings) -> None:
+    """Demo: encode items and users (what the compressor needs); incremental, so a re-run costs seconds.
+
+    On CPU the real SmolLM2 does about 8 item texts/s; users' longer texts take longer (docs/encoder.md)."""
+    print("\n== encode (LLM layer states -> items_repr, users_repr; only new or changed texts)")
+    run_all(spark, settings, ["items", "users"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,4 +398,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from spark_jobs.encode import main as package_main
+
+    sys.exit(package_main())

@@ -87,8 +87,8 @@ def reference(pooling: str) -> np.ndarray:
 @pytest.mark.unit
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_taps_match_full_forward_one_text_at_a_time(pooling: str) -> None:
-    # token_budget 64 forces several padded batches over the length-sorted texts
-    got = encoder(pooling=pooling, token_budget=64).encode(TEXTS)
+    # token_budget 64 forces several padded batches, tokenize_chunk 3 two tokenisation chunks
+    got = encoder(pooling=pooling, token_budget=64, tokenize_chunk=3).encode(TEXTS)
     assert got.vectors.shape == (4, 3, 32)
     np.testing.assert_allclose(got.vectors, reference(pooling), rtol=1e-4, atol=1e-5)
     assert not got.truncated.any()
