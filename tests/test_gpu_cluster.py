@@ -1,0 +1,135 @@
+"""GPU scheduling on a real Spark standalone cluster (master and worker on 127.0.0.1, from pyspark's bin/).
+
+The worker's discovery script (conf/gpu_discovery.sh with LLMFEAT_FAKE_GPUS=2) reports two GPU addresses; the
+encode job asks for 2 GPUs per executor and 1 per task, so two concurrent tasks each get their own address.
+On a machine without CUDA the encoder falls back to the CPU and says so, per task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyspark
+import pytest
+from test_encoder import make_tiny_model_dir
+
+from llmfeat.config import REPO_ROOT, Settings
+from spark_jobs.delta_io import RustDelta
+from spark_jobs.ingest import run as ingest
+from spark_jobs.session import java_major_version
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif((java_major_version() or 0) < 17, reason="Spark 4 needs Java 17+"),
+]
+SPARK_CLASS = Path(pyspark.__file__).parent / "bin" / "spark-class"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cluster_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "LLMFEAT_FAKE_GPUS": "2",
+        "PYSPARK_PYTHON": sys.executable,
+    }
+
+
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A master and one worker (2 cores, 2 GPU addresses); yields the master URL; both stopped after."""
+    work = tmp_path_factory.mktemp("standalone")
+    port, ui = free_port(), free_port()
+    props = work / "worker.properties"
+    props.write_text(
+        "spark.worker.resource.gpu.amount 2\n"
+        f"spark.worker.resource.gpu.discoveryScript {REPO_ROOT / 'conf' / 'gpu_discovery.sh'}\n"
+    )
+    master_cmd = [str(SPARK_CLASS), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1"]
+    master_cmd += ["--port", str(port), "--webui-port", str(ui)]
+    url = f"spark://127.0.0.1:{port}"
+    worker_cmd = [str(SPARK_CLASS), "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1"]
+    worker_cmd += ["--cores", "2", "--memory", "2g", "--webui-port", str(free_port())]
+    worker_cmd += ["--work-dir", str(work / "work"), "--properties-file", str(props)]
+    procs = []
+    try:
+        for name, cmd in (("master", master_cmd), ("worker", worker_cmd)):
+            log = (work / f"{name}.log").open("w")
+            procs.append(subprocess.Popen(cmd, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT))
+        wait_for_worker(ui, work)
+        yield url
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def wait_for_worker(ui: int, work: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2))
+            if any(w["state"] == "ALIVE" for w in state.get("workers", [])):
+                return
+        except OSError:
+            pass
+        time.sleep(1)
+    logs = "\n".join(p.read_text()[-2000:] for p in work.glob("*.log"))
+    raise AssertionError(f"the standalone worker did not register within {timeout} s:\n{logs}")
+
+
+def test_each_task_gets_its_own_gpu_address(
+    standalone: str,
+    spark,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    settings = make_settings()
+    ingest(spark, settings)  # the tiny tables, written with the test session
+    model = make_tiny_model_dir(tmp_path / "tiny-llama")
+    overrides = [
+        f"spark.master={standalone}",
+        f"data_dir={settings.data_dir}",
+        "spark.driver_memory=1g",
+        "spark.gpu.executor_amount=2",
+        "spark.gpu.task_amount=1",
+        "spark.gpu.discovery_script=conf/gpu_discovery.sh",
+        "spark.extra.spark.executor.cores=2",
+        "spark.extra.spark.executor.memory=1g",
+        "spark.extra.spark.executorEnv.LLMFEAT_FAKE_GPUS=2",
+        f"encode.model={model}",
+        "encode.layers=[1,2]",
+        "encode.partitions=2",
+    ]
+    cmd = [sys.executable, "-m", "spark_jobs.encode", "--config", "tiny", "--entity", "items"]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**cluster_env(), "SPARK_LOCAL_IP": "127.0.0.1"}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    tasks = re.findall(r"task (\d+): gpu (\S+) -> (\S+) \((.*)\)", done.stdout)
+    assert len(tasks) == 2, done.stdout
+    assert sorted(addr for _, addr, _, _ in tasks) == ["0", "1"]  # each task its own address
+    for _, addr, device, why in tasks:
+        assert f"Spark assigned GPU address {addr}" in why
+        assert device == "cpu" and "falling back to CPU" in why  # no CUDA here; said per task
+    assert "items_repr: encoded 4 texts" in done.stdout
+    assert RustDelta(settings.delta_root).read_arrow("items_repr").num_rows == 4 * 2
