@@ -102,3 +102,37 @@ def test_tiny_lake_has_vectors_online(tmp_path: Path) -> None:
     settings = build_lake(tmp_path)
     batch = OnlineFeatures(open_store(settings)).fetch("1", ["1", "2", "nope"])
     assert not batch.user_missing and batch.item_missing.tolist() == [False, False, True]
+
+
+def train_both(settings: Settings) -> None:
+    """ID-only model -> champion, model with LLM features -> challenger."""
+    from models.ctr_commands import train_models
+
+    train_models(settings, llm=True, both=True, alias=None)
+
+
+def fresh_copy(lake: Settings, tmp: Path, *overrides: str) -> Settings:
+    """Settings on a new data dir that shares the lake's Delta tables and Feast repo (read-only) and gets its
+    own copy of the lake's MLflow store (a fresh SQLite file per test)."""
+    import shutil
+
+    data = tmp / "data"
+    data.mkdir()
+    for name in ("delta", "feast"):
+        (data / name).symlink_to(Path(lake.data_dir) / name)
+    src = Path(lake.data_dir) / "mlflow" / "mlflow.db"
+    if src.exists():
+        (data / "mlflow").mkdir()
+        shutil.copy(src, data / "mlflow" / "mlflow.db")
+    return lake_settings(data, *overrides)
+
+
+@pytest.fixture(autouse=True)
+def no_open_run():  # type: ignore[no-untyped-def]
+    yield
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None:
+        mlflow.end_run()
+        pytest.fail(f"test left MLflow run {active.info.run_id} open")

@@ -1,0 +1,121 @@
+"""Training from a Feast training set, MLflow lineage and registry, offline comparison and the promotion gate,
+on the tiny lake (tests/test_ctr_lake.py) with a fresh SQLite MLflow store per test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
+
+import mlflow
+from llmfeat.config import Settings
+from llmfeat.feast_repo import open_store
+from models.compare import ModelNotFound, compare, promote, resolve
+from models.ctr_dataset import build_frame
+from models.ctr_pyfunc import load_ranker
+from models.registry import tracking_uri
+from spark_jobs.delta_io import RustDelta
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Published and materialized tables; the MLflow store of this module's template holds both models."""
+    settings = build_lake(tmp_path_factory.mktemp("ctr"))
+    train_both(settings)
+    return settings
+
+
+def client(settings: Settings) -> mlflow.MlflowClient:
+    uri = tracking_uri(settings)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_training_set_withholds_user_vectors_before_the_history_cut(lake: Settings) -> None:
+    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_llm_v1"])
+    before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(snap.history_cut)
+    assert before.any() and frame.loc[before, "user_vector"].isna().all()
+    assert frame.loc[~before, "user_vector"].notna().all() and frame["item_vector"].notna().all()
+    assert (
+        frame["genres"].notna().all()
+        and len(frame) == RustDelta(lake.delta_root).read_arrow("interactions").num_rows
+    )
+    assert snap.delta_versions["interactions"] == 0 and snap.as_of > snap.history_cut
+    assert "item.compressor_version" in snap.lineage and "ctr_llm_v1" in snap.services
+
+
+def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Settings, tmp_path: Path) -> None:
+    settings = fresh_copy(lake, tmp_path)
+    c = client(settings)
+    champion = c.get_model_version_by_alias("llmfeat-ctr", "champion")
+    challenger = c.get_model_version_by_alias("llmfeat-ctr", "challenger")
+    assert champion.tags["ctr.uses_llm"] == "false" and challenger.tags["ctr.uses_llm"] == "true"
+    assert challenger.tags["feast.feature_service"] == "ctr_llm_v1"
+    assert {"user_llm_fv", "item_llm_fv", "item_meta_fv"} <= set(
+        challenger.tags["feast.feature_views"].split(",")
+    )
+    for key in ("delta.interactions.version", "delta.feast_item_llm.version", "lineage.item.layer",
+                "lineage.user.encoder_id", "lineage.item.compressor_version", "snapshot.as_of"):  # fmt: skip
+        assert key in challenger.tags, key
+    run = c.get_run(challenger.run_id)
+    for key in ("test_auc", "test_auc_low", "test_gauc_high", "test_logloss", "valid_auc", "test_cold_auc"):
+        assert key in run.data.metrics, key
+    assert len(c.get_metric_history(run.info.run_id, "valid_auc")) >= 1  # per epoch
+    assert run.data.params["ctr.kind"] == "deepfm"
+    artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/roc_test.png", "plots/calibration_test.png"}
+    info = mlflow.models.get_model_info(f"models:/llmfeat-ctr/{challenger.version}")
+    assert info.signature is not None and "user_vector" in info.signature.inputs.input_names()
+    assert info.saved_input_example_info is not None
+
+
+def test_registered_model_scores_a_frame_like_the_service_builds(lake: Settings, tmp_path: Path) -> None:
+    settings = fresh_copy(lake, tmp_path)
+    mlflow.set_tracking_uri(tracking_uri(settings))
+    ref = resolve("llmfeat-ctr", "challenger", tracking_uri(settings))
+    frame, _ = build_frame(
+        settings, RustDelta(settings.delta_root), open_store(settings), ["ctr_llm_v1"], "test"
+    )
+    p = load_ranker(ref.uri).score(frame)
+    assert p.shape == (len(frame),) and ((p > 0) & (p < 1)).all()
+
+
+def test_compare_logs_a_run_and_the_gate_decides_promotion(lake: Settings, tmp_path: Path) -> None:
+    strict = fresh_copy(lake, tmp_path, "gate.min_auc_lift=0.5")
+    tables, store = RustDelta(strict.delta_root), open_store(strict)
+    kept = promote(strict, tables, store, "champion", "challenger")
+    assert not kept.moved and "gate not met" in kept.comparison.reason
+    c = client(strict)
+    assert c.get_model_version_by_alias("llmfeat-ctr", "champion").tags["ctr.uses_llm"] == "false"
+    challenger = c.get_model_version_by_alias("llmfeat-ctr", "challenger")
+    assert challenger.tags["promotion.decision"] == "rejected"
+    run = c.get_run(kept.comparison.run_id)
+    assert run.data.tags["compare.passed"] == "false" and "diff_auc_low" in run.data.metrics
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {
+        "comparison.json",
+        "comparison.txt",
+        "plots",
+    }
+    assert "DeLong" in kept.report() and "[" in kept.comparison.table().iloc[0, 1]
+
+    lax = strict.model_copy(
+        update={
+            "gate": strict.gate.model_copy(
+                update={"min_auc_lift": -1.0, "max_delong_p": 1.01, "max_logloss_increase": 10.0}
+            )
+        }  # fmt: skip
+    )
+    moved = promote(lax, tables, store, "champion", "challenger")
+    assert (
+        moved.moved and c.get_model_version_by_alias("llmfeat-ctr", "champion").version == challenger.version
+    )
+    assert c.get_model_version_by_alias("llmfeat-ctr", "previous-champion").tags["ctr.uses_llm"] == "false"
+
+
+def test_unknown_alias_is_a_clear_error(lake: Settings, tmp_path: Path) -> None:
+    settings = fresh_copy(lake, tmp_path)
+    with pytest.raises(ModelNotFound, match="llmfeat-ctr@nope.*train-ctr"):
+        compare(settings, RustDelta(settings.delta_root), open_store(settings), "champion", "nope")
