@@ -133,6 +133,7 @@ class LiteConf(Section):
     batch_size: int = 128  # training windows per step
     max_epochs: int = 60
     patience: int = 5  # epochs without a better valid NDCG@k
+    valid_queries: int = 2000  # valid queries scored per epoch (a fixed random sample); 0 = all
     seeds: list[int] = [0, 1, 2]
     k: int = 10  # Recall@k / NDCG@k, full ranking over all items
     models: list[Literal["popularity", "sasrec", "lite"]] = ["popularity", "sasrec", "lite"]
