@@ -1,6 +1,6 @@
 """`llmfeat` subcommands for the next-item model and the distilled student encoder (cli.py only dispatches).
 
-    llmfeat train-lite [--set lite.publish_k=50]      popularity, SASRec, Lite-LLM4Rec: Recall/NDCG@k -> MLflow
+    llmfeat train-lite [--set lite.publish_k=50]      popularity, SASRec, Lite-LLM4Rec -> MLflow
     llmfeat distil-student [--set slmrec.steps=200]   SLMRec student folder for `encode.model`, run in MLflow
     llmfeat eval-student --student FOLDER             probe AUC and encode throughput, student vs teacher
 

@@ -105,11 +105,19 @@ def load_lite_data(settings: Settings) -> LiteData:
     return LiteData(
         ev,
         train_windows(ev, cfg.max_seq),
-        eval_queries(ev, "valid", cfg.max_seq),
+        sample_queries(eval_queries(ev, "valid", cfg.max_seq), cfg.valid_queries),
         eval_queries(ev, "test", cfg.max_seq),
         vectors,
         lineage,
     )
+
+
+def sample_queries(q: Queries, n: int, seed: int = 0) -> Queries:
+    """A fixed random sample of n queries (all when n is 0 or larger than Q): early stopping only."""
+    if n <= 0 or n >= len(q):
+        return q
+    keep = np.sort(np.random.default_rng(seed).choice(len(q), n, replace=False))
+    return Queries(q.history[keep], q.target[keep], q.user[keep], q.warm[keep], q.skipped_empty)
 
 
 # ---------------------------------------------------------------------------------------------- training

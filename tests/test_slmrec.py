@@ -1,0 +1,142 @@
+"""SLMRec student: block points, student = teacher's first blocks, taps equal the encoder's, distillation with
+full tuning and LoRA, and the saved folder loading as an encoder (tiny random Llama, word-level tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_encoder import TEXTS, make_tiny_model_dir, tiny_llama, tiny_tokenizer
+
+from llmfeat.config import Settings, load_settings
+from models.encoder import EncoderConfig, LayerEncoder, load_encoder, resolve_model
+from models.slmrec import (
+    PooledTaps,
+    StudentConfig,
+    add_lora,
+    block_points,
+    distillation_loss,
+    make_student,
+    merge_lora,
+)
+from models.train_slmrec import DistilTexts, padded
+
+pytestmark = pytest.mark.unit
+
+
+def test_block_points_and_config_checks() -> None:
+    assert block_points(15, 4) == (4, 8, 11, 15)
+    assert block_points(8, 4) == (2, 4, 6, 8)
+    assert block_points(3, 1) == (3,)
+    with pytest.raises(ValueError, match="student_layers"):
+        StudentConfig(student_layers=15, teacher_layer=15)
+    with pytest.raises(ValueError, match="blocks"):
+        StudentConfig(student_layers=2, teacher_layer=4, blocks=3)
+
+
+def test_student_keeps_first_blocks_and_taps_match_the_encoder() -> None:
+    teacher = tiny_llama()
+    student = make_student(teacher, 2)
+    assert len(student.layers) == 2 and student.config.num_hidden_layers == 2
+    assert len(teacher.layers) == 4  # the teacher is untouched
+    assert torch.equal(student.layers[1].mlp.up_proj.weight, teacher.layers[1].mlp.up_proj.weight)
+    tok = tiny_tokenizer()
+    for pooling in ("mean", "last"):
+        # the student's last layer gets the final norm, as the encoder applies it at a model's top block
+        ref = LayerEncoder(make_student(teacher, 2), tok, EncoderConfig(layers=(1, 2), pooling=pooling),
+                           torch.device("cpu"))  # fmt: skip
+        want = ref.encode(TEXTS).vectors  # (N, 2, H)
+        taps = PooledTaps(make_student(teacher, 2), (1, 2), pooling, "l2")
+        ids, _ = ref.tokenize(TEXTS)
+        x, mask = padded(ids, tok.pad_token_id)
+        with torch.no_grad():
+            got = taps(x, mask).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_distillation_loss_is_zero_at_the_target_and_positive_elsewhere() -> None:
+    t = torch.nn.functional.normalize(torch.randn(3, 2, 8), dim=-1)
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    s = torch.nn.functional.normalize(torch.randn(3, 2, 8), dim=-1)
+    cos = torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    want = ((1 - cos) + 0.1 * (s - t).norm(dim=-1)).sum(1).mean()
+    assert distillation_loss(s, t).item() == pytest.approx(want.item())
+
+
+def test_lora_starts_at_the_base_trains_few_weights_and_merges() -> None:
+    model = make_student(tiny_llama(), 2)
+    x, mask = padded([[2, 3, 4], [5, 6]], 0)
+    taps = PooledTaps(model, (2,), "mean", "none")
+    with torch.no_grad():
+        base = taps(x, mask).clone()
+    total = sum(p.numel() for p in model.parameters())
+    trainable = add_lora(model, rank=2, alpha=4.0)
+    assert 0 < trainable < total / 4
+    with torch.no_grad():
+        assert torch.allclose(taps(x, mask), base, atol=1e-6)  # B = 0 at the start
+        for p in model.parameters():
+            if p.requires_grad and p.shape[1] == 2:  # lora_b
+                p.add_(0.01)
+        tuned = taps(x, mask).clone()
+    merge_lora(model)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(taps(x, mask), tuned, atol=1e-5)
+
+
+def tiny_slm_settings(tmp_path: Path, teacher: Path, tuning: str) -> Settings:
+    return load_settings(
+        "tiny",
+        [
+            f"data_dir={tmp_path / 'lake'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"slmrec.teacher={teacher}",
+            "slmrec.teacher_layer=4",
+            "slmrec.student_layers=2",
+            "slmrec.blocks=2",
+            f"slmrec.tuning={tuning}",
+            "slmrec.lr=0.003",
+            "slmrec.steps=30",
+            "slmrec.batch_size=8",
+            "slmrec.max_length=32",
+        ],
+    )
+
+
+def tiny_texts() -> DistilTexts:
+    rng = np.random.default_rng(0)
+    words = "toy story goldeneye four rooms animation comedy action thriller drama rated 1 2 3 4 5".split()
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 12))) for _ in range(60)]
+    entity = np.array(["items", "users", "behaviors"] * 20)
+    return DistilTexts(texts, entity, np.arange(60) < 12)
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora"])
+def test_distil_raises_heldout_cosine_saves_an_encoder_folder_and_logs(tmp_path: Path, tuning: str) -> None:
+    import json
+
+    import mlflow
+    from models.train_slmrec import run
+
+    teacher = make_tiny_model_dir(tmp_path / "tiny-llama")
+    settings = tiny_slm_settings(tmp_path, teacher, tuning)
+    summary = run(settings, tiny_texts())
+    assert np.mean(summary.losses[-5:]) < summary.losses[0]
+    assert np.mean(list(summary.cosine_after.values())) > np.mean(list(summary.cosine_before.values()))
+
+    folder = Path(summary.folder)
+    assert folder.name == "tiny-llama-slmrec-2of4"
+    record = json.loads((folder / "slmrec.json").read_text())
+    assert record["student"]["teacher_points"] == [2, 4] and record["student"]["student_points"] == [1, 2]
+    source = resolve_model(str(folder), "unused")  # what `encode.model=<folder>` does
+    enc = load_encoder(source, EncoderConfig(layers=(2,), max_length=32), torch.device("cpu"))
+    out = enc.encode(TEXTS)
+    assert out.vectors.shape == (len(TEXTS), 1, 32) and np.isfinite(out.vectors).all()
+
+    run_ = mlflow.get_run(summary.run_id)
+    assert run_.data.tags["teacher.encoder_id"] == "tiny-llama"
+    assert run_.data.tags["student.encoder_id"] == "tiny-llama-slmrec-2of4"
+    assert run_.data.params["slmrec.tuning"] == tuning
+    assert mlflow.active_run() is None
