@@ -7,6 +7,7 @@ llmfeat compress [--entity users,items]  # registered compressor -> user_feature
 llmfeat eval-compression               # layer sweep and compression baselines -> docs/marc_*.{md,png}
 llmfeat tables                         # what is published, where, at which version
 llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
+llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
 llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
 llmfeat demo                           # the end-to-end job on the embedded defaults
@@ -144,6 +145,9 @@ def demo(spark: SparkSession, settings: Settings) -> None:
     from models.ctr_commands import demo_step as ctr_demo_step
 
     ctr_demo_step(settings)
+    from spark_jobs.bahe import demo_step as bahe_demo_step
+
+    bahe_demo_step(spark, settings)
 
 
 def features_command(args: argparse.Namespace) -> int:
@@ -237,9 +241,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ctr_commands.add_parsers(sub, config_args)
     rec_commands.add_parsers(sub, config_args)
+    from spark_jobs import bahe as bahe_job
+
+    bahe_job.add_parser(sub, config_args)
     args = parser.parse_args(argv)
     if args.command in ctr_commands.COMMANDS:
         return ctr_commands.dispatch(args)
+    if args.command == "bahe":
+        return bahe_job.command(args)
     if args.command in rec_commands.COMMANDS:
         return rec_commands.dispatch(args)
     if args.command in ("train-compressor", "compress", "eval-compression"):

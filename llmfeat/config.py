@@ -270,8 +270,8 @@ class BaheConf(Section):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     users_per_batch: int = 64
-    max_epochs: int = 8
-    patience: int = 2
+    max_epochs: int = 4
+    patience: int = 1
     seed: int = 0
     history_cut: str = "valid"  # published user vectors use behaviours strictly before this (split or ISO)
     feature_table: str = "user_features"  # where the user vectors are published

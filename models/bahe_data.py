@@ -54,6 +54,7 @@ class BehaviorSequences:
     time: np.ndarray  # (M,) int64 epoch micros
     cut: int  # epoch micros: nothing at or after it is in a sequence
     missing: MissingBehaviors
+    missing_per_user: np.ndarray  # (U,) events before the cut dropped for want of a vector
 
     @property
     def lengths(self) -> np.ndarray:
@@ -130,6 +131,7 @@ def behavior_sequences(
     )
     if missing.events:
         log.warning("BAHE: %s", missing)
+    missing_per_user = np.bincount(u_idx[lost & (u_idx >= 0)], minlength=len(user_keys)).astype(np.int64)
     keep = ~lost & (u_idx >= 0)
     u_idx, b_idx, ts, bids = u_idx[keep], b_idx[keep], ts[keep], bids[keep]
     order = np.lexsort((bids.astype(str), ts, u_idx))  # by user, then time, then behaviour id
@@ -140,7 +142,9 @@ def behavior_sequences(
     kept = rank_from_end <= max_behaviors
     u_idx, b_idx, ts = u_idx[kept], b_idx[kept], ts[kept]
     offsets = np.concatenate([[0], np.cumsum(np.bincount(u_idx, minlength=len(user_keys)))]).astype(np.int64)
-    return BehaviorSequences(vectors.astype(np.float32), offsets, b_idx, ts, int(cut), missing)
+    return BehaviorSequences(
+        vectors.astype(np.float32), offsets, b_idx, ts, int(cut), missing, missing_per_user
+    )
 
 
 def padded_batch(seqs: BehaviorSequences, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -93,7 +93,7 @@ def fit_bahe(model: Bahe, seqs: BehaviorSequences, a: CtrArrays, cfg: BaheTrainC
     label, item = torch.from_numpy(a.label), torch.from_numpy(a.item_idx)
     bce = nn.functional.binary_cross_entropy_with_logits
 
-    def loss(users: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+    def rows_loss(users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
         x, mask = padded_batch(seqs, users)  # (B, T, D), (B, T)
         rows = np.concatenate([by_user[int(u)] for u in users])  # (R,)
         row_user = np.concatenate([np.full(len(by_user[int(u)]), b) for b, u in enumerate(users)])
@@ -101,8 +101,15 @@ def fit_bahe(model: Bahe, seqs: BehaviorSequences, a: CtrArrays, cfg: BaheTrainC
         prefixes = model.prefix_states(torch.from_numpy(x), torch.from_numpy(mask))  # (B, T, D)
         state = model.pick(prefixes, torch.from_numpy(row_user), torch.from_numpy(prefix[rows]))  # (R, D)
         logit = model.head(model.user_vector(state), item[r])  # (R,)
-        task = bce(logit, label[r])
-        keep = model.keep_term(state[torch.randperm(len(state))])
+        return bce(logit, label[r], reduction="sum"), state, len(rows)
+
+    def loss(users: np.ndarray) -> tuple[torch.Tensor, dict[str, float]]:
+        # users of similar length share a forward pass, so little of it is padding
+        parts = [rows_loss(b) for b in length_batches(seqs.lengths, users, cfg.position_budget)]
+        n = sum(p[2] for p in parts)
+        task = sum((p[0] for p in parts), torch.zeros(())) / n
+        states = torch.cat([p[1] for p in parts])
+        keep = model.keep_term(states[torch.randperm(len(states))])
         return task - model.cfg.keep_weight * keep, {
             "bce": float(task.detach()),
             "hsic_keep": float(keep.detach()),
@@ -126,3 +133,42 @@ def fit_bahe(model: Bahe, seqs: BehaviorSequences, a: CtrArrays, cfg: BaheTrainC
     history = train_early_stopping(model, fit_users, loss, score, train, on_epoch=report)
     positions = int(seqs.lengths[fit_users].sum())
     return BaheFit(model, history, time.monotonic() - started, len(fit_rows), positions)
+
+
+def log_bahe(
+    fit: BaheFit,
+    params: dict[str, object],
+    lineage: dict[str, object],
+    seqs: BehaviorSequences,
+    sample_users: int = 0,
+) -> None:
+    """Inside an active MLflow run: config, lineage of the behaviour table, curves, input report, weights."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    mlflow.set_tags({"kind": "bahe-user-encoder", "model_config": json.dumps(fit.model.cfg.__dict__)})
+    mlflow.log_params({f"bahe.{k}": v for k, v in params.items()})
+    mlflow.log_params({f"behaviors.{k}": v for k, v in lineage.items()} | {"sample_users": sample_users})
+    h = fit.history
+    for epoch, (loss, score) in enumerate(zip(h.train_loss, h.valid_score, strict=True)):
+        mlflow.log_metrics({"train_loss": loss, "valid_auc": score}, step=epoch)
+    mlflow.log_metrics(
+        {
+            "best_valid_auc": h.best_score,
+            "best_epoch": h.best_epoch,
+            "train_seconds": fit.seconds,
+            "train_rows_per_epoch": fit.rows,
+            "behaviour_positions_per_epoch": fit.positions,
+            "users_no_history": int(seqs.no_history.sum()),
+            "missing_behavior_events": seqs.missing.events,
+            "missing_behavior_ids": seqs.missing.ids,
+            "trainable_parameters": sum(p.numel() for p in fit.model.parameters() if p.requires_grad),
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bahe_state_dict.pt"
+        torch.save(fit.model.state_dict(), path)
+        mlflow.log_artifact(str(path), artifact_path="model")

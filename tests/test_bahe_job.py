@@ -1,0 +1,116 @@
+"""The BAHE job on local Spark, the tiny ingest tables and a tiny random-weight Llama folder (4 x 32)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from test_encoder import make_tiny_model_dir
+
+from llmfeat.config import Settings
+from spark_jobs import bahe
+from spark_jobs.delta_io import RustDelta
+from spark_jobs.ingest import run as ingest
+
+pytestmark = pytest.mark.spark
+DAY = 86_400
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def settings(spark, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:  # type: ignore[no-untyped-def]
+    s = make_settings(
+        f"encode.model={tiny_model}", "encode.max_length=64", "encode.partitions=2",
+        "bahe.split_layer=1", "bahe.deep=llm", "bahe.deep_layers=2", "bahe.out_dim=8", "bahe.behavior_dim=4",
+        "bahe.max_epochs=2", "bahe.users_per_batch=2", "bahe.emb_dim=8", "marc.output_dtype=float16",
+    )  # fmt: skip
+    ingest(spark, s)
+    return s
+
+
+def test_unchanged_behaviours_are_never_reencoded(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    tables = RustDelta(settings.delta_root)
+    n = tables.read_arrow("behaviors").num_rows
+    first = bahe.encode_behaviors(spark, settings)
+    assert (first.encoded, first.unchanged) == (n, 0)
+    table = tables.read_arrow("behaviors_repr")
+    assert set(table.column("layer").to_pylist()) == {1}  # only the shallow layers ran
+    stamps = dict(zip(table["behavior_id"].to_pylist(), table["encoded_at"].to_pylist(), strict=True))
+
+    again = bahe.encode_behaviors(spark, settings)
+    assert (again.encoded, again.unchanged, again.version) == (0, n, first.version)
+
+    behaviors = tables.read_arrow("behaviors")
+    new = pa.table({"behavior_id": ["feedbeef00000000"], "text": ["rated 4: Brand New (1998), Drama"]})
+    tables.write("behaviors", pa.concat_tables([behaviors, new.cast(behaviors.schema)]))
+    third = bahe.encode_behaviors(spark, settings)
+    assert (third.encoded, third.unchanged, third.tokens > 0) == (1, n, True)  # only the new text
+    after = tables.read_arrow("behaviors_repr")
+    kept = {
+        k: t for k, t in zip(after["behavior_id"].to_pylist(), after["encoded_at"].to_pylist(), strict=True)
+    }
+    assert all(kept[k] == t for k, t in stamps.items())  # the old rows were not rewritten
+
+
+def test_sample_encodes_only_the_sampled_users_behaviours(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    summary = bahe.encode_behaviors(spark, settings, n_sample=1)
+    assert summary.encoded == 4  # user 10 rated 4 items (all before or after the cut, every event counts)
+    assert summary.deleted == 0
+
+
+def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    import mlflow
+
+    bahe.encode_behaviors(spark, settings)
+    summary = bahe.run_train(spark, settings)
+    assert (summary.users, summary.no_history, summary.missing) == (3, 0, "no missing behaviour vectors")
+    tables = RustDelta(settings.delta_root)
+    users = tables.read_arrow("user_features").sort_by("user_id")
+    assert users["user_id"].to_pylist() == ["10", "11", "12"]
+    assert {len(v) for v in users["vector"].to_pylist()} == {8}
+    assert set(users["compressor_name"].to_pylist()) == {"bahe"}
+    assert set(users["compressor_version"].to_pylist()) == {summary.run_id}
+    assert set(users["layer"].to_pylist()) == {1} and set(users["source_table"].to_pylist()) == {
+        "behaviors_repr"
+    }
+    assert (
+        users["no_history"].to_pylist() == [False] * 3 and users["missing_behaviors"].to_pylist() == [0] * 3
+    )
+    behaviors = tables.read_arrow("behavior_features")
+    assert behaviors.num_rows == tables.read_arrow("behaviors").num_rows
+    assert {len(v) for v in behaviors["vector"].to_pylist()} == {4}
+    run = mlflow.get_run(summary.run_id)
+    assert run.data.tags["kind"] == "bahe-user-encoder"
+    assert (
+        run.data.params["bahe.split_layer"] == "1" and run.data.params["behaviors.encoder_id"] == "tiny-llama"
+    )
+    assert "best_valid_auc" in run.data.metrics
+
+
+def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    bahe.encode_behaviors(spark, settings)
+    tables = RustDelta(settings.delta_root)
+    reprs = tables.read_arrow("behaviors_repr")
+    ub = tables.read_arrow("user_behaviors")
+    lost = ub.filter(pc.equal(ub["user_id"], "11"))["behavior_id"][0].as_py()  # user 11's first behaviour
+    tables.write("behaviors_repr", reprs.filter(pc.not_equal(reprs["behavior_id"], lost)))
+    first_event = 1_000_000_000 + 2 * DAY  # user 10 has two behaviours before this cut, 11 and 12 none
+    cut = f"bahe.history_cut={np.datetime_as_string(np.datetime64(first_event + DAY // 2, 's'))}+00:00"
+    s = Settings.model_validate(
+        settings.model_dump() | {"bahe": settings.bahe.model_dump() | {"history_cut": cut.split("=")[1]}}
+    )
+    summary = bahe.run_train(spark, s)
+    assert "1 behaviour events (1 behaviour ids, 1 users)" in summary.missing and lost in summary.missing
+    users = tables.read_arrow("user_features").sort_by("user_id")
+    assert users["no_history"].to_pylist() == [False, True, True]
+    assert users["missing_behaviors"].to_pylist() == [0, 1, 0]
+    v = np.array(users["vector"].to_pylist())
+    np.testing.assert_array_equal(v[1], v[2])  # both get the fallback vector
