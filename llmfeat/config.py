@@ -210,7 +210,7 @@ class CtrConf(Section):
     patience: int = 3
     seed: int = 0
     stop_frac: float = 0.5  # latest share of the valid split held out for early stopping and valid metrics
-    n_boot: int = 200  # bootstrap resamples for the intervals of the final metrics
+    n_boot: int = 100  # bootstrap resamples for the intervals of the final metrics and comparisons
 
 
 class GateConf(Section):
@@ -239,7 +239,7 @@ class ServingConf(Section):
 class AbtestConf(Section):
     """Replay of held-out traffic and the analysis of the online A/B (serving/replay.py, models/abtest.py)."""
 
-    requests: int = 3000  # replayed requests (users of the test split, candidates from their held-out rows)
+    requests: int = 2000  # replayed requests (users of the test split, candidates from their held-out rows)
     candidates: int = 10  # items per request
     slots: int = 3  # top-k of the returned ranking counted as impressions
     seed: int = 0

@@ -115,7 +115,10 @@ def gate_decision(diff: dict[str, Interval], delong_p: float, gate: GateConf) ->
             diff["auc"].low > gate.min_auc_lift,
             f"AUC diff low {diff['auc'].low:+.4f} > {gate.min_auc_lift:+.4f}",
         ),
-        (delong_p < gate.max_delong_p, f"DeLong p {delong_p:.3g} < {gate.max_delong_p:g}"),
+        (
+            diff["auc"].mean > 0 and delong_p < gate.max_delong_p,
+            f"DeLong p {delong_p:.3g} < {gate.max_delong_p:g} with AUC(b) > AUC(a)",
+        ),
         (
             diff["logloss"].high <= gate.max_logloss_increase,
             f"LogLoss diff high {diff['logloss'].high:+.4f} <= {gate.max_logloss_increase:+.4f}",
@@ -210,12 +213,15 @@ class Promotion:
     champion_version: str
 
     def report(self) -> str:
+        return f"{self.comparison.report()}\n{self.summary()}"
+
+    def summary(self) -> str:
         c = self.comparison
         if self.moved:
             head = f"promoted: champion {c.a.version} -> {c.b.version}"
         else:
             head = f"champion stays at version {c.a.version}"
-        return f"{c.report()}\n{head} (comparison run {c.run_id})"
+        return f"{head}: {c.reason} (comparison run {c.run_id})"
 
 
 def promote(
@@ -223,9 +229,14 @@ def promote(
 ) -> Promotion:
     """Compare, then move `champion` to the challenger's version only when the gate passes; the decision and
     its reason are recorded on the challenger's model version and on the comparison run."""
+    return record_promotion(settings, compare(settings, tables, store, champion, challenger))
+
+
+def record_promotion(settings: Settings, c: Comparison) -> Promotion:
+    """Apply a finished comparison's gate decision: move the champion alias (a) or not; record why."""
     import mlflow
 
-    c = compare(settings, tables, store, champion, challenger)
+    champion = c.a.alias
     client = mlflow.MlflowClient()
     name = settings.ctr.registry_name
     record = {

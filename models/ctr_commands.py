@@ -191,11 +191,14 @@ def demo_step(settings: Settings) -> None:
     for trained in train_models(settings, True, True, None):
         print(trained.summary())
     print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
-    print(run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias).report())
+    comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
+    print(comparison.report())
     print("\n== online A/B (replayed held-out traffic through the ranking service)")
     online_ab(settings)
     print("\n== promotion (champion moves only if the offline comparison passes the gate)")
-    print(run_promote(settings, settings.serving.champion_alias, settings.serving.challenger_alias).report())
+    from models.compare import record_promotion
+
+    print(record_promotion(settings, comparison).summary())
     from models.registry import tracking_uri
 
     print(f"\nbrowse it: mlflow ui --backend-store-uri {tracking_uri(settings)}")
