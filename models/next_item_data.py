@@ -12,10 +12,12 @@ are skipped (counted in `skipped_empty`); a query's user is warm when it has tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,9 @@ class Queries:
 
 def event_log(interactions: pa.Table, items: pa.Table) -> EventLog:
     """Interactions (user_id, item_id, event_timestamp, split) and the items table -> a sorted EventLog."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     item_keys = np.asarray(items.column("item_id").to_pylist(), dtype=object)
     pos = {k: i + 1 for i, k in enumerate(item_keys)}
     users = np.asarray(interactions.column("user_id").to_pylist(), dtype=object)

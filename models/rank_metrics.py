@@ -35,13 +35,15 @@ def target_ranks(scores: torch.Tensor, history: torch.Tensor, target: torch.Tens
 
 
 @torch.no_grad()
-def rank_queries(score_fn: ScoreFn, history: np.ndarray, target: np.ndarray, batch: int = 512) -> np.ndarray:
-    """(Q,) ranks of each query's target under `score_fn`, in batches."""
+def rank_queries(
+    score_fn: ScoreFn, history: np.ndarray, target: np.ndarray, batch: int = 512, device: str = "cpu"
+) -> np.ndarray:
+    """(Q,) ranks of each query's target under `score_fn`, in batches, on `device`."""
     out = []
     for s in range(0, len(target), batch):
-        h = torch.from_numpy(history[s : s + batch])
-        t = torch.from_numpy(target[s : s + batch])
-        out.append(target_ranks(score_fn(h), h, t))
+        h = torch.from_numpy(history[s : s + batch]).to(device)
+        t = torch.from_numpy(target[s : s + batch]).to(device)
+        out.append(target_ranks(score_fn(h), h, t).cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -86,6 +88,6 @@ def popularity_scorer(train_counts: np.ndarray) -> ScoreFn:
     pop = torch.from_numpy(train_counts.astype(np.float32))
 
     def score(history: torch.Tensor) -> torch.Tensor:
-        return pop.expand(history.shape[0], -1)
+        return pop.to(history.device).expand(history.shape[0], -1)
 
     return score

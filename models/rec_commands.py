@@ -2,7 +2,7 @@
 
     llmfeat train-lite [--set lite.publish_k=50]      popularity, SASRec, Lite-LLM4Rec -> MLflow
     llmfeat distil-student [--set slmrec.steps=200]   SLMRec student folder for `encode.model`, run in MLflow
-    llmfeat eval-student --student FOLDER             probe AUC and encode throughput, student vs teacher
+    llmfeat eval-student --student FOLDER --student-data DIR   probe AUC and throughput vs the teacher
 
 None of them needs Spark: Delta is read with delta-rs.
 """
@@ -26,6 +26,9 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
     distil = sub.add_parser("distil-student", help="SLMRec: distil a layer-pruned student encoder")
     ev = sub.add_parser("eval-student", help="student vs teacher: feature AUC and encode throughput")
     ev.add_argument("--student", type=Path, required=True, help="student folder written by distil-student")
+    ev.add_argument(
+        "--student-data", type=Path, required=True, help="data_dir where the student encoded items_repr"
+    )
     ev.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     for p in (lite, distil, ev):
         config_args(p)
@@ -52,7 +55,7 @@ def dispatch(args: argparse.Namespace) -> int:
         else:
             from models.student_eval import main as evaluate
 
-            evaluate(settings, args.student, args.out)
+            evaluate(settings, args.student, args.student_data, args.out)
     except (FileNotFoundError, EncoderError, ValueError) as err:
         print(f"llmfeat {args.command}: error: {err}", file=sys.stderr)
         return 1

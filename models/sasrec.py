@@ -25,6 +25,29 @@ class SeqConfig:
     dropout: float = 0.2
 
 
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm block: x + MHA(LN(x)) under a mask, then x + FFN(LN(x)). (B, S, D) -> (B, S, D)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (B, S, D), allowed (B, 1, S, S) bool: query t may attend to key j."""
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.dropout if self.training else 0.0
+        a = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=p
+        )  # (B, h, S, d/h)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, s, d)))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
 class CausalSeqEncoder(nn.Module):
     """(B, S, D) item inputs + positions -> (B, S, D) states; position t sees positions <= t only.
 
@@ -34,25 +57,24 @@ class CausalSeqEncoder(nn.Module):
 
     def __init__(self, cfg: SeqConfig):
         super().__init__()
-        self.heads = cfg.heads
         self.pos = nn.Embedding(cfg.max_seq, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
-            cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, activation="gelu", batch_first=True, norm_first=True
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(cfg.dim, cfg.heads, cfg.dropout) for _ in range(cfg.blocks)
         )
-        self.stack = nn.TransformerEncoder(layer, cfg.blocks, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """x (B, S, D), real (B, S) bool (False = padding) -> (B, S, D)."""
-        b, s, _ = x.shape
+        s = x.shape[1]
         positions = torch.arange(s, device=x.device)
         h = self.drop(x + self.pos(positions)[None]) * real[..., None]  # (B, S, D)
         causal = positions[None, :] <= positions[:, None]  # (S, S): query t, key j <= t
-        allowed = causal[None] & (real[:, None, :] | torch.eye(s, dtype=torch.bool, device=x.device)[None])
-        mask = torch.zeros(b, s, s, device=x.device).masked_fill(~allowed, float("-inf"))  # (B, S, S)
-        mask = mask.repeat_interleave(self.heads, 0)  # (B * heads, S, S)
-        return self.norm(self.stack(h, mask=mask))
+        self_ = torch.eye(s, dtype=torch.bool, device=x.device)
+        allowed = (causal[None] & (real[:, None, :] | self_[None]))[:, None]  # (B, 1, S, S)
+        for block in self.blocks:
+            h = block(h, allowed)
+        return self.norm(h)
 
 
 class SASRec(nn.Module):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmfeat.lite")
 PARTS = ("all", "warm", "cold")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # training and ranking; results come back as numpy
 
 
 @dataclass(frozen=True)
@@ -140,15 +142,17 @@ def fit_next_item(
 ) -> TrainHistory:
     """Cross-entropy over all items at every real position of the training windows; early stopping on the
     valid queries' NDCG@k (full ranking)."""
-    inputs, targets = torch.from_numpy(windows.inputs), torch.from_numpy(windows.targets)  # (W, S)
+    device = next(model.parameters()).device
+    inputs = torch.from_numpy(windows.inputs).to(device)  # (W, S)
+    targets = torch.from_numpy(windows.targets).to(device)  # (W, S)
 
     def loss(b: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(b)
+        t = torch.from_numpy(b).to(device)
         logits = model.scores(model(inputs[t]))  # (B, S, I + 1)
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets[t].flatten(), ignore_index=0)
 
     def score() -> float:
-        ranks = rank_queries(model.next_item_scores, valid.history, valid.target)
+        ranks = rank_queries(model.next_item_scores, valid.history, valid.target, device=str(device))
         return float(ndcg_at(ranks, k).mean())
 
     def report(epoch: int, train_loss: float, ndcg: float) -> None:
@@ -176,12 +180,14 @@ def evaluate_model(kind: str, data: LiteData, cfg: LiteConf) -> tuple[ModelResul
     models: list[NextItemModel] = []
     for seed in cfg.seeds:
         torch.manual_seed(seed)
-        model = build_model(kind, cfg, data.log.n_items, data.item_vectors)
+        model = build_model(kind, cfg, data.log.n_items, data.item_vectors).to(DEVICE)
         hist = fit_next_item(model, data.windows, data.valid, train_config(cfg, seed), cfg.k)
         result.best_epochs.append(hist.best_epoch)
         result.valid_ndcg.append(hist.best_score)
-        all_ranks.append(rank_queries(model.next_item_scores, data.test.history, data.test.target))
-        models.append(model)
+        all_ranks.append(
+            rank_queries(model.next_item_scores, data.test.history, data.test.target, device=DEVICE)
+        )
+        models.append(model.cpu())
         log.info("%s seed %d: best epoch %d, valid NDCG@%d %.4f", kind, seed, hist.best_epoch, cfg.k,
                  hist.best_score)  # fmt: skip
     result.reports = part_reports(np.stack(all_ranks), data.test, cfg.k)
@@ -207,7 +213,6 @@ def log_result(result: ModelResult, data: LiteData, cfg: LiteConf, model: nn.Mod
             mlflow.log_metrics({"best_epoch": epoch, f"valid_ndcg_at_{cfg.k}": score}, step=i)
         if model is not None:
             import tempfile
-            from pathlib import Path
 
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / f"{result.name}.pt"
@@ -223,24 +228,37 @@ def best_model(result: ModelResult, models: list[NextItemModel]) -> NextItemMode
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def run(settings: Settings, data: LiteData | None = None) -> LiteSummary:
+Fit = tuple[ModelResult, "NextItemModel | None"]  # a model's test result and its best-seed model
+
+
+def fit_all(data: LiteData, cfg: Any) -> list[Fit]:
+    """Every model in cfg.models: fitted per seed, ranked on test; cfg is a LiteConf or any object with its
+    fields (the GPU path below builds one from JSON)."""
+    fits: list[Fit] = []
+    for kind in cfg.models:
+        result, models = evaluate_model(kind, data, cfg)
+        fits.append((result, best_model(result, models)))
+    return fits
+
+
+def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None = None) -> LiteSummary:
+    """Fit (unless `fits` come from elsewhere), log one MLflow run per model, publish the candidates."""
     from models.registry import use_tracking
 
     cfg = settings.lite
     data = data or load_lite_data(settings)
-    log.info("next-item data: %d items, %d training windows, %d valid / %d test queries",
-             data.log.n_items, len(data.windows.inputs), len(data.valid), len(data.test))  # fmt: skip
+    log.info("next-item data: %d items, %d training windows, %d valid / %d test queries on %s",
+             data.log.n_items, len(data.windows.inputs), len(data.valid), len(data.test), DEVICE)  # fmt: skip
+    fits = fits if fits is not None else fit_all(data, cfg)
     tracking = settings.model_copy(
         update={"mlflow": settings.mlflow.model_copy(update={"experiment": cfg.experiment})}
     )
     use_tracking(tracking)
     summary = LiteSummary([], cfg.k, len(data.test), data.test.skipped_empty, data.lineage)
-    for kind in cfg.models:
-        result, models = evaluate_model(kind, data, cfg)
-        chosen = best_model(result, models)
+    for result, chosen in fits:
         result.run_id = log_result(result, data, cfg, chosen)
         summary.results.append(result)
-        if kind == "lite" and cfg.publish_k > 0 and chosen is not None:
+        if result.name == "lite" and cfg.publish_k > 0 and chosen is not None:
             from models.lite_publish import publish_candidates
 
             summary.published = publish_candidates(settings, data, chosen, result.run_id)
@@ -255,3 +273,24 @@ def main(settings: Settings) -> LiteSummary:
     summary = run(settings)
     print(summary, flush=True)
     return summary
+
+
+def fit_elsewhere(argv: list[str]) -> None:
+    """`python -m models.train_lite DATA.pkl CFG.json OUT.pt`: fit on a machine with a GPU but without the
+    lake or MLflow (DATA: a pickled LiteData, CFG: the lite section as JSON); `run(settings, data, fits)`
+    with the loaded fits then logs and publishes here."""
+    import json
+    import pickle
+    from types import SimpleNamespace
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data = pickle.loads(Path(argv[0]).read_bytes())
+    cfg = SimpleNamespace(**json.loads(Path(argv[1]).read_text()))
+    fits = [(r, m.cpu() if m is not None else None) for r, m in fit_all(data, cfg)]
+    torch.save(fits, argv[2])
+
+
+if __name__ == "__main__":
+    import sys
+
+    fit_elsewhere(sys.argv[1:])
