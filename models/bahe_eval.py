@@ -45,16 +45,13 @@ class Cost:
 
 @dataclass(frozen=True)
 class Throughput:
-    """One H100, bf16, length-sorted batches, SmolLM2-135M shape (STACK.md / docs/benchmarks.md): tokens/s
-    at the tapped layer; the cost of a pass grows with the number of blocks it runs."""
+    """One H100, measured in docs/benchmarks.md (LayerEncoder, bf16, SmolLM2-135M shape), real tokens/s."""
 
-    short_tokens_per_s: float = 347_000.0  # short texts (mean 28 tokens), layer 15
-    long_tokens_per_s: float = 1_000_000.0  # user texts (mean 304 tokens), layer 15
-    measured_layer: int = 15
-
-    def at(self, layer: int, long: bool) -> float:
-        base = self.long_tokens_per_s if long else self.short_tokens_per_s
-        return base * self.measured_layer / layer
+    # user texts (mean 299 tokens), forward through all 30 blocks: the baseline's pass
+    baseline_tokens_per_s: float = 535_000.0
+    # item texts (mean 17 tokens, like behaviour texts) stopped at block 15; a pass stopped at block 10 is
+    # cheaper, so this rate overstates BAHE's encode cost
+    behavior_tokens_per_s: float = 564_000.0
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -168,8 +165,8 @@ def daily_projection(
     once through the first `split` blocks (the behaviour table re-uses every text already seen)."""
     base_tokens = records * user_tokens_per_record
     bahe_tokens = records * behavior_tokens_per_record
-    base_hours = base_tokens / tp.at(depth, long=True) / 3600
-    bahe_hours = bahe_tokens / tp.at(split, long=False) / 3600
+    base_hours = base_tokens / tp.baseline_tokens_per_s / 3600
+    bahe_hours = bahe_tokens / tp.behavior_tokens_per_s / 3600
     return {
         "records": records,
         "baseline_tokens": base_tokens,
@@ -178,8 +175,8 @@ def daily_projection(
         "bahe_layer_tokens": bahe_tokens * split,
         "baseline_h100_hours": base_hours,
         "bahe_h100_hours": bahe_hours,
-        "baseline_tokens_per_s": tp.at(depth, long=True),
-        "bahe_tokens_per_s": tp.at(split, long=False),
+        "baseline_tokens_per_s": tp.baseline_tokens_per_s,
+        "bahe_tokens_per_s": tp.behavior_tokens_per_s,
     }
 
 
