@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 DECLARATIONS_DIR = REPO_ROOT / "feature_repo"
 # Feast imports repo files as top-level modules of their directory; so do we, in dependency order.
-DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services")
+DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services", "candidate_views")
 
 
 class FeatureStoreError(RuntimeError):
