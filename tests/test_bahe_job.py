@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -62,8 +63,9 @@ def test_unchanged_behaviours_are_never_reencoded(spark, settings: Settings) -> 
 
 def test_sample_encodes_only_the_sampled_users_behaviours(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     summary = bahe.encode_behaviors(spark, settings, n_sample=1)
-    assert summary.encoded == 4  # user 10 rated 4 items (all before or after the cut, every event counts)
+    assert summary.encoded == 2  # user 11: the shortest history (tied with 12, first by id), two behaviours
     assert summary.deleted == 0
+    assert bahe.sample_users(spark, RustDelta(settings.delta_root, spark), settings.bahe, 2) == ["11", "12"]
 
 
 def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -100,17 +102,17 @@ def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settin
     tables = RustDelta(settings.delta_root)
     reprs = tables.read_arrow("behaviors_repr")
     ub = tables.read_arrow("user_behaviors")
-    lost = ub.filter(pc.equal(ub["user_id"], "11"))["behavior_id"][0].as_py()  # user 11's first behaviour
+    of_11 = ub.filter(pc.equal(ub["user_id"], "11")).sort_by("event_timestamp")
+    lost = of_11["behavior_id"][0].as_py()  # user 11's first behaviour (day 2)
     tables.write("behaviors_repr", reprs.filter(pc.not_equal(reprs["behavior_id"], lost)))
-    first_event = 1_000_000_000 + 2 * DAY  # user 10 has two behaviours before this cut, 11 and 12 none
-    cut = f"bahe.history_cut={np.datetime_as_string(np.datetime64(first_event + DAY // 2, 's'))}+00:00"
+    # cut after day 3: users 10 and 11 have two behaviours before it each, user 12 none
+    cut = datetime.fromtimestamp(1_000_000_000 + 3 * DAY + DAY // 2, UTC).isoformat()
     s = Settings.model_validate(
-        settings.model_dump() | {"bahe": settings.bahe.model_dump() | {"history_cut": cut.split("=")[1]}}
+        settings.model_dump() | {"bahe": settings.bahe.model_dump() | {"history_cut": cut}}
     )
     summary = bahe.run_train(spark, s)
     assert "1 behaviour events (1 behaviour ids, 1 users)" in summary.missing and lost in summary.missing
     users = tables.read_arrow("user_features").sort_by("user_id")
-    assert users["no_history"].to_pylist() == [False, True, True]
+    assert users["no_history"].to_pylist() == [False, False, True]
     assert users["missing_behaviors"].to_pylist() == [0, 1, 0]
-    v = np.array(users["vector"].to_pylist())
-    np.testing.assert_array_equal(v[1], v[2])  # both get the fallback vector
+    assert np.isfinite(np.array(users["vector"].to_pylist())).all()  # user 12: the fallback vector
