@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,53 @@ from models.metrics import Interval, paired_auc_difference
 from models.probe_eval import ProtocolConfig, fit_id_model, fit_probe, split_metrics
 
 log = logging.getLogger(__name__)
+_CTX: dict[str, Any] = {}  # what forked workers inherit: arrays, states(), the MARC trainer, the config
+
+
+class Pool:
+    """Runs jobs in `workers` processes forked before any autograd use (torch forbids forking after it),
+    or in this process when workers is 1. Jobs are plain tuples; data comes from `_CTX`."""
+
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread)
+
+    def map(self, jobs: list[tuple[Any, ...]]) -> list[Any]:
+        if self.pool is None:
+            return [_run_job(j) for j in jobs]
+        return self.pool.map(_run_job, jobs, chunksize=1)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def _run_job(job: tuple[Any, ...]) -> Any:
+    kind, *args = job
+    a, states, cfg = _CTX["a"], _CTX["states"], _CTX["cfg"]
+    if kind == "id":
+        return fit_id_model(a, cfg.protocol, args[0])
+    if kind == "marc":
+        return _CTX["marc"](*args)
+    if kind == "layer":
+        layer, id_logits = args
+        ev, (xu, xi), d = Evaluator(a, cfg, id_logits), states(layer), cfg.out_dim
+        raw = ev.evaluate("uncompressed", layer, project(lambda x, _: identity(x), xu, xi, 0))
+        return raw, ev.evaluate("pca", layer, project(BASELINES["pca"], xu, xi, d), "float16")
+    method, layer, vectors, dtype, id_logits = args
+    return Evaluator(a, cfg, id_logits).evaluate(method, layer, vectors, dtype)
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 Vectors = tuple[np.ndarray, np.ndarray]  # (U, d) users, (I, d) items
 
 
@@ -37,6 +85,7 @@ class SweepConfig:
     sweep_layers: tuple[int, ...] | None = None  # None: every layer in the tables
     marc_layers: tuple[int, ...] = ()  # extra layers to train MARC on for the layer plot
     protocol: ProtocolConfig = ProtocolConfig()
+    workers: int = 1  # processes for independent fits (fork); 1 = in this process
 
 
 @dataclass
@@ -63,11 +112,8 @@ class Entry:
 class Evaluator:
     """Holds the arrays, the per-seed ID logits and the states; evaluates one pair of vector tables."""
 
-    def __init__(self, a: CtrArrays, cfg: SweepConfig):
-        self.a, self.cfg = a, cfg
-        started = time.monotonic()
-        self.id_logits = [fit_id_model(a, cfg.protocol, seed) for seed in range(cfg.seeds)]
-        log.info("ID model fitted for %d seeds in %.0f s", cfg.seeds, time.monotonic() - started)
+    def __init__(self, a: CtrArrays, cfg: SweepConfig, id_logits: list[np.ndarray]):
+        self.a, self.cfg, self.id_logits = a, cfg, id_logits
 
     def evaluate(self, method: str, layer: int, vectors: Vectors, dtype: str = "float32") -> Entry:
         vu, vi = (as_dtype(v, dtype) if v.shape[1] else v for v in vectors)
@@ -120,27 +166,41 @@ def run_sweep(
     a: CtrArrays, states: Callable[[int], Vectors], layers: list[int], marc: MarcTrainer, cfg: SweepConfig
 ) -> SweepResult:
     """states(layer) -> raw (users, items) matrices; marc(layer, d) trains MARC and compresses both tables."""
-    ev = Evaluator(a, cfg)
+    _CTX.update(a=a, states=states, marc=marc, cfg=cfg)
+    pool = Pool(cfg.workers)
+    try:
+        return _sweep(pool, a, states, layers, cfg)
+    finally:
+        pool.close()
+        _CTX.clear()
+
+
+def _sweep(
+    pool: Pool, a: CtrArrays, states: Callable[[int], Vectors], layers: list[int], cfg: SweepConfig
+) -> SweepResult:
+    started = time.monotonic()
+    id_logits = pool.map([("id", seed) for seed in range(cfg.seeds)])
+    log.info("ID model fitted for %d seeds in %.0f s", cfg.seeds, time.monotonic() - started)
+    ev = Evaluator(a, cfg, id_logits)
     none = (np.zeros((len(a.user_keys), 0), np.float32), np.zeros((len(a.item_keys), 0), np.float32))
-    id_only = ev.evaluate("id_only", 0, none)
     sweep = [layer for layer in layers if cfg.sweep_layers is None or layer in cfg.sweep_layers]
     final, d = max(layers), cfg.out_dim
-    raw, pca = [], []
-    for layer in sweep:
-        xu, xi = states(layer)
-        raw.append(ev.evaluate("uncompressed", layer, project(lambda x, _: identity(x), xu, xi, 0)))
-        pca.append(ev.evaluate("pca", layer, project(BASELINES["pca"], xu, xi, d), "float16"))
+    pairs = pool.map(
+        [("eval", "id_only", 0, none, "float32", id_logits)] + [("layer", l_, id_logits) for l_ in sweep]
+    )
+    id_only, pairs = pairs[0], pairs[1:]
+    raw, pca = [p[0] for p in pairs], [p[1] for p in pairs]
     mid = [e for e in pca if e.layer != final]
     best = max(mid, key=lambda e: e.stop_auc).layer if mid else final
     log.info("best middle layer by valid AUC of PCA-%d: %d", d, best)
     xu, xi = states(best)
     xu_f, xi_f = states(final)
-    marc_vectors = {layer: marc(layer, d) for layer in sorted({best, final, *cfg.marc_layers})}
-    layer_marc = [ev.evaluate("marc", layer, v, "float16") for layer, v in marc_vectors.items()]
-    reference = next(e for e in raw if e.layer == best) if best in sweep else None
-    if reference is None:
-        reference = ev.evaluate("uncompressed", best, project(lambda x, _: identity(x), xu, xi, 0))
-    table = [reference]
+    marc_jobs = [(layer, d) for layer in sorted({best, final, *cfg.marc_layers})]
+    marc_jobs += [(best, w) for w in cfg.widths if w != d]
+    trained = dict(zip(marc_jobs, pool.map([("marc", *job) for job in marc_jobs]), strict=True))
+    marc_vectors = {layer: v for (layer, w), v in trained.items() if w == d}
+    reference = next((e for e in raw if e.layer == best), None)
+    identity_best = project(lambda x, _: identity(x), xu, xi, 0)
     candidates: dict[tuple[str, int], Vectors] = {
         ("pca_final", final): project(BASELINES["pca"], xu_f, xi_f, d),
         ("pca", best): project(BASELINES["pca"], xu, xi, d),
@@ -148,17 +208,25 @@ def run_sweep(
         ("truncation", best): project(BASELINES["truncation"], xu, xi, d),
         ("marc", best): marc_vectors[best],
     }
-    for (method, layer), vectors in candidates.items():
-        for dtype in ("float16", "int8"):
-            table.append(ev.evaluate(method, layer, vectors, dtype))
-    widths = []
+    jobs: list[tuple[Any, ...]] = [
+        ("eval", "marc", layer, v, "float16", id_logits) for layer, v in marc_vectors.items()
+    ]
+    jobs += [("eval", "uncompressed", best, identity_best, "float32", id_logits)] if reference is None else []
+    jobs += [
+        ("eval", method, layer, vectors, dtype, id_logits)
+        for (method, layer), vectors in candidates.items()
+        for dtype in ("float16", "int8")
+    ]
     for w in cfg.widths:
         for method in ("pca", "random_projection", "truncation", "marc"):
-            if method == "marc":
-                vectors = marc_vectors[best] if w == d else marc(best, w)
-            else:
-                vectors = project(BASELINES[method], xu, xi, w)
-            widths.append(ev.evaluate(method, best, vectors, "int8"))
+            vectors = trained[(best, w)] if method == "marc" else project(BASELINES[method], xu, xi, w)
+            jobs.append(("eval", method, best, vectors, "int8", id_logits))
+    entries = pool.map(jobs)
+    layer_marc, entries = entries[: len(marc_vectors)], entries[len(marc_vectors) :]
+    if reference is None:
+        reference, entries = entries[0], entries[1:]
+    n_table = 2 * len(candidates)
+    table, widths = [reference, *entries[:n_table]], entries[n_table:]
     diffs = differences(ev, table, reference)
     return SweepResult(id_only, raw, pca, layer_marc, best, final, table, widths, diffs)
 

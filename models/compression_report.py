@@ -65,7 +65,7 @@ def fmt(e: Entry, key: str) -> str:
     return f"{v.mean:.4f} [{v.low:.4f}, {v.high:.4f}]"
 
 
-def markdown(r: SweepResult, width: int = 576) -> str:
+def markdown(r: SweepResult) -> str:
     head = (
         "| method | layer | d | dtype | bytes/vector | MB per 1M | test AUC [95%] | warm AUC | cold AUC "
         "| GAUC | LogLoss |"
@@ -73,7 +73,7 @@ def markdown(r: SweepResult, width: int = 576) -> str:
     rule = "|" + "---|" * 11
     lines = [head, rule]
     for e in [r.id_only, *r.table]:
-        b = e.bytes if e.method != "uncompressed" else 4 * width
+        b = e.bytes
         lines.append(
             f"| {e.method} | {e.layer or '-'} | {e.dim} | {e.dtype} | {b} | {b:.0f} | {fmt(e, 'auc_all')} | "
             f"{fmt(e, 'auc_warm')} | {fmt(e, 'auc_cold')} | {fmt(e, 'gauc_all')} | {fmt(e, 'logloss_all')} |"
@@ -151,8 +151,8 @@ def plots(r: SweepResult, out: Path) -> list[Path]:
             label=f"{method} (int8)",
         )
     ref = r.table[0]
-    ax.scatter([4 * 576], [ref.metrics["auc_all"].mean], marker="*", s=120, color="black",
-               label=f"uncompressed layer {ref.layer} (float32)")  # fmt: skip
+    ax.scatter([ref.bytes], [ref.metrics["auc_all"].mean], marker="*", s=120, color="black",
+               label=f"uncompressed layer {ref.layer} ({ref.dim} float32)")  # fmt: skip
     ax.axhline(r.id_only.metrics["auc_all"].mean, color="grey", linestyle="--", label="ID model only")
     ax.set_xscale("log")
     ax.set_xlabel("bytes per vector (int8 codes + 4-byte scale)")

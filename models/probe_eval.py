@@ -5,7 +5,8 @@ Notation: N rows, S seeds, U users, I items.
 - The ID model is fitted on train rows before the last `id_stop_frac` of train time and early-stopped on the
   rest.
 - The probe is fitted on the valid split (rows after the representation cut, so no label leaks through the
-  user vector), early-stopped on a random `probe_stop_frac` of those rows (seeded), scored on the test split.
+  user vector), early-stopped on the rows of a random `probe_stop_frac` of its users (seeded), scored on
+  the test split.
 - Test metrics: AUC, GAUC, LogLoss on all test rows, warm users (train history) and cold users; each as the
   mean over seeds with a 95% bootstrap interval over test rows.
 """
@@ -90,10 +91,14 @@ def fit_probe(
     seed: int = 0,
 ) -> ProbeRun:
     """v_users (U, Du), v_items (I, Di); Du or Di may be 0 (the ID-only reference)."""
+    valid = a.rows("valid")
+    # Early stopping on held-out *users*: test users are mostly unseen (cold), so a row-wise split would
+    # reward memorising the valid period's users through their vectors.
+    users = np.unique(a.user_idx[valid])
     rng = np.random.default_rng(1000 + seed)
-    valid = rng.permutation(a.rows("valid"))
-    n_stop = int(len(valid) * cfg.probe_stop_frac)
-    stop, fit = valid[:n_stop], valid[n_stop:]
+    stop_users = rng.choice(users, int(len(users) * cfg.probe_stop_frac), replace=False)
+    held = np.isin(a.user_idx[valid], stop_users)
+    stop, fit = valid[held], valid[~held]
     test = a.rows("test")
     vu, vi = torch.from_numpy(standardise(v_users)), torch.from_numpy(standardise(v_items))
     u, i = torch.from_numpy(a.user_idx), torch.from_numpy(a.item_idx)

@@ -159,3 +159,45 @@ def test_repr_matrix_errors_name_key_and_table() -> None:
         repr_matrix(table, "items", 7, keys)
     with pytest.raises(ReprError, match="item_id='9'"):
         repr_matrix(table, "items", 5, np.array(["9"], dtype=object))
+
+
+def test_sweep_and_report_on_a_tiny_bundle(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from models.compression_eval import SweepConfig, run_sweep
+    from models.compression_report import markdown, plots, to_json
+
+    torch.set_num_threads(1)
+    a, xu, xi = synthetic(n_users=40, n_items=30, n=1500, dim=24)
+    states = {2: (xu, xi), 4: (xu * 2 + 1, xi - 1)}
+
+    def marc(layer: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+        cfg = MarcConfig(in_dim=24, out_dim=d, hidden_dim=16, task_dim=8)
+        fit = fit_marc(a, *states[layer], cfg, TrainConfig(batch_size=256, max_epochs=2, patience=2))
+        return compress(fit.compressor("users"), states[layer][0]), compress(
+            fit.compressor("items"), states[layer][1]
+        )
+
+    cfg = SweepConfig(seeds=1, out_dim=8, widths=(4, 8), protocol=ProtocolConfig(n_boot=20))
+    r = run_sweep(a, states.__getitem__, [2, 4], marc, cfg)
+    assert r.best_layer == 2 and r.final_layer == 4
+    assert [e.method for e in r.table][:2] == ["uncompressed", "pca_final"]
+    assert {e.bytes for e in r.widths} == {8, 12}  # int8 codes + a 4-byte scale
+    assert "marc_int8 - pca_int8" in r.differences
+    assert "| marc | 2 | 8 | int8 | 12 |" in markdown(r)
+    assert all(p.stat().st_size > 0 for p in plots(r, tmp_path))
+    assert to_json(r)["best_layer"] == 2
+
+
+def test_mlflow_project_entry_points_exist_and_mlflow_stays_the_library() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "mlflow"
+    assert not (root / "__init__.py").exists()
+    project = yaml.safe_load((root / "MLproject").read_text())
+    for name, entry in project["entry_points"].items():
+        script = entry["command"].split()[1]
+        assert (root / script).exists(), name
+    spec = importlib.util.find_spec("mlflow")
+    assert spec is not None and spec.origin is not None and "site-packages" in spec.origin
