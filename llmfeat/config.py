@@ -276,7 +276,7 @@ class BaheConf(Section):
     history_cut: str = "valid"  # published user vectors use behaviours strictly before this (split or ISO)
     feature_table: str = "user_features"  # where the user vectors are published
     behavior_dim: int = 64  # behaviour vectors published to behavior_features: PCA of the split layer
-    demo_users: int = 60  # the demo encodes the behaviours of this many users only; 0 = all (--full)
+    demo_users: int = 20  # the demo encodes only these users' behaviours (shortest histories); 0 = all
 
 
 class Settings(Section):
