@@ -293,4 +293,7 @@ def fit_elsewhere(argv: list[str]) -> None:
 if __name__ == "__main__":
     import sys
 
-    fit_elsewhere(sys.argv[1:])
+    # The package's copy, so the saved results unpickle as models.train_lite classes, not __main__ ones.
+    from models.train_lite import fit_elsewhere as package_fit_elsewhere
+
+    package_fit_elsewhere(sys.argv[1:])
