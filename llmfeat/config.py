@@ -116,6 +116,7 @@ class MarcConf(Section):
     patience: int = 4
     seed: int = 0
     fit_split: Literal["train", "valid"] = "train"  # rows the compressor is fitted on; early stops on valid
+    max_fit_rows: int = 0  # 0 = every row of fit_split; else a seeded random sample (the demo uses one)
     output_dtype: Literal["float16", "int8"] = "int8"  # user_features / item_features vector type
 
 

@@ -36,12 +36,15 @@ def fit_marc(
     train: TrainConfig,
     fit_split: str = "train",
     stop_split: str = "valid",
+    max_fit_rows: int = 0,
 ) -> MarcFit:
     """x_users (U, D), x_items (I, D) float32 states of one layer; returns the fitted model and its curves."""
     torch.manual_seed(train.seed)
     model = Marc(cfg)
     xu, xi = torch.from_numpy(x_users.astype(np.float32)), torch.from_numpy(x_items.astype(np.float32))
     fit_rows, stop_rows = a.rows(fit_split), a.rows(stop_split)
+    if 0 < max_fit_rows < len(fit_rows):  # a documented sample, e.g. for the demo
+        fit_rows = np.sort(np.random.default_rng(train.seed).choice(fit_rows, max_fit_rows, replace=False))
     # standardise with the entities that the fit rows touch
     for entity, x, idx in (("users", xu, a.user_idx), ("items", xi, a.item_idx)):
         seen = torch.from_numpy(np.unique(idx[fit_rows]))

@@ -308,7 +308,11 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
     if missing:
         print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity users,items` first")
         return
-    quick = settings.marc.model_copy(update={"max_epochs": min(settings.marc.max_epochs, 3)})
+    # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
+    # `llmfeat train-compressor`.
+    quick = settings.marc.model_copy(
+        update={"max_epochs": min(settings.marc.max_epochs, 2), "max_fit_rows": 20000}
+    )
     print(train(spark, settings.model_copy(update={"marc": quick})))
     for summary in run(spark, settings):
         print(summary)

@@ -138,7 +138,7 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
     )
     fit = fit_marc(
         a, states["users"], states["items"], marc_config(cfg, states["items"].shape[1]), train_config(cfg),
-        fit_split=cfg.fit_split,
+        fit_split=cfg.fit_split, max_fit_rows=cfg.max_fit_rows,
     )  # fmt: skip
     use_tracking(settings)
     with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
