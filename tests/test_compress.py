@@ -220,3 +220,24 @@ def test_refuses_a_layer_other_than_the_compressors(spark, trained: Settings) ->
 def test_missing_alias_is_a_clear_error(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LookupError, match="no compressor registered as test-marc-users@champion"):
         compress(spark, settings)
+
+
+def test_eval_compression_writes_table_plots_and_mlflow_run(settings: Settings, tmp_path: Path) -> None:
+    import torch
+
+    import mlflow
+    from models.compression_eval import SweepConfig
+    from models.compression_report import run as evaluate
+    from models.probe_eval import ProtocolConfig
+    from models.registry import tracking_uri
+
+    torch.set_num_threads(1)
+    cfg = SweepConfig(seeds=1, out_dim=3, widths=(2, 3), protocol=ProtocolConfig(n_boot=10))
+    result = evaluate(settings, cfg, tmp_path / "out")
+    assert result.final_layer == 4 and result.best_layer == 2
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "marc_results.json", "marc_results.md", "marc_layers.png", "marc_bytes.png",
+    }  # fmt: skip
+    client = mlflow.MlflowClient(tracking_uri(settings))
+    runs = client.search_runs([client.get_experiment_by_name(settings.mlflow.experiment).experiment_id])
+    assert any(r.data.tags.get("kind") == "compression-eval" for r in runs)
