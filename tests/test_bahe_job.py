@@ -116,3 +116,18 @@ def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settin
     assert users["no_history"].to_pylist() == [False, False, True]
     assert users["missing_behaviors"].to_pylist() == [0, 1, 0]
     assert np.isfinite(np.array(users["vector"].to_pylist())).all()  # user 12: the fallback vector
+
+
+def test_cli_dispatches_to_the_job(spark, settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    from llmfeat.cli import main
+
+    overrides = [
+        f"data_dir={settings.data_dir}", f"encode.model={settings.encode.model}", "encode.max_length=64",
+        "encode.partitions=2", "bahe.split_layer=1",
+    ]  # fmt: skip
+    args = ["bahe", "encode", "--sample-users", "1", "--config", "tiny"]
+    assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0
+    assert "behaviors_repr: encoded 2 texts" in capsys.readouterr().out
+    assert (
+        main(["bahe", "train", "--config", "tiny", "--set", "bahe.nope=1"]) == 2
+    )  # unknown key: config error
