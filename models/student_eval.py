@@ -122,7 +122,7 @@ def probe_table(settings: Settings, student: Path, student_data: Path, seeds: in
     return out
 
 
-def workload_texts(settings: Settings, n_items: int = 96, n_users: int = 24) -> dict[str, list[str]]:
+def workload_texts(settings: Settings, n_items: int = 64, n_users: int = 16) -> dict[str, list[str]]:
     from models.train_slmrec import distillation_texts
 
     cfg = settings.slmrec.model_copy(update={"texts_per_entity": max(n_items, n_users), "holdout": 0})
