@@ -201,7 +201,8 @@ def log_result(result: ModelResult, data: LiteData, cfg: LiteConf, model: nn.Mod
     """One MLflow run per model: params, item-vector lineage tags, metrics with interval bounds, weights."""
     import mlflow
 
-    with mlflow.start_run(run_name=f"next-item-{result.name}") as run:
+    nested = mlflow.active_run() is not None  # under `mlflow run`: one child run per model
+    with mlflow.start_run(run_name=f"next-item-{result.name}", nested=nested) as run:
         mlflow.log_params({f"lite.{k}": v for k, v in cfg.model_dump().items()} | {"model": result.name})
         mlflow.set_tags({f"lineage.{k}": str(v) for k, v in data.lineage.items()} | {"task": "next-item"})
         for part, rep in result.reports.items():
@@ -255,14 +256,25 @@ def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None
     )
     use_tracking(tracking)
     summary = LiteSummary([], cfg.k, len(data.test), data.test.skipped_empty, data.lineage)
-    for result, chosen in fits:
-        result.run_id = log_result(result, data, cfg, chosen)
-        summary.results.append(result)
-        if result.name == "lite" and cfg.publish_k > 0 and chosen is not None:
-            from models.lite_publish import publish_candidates
+    with project_run():
+        for result, chosen in fits:
+            result.run_id = log_result(result, data, cfg, chosen)
+            summary.results.append(result)
+            if result.name == "lite" and cfg.publish_k > 0 and chosen is not None:
+                from models.lite_publish import publish_candidates
 
-            summary.published = publish_candidates(settings, data, chosen, result.run_id)
+                summary.published = publish_candidates(settings, data, chosen, result.run_id)
     return summary
+
+
+def project_run() -> Any:
+    """The run `mlflow run` opened (MLFLOW_RUN_ID), as the parent of the per-model runs; else nothing."""
+    import contextlib
+    import os
+
+    import mlflow
+
+    return mlflow.start_run() if os.environ.get("MLFLOW_RUN_ID") else contextlib.nullcontext()
 
 
 def summary_dict(summary: LiteSummary) -> dict[str, Any]:
