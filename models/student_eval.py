@@ -88,8 +88,11 @@ def item_vectors(delta_root: Path, layer: int, keys: np.ndarray, encoder_id: str
     return repr_matrix(table, "items", layer, keys, name=f"{delta_root}/items_repr")
 
 
-def probe_table(settings: Settings, student: Path, student_data: Path, seeds: int) -> dict[str, Any]:
+def probe_table(
+    settings: Settings, student: Path, student_data: Path, seeds: int, pca_dim: int = 64
+) -> dict[str, Any]:
     """Probe test AUC (all / warm / cold, intervals) for ID only, teacher layers and the student."""
+    from models.baselines import pca
     from models.compression_eval import Evaluator, SweepConfig
     from models.ctr_data import ReprError, ctr_arrays
     from models.probe_eval import fit_id_model
@@ -111,14 +114,18 @@ def probe_table(settings: Settings, student: Path, student_data: Path, seeds: in
     ev = Evaluator(a, sweep, [fit_id_model(a, sweep.protocol, seed) for seed in range(seeds)])
     entries = {"id-only": ev.evaluate("id-only", 0, (no_users, np.zeros((len(a.item_keys), 0), np.float32)))}
     for name, (root, layer, enc_id) in variants.items():
-        entries[name] = ev.evaluate(
-            name, layer, (no_users, item_vectors(Path(root), layer, a.item_keys, enc_id))
-        )
+        x = item_vectors(Path(root), layer, a.item_keys, enc_id)
+        entries[name] = ev.evaluate(name, layer, (no_users, x))
+        if pca_dim:  # the protocol's compression reference: PCA fitted on the items' states (label-free)
+            entries[f"{name}+pca{pca_dim}"] = ev.evaluate(
+                f"{name}+pca", layer, (no_users, pca(x, pca_dim)(x))
+            )
     out: dict[str, Any] = {"entries": {k: e.row() for k, e in entries.items()}, "differences": {}}
     for name in entries:
-        if name != "teacher":
-            d = ev.difference(entries[name], entries["teacher"])
-            out["differences"][f"{name} - teacher"] = [d.mean, d.low, d.high]
+        ref = f"teacher+pca{pca_dim}" if "+pca" in name else "teacher"
+        if name != ref:
+            d = ev.difference(entries[name], entries[ref])
+            out["differences"][f"{name} - {ref}"] = [d.mean, d.low, d.high]
     return out
 
 
