@@ -122,6 +122,25 @@ def tables_summary(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def environment() -> str:
+    """Where each engine comes from: useful when a cluster's Python differs from the driver's."""
+    import importlib
+
+    from spark_jobs.session import java_major_version
+
+    lines = [
+        f"{'python':<19}{sys.version.split()[0]:<12}{sys.executable}",
+        f"{'java':<19}{java_major_version()}",
+    ]
+    for name in ("pyspark", "deltalake", "mlflow", "feast", "great_expectations", "torch", "transformers"):
+        try:
+            mod = importlib.import_module(name)
+            lines.append(f"{name:<19}{getattr(mod, '__version__', '?'):<12}{mod.__file__}")
+        except ImportError as err:
+            lines.append(f"{name:<19}{'missing':<12}({err})")
+    return "\n".join(lines)
+
+
 def demo(spark: SparkSession, settings: Settings) -> None:
     from spark_jobs.ingest import format_summary
     from spark_jobs.ingest import run as ingest
@@ -150,6 +169,17 @@ def demo(spark: SparkSession, settings: Settings) -> None:
     bahe_demo_step(spark, settings)
 
 
+def encode_command(args: argparse.Namespace) -> int:
+    from spark_jobs.encode import parse_entities, run_all
+
+    try:
+        entities = parse_entities(args.entity)
+    except argparse.ArgumentTypeError as err:
+        print(f"llmfeat encode: {err}", file=sys.stderr)
+        return 2
+    return _run_with_session("encode", args.config, args.overrides, lambda s, c: run_all(s, c, entities))
+
+
 def features_command(args: argparse.Namespace) -> int:
     """`features apply` registers the repo (no Spark); `features materialize` publishes and materializes."""
     from llmfeat.feast_repo import FeatureStoreError, apply_repo, repo_dir
@@ -167,17 +197,6 @@ def features_command(args: argparse.Namespace) -> int:
     views = ", ".join(sorted(v.name for v in store.list_feature_views()))
     print(f"applied feature repo {repo_dir(settings)}: {views}")
     return 0
-
-
-def encode_command(args: argparse.Namespace) -> int:
-    from spark_jobs.encode import parse_entities, run_all
-
-    try:
-        entities = parse_entities(args.entity)
-    except argparse.ArgumentTypeError as err:
-        print(f"llmfeat encode: {err}", file=sys.stderr)
-        return 2
-    return _run_with_session("encode", args.config, args.overrides, lambda s, c: run_all(s, c, entities))
 
 
 def marc_command(args: argparse.Namespace) -> int:
@@ -232,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     encode_parser.add_argument(
         "--entity", default="all", help="items, users, behaviors, a comma list, or all (default: all)"
     )
+    sub.add_parser("env", help="versions and locations of Python, Java and the libraries")
     features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
     features.add_argument("action", choices=["apply", "materialize"])
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
@@ -255,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         return marc_command(args)
     if args.command == "features":
         return features_command(args)
+    if args.command == "env":
+        print(environment())
+        return 0
     if args.command == "tables":
         try:
             print(tables_summary(load_settings(args.config, args.overrides)))
