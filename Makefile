@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(VENV)/bin/llmfeat demo
+	$(VENV)/bin/llmfeat demo $(if $(FULL),--full,)
 
 test: setup
 	$(PY) -m pytest -q

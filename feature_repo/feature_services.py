@@ -27,7 +27,7 @@ ctr_marc_counters_v1 = FeatureService(
 ctr_llm_v1 = FeatureService(
     name="ctr_llm_v1",
     features=[user_llm_fv[["user_vector"]], item_llm_fv[["item_vector"]], item_meta_fv[["year", "genres"]]],
-    description="CTR ranker (DNN / DeepFM) on user and item LLM vectors plus item metadata; ids in the model.",
+    description="CTR ranker (DNN, DeepFM) on user and item LLM vectors and item metadata; ids in the model.",
     tags={"model": "ctr", "llm": "true"},
 )
 

@@ -141,34 +141,6 @@ def environment() -> str:
     return "\n".join(lines)
 
 
-def demo(spark: SparkSession, settings: Settings) -> None:
-    from spark_jobs.ingest import format_summary
-    from spark_jobs.ingest import run as ingest
-
-    print("== ingest (MovieLens-100k from the recbole package -> Delta, input checks before any commit)")
-    print(format_summary(ingest(spark, settings)))
-    print("\n== published")
-    print(tables_summary(settings))
-    from validation.data_docs import where_note
-
-    print("\n== validation (a great-expectations gate runs before every commit)")
-    print(where_note(settings))
-    from spark_jobs.compress import demo_step as marc_demo_step
-    from spark_jobs.encode import demo_step as encode_demo_step
-    from spark_jobs.materialize import demo_step as features_demo_step
-
-    encode_demo_step(spark, settings)
-    marc_demo_step(spark, settings)
-
-    features_demo_step(spark, settings)
-    from models.ctr_commands import demo_step as ctr_demo_step
-
-    ctr_demo_step(settings)
-    from spark_jobs.bahe import demo_step as bahe_demo_step
-
-    bahe_demo_step(spark, settings)
-
-
 def encode_command(args: argparse.Namespace) -> int:
     from spark_jobs.encode import parse_entities, run_all
 
@@ -242,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),
-        ("demo", "run the end-to-end job on the embedded defaults"),
         ("tables", "list the Delta tables, their versions and row counts"),
     ):
         config_args(sub.add_parser(name, help=help_))
@@ -251,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     encode_parser.add_argument(
         "--entity", default="all", help="items, users, behaviors, a comma list, or all (default: all)"
     )
+    demo = sub.add_parser("demo", help="run the end-to-end job on the embedded defaults")
+    demo.add_argument("--full", action="store_true", help="all layers, full-length user texts (slow on CPU)")
+    config_args(demo)
     sub.add_parser("env", help="versions and locations of Python, Java and the libraries")
     features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
     features.add_argument("action", choices=["apply", "materialize"])
@@ -294,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.command == "encode":
         return encode_command(args)
-    return _run_with_session("demo", args.config, args.overrides, demo)
+    from llmfeat.demo import run as run_demo
+
+    return _run_with_session("demo", args.config, args.overrides, lambda s, c: run_demo(s, c, args.full))
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class IngestConf(Section):
 
 
 class FeastConf(Section):
-    """Feast: feature_store.yaml is generated from this into repo_dir; feature_repo/ holds the declarations."""
+    """Feast: feature_store.yaml is generated from this into repo_dir; feature_repo/ holds declarations."""
 
     project: str = "llmfeat"
     repo_dir: str | None = None  # feature_store.yaml, registry and online.db; default <data_dir>/feast
@@ -171,7 +171,9 @@ class SlmrecConf(Section):
 class MlflowConf(Section):
     """Tracking and registry; the default is a SQLite store under <data_dir>/mlflow."""
 
-    tracking_uri: str | None = None  # e.g. http://mlflow.internal:5000; None = sqlite:///<data_dir>/mlflow/mlflow.db
+    tracking_uri: str | None = (
+        None  # e.g. http://mlflow.internal:5000; None = sqlite:///<data_dir>/mlflow/mlflow.db
+    )
     experiment: str = "llmfeat-marc"
     registry_name: str = "llmfeat-marc"  # registered as <registry_name>-users and <registry_name>-items
     alias: str = "champion"

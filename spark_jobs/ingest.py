@@ -10,7 +10,7 @@ Tables (under <data_dir>/delta):
     behaviors       behavior_id (stable hash of text), text ("rated 5: Toy Story (1995), Animation|Comedy")
     user_behaviors  user_id, behavior_id, item_id, event_timestamp
 
-Every input check, and every table's great-expectations gate (validation/), runs before the first write, so bad
+Every input check and every table's great-expectations gate (validation/) runs before the first write: bad
 input leaves every table at its previous version (rejected rows go to the quarantine table).
 Each table is MERGEd by key with deletes of vanished rows: a re-run with the same input commits nothing.
 """
@@ -288,7 +288,9 @@ def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
     files = source_files(cfg)
     items = items_table(read_source(spark, files, "items"), files.items, files.genre_sep).cache()
     users = users_table(read_source(spark, files, "users"), files.users).cache()
-    interactions = interactions_table(read_source(spark, files, "interactions"), files.interactions, cfg).cache()
+    interactions = interactions_table(
+        read_source(spark, files, "interactions"), files.interactions, cfg
+    ).cache()
     for kind, known in (("item_id", items), ("user_id", users)):
         unknown = interactions.join(known.select(kind), kind, "left_anti")
         _fail_if_any(unknown, files.interactions, kind, f"id not found in the {kind[:-3]}s file")

@@ -1,4 +1,4 @@
-"""Shared fixtures: one local SparkSession for the whole run, tiny deterministic data, settings in tmp_path."""
+"""Shared fixtures: one local SparkSession for the run, tiny deterministic data, settings in tmp_path."""
 
 from __future__ import annotations
 

@@ -23,7 +23,9 @@ def test_cluster_profile_asks_for_gpus_and_delta_spark() -> None:
 
 
 def test_set_overrides_nested_keys_with_typed_values() -> None:
-    s = load_settings("local", ["spark.master=local[2]", "spark.gpu.executor_amount=2", "ingest.test_frac=0.2"])
+    s = load_settings(
+        "local", ["spark.master=local[2]", "spark.gpu.executor_amount=2", "ingest.test_frac=0.2"]
+    )
     assert s.spark.master == "local[2]"
     assert s.spark.gpu.executor_amount == 2
     assert s.ingest.test_frac == 0.2

@@ -18,7 +18,11 @@ def test_tiny_ingest_writes_five_tables(spark, make_settings) -> None:
     settings = make_settings()
     summary = {s.name: s for s in run(spark, settings)}
     assert {n: summary[n].rows for n in TABLES} == {
-        "items": 4, "users": 3, "interactions": 10, "behaviors": 9, "user_behaviors": 10,  # two users rated 5: GoldenEye
+        "items": 4,
+        "users": 3,
+        "interactions": 10,
+        "behaviors": 9,
+        "user_behaviors": 10,  # two users rated 5: GoldenEye
     }
     tables = RustDelta(settings.delta_root)
     items = {r["item_id"]: r for r in tables.read_arrow("items").to_pylist()}
@@ -28,7 +32,9 @@ def test_tiny_ingest_writes_five_tables(spark, make_settings) -> None:
     inter = tables.read_arrow("interactions").to_pandas()
     assert inter["label"].tolist() == (inter["rating"] >= 4).astype(int).tolist()
     by_split = inter.groupby("split")["event_timestamp"]
-    assert by_split.max()["train"] < by_split.min()["valid"] <= by_split.max()["valid"] < by_split.min()["test"]
+    assert (
+        by_split.max()["train"] < by_split.min()["valid"] <= by_split.max()["valid"] < by_split.min()["test"]
+    )
     assert str(inter["event_timestamp"].dt.tz) == "UTC"
 
     texts = set(tables.read_arrow("behaviors").column("text").to_pylist())
@@ -47,7 +53,9 @@ def test_rerun_commits_nothing_and_changes_commit_only_what_changed(spark, make_
     run(spark, settings)
     after = _versions(settings)
     assert after["users"] == first["users"] + 1  # type: ignore[operator]
-    assert {k: v for k, v in after.items() if k != "users"} == {k: v for k, v in first.items() if k != "users"}
+    assert {k: v for k, v in after.items() if k != "users"} == {
+        k: v for k, v in first.items() if k != "users"
+    }
     assert RustDelta(settings.delta_root).read_arrow("users").num_rows == 3
 
 
@@ -61,12 +69,20 @@ def _corrupt(source_dir: Path, name: str, old: str | bytes, new: str | bytes) ->
 
 
 BAD_INPUT = [
-    ("interactions.csv", "user_id,item_id,rating,timestamp", "user_id,item_id,score,timestamp",
-     r"interactions\.csv: missing column\(s\) \['rating'\]"),
+    (
+        "interactions.csv",
+        "user_id,item_id,rating,timestamp",
+        "user_id,item_id,score,timestamp",
+        r"interactions\.csv: missing column\(s\) \['rating'\]",
+    ),
     ("items.csv", "\n3,Four Rooms", "\n,Four Rooms", r"items\.csv: column 'item_id': null id.*Four Rooms"),
     ("users.csv", "12,23,M,writer", "10,23,M,writer", r"users\.csv: column 'user_id': duplicate id.*'10'"),
-    ("interactions.csv", "1000345600", "last tuesday",
-     r"interactions\.csv: column 'timestamp': unparsable timestamp.*last tuesday"),
+    (
+        "interactions.csv",
+        "1000345600",
+        "last tuesday",
+        r"interactions\.csv: column 'timestamp': unparsable timestamp.*last tuesday",
+    ),
     ("items.csv", "GoldenEye", b"Golden\xffEye", r"items\.csv: invalid UTF-8 at line 3"),
     ("interactions.csv", "12,2,5", "12,99,5", r"interactions\.csv: column 'item_id': id not found.*'99'"),
     ("interactions.csv", "11,3,2", "11,3,two", r"column 'rating': not a number.*two"),
@@ -98,7 +114,9 @@ def test_job_main_exits_1_with_one_line(spark, make_settings, source_dir, tmp_pa
     (source_dir / "items.csv").write_text("")
     settings = make_settings()
     argv = ["--config", "tiny", "--set", f"data_dir={settings.data_dir}", "--set", "ingest.source=files"]
-    argv += [f"--set=ingest.files.{k}={source_dir / (k + '.csv')}" for k in ("interactions", "items", "users")]
+    argv += [
+        f"--set=ingest.files.{k}={source_dir / (k + '.csv')}" for k in ("interactions", "items", "users")
+    ]
     assert main(argv) == 1
     assert "llmfeat ingest: error:" in capsys.readouterr().err
     assert main(["--config", "tiny", "--set", "ingest.nope=1"]) == 2
@@ -107,8 +125,10 @@ def test_job_main_exits_1_with_one_line(spark, make_settings, source_dir, tmp_pa
 def test_column_mapping_reads_the_users_own_names(spark, make_settings, source_dir) -> None:
     _corrupt(source_dir, "interactions.csv", "user_id,item_id,rating,timestamp", "uid,iid,stars,ts")
     settings = make_settings(
-        "ingest.files.columns.user_id=uid", "ingest.files.columns.item_id=iid",
-        "ingest.files.columns.rating=stars", "ingest.files.columns.timestamp=ts",
+        "ingest.files.columns.user_id=uid",
+        "ingest.files.columns.item_id=iid",
+        "ingest.files.columns.rating=stars",
+        "ingest.files.columns.timestamp=ts",
     )
     assert {s.name: s.rows for s in run(spark, settings)}["interactions"] == 10
 
@@ -120,7 +140,11 @@ def test_movielens_100k_real_counts_and_idempotent_rerun(spark, tmp_path) -> Non
     rows = {s.name: s.rows for s in run(spark, settings)}
     assert (rows["interactions"], rows["users"], rows["items"]) == (100_000, 943, 1_682)
     inter = RustDelta(settings.delta_root).read_arrow("interactions").to_pandas()
-    assert inter["split"].value_counts(normalize=True).round(2).to_dict() == {"train": 0.8, "valid": 0.1, "test": 0.1}
+    assert inter["split"].value_counts(normalize=True).round(2).to_dict() == {
+        "train": 0.8,
+        "valid": 0.1,
+        "test": 0.1,
+    }
     assert 0.54 < inter["label"].mean() < 0.56
     first = _versions(settings)
     run(spark, settings)

@@ -30,7 +30,7 @@ def _fake_java(tmp_path, version: str) -> str:
     home = tmp_path / "jdk"
     (home / "bin").mkdir(parents=True)
     java = home / "bin" / "java"
-    java.write_text(f'#!/bin/sh\necho \'openjdk version "{version}" 2020-01-01\' >&2\n')
+    java.write_text(f"#!/bin/sh\necho 'openjdk version \"{version}\" 2020-01-01' >&2\n")
     java.chmod(java.stat().st_mode | stat.S_IEXEC)
     return str(home)
 
