@@ -167,10 +167,18 @@ def weights_hash(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def model_depth(folder: Path) -> int:
+def _text_config(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
-    config = config.get("text_config", config)
-    return int(config["num_hidden_layers"])
+    return dict(config.get("text_config", config))
+
+
+def model_depth(folder: Path) -> int:
+    return int(_text_config(folder)["num_hidden_layers"])
+
+
+def model_width(folder: Path) -> int:
+    """The hidden size: the dimension every tapped layer's vector must have."""
+    return int(_text_config(folder)["hidden_size"])
 
 
 def check_layers(layers: tuple[int, ...], depth: int, where: str) -> None:

@@ -233,6 +233,21 @@ def compress_entity(
     return out.sort_by(key), reg
 
 
+def check_feature_tables(results: list[Any], tables: Any, settings: Settings) -> None:
+    """Every feature table passes its great-expectations gate before the first commit (raises GateFailed)."""
+    from validation.gating import gate, new_run_id
+    from validation.suites import feature_suite
+
+    run_id = new_run_id("compress")
+    for entity, rows, _reg in results:
+        table = FEATURE_TABLES[entity]
+        dim = len(rows.column("vector")[0]) if rows.num_rows else settings.marc.out_dim
+        suite = feature_suite(
+            table, ENTITY_KEYS[entity], dim, settings.marc.output_dtype, conf=settings.validation
+        )
+        gate(rows, suite, table=table, tables=tables, run_id=run_id, conf=settings.validation)
+
+
 def run(spark: SparkSession, settings: Settings, entities: list[str] | None = None) -> list[CompressSummary]:
     """Compute every entity's table first, then commit: a bad row anywhere writes nothing."""
     from models.baselines import bytes_per_vector
@@ -240,6 +255,7 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
 
     tables = open_tables(settings, spark)
     results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(ENTITY_KEYS)]
+    check_feature_tables(results, tables, settings)
     summaries = []
     for entity, rows, reg in results:
         table = FEATURE_TABLES[entity]

@@ -39,6 +39,7 @@ from models.encoder import (
     ModelSource,
     check_layers,
     model_depth,
+    model_width,
     resolve_model,
     weights_hash,
 )
@@ -267,6 +268,8 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     from pyspark.sql import functions as F
 
     from spark_jobs.delta_io import open_tables
+    from validation.gating import gate, new_run_id
+    from validation.suites import repr_suite
 
     if entity not in ENTITY_KEYS:
         raise EncoderError(f"unknown entity {entity!r}; expected one of {', '.join(ENTITY_KEYS)}")
@@ -300,6 +303,7 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     n_chunks = max(1, -(-n_todo // cfg.commit_rows))
     parts = cfg.partitions or spark.sparkContext.defaultParallelism
     encode_fn = PartitionEncoder(source, enc_cfg, key, cfg.device)
+    suite, run_id = repr_suite(entity, key, model_width(source.path)), new_run_id(f"encode-{entity}")
     for chunk in range(n_chunks if n_todo else 0):
         part = todo if n_chunks == 1 else todo.where(F.pmod(F.xxhash64(key), F.lit(n_chunks)) == chunk)
         encoded = part.repartition(parts).mapInArrow(encode_fn, output_schema(key)).toArrow()
@@ -309,6 +313,8 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
         summary.tokens += int(np.sum(first["tokens"].to_numpy()))
         summary.devices = sorted(set(summary.devices) | set(encoded["device"].unique().to_pylist()))
         rows = repr_rows(encoded, key, lineage, datetime.now(UTC))
+        # The gate runs before each commit: a failing chunk is quarantined and earlier chunks stay committed.
+        gate(rows, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
         summary.version = tables.upsert(name, rows, [key, "layer"], compare=["content_hash", "encoded_at"])
         log.info("%s: chunk %d/%d committed, version %s", name, chunk + 1, n_chunks, summary.version)
     summary.seconds = time.monotonic() - started
