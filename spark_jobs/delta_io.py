@@ -102,8 +102,16 @@ class RustDelta:
         table = _arrow(data)
         if not self.exists(name):
             return self.write(name, table)
+        target = self._table(name)
+        # Columns new to the table: added by schema evolution, and every matched row counts as changed.
+        known = set(target.schema().to_arrow().names)
+        new_cols = [c for c in table.column_names if c not in known]
         on, changed = merge_predicates(keys, table.column_names, compare, "datafusion")
-        merge = self._table(name).merge(table, predicate=on, source_alias="s", target_alias="t")
+        if new_cols:
+            changed = "true"
+        merge = target.merge(
+            table, predicate=on, source_alias="s", target_alias="t", merge_schema=bool(new_cols)
+        )
         merge = merge.when_matched_update_all(predicate=changed).when_not_matched_insert_all()
         if delete_missing:
             merge = merge.when_not_matched_by_source_delete()

@@ -54,3 +54,13 @@ def test_merge_predicates_are_null_safe_in_both_dialects() -> None:
     assert changed == '(t."text" IS DISTINCT FROM s."text") OR (t."n" IS DISTINCT FROM s."n")'
     on, changed = merge_predicates(["k"], ["k", "n"], None, "spark")
     assert (on, changed) == ("t.`k` = s.`k`", "NOT (t.`n` <=> s.`n`)")
+
+
+def test_upsert_adds_new_columns_and_stays_idempotent(tmp_path, spark) -> None:
+    tables = RustDelta(tmp_path, spark)
+    tables.upsert("t", _table({"a": "1", "b": "2"}), ["k"])
+    wider = pa.table({"k": ["a", "c"], "v": ["1", "3"], "flag": [True, False]})
+    assert tables.upsert("t", wider, ["k"], delete_missing=True) == 1
+    rows = sorted(tables.read_arrow("t").to_pylist(), key=lambda r: r["k"])
+    assert rows == [{"k": "a", "v": "1", "flag": True}, {"k": "c", "v": "3", "flag": False}]
+    assert tables.upsert("t", wider, ["k"], delete_missing=True) == 1
