@@ -83,14 +83,21 @@ def job_main(name: str, argv: list[str] | None, body: Callable[[SparkSession, Se
     return _run_with_session(name, args.config, args.overrides, body)
 
 
+def command_settings(command: str, config: str, overrides: list[str]) -> Settings | None:
+    """Logging set up and settings loaded for one command; None (after printing why) on a config error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as err:
+        print(f"llmfeat {command}: config error: {err}", file=sys.stderr)
+        return None
+
+
 def _run_with_session(
     name: str, config: str, overrides: list[str], body: Callable[[SparkSession, Settings], Any]
 ) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(config, overrides)
-    except ConfigError as err:
-        print(f"llmfeat {name}: config error: {err}", file=sys.stderr)
+    settings = command_settings(name, config, overrides)
+    if settings is None:
         return 2
     from spark_jobs.session import build_session
 

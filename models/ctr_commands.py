@@ -11,14 +11,13 @@ None of them needs Spark: Delta is read with delta-rs and features come from Fea
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmfeat.config import ConfigError, Settings, load_settings
+from llmfeat.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from models.train_ctr import TrainedCtr
@@ -65,11 +64,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"llmfeat {args.command}: config error: {err}", file=sys.stderr)
+    from llmfeat.cli import command_settings
+
+    settings = command_settings(args.command, args.config, args.overrides)
+    if settings is None:
         return 2
     bodies: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
         "train-ctr": train_command,

@@ -10,13 +10,10 @@ None of them needs Spark: Delta is read with delta-rs.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from llmfeat.config import ConfigError, load_settings
 
 COMMANDS = ("train-lite", "distil-student", "eval-student")
 
@@ -35,13 +32,11 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
 
 
 def dispatch(args: argparse.Namespace) -> int:
+    from llmfeat.cli import command_settings
     from models.encoder import EncoderError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"llmfeat {args.command}: config error: {err}", file=sys.stderr)
+    settings = command_settings(args.command, args.config, args.overrides)
+    if settings is None:
         return 2
     try:
         if args.command == "train-lite":
