@@ -30,10 +30,11 @@ def _wait(ready: Callable[[], bool], proc: subprocess.Popen, what: str, timeout_
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    """Terminate a local server, killing it if it does not exit within `timeout_s`."""
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -61,7 +62,7 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         _wait(ping, proc, "redis-server", 20)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -86,5 +87,5 @@ def feast_serve(repo_dir: Path, port: int | None = None, timeout_s: float = 120)
         _wait(health, proc, "feast serve", timeout_s)
         yield url
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from serving.local_servers import stop_process
+
 if TYPE_CHECKING:
     from llmfeat.config import Settings
     from spark_jobs.delta_io import DeltaTables
@@ -171,9 +173,4 @@ def running_service(settings: Settings, port: int | None = None) -> Iterator[str
             wait_ready(base_url, proc)
             yield base_url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout_s=30)
