@@ -129,10 +129,17 @@ def run(texts_dir: Path, out: Path | None, repeats: int) -> None:
             row(name, "naive: fp32, full depth, all hidden states, unsorted, batch 64", sample, n_tok, secs)
         )
         print(results[-1], flush=True)
-        for layers, budget in (((15,), 65536), ((15,), 131072), ((8, 15, 22, 30), 131072)):
-            cfg = EncoderConfig(layers=layers, max_length=512, token_budget=budget, max_batch=8192)
+        reference = None
+        for layers, compiled in (((15,), False), ((15,), True), ((8, 15, 22, 30), True)):
+            cfg = EncoderConfig(
+                layers=layers, max_length=512, token_budget=131072, max_batch=8192, compile=compiled
+            )
             encoder = LayerEncoder(random_smollm2(), tokenizer, cfg, device)
-            encoder.encode(texts[:20000])  # warm-up: CUDA context, kernels, allocator
+            sync(device)
+            start = time.perf_counter()
+            first = encoder.encode(texts)  # warm-up: CUDA context, kernels, allocator, compilation
+            sync(device)
+            warmup = time.perf_counter() - start
             times, tokens = [], 0
             for _ in range(repeats):
                 sync(device)
@@ -140,14 +147,20 @@ def run(texts_dir: Path, out: Path | None, repeats: int) -> None:
                 sync(device)
                 times.append(got.seconds)
                 tokens = got.tokens
-            label = f"encoder: bf16, stop at {max(layers)}, layers {list(layers)}, token budget {budget}"
-            results.append(row(name, label, texts, tokens, statistics.median(times)))
+            if layers == (15,):  # compiled and eager agree (bf16): cosine of each text's two vectors
+                if reference is None:
+                    reference = got.vectors
+                else:
+                    cos = (reference * got.vectors).sum(-1).min()
+                    print(f"compiled vs eager: min cosine {cos:.5f}", flush=True)
+            label = f"encoder: packed, bf16, stop at {max(layers)}, layers {list(layers)}" + (
+                ", compiled" if compiled else ""
+            )
+            results.append(
+                row(name, label, texts, tokens, statistics.median(times)) | {"first_call_s": warmup}
+            )
             print(results[-1], flush=True)
-            start = time.perf_counter()
-            encoder.tokenize(texts)
-            label = "encoder.tokenize alone (Rust fast path, no thread)"
-            results.append(row(name, label, texts, tokens, time.perf_counter() - start))
-            del encoder
+            del encoder, first
             torch.cuda.empty_cache()
         start = time.perf_counter()
         tokenizer(texts, truncation=False)

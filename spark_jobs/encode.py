@@ -100,6 +100,8 @@ def encoder_config(cfg: EncodeConf) -> EncoderConfig:
         max_length=cfg.max_length,
         token_budget=cfg.token_budget,
         max_batch=cfg.max_batch,
+        pack_width=cfg.pack_width,
+        compile=cfg.compile,
     )
 
 

@@ -87,7 +87,7 @@ def reference(pooling: str) -> np.ndarray:
 @pytest.mark.unit
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 def test_taps_match_full_forward_one_text_at_a_time(pooling: str) -> None:
-    # token_budget 64 forces several padded batches, tokenize_chunk 3 two tokenisation chunks
+    # token_budget 64 forces several packs, tokenize_chunk 3 two tokenisation chunks
     got = encoder(pooling=pooling, token_budget=64, tokenize_chunk=3).encode(TEXTS)
     assert got.vectors.shape == (4, 3, 32)
     np.testing.assert_allclose(got.vectors, reference(pooling), rtol=1e-4, atol=1e-5)
@@ -110,12 +110,25 @@ def test_layer_order_follows_config_and_l2_normalises() -> None:
 
 
 @pytest.mark.unit
-def test_token_budget_batches_sorted_texts() -> None:
-    enc = encoder(token_budget=64, max_length=32)
+def test_texts_pack_into_rows_within_the_token_budget() -> None:
+    enc = encoder(token_budget=64, max_length=32, pack_width=32)
     lengths = np.array([3, 30, 9, 12, 2])
-    batches = enc.batches(lengths)
-    assert [list(b) for b in batches] == [[1, 3], [2, 0, 4]]  # 2 x 32 and 3 x 16 padded tokens
-    assert all(len(b) * ((lengths[b].max() + 7) // 8 * 8) <= 64 for b in batches)
+    (pack,) = enc.batches(lengths)
+    assert (pack.width, pack.rows) == (32, 2)
+    # row 0: the longest (30) topped up with the shortest (2); row 1: 12, then 3 and 9
+    assert pack.texts.tolist() == [1, 4, 3, 0, 2]
+    assert pack.row_of.tolist() == [0, 0, 1, 1, 1]
+    assert pack.offsets.tolist() == [0, 30, 0, 12, 15]
+    assert enc.batches(np.array([5, 3]))[0].width == 8  # a small remainder: one narrow row, not 32 wide
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_packed_rows_match_one_text_at_a_time(pooling: str) -> None:
+    enc = encoder(pooling=pooling, pack_width=64)
+    (pack,) = enc.batches(np.array([len(x) for x in enc.tokenize(TEXTS)[0]]))
+    assert pack.rows == 1  # all four texts share one row: only the block-diagonal mask keeps them apart
+    np.testing.assert_allclose(enc.encode(TEXTS).vectors, reference(pooling), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.unit
@@ -177,3 +190,11 @@ def test_packaged_smollm2_converts_once_and_encodes(tmp_path: Path) -> None:
     assert got.shape == (2, 3, 576) and np.isfinite(got).all()
     norms = np.linalg.norm(got, axis=-1).mean(0)
     assert norms[1] > 10 * norms[2]  # the middle layer's huge activations: why normalise per layer
+
+
+@pytest.mark.unit
+def test_tokenize_ignores_padding_left_on_the_shared_tokenizer() -> None:
+    enc = encoder()
+    before = enc.tokenize(TEXTS)[0]
+    enc.tokenizer(TEXTS, padding=True, truncation=True, max_length=4)  # sets both on the shared backend
+    assert enc.tokenize(TEXTS)[0] == before == enc.tokenizer(TEXTS)["input_ids"]
