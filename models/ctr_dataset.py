@@ -8,6 +8,9 @@ training and serving then see the same values (the online store holds the latest
 
 Leakage rule (METHODS.md): a user vector encodes that user's behaviour before `encode.history_cut` (labels
 included). It is withheld (null, flagged missing) on every row before the cut, so no row sees its own label.
+The training-set gate (`check_training_set`) checks this on every build: per view, the latest time its values
+can hold interaction information (the cut for user vectors, the snapshot for counters, none for item content)
+is never after the row's event; a planted violation stops training and quarantines the rows.
 
 Splits used by the trainer: fit = train + the earliest (1 - ctr.stop_frac) of valid; valid = the latest
 ctr.stop_frac of valid (early stopping and the reported valid metrics); test = the test split.
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
     from llmfeat.config import Settings
     from spark_jobs.delta_io import DeltaTables
+    from validation.gating import GateReport
 
 VECTOR_TABLES = ("feast_user_llm", "feast_item_llm")
 LINEAGE_COLUMNS = ("encoder_id", "layer", "compressor_name", "compressor_version", "source_version")
@@ -41,6 +45,13 @@ VERSIONED_TABLES = (
     "user_features",
     "item_features",
 )
+
+
+# Until when a view's values can hold information from interactions, which the training-set gate checks is
+# never after a row's event: a user vector encodes behaviour before the history cut; item content (text
+# vectors, metadata) holds none; any other view (counters) is joined as of the snapshot.
+HISTORY_VIEWS = frozenset({"user_llm_fv"})
+CONTENT_VIEWS = frozenset({"item_llm_fv", "item_meta_fv"})
 
 
 class SnapshotChanged(RuntimeError):
@@ -57,6 +68,7 @@ class Snapshot:
     services: tuple[str, ...]
     views: tuple[str, ...]
     lineage: dict[str, str] = field(default_factory=dict)
+    features: dict[str, tuple[str, ...]] = field(default_factory=dict)  # view -> its columns in the frame
 
     def tags(self) -> dict[str, str]:
         out = {
@@ -105,24 +117,27 @@ def vector_lineage(tables: DeltaTables) -> dict[str, str]:
     return out
 
 
-def _refs_by_entity(store: FeatureStore, services: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Feature references of the services grouped by join key ({"user_id": [...], "item_id": [...]})."""
+def _refs_by_entity(
+    store: FeatureStore, services: list[str]
+) -> tuple[dict[str, list[str]], dict[str, tuple[str, ...]]]:
+    """Feature references of the services grouped by join key ({"user_id": [...], "item_id": [...]}), and
+    each view's feature names."""
     refs: dict[str, list[str]] = {}
-    views: list[str] = []
+    views: dict[str, set[str]] = {}
     for name in services:
         for group in _refs_by_view(store, name):
             view = store.get_feature_view(group[0].split(":", 1)[0])
             (entity,) = view.entities
             key = store.get_entity(entity).join_key
-            views.append(view.name)
+            views.setdefault(view.name, set()).update(r.split(":", 1)[1] for r in group)
             refs.setdefault(key, [])
             refs[key] += [r for r in group if r not in refs[key]]
-    return refs, sorted(set(views))
+    return refs, {v: tuple(sorted(f)) for v, f in sorted(views.items())}
 
 
 def features_as_of(
     store: FeatureStore, keys: dict[str, list[str]], services: list[str], as_of: dt.datetime
-) -> tuple[dict[str, pd.DataFrame], list[str]]:
+) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[str, ...]]]:
     """Per join key: a frame key + features, each value the latest at or before `as_of` (Feast PIT join)."""
     refs, views = _refs_by_entity(store, services)
     out = {}
@@ -159,8 +174,38 @@ def build_frame(
     if "user_vector" in frame.columns:
         before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(cut)
         frame["user_vector"] = frame["user_vector"].where(~before.to_numpy(), None)
-    snapshot = Snapshot(as_of, cut, versions, tuple(services), tuple(views), vector_lineage(tables))
+    snapshot = Snapshot(as_of, cut, versions, tuple(services), tuple(views), vector_lineage(tables), views)
     return frame, snapshot
+
+
+def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataFrame, list[str]]:
+    """What the training-set gate reads: keys, label, event time and, per view that can hold interaction
+    information, the latest time it may (see HISTORY_VIEWS; null on rows without that view's features)."""
+    out = frame[["user_id", "item_id", "event_timestamp", "label"]].copy()
+    out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
+    columns = []
+    for view, features in snapshot.features.items():
+        if view in CONTENT_VIEWS:
+            continue
+        known = snapshot.history_cut if view in HISTORY_VIEWS else snapshot.as_of
+        present = frame[list(features)].notna().any(axis=1)
+        column = f"{view}_information_time"
+        out[column] = pd.Series(pd.to_datetime(known, utc=True), index=out.index).where(present)
+        columns.append(column)
+    return out, columns
+
+
+def check_training_set(
+    settings: Settings, tables: DeltaTables, frame: pd.DataFrame, snapshot: Snapshot, name: str
+) -> GateReport:
+    """The training set's great-expectations gate: label rate, sane times, no feature from the future.
+    Raises GateFailed (rows quarantined, nothing trained) or returns the report to link from the run."""
+    from validation import gate, new_run_id, training_set_suite
+
+    data, times = information_times(frame, snapshot)
+    suite = training_set_suite(times, name=name, conf=settings.validation)
+    run_id = new_run_id("train-ctr")
+    return gate(data, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
 
 
 def split_masks(frame: pd.DataFrame, stop_frac: float) -> dict[str, np.ndarray]:

@@ -350,7 +350,8 @@ class LayerEncoder:
         """[N] texts -> [N, L, H] pooled states; the next chunk is tokenised in a thread as the model runs."""
         started = time.monotonic()
         n, layers = len(texts), sorted(set(self.cfg.layers))
-        chunks, i = [], 0
+        chunks: list[slice] = []
+        i = 0
         while i < n:  # small chunks first, so the GPU starts early; then tokenize_chunk texts each
             size = min(self.cfg.tokenize_chunk, 1024 * 4 ** len(chunks))
             chunks.append(slice(i, min(i + size, n)))

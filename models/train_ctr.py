@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from models.ctr import CtrConfig, CtrInputs, CtrModel
-from models.ctr_dataset import Snapshot, build_frame, describe, service_names, split_masks
+from models.ctr_dataset import (
+    Snapshot,
+    build_frame,
+    check_training_set,
+    describe,
+    service_names,
+    split_masks,
+)
 from models.ctr_eval import calibration_figure, flat_metrics, metric_intervals, roc_figure
 from models.ctr_features import FeatureEncoder
 from models.metrics import Interval, auc, logloss
@@ -150,14 +157,17 @@ def train_and_register(
     """Build the training set from Feast, train, evaluate, log and register (and set `alias`)."""
     import mlflow
     from models.ctr_pyfunc import log_ranker
+    from validation.data_docs import link_to_mlflow
 
     cfg = settings.ctr
     frame, snapshot = build_frame(settings, tables, store, service_names(settings, use_llm))
+    label = f"{cfg.kind}-{'llm' if use_llm else 'id'}"
+    checked = check_training_set(settings, tables, frame, snapshot, f"training_set_{label.replace('-', '_')}")
     masks = split_masks(frame, cfg.stop_frac)
     use_ctr_tracking(settings)
     tags = run_tags(snapshot, cfg, use_llm)
-    label = f"{cfg.kind}-{'llm' if use_llm else 'id'}"
     with mlflow.start_run(run_name=f"train-{label}", tags=tags) as run:
+        link_to_mlflow(mlflow.MlflowClient(), run.info.run_id, checked)
         mlflow.log_params({f"ctr.{k}": v for k, v in cfg.model_dump().items()} | describe(frame))
         model, encoder = fit_model(frame, masks, use_llm, cfg)
         p = predict(model, encoder, frame)

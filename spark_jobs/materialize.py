@@ -8,6 +8,7 @@
    the dimension the feature view declares. A wrong dimension, a null or a non-finite vector stops the job
    before anything is written or materialized. Lineage columns are copied as they are.
    Item metadata and daily cumulative counters are derived from items and interactions.
+   Every table then passes its great-expectations gate (validation/) before the first write.
 2. Apply the repo (feature_repo/ under this profile's feature_store.yaml).
 3. Materialize: incremental from the last materialized end time; a view never materialized, a static view and
    `--full` take the whole history. Tables that do not exist yet (compress not run) are skipped, with a note.
@@ -26,13 +27,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmfeat.config import Settings
+from llmfeat.config import Settings, ValidationConf
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
     from pyspark.sql import DataFrame, SparkSession
 
     from spark_jobs.delta_io import DeltaTables
+    from validation.suites import Suite
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ LINEAGE = {
     "dtype": pa.string(),
 }
 TIMESTAMP = pa.timestamp("us", tz="UTC")
+DEFAULTS = ValidationConf()
 
 
 class FeatureTableError(ValueError):
@@ -160,10 +163,14 @@ def daily_counters(interactions: DataFrame, key: str, prefix: str) -> DataFrame:
     )
 
 
-def publish(spark: SparkSession | None, tables: DeltaTables) -> list[Published]:
-    """Write every Feast-facing table whose input exists; all checks run before the first write.
-    Counters need Spark (they aggregate interactions); without a session only vectors and metadata publish."""
+def publish(
+    spark: SparkSession | None, tables: DeltaTables, conf: ValidationConf = DEFAULTS
+) -> list[Published]:
+    """Write every Feast-facing table whose input exists; all checks and every table's great-expectations
+    gate run before the first write. Counters need Spark (they aggregate interactions); without a session
+    only vectors and metadata publish."""
     from llmfeat.feast_repo import feature_views, vector_dim
+    from validation.gating import gate, new_run_id
 
     views = feature_views()
     staged: list[tuple[str, str, pa.Table, list[str], list[str], bool]] = []  # ..., keys, compare, delete
@@ -195,11 +202,26 @@ def publish(spark: SparkSession | None, tables: DeltaTables) -> list[Published]:
                     True,
                 )
             )
+    run_id = new_run_id("materialize")
+    for name, _view, data, keys, *_ in staged:
+        gate(data, _suite(name, keys[0], data, conf), table=name, tables=tables, run_id=run_id, conf=conf)
     out = []
     for name, view, data, keys, compare, delete in staged:
         version = tables.upsert(name, data, keys, delete_missing=delete, compare=compare or None)
         out.append(Published(name, view, data.num_rows, version))
     return out + skipped
+
+
+def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
+    from validation.suites import counters_suite, feature_suite, item_meta_suite
+
+    if table == "feast_item_meta":
+        return item_meta_suite(conf)
+    if table.endswith("_stats"):
+        return counters_suite(table.removeprefix("feast_").removesuffix("_stats"), key, conf)
+    spec = next(v for v in VECTOR_TABLES if v.target == table)
+    dim = len(data[spec.column][0]) if data.num_rows else 0  # decode_vectors checked it against the view
+    return feature_suite(table, key, dim, "float32", spec.column, conf=conf, stored_dtype=False)
 
 
 def _utc(table: pa.Table) -> pa.Table:
@@ -239,7 +261,7 @@ def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> l
     from llmfeat.feast_repo import apply_repo
     from spark_jobs.delta_io import open_tables
 
-    published = publish(spark, open_tables(settings, spark))
+    published = publish(spark, open_tables(settings, spark), settings.validation)
     store = apply_repo(settings)
     materialize(store, views_on([p.table for p in published if p.version >= 0]), full=full)
     return published

@@ -3,8 +3,10 @@ on the tiny lake (tests/test_ctr_lake.py) with a fresh SQLite MLflow store per t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
@@ -13,10 +15,11 @@ import mlflow
 from llmfeat.config import Settings
 from llmfeat.feast_repo import open_store
 from models.compare import ModelNotFound, compare, promote, resolve
-from models.ctr_dataset import build_frame
+from models.ctr_dataset import build_frame, check_training_set
 from models.ctr_pyfunc import load_ranker
 from models.registry import tracking_uri
 from spark_jobs.delta_io import RustDelta
+from validation import GateFailed
 
 pytestmark = pytest.mark.integration
 
@@ -70,6 +73,33 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     info = mlflow.models.get_model_info(f"models:/llmfeat-ctr/{challenger.version}")
     assert info.signature is not None and "user_vector" in info.signature.inputs.input_names()
     assert info.saved_input_example_info is not None
+    # the training set passed its gate, and the run links that gate's Data Docs page
+    assert run.data.tags["validation.training_set_deepfm_llm"].startswith("passed (training_set_deepfm_llm")
+    page = Path(run.data.tags["data_docs.training_set_deepfm_llm"].removeprefix("file://"))
+    assert page.is_file() and "user_llm_fv_information_time" in page.read_text()
+
+
+def test_training_set_gate_stops_leaked_user_vectors_and_collapsed_labels(
+    lake: Settings, tmp_path: Path
+) -> None:
+    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_llm_v1"])
+    scratch = RustDelta(tmp_path / "delta")  # quarantine and Data Docs of this test only
+    assert check_training_set(lake, scratch, frame, snap, "training_set").success
+    before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(snap.history_cut)
+    leak = set(np.flatnonzero(before.to_numpy())[:3])
+    some_vector = frame.loc[~before, "user_vector"].iloc[0]
+    leaked = frame.assign(
+        user_vector=[some_vector if i in leak else v for i, v in enumerate(frame["user_vector"])]
+    )
+    with pytest.raises(GateFailed, match="column_B=user_llm_fv_information_time") as failed:
+        check_training_set(lake, scratch, leaked, snap, "training_set")
+    assert failed.value.report.quarantined == 3 and failed.value.report.version is None
+    quarantined = scratch.read_arrow("quarantine").to_pandas()
+    keys = [json.loads(k) for k in quarantined["row_key"]]
+    assert {k["user_id"] for k in keys} == set(frame.loc[sorted(leak), "user_id"])
+    assert all("user_llm_fv_information_time" in r for r in quarantined["reasons"])
+    with pytest.raises(GateFailed, match="expect_column_mean_to_be_between.column=label"):
+        check_training_set(lake, scratch, frame.assign(label=0), snap, "training_set")
 
 
 def test_registered_model_scores_a_frame_like_the_service_builds(lake: Settings, tmp_path: Path) -> None:

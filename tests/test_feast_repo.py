@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +128,31 @@ def test_parse_http_response_flags_unknown_ids() -> None:
     assert batch.items.shape == (2, 4) and batch.items.dtype == np.float32
     assert batch.item_missing.tolist() == [False, True] and not batch.user_missing
     assert batch.items[1].sum() == 0 and batch.user[0] == 1.0
+
+
+@pytest.mark.integration
+def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) -> None:
+    from spark_jobs.delta_io import RustDelta
+    from spark_jobs.materialize import publish
+    from validation import GateFailed
+
+    tables = RustDelta(tmp_path / "delta")
+    ts = datetime.now(UTC) - timedelta(days=1)
+    users = ["1", "2", "3"]
+    tables.write("user_features", feature_table("user_id", users, vectors_for(users), ts))
+    two_encoders = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
+    encoders = pa.array(["smollm2-135m", "other-llm"])
+    two_encoders = two_encoders.set_column(
+        two_encoders.column_names.index("encoder_id"), "encoder_id", encoders
+    )
+    tables.write("item_features", two_encoders)
+    with pytest.raises(GateFailed) as failed:
+        publish(None, tables)
+    report = failed.value.report
+    assert report.table == "feast_item_llm" and "encoder_id" in str(failed.value)
+    assert not tables.exists("feast_user_llm") and not tables.exists("feast_item_llm")  # nothing written
+    assert tables.read_arrow("quarantine").num_rows == 2  # a table-level failure: the whole batch
+    one_encoder = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
+    tables.upsert("item_features", one_encoder, ["item_id"], delete_missing=True)
+    published = {p.table: p for p in publish(None, tables)}
+    assert published["feast_user_llm"].rows == 3 and published["feast_item_llm"].rows == 2

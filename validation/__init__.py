@@ -15,8 +15,10 @@ if TYPE_CHECKING:
     from validation.reference import norm_bounds_from
     from validation.suites import (
         Suite,
+        counters_suite,
         drift_suite,
         feature_suite,
+        item_meta_suite,
         raw_suite,
         repr_suite,
         training_set_suite,
@@ -32,6 +34,8 @@ _WHERE = {
     "raw_suite": "validation.suites",
     "repr_suite": "validation.suites",
     "feature_suite": "validation.suites",
+    "item_meta_suite": "validation.suites",
+    "counters_suite": "validation.suites",
     "training_set_suite": "validation.suites",
     "drift_suite": "validation.suites",
 }
@@ -45,6 +49,8 @@ __all__ = [
     "raw_suite",
     "repr_suite",
     "feature_suite",
+    "item_meta_suite",
+    "counters_suite",
     "training_set_suite",
     "drift_suite",
 ]

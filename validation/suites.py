@@ -6,7 +6,9 @@ the previous version the batch is joined with.
 
     raw tables        items_suite, users_suite, interactions_suite, behaviors_suite, user_behaviors_suite
     representations   repr_suite        (<entity>_repr: dimension, finite, norms, one row per key and layer)
-    features          feature_suite     (user_features, item_features: dimension, int8 range, lineage)
+    features          feature_suite     (user_features, item_features: dimension, int8 range, lineage;
+                                         also their float32 copies feast_user_llm, feast_item_llm, ...)
+    Feast-facing      item_meta_suite, counters_suite (feast_item_meta, feast_user_stats, feast_item_stats)
     training sets     training_set_suite (label rate, no feature from the future)
     drift             drift_suite       (two versions of a feature table over the same keys)
 """
@@ -201,9 +203,13 @@ def feature_suite(
     vector: str = "vector",
     lineage: Sequence[str] = FEATURE_LINEAGE,
     conf: ValidationConf = DEFAULTS,
+    stored_dtype: bool = True,
 ) -> Suite:
     """user_features / item_features: dimension, finite values, int8 codes in range with a positive scale,
-    lineage columns present and single-valued (one encoder, layer and compressor per publication)."""
+    lineage columns present and single-valued (one encoder, layer and compressor per publication).
+
+    The Feast-facing copies (feast_user_llm, ...) use it too, with dtype float32 and `stored_dtype=False`:
+    their `dtype` lineage column names how the source table stored the vectors, not their own dtype."""
     derived = [Derived("dim", vector), Derived("finite", vector)]
     checks = [*_ids([key]), *_vector_shape(vector, dim), *_timestamps("event_timestamp", conf)]
     if dtype == "int8":
@@ -220,9 +226,39 @@ def feature_suite(
             gxe.ExpectColumnValuesToNotBeNull(column=col),
             gxe.ExpectColumnUniqueValueCountToBeBetween(column=col, min_value=1, max_value=1),
         ]
-    if "dtype" in lineage:
+    if "dtype" in lineage and stored_dtype:
         checks.append(gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[dtype]))
     return Suite(name, (key,), tuple(checks), derived=tuple(derived))
+
+
+def item_meta_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    """feast_item_meta: one row per item with a title; a release year, where known, that is plausible."""
+    return Suite(
+        "feast_item_meta",
+        ("item_id",),
+        (
+            *_ids(["item_id"]),
+            gxe.ExpectColumnValuesToNotBeNull(column="title"),
+            gxe.ExpectColumnValuesToBeBetween(column="year", min_value=1800, max_value=_now_bound(conf).year),
+            gxe.ExpectColumnValuesToNotBeNull(column="event_timestamp"),
+        ),
+    )
+
+
+def counters_suite(prefix: str, key: str, conf: ValidationConf = DEFAULTS) -> Suite:
+    """feast_<prefix>_stats: one row per key and day, cumulative impressions >= clicks >= 0."""
+    impressions, clicks = f"{prefix}_impressions", f"{prefix}_clicks"
+    return Suite(
+        f"feast_{prefix}_stats",
+        (key, "event_timestamp"),
+        (
+            *_ids([key, "event_timestamp"]),
+            *_timestamps("event_timestamp", conf),
+            gxe.ExpectColumnValuesToBeBetween(column=impressions, min_value=1),
+            gxe.ExpectColumnValuesToBeBetween(column=clicks, min_value=0),
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A=impressions, column_B=clicks, or_equal=True),
+        ),
+    )
 
 
 def training_set_suite(
