@@ -281,3 +281,29 @@ def test_bounds_come_from_config(tables: RustDelta) -> None:
         )
     failed = " ".join(f.expectation for f in err.value.report.failures)
     assert "column=label" in failed and "column=event_timestamp" in failed
+
+
+def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tables: RustDelta) -> None:
+    from llmfeat.config import load_settings
+    from models.ctr_dataset import Snapshot, check_training_set
+
+    settings = load_settings("tiny", [f"data_dir={tables.root.parent}"])
+    events = pd.to_datetime(["1998-01-01", "1998-02-01", "1998-03-01", "1998-04-01"], utc=True)
+    cut, as_of = pd.Timestamp("1998-02-15", tz="UTC"), pd.Timestamp("2026-01-01", tz="UTC")
+    frame = pd.DataFrame(
+        {
+            "user_id": ["1", "2", "3", "4"],
+            "item_id": ["7", "7", "8", "8"],
+            "event_timestamp": events,
+            "label": [0, 1, 1, 0],
+            "user_vector": [None, None, *_vectors(2)],  # withheld before the cut
+            "item_vector": _vectors(4),
+            "user_clicks": [3, 4, 5, 6],
+        }
+    )
+    views = {"user_llm_fv": ("user_vector",), "item_llm_fv": ("item_vector",)}
+    snap = Snapshot(as_of, cut, {}, ("svc",), tuple(views), features=views)
+    assert check_training_set(settings, tables, frame, snap, "training_set").success  # item content: no time
+    counters = Snapshot(as_of, cut, {}, ("svc",), (), features={**views, "user_stats_fv": ("user_clicks",)})
+    with pytest.raises(GateFailed, match="column_B=user_stats_fv_information_time.*4 of 4 rows"):
+        check_training_set(settings, tables, frame, counters, "training_set")  # joined as of the snapshot
