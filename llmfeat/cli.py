@@ -83,9 +83,15 @@ def job_main(name: str, argv: list[str] | None, body: Callable[[SparkSession, Se
     return _run_with_session(name, args.config, args.overrides, body)
 
 
+def setup_logging() -> None:
+    """INFO lines from llmfeat and the jobs; libraries that narrate their internals at INFO only warn."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs every datasource it loads
+
+
 def command_settings(command: str, config: str, overrides: list[str]) -> Settings | None:
     """Logging set up and settings loaded for one command; None (after printing why) on a config error."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         return load_settings(config, overrides)
     except ConfigError as err:

@@ -271,8 +271,7 @@ def add_parser(sub: Any, config_args: Any) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from llmfeat.cli import _run_with_session
-    from llmfeat.config import ConfigError, load_settings
+    from llmfeat.cli import _run_with_session, command_settings
 
     if args.action != "evaluate":
 
@@ -288,11 +287,8 @@ def command(args: argparse.Namespace) -> int:
 
     from models.bahe_eval import evaluate, format_report
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"llmfeat bahe evaluate: config error: {err}", file=sys.stderr)
+    settings = command_settings("bahe evaluate", args.config, args.overrides)
+    if settings is None:
         return 2
     results = evaluate(settings, args.scope, args.seeds, fresh=args.fresh)
     out = Path(args.out or Path(settings.data_dir) / "bahe_eval" / "results.json")
