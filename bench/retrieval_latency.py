@@ -75,7 +75,11 @@ def build_lake(data_dir: Path, online: list[str]):  # type: ignore[no-untyped-de
                 key: pa.array([str(i) for i in range(1, n + 1)]),
                 "vector": pa.array(list(vecs), pa.list_(pa.float32())),
                 "event_timestamp": pa.array([ts] * n, pa.timestamp("us", tz="UTC")),
+                "source_version": pa.array([0] * n, pa.int64()),
+                "encoder_id": pa.array(["smollm2-135m"] * n),
+                "layer": pa.array([15] * n, pa.int64()),
                 "compressor_name": pa.array(["marc"] * n),
+                "compressor_version": pa.array(["1"] * n),
                 "dtype": pa.array(["float16"] * n),
             }
             tables.write(name, pa.table(cols))

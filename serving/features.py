@@ -6,9 +6,10 @@
     batch.items    [N, D] float32  batch.item_missing  [N] bool   (unknown ids: zeros + flag)
     user, items, item_missing = batch.to_torch()
 
-`OnlineFeatures` reads through the online store's own `online_read` (one read for the user, one for all items)
-and decodes the protobuf values straight into one preallocated array; Feast's generic `get_online_features`
-returns the same values as Python lists (bench/retrieval_latency.py measures both).
+`OnlineFeatures` reads only the vector field of the user and item views, with cached entity keys, in one
+SQLite query per view or one Redis pipeline per request, and decodes the stored values straight into arrays
+(serving/online_read.py); Feast's generic `get_online_features` returns the same values as Python lists
+(bench/retrieval_latency.py measures both).
 `HttpFeatures` fetches the same arrays from `feast serve` (POST /get-online-features).
 """
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmfeat.feast_repo import FeatureStoreError, vector_dim
+from serving.online_read import decode_vectors, rows_reader
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +55,7 @@ class OnlineFeatures:
         self.user_view, self.user_field = self._view(user_view)
         self.item_view, self.item_field = self._view(item_view)
         self.dim = vector_dim(self.item_view)
-        self._online = store._get_provider().online_store  # the store's own batch read
+        self._rows = rows_reader(store)
 
     def _view(self, name: str) -> tuple[FeatureView, str]:
         try:
@@ -67,31 +69,17 @@ class OnlineFeatures:
         field = next(f.name for f in view.schema if f.name.endswith("_vector"))
         return view, field
 
-    def _read(
-        self, view: FeatureView, field: str, join_key: str, ids: list[str]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        keys = [EntityKey(join_keys=[join_key], entity_values=[Value(string_val=i)]) for i in ids]
-        try:
-            rows = self._online.online_read(self.store.config, view, keys, [field])
-        except sqlite3.OperationalError as err:  # the table is created by apply, filled by materialize
-            raise FeatureStoreError(
-                f"online table for {view.name} is missing ({err}): {MATERIALIZE_HINT}"
-            ) from None
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)  # [N, D]
-        missing = np.ones(len(ids), dtype=bool)  # [N]
-        for row, (_, values) in enumerate(rows):
-            value = values.get(field) if values else None
-            if value is not None and value.HasField("float_list_val"):
-                out[row] = value.float_list_val.val
-                missing[row] = False
-        return out, missing
-
     def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:
-        user, user_missing = self._read(self.user_view, self.user_field, "user_id", [user_id])
-        items, item_missing = self._read(self.item_view, self.item_field, "item_id", list(item_ids))
+        requests = [
+            (self.user_view, self.user_field, "user_id", [user_id]),
+            (self.item_view, self.item_field, "item_id", list(item_ids)),
+        ]
+        try:
+            user_rows, item_rows = self._rows.read(requests)
+        except sqlite3.OperationalError as err:  # the table is created by apply, filled by materialize
+            raise FeatureStoreError(f"online table is missing ({err}): {MATERIALIZE_HINT}") from None
+        user, user_missing = decode_vectors(user_rows, self.dim)
+        items, item_missing = decode_vectors(item_rows, self.dim)
         return RankingFeatures(user[0], items, bool(user_missing[0]), item_missing)
 
 

@@ -156,3 +156,20 @@ def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) 
     tables.upsert("item_features", one_encoder, ["item_id"], delete_missing=True)
     published = {p.table: p for p in publish(None, tables)}
     assert published["feast_user_llm"].rows == 3 and published["feast_item_llm"].rows == 2
+
+
+@pytest.mark.unit
+def test_vector_decoding_reads_plain_float_lists_and_parses_the_rest() -> None:
+    from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Value
+
+    from serving.online_read import decode_vectors
+
+    v = vectors_for(["a", "b"], dim=4).astype(np.float32)
+    plain = [Value(float_list_val=FloatList(val=x)).SerializeToString() for x in v]
+    other = Value(double_list_val=DoubleList(val=[1.0] * 4)).SerializeToString()
+    out, missing = decode_vectors([plain[0], None, other, plain[1]], 4)
+    assert out.dtype == np.float32 and missing.tolist() == [False, True, True, False]
+    np.testing.assert_array_equal(out[[0, 3]], v)
+    assert not out[[1, 2]].any()
+    with pytest.raises(ValueError, match="dimension 4, expected 3"):
+        decode_vectors([plain[0]], 3)

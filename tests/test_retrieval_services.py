@@ -17,6 +17,7 @@ from llmfeat.config import Settings
 from llmfeat.feast_repo import apply_repo, open_store
 from serving.features import HttpFeatures, OnlineFeatures
 from serving.local_servers import feast_serve, redis_server
+from serving.online_read import FeastRows, RedisRows, SqliteRows, rows_reader
 from spark_jobs.delta_io import RustDelta
 from spark_jobs.materialize import materialize, publish, views_on
 
@@ -57,6 +58,23 @@ def test_ranking_request_on_redis(tmp_path: Path) -> None:
         settings = tiny_settings(tmp_path, "feast.online_store=redis", f"feast.redis={conn}")
         build_store(settings)
         check_batch(OnlineFeatures(open_store(settings)).fetch("196", ["242", "302", "unknown", "377"]))
+        same_rows_as_feast(open_store(settings), RedisRows)
+
+
+def test_sqlite_reader_reads_the_rows_feast_reads(sqlite_store: Settings) -> None:
+    same_rows_as_feast(open_store(sqlite_store), SqliteRows)
+
+
+def same_rows_as_feast(store, kind) -> None:  # type: ignore[no-untyped-def]
+    """The direct reader returns byte for byte what Feast's own online_read gives, unknown ids as None."""
+    reader = rows_reader(store)
+    assert isinstance(reader, kind)
+    requests = [
+        (store.get_feature_view("user_llm_fv"), "user_vector", "user_id", ["22", "nobody", "196"]),
+        (store.get_feature_view("item_llm_fv"), "item_vector", "item_id", [*ITEMS, "unknown"]),
+    ]
+    got, feast = reader.read(requests), FeastRows(store).read(requests)
+    assert got == feast and got[0][1] is None and got[1][-1] is None
 
 
 def test_http_fetch_from_feast_serve_and_docs_snippet(sqlite_store: Settings) -> None:
