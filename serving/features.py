@@ -91,7 +91,12 @@ class HttpFeatures:
         self.service, self.dim, self.timeout_s = service, dim, timeout_s
 
     def request_body(self, user_id: str, item_ids: list[str]) -> bytes:
-        entities = {"user_id": [user_id] * len(item_ids), "item_id": list(item_ids)}
+        # Feast answers one value per entity row: the user id goes on the first row only, so its vector comes
+        # back once instead of N times (half the response, about half the server's time per request).
+        if not item_ids:
+            raise ValueError("a ranking request needs at least one candidate item")
+        users = [user_id] + [""] * (len(item_ids) - 1)
+        entities = {"user_id": users, "item_id": list(item_ids)}
         return json.dumps({"feature_service": self.service, "entities": entities}).encode()
 
     def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:

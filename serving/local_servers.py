@@ -66,12 +66,15 @@ def redis_server(port: int | None = None) -> Iterator[str]:
 
 
 @contextmanager
-def feast_serve(repo_dir: Path, port: int | None = None, timeout_s: float = 120) -> Iterator[str]:
-    """`feast -c repo_dir serve` on 127.0.0.1; yields its base URL once /health answers."""
+def feast_serve(
+    repo_dir: Path, port: int | None = None, timeout_s: float = 120, workers: int = 1
+) -> Iterator[str]:
+    """`feast -c repo_dir serve` on 127.0.0.1 (`workers` processes); yields its URL once /health answers."""
     port = port or free_port()
     beside = Path(sys.executable).with_name("feast")  # the venv's CLI, whatever PATH says
     feast = str(beside) if beside.exists() else shutil.which("feast") or "feast"
     args = [feast, "-c", str(repo_dir), "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log"]
+    args += ["--workers", str(workers)]
     log = open(Path(repo_dir) / "feature_server.log", "wb")  # closed in finally
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
