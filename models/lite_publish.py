@@ -4,7 +4,8 @@ Table `<lite.candidates_table>` (default user_candidates), one row per user, MER
     user_id, candidate_items (list<string>, best first), candidate_scores (list<float32>), model, run_id,
     encoder_id, weights_hash, item_layer, event_timestamp (UTC, when the candidates were computed)
 A user's candidates come from their newest `lite.max_seq` events over all splits; items they already have are
-excluded. Feast serves it as `user_candidates_fv` (feature_repo/candidate_views.py).
+excluded. Feast serves it as `user_candidates_fv` (feature_repo/candidate_views.py). The table passes
+`validation.suites.candidates_suite` before each commit, and the training run links that gate's Data Docs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.next_item_data import user_histories
 if TYPE_CHECKING:
     from llmfeat.config import Settings
     from models.train_lite import LiteData, NextItemModel
+    from validation.gating import GateReport
 
 
 @torch.no_grad()
@@ -71,15 +73,26 @@ def candidates_table(
     )
 
 
-def publish_candidates(settings: Settings, data: LiteData, model: NextItemModel, run_id: str) -> str:
-    """MERGE the top-`lite.publish_k` candidates into the Delta table; returns a one-line report."""
+def publish_candidates(
+    settings: Settings, data: LiteData, model: NextItemModel, run_id: str
+) -> tuple[str, GateReport]:
+    """Gate, then MERGE the top-`lite.publish_k` candidates into the Delta table; returns a one-line report
+    and the gate's report (for the training run's Data Docs link)."""
     from spark_jobs.delta_io import RustDelta
+    from validation.gating import gate, new_run_id
+    from validation.suites import candidates_suite
 
     cfg = settings.lite
     table = candidates_table(data, model, cfg.publish_k, run_id)
     tables = RustDelta(settings.delta_root)
+    suite = candidates_suite(cfg.candidates_table, cfg.publish_k, settings.validation)
+    checked = gate(
+        table, suite, table=cfg.candidates_table, tables=tables, run_id=new_run_id("train-lite"),
+        conf=settings.validation,
+    )  # fmt: skip
     version = tables.upsert(cfg.candidates_table, table, ["user_id"])
-    return (
+    line = (
         f"published top-{cfg.publish_k} candidates of {table.num_rows:,} users to "
         f"{tables.path(cfg.candidates_table)} (version {version})"
     )
+    return line, checked

@@ -244,6 +244,7 @@ def fit_all(data: LiteData, cfg: Any) -> list[Fit]:
 
 def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None = None) -> LiteSummary:
     """Fit (unless `fits` come from elsewhere), log one MLflow run per model, publish the candidates."""
+    import mlflow
     from models.registry import use_tracking
 
     cfg = settings.lite
@@ -262,8 +263,10 @@ def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None
             summary.results.append(result)
             if result.name == "lite" and cfg.publish_k > 0 and chosen is not None:
                 from models.lite_publish import publish_candidates
+                from validation.data_docs import link_to_mlflow
 
-                summary.published = publish_candidates(settings, data, chosen, result.run_id)
+                summary.published, checked = publish_candidates(settings, data, chosen, result.run_id)
+                link_to_mlflow(mlflow.MlflowClient(), result.run_id, checked)
     return summary
 
 

@@ -144,6 +144,8 @@ def test_train_lite_beats_popularity_logs_and_publishes(lite_settings: Settings)
     assert lite_run.data.tags["lineage.encoder_id"] == "tiny"
     assert lite_run.data.tags["lineage.layer"] == "2"
     assert "recall_at_3_all_low" in lite_run.data.metrics
+    assert lite_run.data.tags["validation.user_candidates"].startswith("passed (user_candidates")
+    assert lite_run.data.tags["data_docs.user_candidates"].endswith(".html")
     assert mlflow.active_run() is None
 
     from deltalake import DeltaTable

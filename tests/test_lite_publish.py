@@ -25,8 +25,8 @@ def test_candidates_reach_the_online_store(tmp_path: Path) -> None:
     )  # fmt: skip
     data = load_lite_data(settings)
     model = build_model("lite", settings.lite, data.log.n_items, data.item_vectors)
-    report = publish_candidates(settings, data, model, "run-1")
-    assert f"{N_USERS:,} users" in report
+    report, checked = publish_candidates(settings, data, model, "run-1")
+    assert f"{N_USERS:,} users" in report and checked.success and checked.table == "user_candidates"
     assert "user_candidates_fv" in feature_views()
 
     store = apply_repo(settings)

@@ -307,3 +307,25 @@ def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tabl
     counters = Snapshot(as_of, cut, {}, ("svc",), (), features={**views, "user_stats_fv": ("user_clicks",)})
     with pytest.raises(GateFailed, match="column_B=user_stats_fv_information_time.*4 of 4 rows"):
         check_training_set(settings, tables, frame, counters, "training_set")  # joined as of the snapshot
+
+
+def test_candidates_gate_stops_a_seen_item_scored_minus_infinity(tables: RustDelta) -> None:
+    from validation.suites import candidates_suite
+
+    frame = pd.DataFrame(
+        {
+            "user_id": ["1", "2"],
+            "candidate_items": [["7", "8", "9"], ["7", "9", "4"]],
+            "candidate_scores": [
+                np.array([3.0, 2.0, 1.0], "float32"),
+                np.array([2.0, 1.0, -np.inf], "float32"),
+            ],
+            "model": "lite_llm4rec",
+            "run_id": "r1",
+            "event_timestamp": NOW,
+        }
+    )
+    suite = candidates_suite("user_candidates", 3)
+    with pytest.raises(GateFailed, match=r"candidate_scores__finite.*1 of 2 rows"):
+        publish(tables, "user_candidates", frame, suite)
+    assert not tables.exists("user_candidates") and tables.read_arrow("quarantine").num_rows == 1

@@ -9,6 +9,7 @@ the previous version the batch is joined with.
     features          feature_suite     (user_features, item_features: dimension, int8 range, lineage;
                                          also their float32 copies feast_user_llm, feast_item_llm, ...)
     Feast-facing      item_meta_suite, counters_suite (feast_item_meta, feast_user_stats, feast_item_stats)
+    candidates        candidates_suite  (user_candidates from Lite-LLM4Rec: k items, k finite scores per user)
     training sets     training_set_suite (label rate, no feature from the future)
     drift             drift_suite       (two versions of a feature table over the same keys)
 """
@@ -258,6 +259,34 @@ def counters_suite(prefix: str, key: str, conf: ValidationConf = DEFAULTS) -> Su
             gxe.ExpectColumnValuesToBeBetween(column=clicks, min_value=0),
             gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A=impressions, column_B=clicks, or_equal=True),
         ),
+    )
+
+
+def candidates_suite(name: str, k: int, conf: ValidationConf = DEFAULTS) -> Suite:
+    """user_candidates (Lite-LLM4Rec): one row per user with k candidate items and k finite scores (an item
+    the user already has scores -inf, so a list padded with those fails), from one model run."""
+    items, scores = Derived("dim", "candidate_items"), Derived("dim", "candidate_scores")
+    finite = Derived("finite", "candidate_scores")
+    single = [
+        check
+        for c in ("model", "run_id")
+        for check in (
+            gxe.ExpectColumnValuesToNotBeNull(column=c),
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column=c, min_value=1, max_value=1),
+        )
+    ]
+    return Suite(
+        name,
+        ("user_id",),
+        (
+            *_ids(["user_id"]),
+            gxe.ExpectColumnValuesToBeBetween(column=items.name, min_value=k, max_value=k),
+            gxe.ExpectColumnValuesToBeBetween(column=scores.name, min_value=k, max_value=k),
+            gxe.ExpectColumnValuesToBeInSet(column=finite.name, value_set=[True]),
+            *_timestamps("event_timestamp", conf),
+            *single,
+        ),
+        derived=(items, scores, finite),
     )
 
 
