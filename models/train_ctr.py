@@ -157,7 +157,7 @@ def train_and_register(
     """Build the training set from Feast, train, evaluate, log and register (and set `alias`)."""
     import mlflow
     from models.ctr_pyfunc import log_ranker
-    from validation.data_docs import link_to_mlflow
+    from validation.data_docs import link_inputs, link_to_mlflow, locations
 
     cfg = settings.ctr
     frame, snapshot = build_frame(settings, tables, store, service_names(settings, use_llm))
@@ -168,6 +168,8 @@ def train_and_register(
     tags = run_tags(snapshot, cfg, use_llm)
     with mlflow.start_run(run_name=f"train-{label}", tags=tags) as run:
         link_to_mlflow(mlflow.MlflowClient(), run.info.run_id, checked)
+        inputs = ["interactions", "feast_user_llm", "feast_item_llm", "feast_item_meta"]
+        link_inputs(mlflow.MlflowClient(), run.info.run_id, locations(settings)[0].parent, inputs)
         mlflow.log_params({f"ctr.{k}": v for k, v in cfg.model_dump().items()} | describe(frame))
         model, encoder = fit_model(frame, masks, use_llm, cfg)
         p = predict(model, encoder, frame)

@@ -129,6 +129,7 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
     import mlflow
     from models.registry import use_tracking
     from models.train_marc import fit_marc
+    from validation.data_docs import link_inputs, locations
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     a, states, lineage = load_inputs(spark, settings)
@@ -143,6 +144,8 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
     use_tracking(settings)
     with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
         mlflow.set_tags({"kind": "marc-compressor", "marc_config": str(asdict(fit.model.cfg))})
+        inputs = ["items_repr", "users_repr", "interactions"]  # gated when they were published
+        link_inputs(mlflow.MlflowClient(), active.info.run_id, locations(settings)[0].parent, inputs)
         registered = log_fit(fit, settings, lineage)
     return TrainSummary(active.info.run_id, fit.history.best_score, fit.history.best_epoch, registered)
 

@@ -77,6 +77,9 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     assert run.data.tags["validation.training_set_deepfm_llm"].startswith("passed (training_set_deepfm_llm")
     page = Path(run.data.tags["data_docs.training_set_deepfm_llm"].removeprefix("file://"))
     assert page.is_file() and "user_llm_fv_information_time" in page.read_text()
+    # and the newest gate pages of the Feast tables it read (gated by materialize)
+    assert run.data.tags["validation.input.feast_item_llm"].startswith("passed (run materialize-")
+    assert Path(run.data.tags["data_docs.input.feast_user_llm"].removeprefix("file://")).is_file()
 
 
 def test_training_set_gate_stops_leaked_user_vectors_and_collapsed_labels(

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,35 @@ def link_to_mlflow(client: Any, mlflow_run_id: str, *reports: GateReport) -> dic
         tags[f"validation.{r.table}"] = f"{'passed' if r.success else 'failed'} ({r.suite}, run {r.run_id})"
         if r.docs_index:
             tags["data_docs"] = r.docs_index
+    for key, value in tags.items():
+        client.set_tag(mlflow_run_id, key, value)
+    return tags
+
+
+def latest_gate_pages(docs_dir: Path, tables: Sequence[str]) -> dict[str, tuple[str, bool, str]]:
+    """table -> (Data Docs page URL, passed, gate run) of the table's newest gate run in this site."""
+    import json
+
+    newest: dict[str, tuple[str, Path]] = {}
+    for result in (docs_dir / RESULTS).glob("*/*/*/*.json"):
+        _suite, _run, when, batch = result.relative_to(docs_dir / RESULTS).with_suffix("").parts
+        table = batch.split("-", 1)[-1]  # "<pandas|spark>-<table>"
+        if table in tables and (table not in newest or when > newest[table][0]):
+            newest[table] = (when, result)
+    out = {}
+    for table, (_, result) in newest.items():
+        suite, run, when, batch = result.relative_to(docs_dir / RESULTS).with_suffix("").parts
+        page = docs_dir / "validations" / suite / run / when / f"{batch}.html"
+        out[table] = (page.as_uri(), bool(json.loads(result.read_text()).get("success")), run)
+    return out
+
+
+def link_inputs(client: Any, mlflow_run_id: str, docs_dir: Path, tables: Sequence[str]) -> dict[str, str]:
+    """Tag a run with the newest gate page of each table it read (gated when the table was published)."""
+    tags = {}
+    for table, (page, passed, run) in latest_gate_pages(docs_dir, tables).items():
+        tags[f"data_docs.input.{table}"] = page
+        tags[f"validation.input.{table}"] = f"{'passed' if passed else 'failed'} (run {run})"
     for key, value in tags.items():
         client.set_tag(mlflow_run_id, key, value)
     return tags
