@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=8)
     parser.add_argument("--teacher-layer", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (encode.compile)")
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.texts / "tokenizer")
@@ -50,16 +51,17 @@ def main() -> None:
     encoders = {
         f"teacher (30 blocks, stop at {args.teacher_layer})": LayerEncoder(
             random_model(30), tokenizer, EncoderConfig(layers=(args.teacher_layer,), token_budget=131072,
-                                                       max_batch=8192), device),
+                                                       max_batch=8192, compile=args.compile), device),
         f"student ({args.student_layers} blocks)": LayerEncoder(
             random_model(args.student_layers), tokenizer,
-            EncoderConfig(layers=(args.student_layers,), token_budget=131072, max_batch=8192), device),
+            EncoderConfig(layers=(args.student_layers,), token_budget=131072, max_batch=8192,
+                          compile=args.compile), device),
     }  # fmt: skip
     results = []
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}", flush=True)
     for workload, batch in workloads.items():
         for name, enc in encoders.items():
-            enc.encode(batch[:4096])  # warm-up
+            enc.encode(batch)  # warm-up (and compilation)
             times, tokens = [], 0
             for _ in range(args.repeats):
                 sync(device)
@@ -69,8 +71,8 @@ def main() -> None:
                 times.append(time.perf_counter() - started)
                 tokens = out.tokens
             best = min(times)
-            row = {"encoder": name, "workload": workload, "texts": len(batch), "tokens": tokens,
-                   "seconds": best, "texts_per_s": len(batch) / best,
+            row = {"encoder": name, "compiled": args.compile, "workload": workload, "texts": len(batch),
+                   "tokens": tokens, "seconds": best, "texts_per_s": len(batch) / best,
                    "tokens_per_s": tokens / best}  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
