@@ -388,10 +388,9 @@ class LayerEncoder:
     def _token_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(all token ids end to end, [n] lengths, [n] truncated): a chunk's per-text Python work, done in the
         tokenising thread so that the model's thread only does array work."""
-        with _no_gc():
-            ids, truncated = self.tokenize(texts)
-            lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-            return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths, truncated
+        ids, truncated = self.tokenize(texts)
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths, truncated
 
     @staticmethod
     def _check_nonempty(lengths: np.ndarray, texts: list[str], offset: int) -> None:
