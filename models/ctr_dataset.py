@@ -66,9 +66,12 @@ class Snapshot:
     history_cut: dt.datetime
     delta_versions: dict[str, int]
     services: tuple[str, ...]
-    views: tuple[str, ...]
+    features: dict[str, tuple[str, ...]]  # feature view -> its columns in the frame
     lineage: dict[str, str] = field(default_factory=dict)
-    features: dict[str, tuple[str, ...]] = field(default_factory=dict)  # view -> its columns in the frame
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(self.features)
 
     def tags(self) -> dict[str, str]:
         out = {
@@ -174,7 +177,7 @@ def build_frame(
     if "user_vector" in frame.columns:
         before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(cut)
         frame["user_vector"] = frame["user_vector"].where(~before.to_numpy(), None)
-    snapshot = Snapshot(as_of, cut, versions, tuple(services), tuple(views), vector_lineage(tables), views)
+    snapshot = Snapshot(as_of, cut, versions, tuple(services), views, vector_lineage(tables))
     return frame, snapshot
 
 

@@ -302,9 +302,9 @@ def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tabl
         }
     )
     views = {"user_llm_fv": ("user_vector",), "item_llm_fv": ("item_vector",)}
-    snap = Snapshot(as_of, cut, {}, ("svc",), tuple(views), features=views)
+    snap = Snapshot(as_of, cut, {}, ("svc",), views)
     assert check_training_set(settings, tables, frame, snap, "training_set").success  # item content: no time
-    counters = Snapshot(as_of, cut, {}, ("svc",), (), features={**views, "user_stats_fv": ("user_clicks",)})
+    counters = Snapshot(as_of, cut, {}, ("svc",), {**views, "user_stats_fv": ("user_clicks",)})
     with pytest.raises(GateFailed, match="column_B=user_stats_fv_information_time.*4 of 4 rows"):
         check_training_set(settings, tables, frame, counters, "training_set")  # joined as of the snapshot
 
