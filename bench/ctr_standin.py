@@ -9,8 +9,8 @@ touched) and writes user_features / item_features with the compress job's schema
 - user vector: the mean of those item vectors over the items the user rated before encode.history_cut (no
   label enters it); a user with no history there gets the mean item vector, so every user is known to the
   store. This is weaker than the real user text (demographics + history) and is labelled as a stand-in.
-Then it publishes and materializes them with spark_jobs.materialize and runs the CTR demo step: both models,
-the offline comparison, the replayed online A/B through the service, the promotion gate.
+Then it publishes and materializes them with llmfeat.spark_jobs.materialize and runs the CTR demo step: both
+models, the offline comparison, the replayed online A/B through the service, the promotion gate.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from llmfeat.config import load_settings
-from models.ctr_data import repr_matrix
-from spark_jobs import materialize
-from spark_jobs.delta_io import RustDelta
+from llmfeat.delta_io import RustDelta
+from llmfeat.models.ctr.data import repr_matrix
+from llmfeat.spark_jobs import materialize
 
 DIM, LAYER = 64, 15
 
@@ -86,7 +86,7 @@ def main() -> None:
     settings = load_settings("local", [f"data_dir={out}", f"abtest.requests={args.requests}"])
     build(out, Path("data/local/delta").resolve())
     materialize.run(None, settings)
-    from models.ctr_commands import demo_step
+    from llmfeat.cli.ctr_commands import demo_step
 
     demo_step(settings)
 

@@ -1,4 +1,4 @@
-"""Encode throughput: the executor-side encoder (models.encoder.LayerEncoder) against a naive HF loop.
+"""Encode throughput: the executor-side encoder (llmfeat.models.encoder.LayerEncoder) against a naive HF loop.
 
 Random weights in SmolLM2-135M's exact shape (30 layers x 576, GQA 9/3 heads, vocab 49152): the same FLOPs as
 the real checkpoint, so the numbers hold for it. Texts are real ML-100k item and user texts (written by
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.encoder import EncoderConfig, LayerEncoder  # noqa: E402
+from llmfeat.models.encoder import EncoderConfig, LayerEncoder  # noqa: E402
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -56,8 +56,8 @@ def make_texts(out: Path, data_dir: str) -> None:
 
     from deltalake import DeltaTable
 
-    from models.encoder import resolve_model
-    from spark_jobs.user_text import user_text
+    from llmfeat.models.encoder import resolve_model
+    from llmfeat.spark_jobs.user_text import user_text
 
     out.mkdir(parents=True, exist_ok=True)
     delta = Path(data_dir) / "delta"

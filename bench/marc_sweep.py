@@ -25,12 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.compression_eval import SweepConfig, Vectors, run_sweep  # noqa: E402
-from models.compression_report import markdown, plots, to_json  # noqa: E402
-from models.ctr_data import CtrArrays  # noqa: E402
-from models.marc import MarcConfig  # noqa: E402
-from models.train_marc import compress, fit_marc  # noqa: E402
-from models.trainer import TrainConfig  # noqa: E402
+from llmfeat.models.ctr.data import CtrArrays  # noqa: E402
+from llmfeat.models.marc.model import MarcConfig  # noqa: E402
+from llmfeat.models.marc.sweep import SweepConfig, Vectors, run_sweep  # noqa: E402
+from llmfeat.models.marc.train import compress, fit_marc  # noqa: E402
+from llmfeat.models.trainer import TrainConfig  # noqa: E402
+from llmfeat.spark_jobs.eval_compression import markdown, plots, to_json  # noqa: E402
 
 log = logging.getLogger("marc_sweep")
 ARRAY_FIELDS = (
@@ -48,7 +48,7 @@ ARRAY_FIELDS = (
 
 def export(data_dir: str, layers: list[int], out: Path) -> None:
     from llmfeat.config import load_settings
-    from models.compression_report import load
+    from llmfeat.spark_jobs.eval_compression import load
 
     settings = load_settings("local", [f"data_dir={data_dir}"])
     a, states, present = load(settings)
@@ -72,10 +72,10 @@ def export(data_dir: str, layers: list[int], out: Path) -> None:
 def export_texts(data_dir: str, out: Path) -> None:
     """The ID-side arrays and the exact item and user texts the encode job would encode (Spark, local[1])."""
     from llmfeat.config import load_settings
-    from models.ctr_data import ctr_arrays
-    from spark_jobs.delta_io import open_tables
-    from spark_jobs.encode import entity_texts
-    from spark_jobs.session import build_session
+    from llmfeat.delta_io import open_tables
+    from llmfeat.models.ctr.data import ctr_arrays
+    from llmfeat.session import build_session
+    from llmfeat.spark_jobs.encode import entity_texts
 
     settings = load_settings("local", [f"data_dir={data_dir}", "spark.master=local[1]"])
     spark = build_session(settings.spark)
@@ -97,7 +97,7 @@ def encode_bundle(texts: Path, gguf: Path, layers: list[int], out: Path) -> None
     """Add the states of `layers` (project encoder, mean pooling, per-vector L2, fp32 on the GPU if any)."""
     import torch
 
-    from models.encoder import EncoderConfig, ModelSource, convert_gguf, load_encoder
+    from llmfeat.models.encoder import EncoderConfig, ModelSource, convert_gguf, load_encoder
 
     target = out.parent / "model"
     if not (target / "config.json").is_file():
@@ -124,9 +124,9 @@ def import_repr(vectors: Path, texts: Path, entity: str, data_dir: str) -> None:
     import pyarrow as pa
 
     from llmfeat.config import load_settings
-    from models.encoder import resolve_model, weights_hash
-    from spark_jobs.delta_io import open_tables
-    from spark_jobs.encode import ENTITY_KEYS, Lineage, encoder_config, repr_rows
+    from llmfeat.delta_io import open_tables
+    from llmfeat.models.encoder import resolve_model, weights_hash
+    from llmfeat.spark_jobs.encode import ENTITY_KEYS, Lineage, encoder_config, repr_rows
 
     settings = load_settings("local", [f"data_dir={data_dir}"])
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
@@ -195,8 +195,9 @@ def run(bundle: Path, out: Path, seeds: int, marc_layers: tuple[int, ...], threa
 
 def log_results(results: Path, config: str) -> None:
     import mlflow
+
     from llmfeat.config import load_settings
-    from models.registry import use_tracking
+    from llmfeat.registry import use_tracking
 
     settings = load_settings(config)
     use_tracking(settings)

@@ -61,9 +61,9 @@ def timed(fn: Callable[[], object], seconds: float, warmup: int = 20) -> dict[st
 def build_lake(data_dir: Path, online: list[str]):  # type: ignore[no-untyped-def]
     """Synthetic vectors in the compress job's schema, published and materialized under `online`."""
     from llmfeat.config import load_settings
+    from llmfeat.delta_io import RustDelta
     from llmfeat.feast_repo import apply_repo
-    from spark_jobs.delta_io import RustDelta
-    from spark_jobs.materialize import materialize, publish, views_on
+    from llmfeat.spark_jobs.materialize import materialize, publish, views_on
 
     settings = load_settings("tiny", [f"data_dir={data_dir}", *online])
     tables = RustDelta(settings.delta_root)
@@ -96,7 +96,7 @@ def request_ids(rng: np.random.Generator, n_items: int) -> tuple[str, list[str]]
 
 
 def in_process(store, n_items: int, seconds: float) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
-    from serving.features import OnlineFeatures
+    from llmfeat.serving.features import OnlineFeatures
 
     features, rng = OnlineFeatures(store), np.random.default_rng(1)
 
@@ -117,7 +117,7 @@ def load_generator(url: str, rate: float, seconds: float, n_items: int, connecti
     from that due time, so a server falling behind shows."""
     import threading
 
-    from serving.features import HttpFeatures
+    from llmfeat.serving.features import HttpFeatures
 
     target = urlparse(url)
     client, rng = HttpFeatures(url), np.random.default_rng(2)
@@ -158,7 +158,7 @@ def load_generator(url: str, rate: float, seconds: float, n_items: int, connecti
 
 
 def over_http(repo_dir: Path, rate: float, seconds: float, n_items: int, workers: int) -> dict[str, float]:
-    from serving.local_servers import feast_serve
+    from llmfeat.serving.local_servers import feast_serve
 
     with feast_serve(repo_dir, workers=workers) as url:
         args = [sys.executable, __file__, "--load", url, "--rate", str(rate), "--seconds", str(seconds)]
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(load_generator(args.load, args.rate[0], args.seconds, args.items)))
         return 0
 
-    from serving.local_servers import redis_server
+    from llmfeat.serving.local_servers import redis_server
 
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from encode_throughput import SMOLLM2_135M, sync  # noqa: E402
 
-from models.encoder import EncoderConfig, LayerEncoder  # noqa: E402
+from llmfeat.models.encoder import EncoderConfig, LayerEncoder  # noqa: E402
 
 
 def random_model(layers: int) -> torch.nn.Module:

@@ -14,11 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
+from llmfeat.errors import UserError
+from llmfeat.paths import conf_dir
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
@@ -31,7 +31,7 @@ class GpuConf(Section):
 
     executor_amount: int = 0
     task_amount: float = 0.0
-    discovery_script: str | None = None  # relative paths are taken from the repo root
+    discovery_script: str | None = None  # relative paths are taken from the profile folder
 
 
 class SparkConf(Section):
@@ -315,10 +315,16 @@ def profile_path(profile: str) -> Path:
         if not candidate.exists():
             raise ConfigError(f"config file not found: {candidate}")
         return candidate
-    path = CONF_DIR / f"{profile}.yaml"
+    try:
+        folder = conf_dir()
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    path = folder / f"{profile}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown profile {profile!r}; known profiles: {', '.join(known)}")
+        known = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise ConfigError(
+            f"unknown profile {profile!r} in {folder}; known profiles: {', '.join(known)} (or a YAML path)"
+        )
     return path
 
 

@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from llmfeat.config import REPO_ROOT, Settings
+from llmfeat.config import Settings
+from llmfeat.errors import UserError
+from llmfeat.paths import feature_repo_dir
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
-DECLARATIONS_DIR = REPO_ROOT / "feature_repo"
 # Feast imports repo files as top-level modules of their directory; so do we, in dependency order.
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services", "candidate_views")
 
 
-class FeatureStoreError(RuntimeError):
+class FeatureStoreError(UserError, RuntimeError):
     """A feature store that is not set up for the request: the message says which command fixes it."""
 
 
@@ -39,7 +40,7 @@ def repo_dir(settings: Settings) -> Path:
 
 def store_config(settings: Settings) -> dict[str, Any]:
     """The feature_store.yaml document. Relative paths resolve against repo_dir (Feast's repo_path)."""
-    from spark_jobs.session import session_conf
+    from llmfeat.session import session_conf
 
     feast = settings.feast
     online: dict[str, Any] = (
@@ -87,8 +88,9 @@ def declarations() -> dict[str, Any]:
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
-    if str(DECLARATIONS_DIR) not in sys.path:
-        sys.path.insert(0, str(DECLARATIONS_DIR))
+    folder = str(feature_repo_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     kinds = (Entity, DataSource, FeatureView, FeatureService)
     found: dict[str, Any] = {}
     for name in DECLARATION_MODULES:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from llmfeat.errors import UserError
+
 if TYPE_CHECKING:
     from feast import FeatureStore
 
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 ROW = "_llmfeat_row"
 
 
-class TrainingSetError(ValueError):
+class TrainingSetError(UserError, ValueError):
     pass
 
 

@@ -6,6 +6,6 @@ from entry import project_argv
 
 if __name__ == "__main__":
     argv = project_argv(sys.argv[1:])
-    from spark_jobs.compress import main
+    from llmfeat.spark_jobs.compress import main
 
     sys.exit(main(argv))

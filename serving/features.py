@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmfeat.feast_repo import FeatureStoreError, vector_dim
-from serving.online_read import decode_vectors, rows_reader
+from llmfeat.serving.online_read import decode_vectors, rows_reader
 
 if TYPE_CHECKING:
     import torch

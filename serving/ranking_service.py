@@ -36,10 +36,10 @@ import pandas as pd
 from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel
 
-from models.ab_stats import unit_hash
-from models.compare import ModelRef, resolve
-from models.ctr_pyfunc import CtrRanker, load_ranker
-from serving.event_log import EventLog
+from llmfeat.models.ctr.pyfunc import CtrRanker, load_ranker
+from llmfeat.models.evaluation.ab_stats import unit_hash
+from llmfeat.serving.event_log import EventLog
+from llmfeat.spark_jobs.compare import ModelRef, resolve
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -115,7 +115,7 @@ class ServingModels:
 
 
 def registry_loader(settings: Settings) -> Loader:
-    from models.registry import tracking_uri
+    from llmfeat.registry import tracking_uri
 
     uri = tracking_uri(settings)
 
@@ -134,7 +134,7 @@ class CandidateFeatures:
     """Online features of 1 user x N items as a scoring frame (models/ctr_features.py)."""
 
     def __init__(self, store: FeatureStore):
-        from serving.features import OnlineFeatures
+        from llmfeat.serving.features import OnlineFeatures
 
         self.store = store
         self.vectors = OnlineFeatures(store)  # fails at start when the vectors were never materialized

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from serving.local_servers import stop_process
+from llmfeat.serving.local_servers import stop_process
 
 if TYPE_CHECKING:
     from llmfeat.config import Settings
-    from spark_jobs.delta_io import DeltaTables
+    from llmfeat.delta_io import DeltaTables
 
 
 @dataclass(frozen=True)

@@ -20,41 +20,15 @@ Published, each after a validation gate and with lineage:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from llmfeat.config import BaheConf, Settings
-from models.bahe_data import BehaviorSequences, behavior_matrix, behavior_sequences
-from models.ctr_data import CtrArrays, ctr_arrays
+from llmfeat.config import Settings
+from llmfeat.spark_jobs.bahe_fit import encode_behaviors, load_inputs, train
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame, SparkSession
-
-    from models.bahe import Bahe, BaheConfig
-    from models.train_bahe import BaheFit
-    from spark_jobs.delta_io import DeltaTables
-    from spark_jobs.encode import EncodeSummary
-
-log = logging.getLogger("llmfeat.bahe")
-BEHAVIOR_TABLE = "behaviors_repr"
-
-
-@dataclass
-class BaheInputs:
-    a: CtrArrays  # rows of the users in scope
-    seqs: BehaviorSequences
-    behavior_keys: np.ndarray  # (V,)
-    behavior_encoded_at: pa.Array  # (V,) when each behaviour vector was encoded
-    lineage: dict[str, Any]  # encoder_id, weights_hash, pooling, layer, source_version
-    cut: datetime
-    users: np.ndarray  # (U',) indices of the users in scope
+    from pyspark.sql import SparkSession
 
 
 @dataclass(frozen=True)
@@ -80,149 +54,14 @@ class BaheSummary:
         )
 
 
-def behavior_settings(settings: Settings) -> Settings:
-    """The encode settings for the behaviour table: only the shallow layers, up to the split."""
-    encode = settings.encode.model_copy(update={"layers": [settings.bahe.split_layer]})
-    return settings.model_copy(update={"encode": encode})
-
-
-def cut_time(spark: SparkSession | None, tables: DeltaTables, cut: str) -> datetime:
-    """bahe.history_cut as a time: the first event of a split ("valid") or an ISO time; Spark is optional."""
-    from spark_jobs.user_text import history_cut
-
-    if spark is not None:
-        return history_cut(tables.read_spark("interactions"), cut)
-    if cut not in ("valid", "test"):
-        return datetime.fromisoformat(cut)
-    inter = tables.read_arrow("interactions")
-    first = pc.min(inter.filter(pc.equal(inter["split"], cut))["event_timestamp"]).as_py()
-    if first is None:
-        raise ValueError(f"bahe.history_cut {cut!r}: the interactions table has no {cut!r} rows")
-    return first  # type: ignore[no-any-return]
-
-
-def sample_users(spark: SparkSession, tables: DeltaTables, conf: BaheConf, n: int) -> list[str]:
-    """A documented quick sample: the n users with the fewest behaviours before the cut (at least one), ties
-    by user id. Their histories are short, so few behaviours need encoding."""
-    from pyspark.sql import functions as F
-
-    cut = cut_time(spark, tables, conf.history_cut)
-    ub = tables.read_spark("user_behaviors").where(F.col("event_timestamp") < F.lit(cut))
-    counts = ub.groupBy("user_id").count().collect()
-    return [
-        r["user_id"] for r in sorted(counts, key=lambda r: (r["count"], len(r["user_id"]), r["user_id"]))[:n]
-    ]
-
-
-def sample_behaviors(spark: SparkSession, tables: DeltaTables, conf: BaheConf, users: list[str]) -> DataFrame:
-    """The behaviour ids of the sampled users' events before the cut (one column, behavior_id)."""
-    from pyspark.sql import functions as F
-
-    cut = cut_time(spark, tables, conf.history_cut)
-    ub = tables.read_spark("user_behaviors")
-    return ub.where(F.col("user_id").isin(users) & (F.col("event_timestamp") < F.lit(cut))).select(
-        "behavior_id"
-    )
-
-
-def encode_behaviors(spark: SparkSession, settings: Settings, n_sample: int = 0) -> EncodeSummary:
-    """behaviors_repr at the split layer; with n_sample > 0, only the behaviours of the sampled users."""
-
-    from spark_jobs.delta_io import open_tables
-    from spark_jobs.encode import run
-
-    only: DataFrame | None = None
-    if n_sample:
-        tables = open_tables(settings, spark)
-        users = sample_users(spark, tables, settings.bahe, n_sample)
-        only = sample_behaviors(spark, tables, settings.bahe, users)
-    return run(spark, behavior_settings(settings), "behaviors", only=only)
-
-
-def subset_rows(a: CtrArrays, keep: np.ndarray) -> CtrArrays:
-    """The same users and items, only the rows where keep (N,) is true."""
-    return CtrArrays(
-        a.user_keys, a.item_keys, a.user_idx[keep], a.item_idx[keep], a.label[keep], a.split[keep],
-        a.timestamp[keep], a.dense[keep], a.warm[keep],
-    )  # fmt: skip
-
-
-def load_inputs(spark: SparkSession | None, settings: Settings, n_sample: int = 0) -> BaheInputs:
-    from spark_jobs.delta_io import open_tables
-    from spark_jobs.train_compressor import layer_lineage
-
-    conf = settings.bahe
-    tables = open_tables(settings, spark)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
-    if not tables.exists(BEHAVIOR_TABLE):
-        raise FileNotFoundError(f"{BEHAVIOR_TABLE} not found under {tables.root}: run `llmfeat bahe encode`")
-    version = tables.version(BEHAVIOR_TABLE)
-    table = tables.read_arrow(BEHAVIOR_TABLE, version)
-    keys, vectors = behavior_matrix(table, conf.split_layer)
-    encoded_at = table.filter(pc.equal(table["layer"], conf.split_layer))["encoded_at"].combine_chunks()
-    lineage = layer_lineage(table, BEHAVIOR_TABLE, conf.split_layer) | {"source_version": version}
-    cut = cut_time(spark, tables, conf.history_cut)
-    ub = tables.read_arrow("user_behaviors")
-    users = np.arange(len(a.user_keys))
-    if n_sample:
-        if spark is None:
-            raise ValueError("a user sample needs Spark")
-        chosen = set(sample_users(spark, tables, conf, n_sample))
-        users = np.flatnonzero([k in chosen for k in a.user_keys])
-        a = subset_rows(a, np.isin(a.user_idx, users))
-        ub = ub.filter(pc.is_in(ub.column("user_id"), pa.array(sorted(chosen))))
-    cut_us = int(cut.timestamp() * 1_000_000)
-    seqs = behavior_sequences(ub, keys, vectors, a.user_keys, cut_us, conf.max_behaviors)
-    return BaheInputs(a, seqs, keys, encoded_at, lineage, cut, users)
-
-
-def bahe_config(conf: BaheConf, width: int, n_items: int) -> BaheConfig:
-    from models.bahe import BaheConfig
-
-    return BaheConfig(
-        width, n_items, conf.deep, conf.deep_layers, conf.heads, conf.input_gain, conf.pooling,
-        conf.max_behaviors, conf.compress, conf.out_dim, conf.compress_hidden, conf.keep_weight, conf.emb_dim,
-        conf.dropout,
-    )  # fmt: skip
-
-
-def build_model(settings: Settings, width: int, n_items: int) -> Bahe:
-    """deep=llm loads the configured LLM (its blocks above the split become the deep part)."""
-    import torch
-
-    from models.bahe import build_bahe
-
-    conf = settings.bahe
-    torch.manual_seed(conf.seed)
-    base = None
-    if conf.deep == "llm":
-        from transformers import AutoModel
-
-        from models.encoder import resolve_model
-
-        source = resolve_model(settings.encode.model, settings.encode.cache_dir)
-        base = AutoModel.from_pretrained(source.path, dtype=torch.float32)
-    return build_bahe(bahe_config(conf, width, n_items), base, conf.split_layer)
-
-
-def train(settings: Settings, inputs: BaheInputs) -> BaheFit:
-    from models.train_bahe import BaheTrainConfig, fit_bahe
-
-    c = settings.bahe
-    model = build_model(settings, inputs.seqs.vectors.shape[1], len(inputs.a.item_keys))
-    cfg = BaheTrainConfig(
-        c.lr, c.weight_decay, c.users_per_batch, c.max_epochs, c.patience, c.seed, c.position_budget
-    )
-    return fit_bahe(model, inputs.seqs, inputs.a, cfg)
-
-
 def run_train(spark: SparkSession, settings: Settings, n_sample: int = 0) -> BaheSummary:
     """Load, train, log to MLflow, publish: user vectors and behaviour vectors."""
     import mlflow
-    from models.registry import use_tracking
-    from models.train_bahe import log_bahe, user_vectors
-    from spark_jobs.bahe_publish import behavior_rows, gated_upsert, publish_users
-    from spark_jobs.delta_io import open_tables
+
+    from llmfeat.delta_io import open_tables
+    from llmfeat.models.bahe.train import log_bahe, user_vectors
+    from llmfeat.registry import use_tracking
+    from llmfeat.spark_jobs.bahe_publish import behavior_rows, gated_upsert, publish_users
 
     inputs = load_inputs(spark, settings, n_sample)
     fit = train(settings, inputs)
@@ -245,8 +84,8 @@ def run_train(spark: SparkSession, settings: Settings, n_sample: int = 0) -> Bah
 
 def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Behaviour table, training and publication on a sample (bahe.demo_users; 0 = everyone), then Feast."""
-    from spark_jobs.materialize import format_published
-    from spark_jobs.materialize import run as materialize
+    from llmfeat.spark_jobs.materialize import format_published
+    from llmfeat.spark_jobs.materialize import run as materialize
 
     n, conf = settings.bahe.demo_users, settings.bahe
     sample = f"{n} users with the shortest histories (--set bahe.demo_users=0 for all)" if n else "all users"
@@ -271,7 +110,7 @@ def add_parser(sub: Any, config_args: Any) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from llmfeat.cli import _run_with_session, command_settings
+    from llmfeat.runner import command_settings, run_with_session
 
     if args.action != "evaluate":
 
@@ -281,11 +120,13 @@ def command(args: argparse.Namespace) -> int:
             else:
                 print(run_train(spark, settings, args.sample_users))
 
-        return _run_with_session(f"bahe {args.action}", args.config, args.overrides, body)
+        from llmfeat.models.encoder import EncoderError
+
+        return run_with_session(f"bahe {args.action}", args.config, args.overrides, body, (EncoderError,))
     import json
     from pathlib import Path
 
-    from models.bahe_eval import evaluate, format_report
+    from llmfeat.spark_jobs.bahe_eval import evaluate, format_report
 
     settings = command_settings("bahe evaluate", args.config, args.overrides)
     if settings is None:
@@ -299,7 +140,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import config_args
+    from llmfeat.runner import config_args
 
     parser = argparse.ArgumentParser(prog="bahe")
     add_parser(parser.add_subparsers(dest="command", required=True), config_args)
@@ -308,6 +149,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.bahe import main as package_main
+    from llmfeat.spark_jobs.bahe import main as package_main
 
     sys.exit(package_main())

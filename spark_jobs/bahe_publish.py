@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 
 from llmfeat.config import Settings
-from models.bahe_data import BehaviorSequences
+from llmfeat.models.bahe.data import BehaviorSequences
 
 if TYPE_CHECKING:
-    from spark_jobs.bahe import BaheInputs
-    from spark_jobs.delta_io import DeltaTables
+    from llmfeat.delta_io import DeltaTables
+    from llmfeat.spark_jobs.bahe_fit import BaheInputs
 
 BEHAVIOR_TABLE = "behaviors_repr"
 
@@ -30,7 +30,7 @@ def vector_rows(
     key: str, ids: list[str], z: np.ndarray, at: datetime | pa.Array, lineage: dict[str, Any], dtype: str
 ) -> pa.Table:
     """(n, d) vectors -> the feature-table schema the compress job writes (spark_jobs/compress.py)."""
-    from spark_jobs.compress import encode_rows
+    from llmfeat.spark_jobs.compress import encode_rows
 
     n = len(ids)
     batch = pa.RecordBatch.from_pydict(
@@ -61,8 +61,8 @@ def vector_rows(
 
 def gated_upsert(tables: DeltaTables, settings: Settings, name: str, key: str, rows: pa.Table) -> int:
     """The feature-table gate (validation/) first; a failure quarantines the rows and writes nothing."""
-    from validation.gating import gate, new_run_id
-    from validation.suites import feature_suite
+    from llmfeat.validation.gating import gate, new_run_id
+    from llmfeat.validation.suites import feature_suite
 
     dim = len(rows.column("vector")[0]) if rows.num_rows else 0
     suite = feature_suite(name, key, dim, settings.marc.output_dtype, conf=settings.validation)
@@ -88,7 +88,7 @@ def publish_users(
 
 def behavior_rows(settings: Settings, inputs: BaheInputs) -> pa.Table:
     """PCA of the split-layer behaviour vectors to bahe.behavior_dim, for behavior_llm_fv."""
-    from models.baselines import pca
+    from llmfeat.models.marc.baselines import pca
 
     x = inputs.seqs.vectors
     d = min(settings.bahe.behavior_dim, x.shape[1], max(1, len(x) - 1))

@@ -26,19 +26,20 @@ import numpy as np
 import pyarrow as pa
 
 from llmfeat.config import Settings
+from llmfeat.errors import UserError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from models.registry import RegisteredCompressor
-    from spark_jobs.delta_io import DeltaTables
+    from llmfeat.delta_io import DeltaTables
+    from llmfeat.registry import RegisteredCompressor
 
 ENTITY_KEYS = {"users": "user_id", "items": "item_id"}
 FEATURE_TABLES = {"users": "user_features", "items": "item_features"}
 PASSED_THROUGH = ("encoder_id", "weights_hash", "pooling", "content_hash")
 
 
-class CompressError(ValueError):
+class CompressError(UserError, ValueError):
     """Input the compressor must not be applied to: names the table, the key and what is wrong."""
 
 
@@ -164,7 +165,7 @@ class PartitionCompressor:
 
 def encode_rows(batch: pa.RecordBatch, key: str, z: np.ndarray, dtype: str) -> pa.RecordBatch:
     """(B, d) compressed vectors -> key, vector, scale, event_timestamp and pass-through lineage."""
-    from models.baselines import quantise_int8
+    from llmfeat.models.marc.baselines import quantise_int8
 
     n, d = z.shape
     if dtype == "int8":
@@ -197,7 +198,7 @@ def compress_entity(
     """Checks, then the compressed rows with lineage, as Arrow (nothing written yet)."""
     from pyspark.sql import functions as F
 
-    from models.registry import model_uri, resolve_alias, tracking_uri
+    from llmfeat.registry import model_uri, resolve_alias, tracking_uri
 
     key, name = ENTITY_KEYS[entity], f"{entity}_repr"
     reg = resolve_alias(settings, entity)
@@ -235,8 +236,8 @@ def compress_entity(
 
 def check_feature_tables(results: list[Any], tables: Any, settings: Settings) -> None:
     """Every feature table passes its great-expectations gate before the first commit (raises GateFailed)."""
-    from validation.gating import gate, new_run_id
-    from validation.suites import feature_suite
+    from llmfeat.validation.gating import gate, new_run_id
+    from llmfeat.validation.suites import feature_suite
 
     run_id = new_run_id("compress")
     for entity, rows, _reg in results:
@@ -250,8 +251,8 @@ def check_feature_tables(results: list[Any], tables: Any, settings: Settings) ->
 
 def run(spark: SparkSession, settings: Settings, entities: list[str] | None = None) -> list[CompressSummary]:
     """Compute every entity's table first, then commit: a bad row anywhere writes nothing."""
-    from models.baselines import bytes_per_vector
-    from spark_jobs.delta_io import open_tables
+    from llmfeat.delta_io import open_tables
+    from llmfeat.models.marc.baselines import bytes_per_vector
 
     tables = open_tables(settings, spark)
     results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(ENTITY_KEYS)]
@@ -291,7 +292,7 @@ def entity_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import _run_with_session, config_args
+    from llmfeat.runner import config_args, run_with_session
 
     parser = argparse.ArgumentParser(prog="compress")
     config_args(parser)
@@ -302,12 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         for summary in run(spark, settings, args.entity):
             print(summary)
 
-    return _run_with_session("compress", args.config, args.overrides, body)
+    return run_with_session("compress", args.config, args.overrides, body)
 
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.compress import main as package_main
+    from llmfeat.spark_jobs.compress import main as package_main
 
     sys.exit(package_main())
 
@@ -315,8 +316,8 @@ if __name__ == "__main__":
 def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Demo: train a compressor for a few epochs on the representation tables, register it, compress both
     tables. Skipped, with a note, when the representation tables are not there yet."""
-    from spark_jobs.delta_io import open_tables
-    from spark_jobs.train_compressor import run as train
+    from llmfeat.delta_io import open_tables
+    from llmfeat.spark_jobs.train_compressor import run as train
 
     tables = open_tables(settings, spark)
     missing = [f"{e}_repr" for e in ENTITY_KEYS if not tables.exists(f"{e}_repr")]

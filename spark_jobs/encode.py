@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from llmfeat.config import EncodeConf, Settings
-from models.encoder import (
+from llmfeat.models.encoder import (
     EncoderConfig,
     EncoderError,
     ModelSource,
@@ -47,7 +47,7 @@ from models.encoder import (
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-    from spark_jobs.delta_io import DeltaTables
+    from llmfeat.delta_io import DeltaTables
 
 log = logging.getLogger("llmfeat.encode")
 
@@ -110,7 +110,7 @@ def encoder_config(cfg: EncodeConf) -> EncoderConfig:
 
 def entity_texts(tables: DeltaTables, entity: str, cfg: EncodeConf) -> DataFrame:
     """(key, text) for an entity, read from the ingest tables."""
-    from spark_jobs.user_text import history_cut, user_texts
+    from llmfeat.spark_jobs.user_text import history_cut, user_texts
 
     if entity == "items":
         return tables.read_spark("items").select("item_id", "text")
@@ -212,7 +212,7 @@ class PartitionEncoder:
         import torch
         from pyspark import TaskContext
 
-        from models.encoder import select_device, worker_encoder
+        from llmfeat.models.encoder import select_device, worker_encoder
 
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -269,9 +269,9 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     those keys, e.g. a sample, and then nothing is deleted."""
     from pyspark.sql import functions as F
 
-    from spark_jobs.delta_io import open_tables
-    from validation.gating import gate, new_run_id
-    from validation.suites import repr_suite
+    from llmfeat.delta_io import open_tables
+    from llmfeat.validation.gating import gate, new_run_id
+    from llmfeat.validation.suites import repr_suite
 
     if entity not in ENTITY_KEYS:
         raise EncoderError(f"unknown entity {entity!r}; expected one of {', '.join(ENTITY_KEYS)}")
@@ -394,19 +394,23 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import _run_with_session, config_args
+    from llmfeat.runner import config_args, run_with_session
 
     parser = argparse.ArgumentParser(prog="encode")
     config_args(parser)
     entity_args(parser)
     args = parser.parse_args(argv)
-    return _run_with_session(
-        "encode", args.config, args.overrides, lambda spark, s: run_all(spark, s, args.entity)
+    return run_with_session(
+        "encode",
+        args.config,
+        args.overrides,
+        lambda spark, s: run_all(spark, s, args.entity),
+        (EncoderError,),
     )
 
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.encode import main as package_main
+    from llmfeat.spark_jobs.encode import main as package_main
 
     sys.exit(package_main())

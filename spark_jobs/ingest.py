@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import IngestConf, Settings, SourceFiles
+from llmfeat.errors import UserError
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
 
-    from spark_jobs.delta_io import DeltaTables
+    from llmfeat.delta_io import DeltaTables
 
 REQUIRED = {
     "interactions": ["user_id", "item_id", "rating", "timestamp"],
@@ -46,7 +47,7 @@ TABLE_KEYS = {
 }
 
 
-class IngestError(ValueError):
+class IngestError(UserError, ValueError):
     """Bad input: names the file, the column and an example row."""
 
 
@@ -308,7 +309,7 @@ def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
 
 
 def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
-    from spark_jobs.delta_io import open_tables
+    from llmfeat.delta_io import open_tables
 
     try:
         frames = build_tables(spark, settings.ingest)
@@ -327,7 +328,7 @@ def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
 
 def check_tables(arrows: dict[str, Any], tables: DeltaTables, settings: Settings) -> None:
     """Every table passes its great-expectations gate before the first commit (raises GateFailed)."""
-    from validation import gate, new_run_id, raw_suite
+    from llmfeat.validation import gate, new_run_id, raw_suite
 
     run_id, conf = new_run_id("ingest"), settings.validation
     for name, data in arrows.items():
@@ -341,13 +342,13 @@ def format_summary(summaries: list[TableSummary]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import job_main
+    from llmfeat.runner import job_main
 
     return job_main("ingest", argv, lambda spark, settings: print(format_summary(run(spark, settings))))
 
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.ingest import main as package_main
+    from llmfeat.spark_jobs.ingest import main as package_main
 
     sys.exit(package_main())

@@ -28,13 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import Settings, ValidationConf
+from llmfeat.errors import UserError
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
     from pyspark.sql import DataFrame, SparkSession
 
-    from spark_jobs.delta_io import DeltaTables
-    from validation.suites import Suite
+    from llmfeat.delta_io import DeltaTables
+    from llmfeat.validation.suites import Suite
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 DEFAULTS = ValidationConf()
 
 
-class FeatureTableError(ValueError):
+class FeatureTableError(UserError, ValueError):
     """A feature table that must not be served: names the table, the problem and example keys."""
 
 
@@ -170,7 +171,7 @@ def publish(
     gate run before the first write. Counters need Spark (they aggregate interactions); without a session
     only vectors and metadata publish."""
     from llmfeat.feast_repo import feature_views, vector_dim
-    from validation.gating import gate, new_run_id
+    from llmfeat.validation.gating import gate, new_run_id
 
     views = feature_views()
     staged: list[tuple[str, str, pa.Table, list[str], list[str], bool]] = []  # ..., keys, compare, delete
@@ -213,7 +214,7 @@ def publish(
 
 
 def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
-    from validation.suites import counters_suite, feature_suite, item_meta_suite
+    from llmfeat.validation.suites import counters_suite, feature_suite, item_meta_suite
 
     if table == "feast_item_meta":
         return item_meta_suite(conf)
@@ -258,8 +259,8 @@ def _table_of(view: FeatureView) -> str:
 
 
 def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> list[Published]:
+    from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import apply_repo
-    from spark_jobs.delta_io import open_tables
 
     published = publish(spark, open_tables(settings, spark), settings.validation)
     store = apply_repo(settings)
@@ -277,9 +278,9 @@ def format_published(published: list[Published]) -> str:
 
 def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
+    from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import open_store, repo_dir
-    from serving.features import OnlineFeatures
-    from spark_jobs.delta_io import open_tables
+    from llmfeat.serving.features import OnlineFeatures
 
     print(f"\n== features (Feast repo {repo_dir(settings)}, online store {settings.feast.online_store})")
     published = run(spark, settings)
@@ -298,13 +299,13 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import _run_with_session, config_args
+    from llmfeat.runner import config_args, run_with_session
 
     parser = argparse.ArgumentParser(prog="llmfeat features materialize")
     config_args(parser)
     parser.add_argument("--full", action="store_true", help="re-materialize the whole history of every view")
     args = parser.parse_args(argv)
-    return _run_with_session(
+    return run_with_session(
         "features materialize",
         args.config,
         args.overrides,
@@ -314,6 +315,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.materialize import main as package_main
+    from llmfeat.spark_jobs.materialize import main as package_main
 
     sys.exit(package_main())

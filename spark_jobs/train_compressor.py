@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import MarcConf, Settings
-from models.ctr_data import CtrArrays, ReprError, ctr_arrays, repr_matrix
+from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_matrix
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from models.registry import RegisteredCompressor
-    from models.train_marc import MarcFit
+    from llmfeat.models.marc.train import MarcFit
+    from llmfeat.registry import RegisteredCompressor
 
 log = logging.getLogger(__name__)
 LINEAGE_COLUMNS = ("encoder_id", "weights_hash", "pooling")
@@ -66,7 +66,7 @@ def layer_lineage(table: pa.Table, name: str, layer: int) -> dict[str, Any]:
 
 
 def marc_config(cfg: MarcConf, in_dim: int) -> Any:
-    from models.marc import MarcConfig
+    from llmfeat.models.marc.model import MarcConfig
 
     return MarcConfig(
         in_dim, cfg.out_dim, cfg.hidden_dim, cfg.task_dim, cfg.dropout, cfg.keep_weight, cfg.indep_weight,
@@ -75,7 +75,7 @@ def marc_config(cfg: MarcConf, in_dim: int) -> Any:
 
 
 def train_config(cfg: MarcConf) -> Any:
-    from models.trainer import TrainConfig
+    from llmfeat.models.trainer import TrainConfig
 
     return TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed)
 
@@ -84,7 +84,7 @@ def load_inputs(
     spark: SparkSession | None, settings: Settings
 ) -> tuple[CtrArrays, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Arrays for training, the layer's states per entity (U, D) / (I, D), and each table's lineage."""
-    from spark_jobs.delta_io import open_tables
+    from llmfeat.delta_io import open_tables
 
     tables = open_tables(settings, spark)
     a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
@@ -107,7 +107,8 @@ def log_fit(
     fit: MarcFit, settings: Settings, lineage: dict[str, dict[str, Any]]
 ) -> list[RegisteredCompressor]:
     import mlflow
-    from models.registry import log_and_register
+
+    from llmfeat.registry import log_and_register
 
     mlflow.log_params({f"marc.{k}": v for k, v in settings.marc.model_dump().items()})
     for entity, lin in lineage.items():
@@ -124,12 +125,12 @@ def log_fit(
 
 
 def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
+    import mlflow
     import torch
 
-    import mlflow
-    from models.registry import use_tracking
-    from models.train_marc import fit_marc
-    from validation.data_docs import link_inputs, locations
+    from llmfeat.models.marc.train import fit_marc
+    from llmfeat.registry import use_tracking
+    from llmfeat.validation.data_docs import link_inputs, locations
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     a, states, lineage = load_inputs(spark, settings)
@@ -151,13 +152,13 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.cli import job_main
+    from llmfeat.runner import job_main
 
     return job_main("train-compressor", argv, lambda spark, settings: print(run(spark, settings)))
 
 
 if __name__ == "__main__":
     # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
-    from spark_jobs.train_compressor import main as package_main
+    from llmfeat.spark_jobs.train_compressor import main as package_main
 
     sys.exit(package_main())

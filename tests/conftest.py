@@ -37,7 +37,7 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 
 @pytest.fixture(scope="session")
 def spark():  # type: ignore[no-untyped-def]
-    from spark_jobs.session import build_session
+    from llmfeat.session import build_session
 
     session = build_session(load_settings("tiny").spark)
     yield session

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llmfeat.config import load_settings
-from models.ab_stats import (
+from llmfeat.models.evaluation.ab_stats import (
     Arm,
     delong_test,
     item_bid,
@@ -15,8 +15,8 @@ from models.ab_stats import (
     srm_test,
     unit_hash,
 )
-from models.abtest import analyze_events
-from models.metrics import auc
+from llmfeat.models.evaluation.metrics import auc
+from llmfeat.spark_jobs.abtest import analyze_events
 
 pytestmark = pytest.mark.unit
 

@@ -7,11 +7,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.bahe import Bahe, BaheConfig, build_bahe, llm_blocks
-from models.bahe_data import behavior_sequences, padded_batch
-from models.ctr_data import CtrArrays
-from models.encoder import decoder_blocks
-from models.train_bahe import BaheTrainConfig, fit_bahe, user_vectors
+from llmfeat.models.bahe.data import behavior_sequences, padded_batch
+from llmfeat.models.bahe.model import Bahe, BaheConfig, build_bahe, llm_blocks
+from llmfeat.models.bahe.train import BaheTrainConfig, fit_bahe, user_vectors
+from llmfeat.models.ctr.data import CtrArrays
+from llmfeat.models.encoder import decoder_blocks
 
 pytestmark = pytest.mark.unit
 D = 16

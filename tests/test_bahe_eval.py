@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.bahe_eval import Cost, Throughput, daily_projection, fill_unencoded, format_report, in_process
+from llmfeat.spark_jobs.bahe_eval import (
+    Cost,
+    Throughput,
+    daily_projection,
+    fill_unencoded,
+    format_report,
+    in_process,
+)
 
 pytestmark = pytest.mark.unit
 

@@ -13,9 +13,9 @@ import pytest
 from test_encoder import make_tiny_model_dir
 
 from llmfeat.config import Settings
-from spark_jobs import bahe
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.ingest import run as ingest
+from llmfeat.delta_io import RustDelta
+from llmfeat.spark_jobs import bahe, bahe_fit
+from llmfeat.spark_jobs.ingest import run as ingest
 
 pytestmark = pytest.mark.spark
 DAY = 86_400
@@ -65,7 +65,10 @@ def test_sample_encodes_only_the_sampled_users_behaviours(spark, settings: Setti
     summary = bahe.encode_behaviors(spark, settings, n_sample=1)
     assert summary.encoded == 2  # user 11: the shortest history (tied with 12, first by id), two behaviours
     assert summary.deleted == 0
-    assert bahe.sample_users(spark, RustDelta(settings.delta_root, spark), settings.bahe, 2) == ["11", "12"]
+    assert bahe_fit.sample_users(spark, RustDelta(settings.delta_root, spark), settings.bahe, 2) == [
+        "11",
+        "12",
+    ]
 
 
 def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]

@@ -15,9 +15,9 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from llmfeat.config import Settings, load_settings
-from spark_jobs.compress import CompressError
-from spark_jobs.compress import run as compress
-from spark_jobs.train_compressor import run as train_compressor
+from llmfeat.spark_jobs.compress import CompressError
+from llmfeat.spark_jobs.compress import run as compress
+from llmfeat.spark_jobs.train_compressor import run as train_compressor
 
 pytestmark = pytest.mark.spark
 
@@ -116,7 +116,8 @@ def trained(trained_once: Path, tmp_path: Path) -> Settings:
 
 def test_train_registers_both_compressors_with_alias_and_lineage(trained: Settings) -> None:
     import mlflow
-    from models.registry import tracking_uri
+
+    from llmfeat.registry import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri(trained), registry_uri=tracking_uri(trained))
     mv = client.get_model_version_by_alias("test-marc-items", "champion")
@@ -223,13 +224,13 @@ def test_missing_alias_is_a_clear_error(spark, settings: Settings) -> None:  # t
 
 
 def test_eval_compression_writes_table_plots_and_mlflow_run(settings: Settings, tmp_path: Path) -> None:
+    import mlflow
     import torch
 
-    import mlflow
-    from models.compression_eval import SweepConfig
-    from models.compression_report import run as evaluate
-    from models.probe_eval import ProtocolConfig
-    from models.registry import tracking_uri
+    from llmfeat.models.evaluation.probe_eval import ProtocolConfig
+    from llmfeat.models.marc.sweep import SweepConfig
+    from llmfeat.registry import tracking_uri
+    from llmfeat.spark_jobs.eval_compression import run as evaluate
 
     torch.set_num_threads(1)
     cfg = SweepConfig(seeds=1, out_dim=3, widths=(2, 3), protocol=ProtocolConfig(n_boot=10))

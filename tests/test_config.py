@@ -1,6 +1,7 @@
 import pytest
 
-from llmfeat.config import CONF_DIR, ConfigError, load_settings
+from llmfeat.config import ConfigError, load_settings
+from llmfeat.paths import conf_dir
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +33,7 @@ def test_set_overrides_nested_keys_with_typed_values() -> None:
 
 
 def test_set_accepts_free_keys_under_spark_extra() -> None:
-    from spark_jobs.session import session_conf
+    from llmfeat.session import session_conf
 
     s = load_settings("local", ["spark.extra.spark.executor.cores=4"])
     assert session_conf(s.spark)["spark.executor.cores"] == "4"
@@ -66,4 +67,4 @@ def test_settings_are_frozen() -> None:
 def test_unknown_profile_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="cluster, local, tiny"):
         load_settings("nope")
-    assert (CONF_DIR / "local.yaml").exists()
+    assert (conf_dir() / "local.yaml").exists()

@@ -15,8 +15,8 @@ import pytest
 from test_feast_repo import feature_table
 
 from llmfeat.config import Settings, load_settings
-from spark_jobs import materialize
-from spark_jobs.delta_io import RustDelta
+from llmfeat.delta_io import RustDelta
+from llmfeat.spark_jobs import materialize
 
 N_USERS, N_ITEMS, PER_USER = 60, 40, 12
 START = datetime(2001, 1, 1, tzinfo=UTC)
@@ -97,7 +97,7 @@ def build_lake(tmp: Path, *overrides: str) -> Settings:
 @pytest.mark.integration
 def test_tiny_lake_has_vectors_online(tmp_path: Path) -> None:
     from llmfeat.feast_repo import open_store
-    from serving.features import OnlineFeatures
+    from llmfeat.serving.features import OnlineFeatures
 
     settings = build_lake(tmp_path)
     batch = OnlineFeatures(open_store(settings)).fetch("1", ["1", "2", "nope"])
@@ -106,7 +106,7 @@ def test_tiny_lake_has_vectors_online(tmp_path: Path) -> None:
 
 def train_both(settings: Settings) -> None:
     """ID-only model -> champion, model with LLM features -> challenger."""
-    from models.ctr_commands import train_models
+    from llmfeat.cli.ctr_commands import train_models
 
     train_models(settings, llm=True, both=True, alias=None)
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models.ctr import CtrConfig, CtrInputs, CtrModel, FmArch
-from models.ctr_features import FeatureEncoder
+from llmfeat.models.ctr.features import FeatureEncoder
+from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel, FmArch
 
 pytestmark = pytest.mark.unit
 B, G, F, D = 5, 3, 9, 8

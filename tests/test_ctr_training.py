@@ -6,20 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
 
-import mlflow
 from llmfeat.config import Settings
+from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
-from models.compare import ModelNotFound, compare, promote, resolve
-from models.ctr_dataset import build_frame, check_training_set
-from models.ctr_pyfunc import load_ranker
-from models.registry import tracking_uri
-from spark_jobs.delta_io import RustDelta
-from validation import GateFailed
+from llmfeat.models.ctr.pyfunc import load_ranker
+from llmfeat.registry import tracking_uri
+from llmfeat.spark_jobs.compare import ModelNotFound, compare, promote, resolve
+from llmfeat.spark_jobs.ctr_dataset import build_frame, check_training_set
+from llmfeat.validation import GateFailed
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 import pyarrow as pa
 import pytest
 
-from spark_jobs.delta_io import RustDelta, SparkDelta, merge_predicates
+from llmfeat.delta_io import RustDelta, SparkDelta, merge_predicates
 
 pytestmark = pytest.mark.spark
 

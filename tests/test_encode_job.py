@@ -12,11 +12,11 @@ import pytest
 from test_encoder import make_tiny_model_dir
 
 from llmfeat.config import Settings
-from models.encoder import EncoderError
-from spark_jobs import encode
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.ingest import run as ingest
-from spark_jobs.user_text import user_text, user_texts
+from llmfeat.delta_io import RustDelta
+from llmfeat.models.encoder import EncoderError
+from llmfeat.spark_jobs import encode
+from llmfeat.spark_jobs.ingest import run as ingest
+from llmfeat.spark_jobs.user_text import user_text, user_texts
 
 pytestmark = pytest.mark.spark
 REPR_COLUMNS = [

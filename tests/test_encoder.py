@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoder import (
+from llmfeat.models.encoder import (
     EncoderConfig,
     EncoderError,
     LayerEncoder,

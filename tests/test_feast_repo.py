@@ -13,8 +13,9 @@ import pytest
 
 from llmfeat import feast_repo
 from llmfeat.config import Settings, load_settings
-from serving.features import parse_response
-from spark_jobs.materialize import VECTOR_TABLES, FeatureTableError, decode_vectors
+from llmfeat.paths import feature_repo_dir
+from llmfeat.serving.features import parse_response
+from llmfeat.spark_jobs.materialize import VECTOR_TABLES, FeatureTableError, decode_vectors
 
 DIM = 64
 USER_SPEC, ITEM_SPEC = VECTOR_TABLES[0], VECTOR_TABLES[1]
@@ -61,13 +62,13 @@ def tiny_settings(data_dir: Path, *overrides: str) -> Settings:
 @pytest.mark.unit
 def test_declarations_import_without_side_effects(tmp_path: Path) -> None:
     code = "import sys; sys.path.insert(0, 'feature_repo'); import feature_services, feature_views"
-    subprocess.run([sys.executable, "-c", code], cwd=feast_repo.DECLARATIONS_DIR.parent, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=feature_repo_dir().parent, check=True)
     found = feast_repo.declarations()
     views = feast_repo.feature_views()
     assert {"user_llm_fv", "item_llm_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(views)
     assert {"ctr_marc_v1", "ctr_marc_counters_v1", "user", "item", "behavior"} <= set(found)
     assert feast_repo.vector_dim(views["item_llm_fv"]) == DIM
-    assert not list(feast_repo.DECLARATIONS_DIR.glob("*.db"))  # importing wrote nothing
+    assert not list(feature_repo_dir().glob("*.db"))  # importing wrote nothing
 
 
 @pytest.mark.unit
@@ -132,9 +133,9 @@ def test_parse_http_response_flags_unknown_ids() -> None:
 
 @pytest.mark.integration
 def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) -> None:
-    from spark_jobs.delta_io import RustDelta
-    from spark_jobs.materialize import publish
-    from validation import GateFailed
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.spark_jobs.materialize import publish
+    from llmfeat.validation import GateFailed
 
     tables = RustDelta(tmp_path / "delta")
     ts = datetime.now(UTC) - timedelta(days=1)
@@ -162,7 +163,7 @@ def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) 
 def test_vector_decoding_reads_plain_float_lists_and_parses_the_rest() -> None:
     from feast.protos.feast.types.Value_pb2 import DoubleList, FloatList, Value
 
-    from serving.online_read import decode_vectors
+    from llmfeat.serving.online_read import decode_vectors
 
     v = vectors_for(["a", "b"], dim=4).astype(np.float32)
     plain = [Value(float_list_val=FloatList(val=x)).SerializeToString() for x in v]

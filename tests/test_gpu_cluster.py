@@ -22,10 +22,12 @@ import pyspark
 import pytest
 from test_encoder import make_tiny_model_dir
 
-from llmfeat.config import REPO_ROOT, Settings
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.ingest import run as ingest
-from spark_jobs.session import java_major_version
+from llmfeat.config import Settings
+from llmfeat.delta_io import RustDelta
+from llmfeat.session import java_major_version
+from llmfeat.spark_jobs.ingest import run as ingest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.integration,
@@ -118,7 +120,7 @@ def test_each_task_gets_its_own_gpu_address(
         "encode.layers=[1,2]",
         "encode.partitions=2",
     ]
-    cmd = [sys.executable, "-m", "spark_jobs.encode", "--config", "tiny", "--entity", "items"]
+    cmd = [sys.executable, "-m", "llmfeat.spark_jobs.encode", "--config", "tiny", "--entity", "items"]
     for item in overrides:
         cmd += ["--set", item]
     env = {**cluster_env(), "SPARK_LOCAL_IP": "127.0.0.1"}

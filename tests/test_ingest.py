@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.ingest import IngestError, main, run
+from llmfeat.delta_io import RustDelta
+from llmfeat.spark_jobs.ingest import IngestError, main, run
 
 pytestmark = pytest.mark.spark
 TABLES = ["items", "users", "interactions", "behaviors", "user_behaviors"]

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from llmfeat.config import Settings, load_settings
-from models.lite_llm4rec import LiteLLM4Rec
-from models.next_item_data import eval_queries, event_log, train_windows
-from models.rank_metrics import ndcg_at, recall_at, target_ranks
-from models.sasrec import SASRec, SeqConfig
+from llmfeat.models.evaluation.rank_metrics import ndcg_at, recall_at, target_ranks
+from llmfeat.models.lite_llm4rec.data import eval_queries, event_log, train_windows
+from llmfeat.models.lite_llm4rec.model import LiteLLM4Rec
+from llmfeat.models.lite_llm4rec.sasrec import SASRec, SeqConfig
 
 pytestmark = pytest.mark.unit
 N_ITEMS, N_USERS, STEPS = 40, 24, 10
@@ -95,7 +95,7 @@ def test_target_ranks_excludes_history_and_padding() -> None:
 
 
 def test_windows_and_queries_respect_time(lite_settings: Settings) -> None:
-    from spark_jobs.delta_io import RustDelta
+    from llmfeat.delta_io import RustDelta
 
     tables = RustDelta(lite_settings.delta_root)
     ev = event_log(tables.read_arrow("interactions"), tables.read_arrow("items"))
@@ -125,7 +125,8 @@ def test_models_score_all_items_without_nan(kind: str) -> None:
 
 def test_train_lite_beats_popularity_logs_and_publishes(lite_settings: Settings) -> None:
     import mlflow
-    from models.train_lite import run
+
+    from llmfeat.spark_jobs.train_lite import run
 
     settings = lite_settings.model_copy(
         update={"lite": lite_settings.lite.model_copy(update={"publish_k": 4})}

@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 
 def test_candidates_reach_the_online_store(tmp_path: Path) -> None:
     from llmfeat.feast_repo import apply_repo, feature_views
-    from models.lite_publish import publish_candidates
-    from models.train_lite import build_model, load_lite_data
+    from llmfeat.spark_jobs.lite_publish import publish_candidates
+    from llmfeat.spark_jobs.train_lite import build_model, load_lite_data
 
     tiny_lake(tmp_path / "lake")
     settings = load_settings(

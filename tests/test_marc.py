@@ -7,13 +7,35 @@ import pyarrow as pa
 import pytest
 import torch
 
-from models.baselines import as_dtype, bytes_per_vector, pca, quantise_int8, random_projection, truncation
-from models.ctr_data import ReprError, ctr_arrays, repr_matrix
-from models.marc import Marc, MarcCompressor, MarcConfig, TaskAdaptation, hsic, normalised_hsic, rbf_kernel
-from models.metrics import auc, bootstrap_interval, gauc, logloss, paired_auc_difference, seed_interval
-from models.probe_eval import ProtocolConfig, fit_id_model, fit_probe, split_metrics
-from models.train_marc import compress, fit_marc
-from models.trainer import TrainConfig
+from llmfeat.models.ctr.data import ReprError, ctr_arrays, repr_matrix
+from llmfeat.models.evaluation.metrics import (
+    auc,
+    bootstrap_interval,
+    gauc,
+    logloss,
+    paired_auc_difference,
+    seed_interval,
+)
+from llmfeat.models.evaluation.probe_eval import ProtocolConfig, fit_id_model, fit_probe, split_metrics
+from llmfeat.models.marc.baselines import (
+    as_dtype,
+    bytes_per_vector,
+    pca,
+    quantise_int8,
+    random_projection,
+    truncation,
+)
+from llmfeat.models.marc.model import (
+    Marc,
+    MarcCompressor,
+    MarcConfig,
+    TaskAdaptation,
+    hsic,
+    normalised_hsic,
+    rbf_kernel,
+)
+from llmfeat.models.marc.train import compress, fit_marc
+from llmfeat.models.trainer import TrainConfig
 
 pytestmark = pytest.mark.unit
 
@@ -162,8 +184,8 @@ def test_repr_matrix_errors_name_key_and_table() -> None:
 
 
 def test_sweep_and_report_on_a_tiny_bundle(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from models.compression_eval import SweepConfig, run_sweep
-    from models.compression_report import markdown, plots, to_json
+    from llmfeat.models.marc.sweep import SweepConfig, run_sweep
+    from llmfeat.spark_jobs.eval_compression import markdown, plots, to_json
 
     torch.set_num_threads(1)
     a, xu, xi = synthetic(n_users=40, n_items=30, n=1500, dim=24)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from llmfeat.config import REPO_ROOT
-
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARK_SUBMIT = Path(sys.executable).with_name("spark-submit")
 PROBE = """
 import mlflow
 from pyspark.sql import SparkSession
+
 spark = SparkSession.builder.master("local[1]").config("spark.driver.host", "127.0.0.1").getOrCreate()
 worker = spark.sparkContext.parallelize([0], 1).map(lambda _: __import__("mlflow").__file__).collect()[0]
 print("driver", mlflow.__file__)

@@ -14,12 +14,12 @@ import pytest
 from test_feast_repo import DIM, feature_table, tiny_settings, vectors_for
 
 from llmfeat.config import Settings
+from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import apply_repo, open_store
-from serving.features import HttpFeatures, OnlineFeatures
-from serving.local_servers import feast_serve, redis_server
-from serving.online_read import FeastRows, RedisRows, SqliteRows, rows_reader
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.materialize import materialize, publish, views_on
+from llmfeat.serving.features import HttpFeatures, OnlineFeatures
+from llmfeat.serving.local_servers import feast_serve, redis_server
+from llmfeat.serving.online_read import FeastRows, RedisRows, SqliteRows, rows_reader
+from llmfeat.spark_jobs.materialize import materialize, publish, views_on
 
 pytestmark = pytest.mark.integration
 

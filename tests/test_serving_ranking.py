@@ -11,18 +11,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
 import uvicorn
 from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
 
-import mlflow
 from llmfeat.config import Settings
+from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
-from models.abtest import analyze
-from models.compare import ModelNotFound
-from models.registry import tracking_uri
-from serving.event_log import EventLog, read_events
-from serving.ranking_service import (
+from llmfeat.registry import tracking_uri
+from llmfeat.serving.event_log import EventLog, read_events
+from llmfeat.serving.ranking_service import (
     CandidateFeatures,
     ServingModels,
     assign_arm,
@@ -30,8 +29,9 @@ from serving.ranking_service import (
     create_app,
     registry_loader,
 )
-from serving.replay import free_port, held_out_requests, replay, running_service, wait_ready
-from spark_jobs.delta_io import RustDelta
+from llmfeat.serving.replay import free_port, held_out_requests, replay, running_service, wait_ready
+from llmfeat.spark_jobs.abtest import analyze
+from llmfeat.spark_jobs.compare import ModelNotFound
 
 pytestmark = pytest.mark.integration
 

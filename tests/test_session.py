@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from llmfeat.config import load_settings
-from spark_jobs.session import JavaNotFound, require_java, session_conf
+from llmfeat.session import JavaNotFound, require_java, session_conf
 
 pytestmark = pytest.mark.unit
 

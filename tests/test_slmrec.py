@@ -11,8 +11,8 @@ import torch
 from test_encoder import TEXTS, make_tiny_model_dir, tiny_llama, tiny_tokenizer
 
 from llmfeat.config import Settings, load_settings
-from models.encoder import EncoderConfig, LayerEncoder, load_encoder, resolve_model
-from models.slmrec import (
+from llmfeat.models.encoder import EncoderConfig, LayerEncoder, load_encoder, resolve_model
+from llmfeat.models.slmrec.model import (
     PooledTaps,
     StudentConfig,
     add_lora,
@@ -21,7 +21,7 @@ from models.slmrec import (
     make_student,
     merge_lora,
 )
-from models.train_slmrec import DistilTexts, padded
+from llmfeat.spark_jobs.distil_student import DistilTexts, padded
 
 pytestmark = pytest.mark.unit
 
@@ -118,7 +118,8 @@ def test_distil_raises_heldout_cosine_saves_an_encoder_folder_and_logs(tmp_path:
     import json
 
     import mlflow
-    from models.train_slmrec import run
+
+    from llmfeat.spark_jobs.distil_student import run
 
     teacher = make_tiny_model_dir(tmp_path / "tiny-llama")
     settings = tiny_slm_settings(tmp_path, teacher, tuning)

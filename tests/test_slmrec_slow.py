@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llmfeat.config import load_settings
-from models.encoder import EncoderConfig, load_encoder, resolve_model
-from models.train_slmrec import DistilTexts
+from llmfeat.models.encoder import EncoderConfig, load_encoder, resolve_model
+from llmfeat.spark_jobs.distil_student import DistilTexts
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def test_real_teacher_student_distils_and_encodes(tmp_path: Path) -> None:
-    from models.train_slmrec import run
+    from llmfeat.spark_jobs.distil_student import run
 
     settings = load_settings(
         "tiny",

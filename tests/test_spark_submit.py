@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llmfeat.config import REPO_ROOT
-from spark_jobs.delta_io import RustDelta
+from llmfeat.delta_io import RustDelta
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from llmfeat.config import ValidationConf
-from spark_jobs.delta_io import RustDelta
-from validation import (
+from llmfeat.delta_io import RustDelta
+from llmfeat.validation import (
     GateFailed,
     drift_suite,
     feature_suite,
@@ -23,7 +23,7 @@ from validation import (
     repr_suite,
     training_set_suite,
 )
-from validation.suites import Suite
+from llmfeat.validation.suites import Suite
 
 pytestmark = pytest.mark.unit
 DIM = 8
@@ -285,7 +285,7 @@ def test_bounds_come_from_config(tables: RustDelta) -> None:
 
 def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tables: RustDelta) -> None:
     from llmfeat.config import load_settings
-    from models.ctr_dataset import Snapshot, check_training_set
+    from llmfeat.spark_jobs.ctr_dataset import Snapshot, check_training_set
 
     settings = load_settings("tiny", [f"data_dir={tables.root.parent}"])
     events = pd.to_datetime(["1998-01-01", "1998-02-01", "1998-03-01", "1998-04-01"], utc=True)
@@ -310,7 +310,7 @@ def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tabl
 
 
 def test_candidates_gate_stops_a_seen_item_scored_minus_infinity(tables: RustDelta) -> None:
-    from validation.suites import candidates_suite
+    from llmfeat.validation.suites import candidates_suite
 
     frame = pd.DataFrame(
         {

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from spark_jobs.delta_io import RustDelta
-from validation import GateFailed, gate, raw_suite
-from validation.data_docs import find_chromium, link_to_mlflow, page_path, render
+from llmfeat.delta_io import RustDelta
+from llmfeat.validation import GateFailed, gate, raw_suite
+from llmfeat.validation.data_docs import find_chromium, link_to_mlflow, page_path, render
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from spark_jobs.delta_io import RustDelta
-from spark_jobs.ingest import main as ingest_main
-from spark_jobs.ingest import run as ingest
-from validation import GateFailed, gate, repr_suite, training_set_suite
+from llmfeat.delta_io import RustDelta
+from llmfeat.spark_jobs.ingest import main as ingest_main
+from llmfeat.spark_jobs.ingest import run as ingest
+from llmfeat.validation import GateFailed, gate, repr_suite, training_set_suite
 
 pytestmark = pytest.mark.spark
 TABLES = ["items", "users", "interactions", "behaviors", "user_behaviors"]

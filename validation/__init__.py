@@ -1,6 +1,6 @@
 """great-expectations suites as code, and the gate every job runs before it commits a table.
 
-    from validation import gate, repr_suite
+    from llmfeat.validation import gate, repr_suite
     report = gate(frame, repr_suite("items", "item_id", width=576), table="items_repr", tables=t, run_id=r)
 
 Importing this package is cheap; great-expectations loads on first use of a suite or the gate.
@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from validation.gating import GateFailed, GateReport, gate, new_run_id
-    from validation.reference import norm_bounds_from
-    from validation.suites import (
+    from llmfeat.validation.gating import GateFailed, GateReport, gate, new_run_id
+    from llmfeat.validation.reference import norm_bounds_from
+    from llmfeat.validation.suites import (
         Suite,
         counters_suite,
         drift_suite,
@@ -25,19 +25,19 @@ if TYPE_CHECKING:
     )
 
 _WHERE = {
-    "gate": "validation.gating",
-    "GateFailed": "validation.gating",
-    "GateReport": "validation.gating",
-    "new_run_id": "validation.gating",
-    "norm_bounds_from": "validation.reference",
-    "Suite": "validation.suites",
-    "raw_suite": "validation.suites",
-    "repr_suite": "validation.suites",
-    "feature_suite": "validation.suites",
-    "item_meta_suite": "validation.suites",
-    "counters_suite": "validation.suites",
-    "training_set_suite": "validation.suites",
-    "drift_suite": "validation.suites",
+    "gate": "llmfeat.validation.gating",
+    "GateFailed": "llmfeat.validation.gating",
+    "GateReport": "llmfeat.validation.gating",
+    "new_run_id": "llmfeat.validation.gating",
+    "norm_bounds_from": "llmfeat.validation.reference",
+    "Suite": "llmfeat.validation.suites",
+    "raw_suite": "llmfeat.validation.suites",
+    "repr_suite": "llmfeat.validation.suites",
+    "feature_suite": "llmfeat.validation.suites",
+    "item_meta_suite": "llmfeat.validation.suites",
+    "counters_suite": "llmfeat.validation.suites",
+    "training_set_suite": "llmfeat.validation.suites",
+    "drift_suite": "llmfeat.validation.suites",
 }
 __all__ = [
     "gate",

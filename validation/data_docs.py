@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from great_expectations.data_context import EphemeralDataContext
 
     from llmfeat.config import Settings
-    from validation.gating import GateReport
+    from llmfeat.validation.report import GateReport
 
 SITE = "llmfeat"
 RESULTS = "_results"  # validation results (JSON) the index is built from

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from validation.derived import Derived, is_spark, with_derived
+from llmfeat.validation.derived import Derived, is_spark, with_derived
 
 COSINE, CHANGED = "cosine", "changed"
 

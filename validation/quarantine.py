@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from validation.derived import ROW_ID, is_derived, is_spark
+from llmfeat.validation.derived import ROW_ID, is_derived, is_spark
 
 SCHEMA = pa.schema(
     [

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from validation.derived import Derived, is_spark, with_derived
+from llmfeat.validation.derived import Derived, is_spark, with_derived
 
 
 def norm_bounds_from(

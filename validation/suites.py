@@ -26,7 +26,7 @@ import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column
 
 from llmfeat.config import ValidationConf
-from validation.derived import Derived
+from llmfeat.validation.derived import Derived
 
 REPR_LINEAGE = ("encoder_id", "weights_hash", "pooling", "max_length", "content_hash", "encoded_at")
 # One value per published batch: a batch mixing encoders or compressors is a bug upstream.
@@ -328,7 +328,7 @@ def drift_suite(
     """A new version of a feature table against the previous one over the keys both hold: the mean cosine
     similarity stays above `drift_min_mean_cosine` and at most `drift_max_changed_share` of rows changed
     (cosine below `drift_changed_below`). `previous` is the published version (Spark or pandas)."""
-    from validation.drift import CHANGED, COSINE, joined_versions
+    from llmfeat.validation.drift import CHANGED, COSINE, joined_versions
 
     return Suite(
         f"{name}_drift",

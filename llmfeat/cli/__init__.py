@@ -1,0 +1,199 @@
+"""`llmfeat` command line. Each job command runs the same `run(spark, settings)` that spark-submit runs.
+
+llmfeat ingest [--config local|PATH] [--set key=value ...]
+llmfeat encode [--entity items,users,behaviors|all]  # LLM layer states -> <entity>_repr
+llmfeat train-compressor               # MARC on <entity>_repr -> MLflow registry, alias champion
+llmfeat compress [--entity users,items]  # registered compressor -> user_features, item_features
+llmfeat eval-compression               # layer sweep and compression baselines -> docs/marc_*.{md,png}
+llmfeat tables                         # what is published, where, at which version
+llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
+llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
+llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
+llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
+llmfeat demo                           # the end-to-end job on the embedded defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfeat.config import ConfigError, Settings, load_settings
+from llmfeat.runner import USER_ERRORS, config_args, run_with_session
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger("llmfeat")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or set-up, reported as one line instead of a traceback."""
+    from llmfeat.models.encoder import EncoderError
+
+    return (*USER_ERRORS, EncoderError)
+
+
+def run_job(
+    name: str, config: str, overrides: list[str], body: Callable[[SparkSession, Settings], Any]
+) -> int:
+    return run_with_session(name, config, overrides, body, user_errors())
+
+
+def environment() -> str:
+    """Where each engine comes from: useful when a cluster's Python differs from the driver's."""
+    import importlib
+
+    from llmfeat.session import java_major_version
+
+    lines = [
+        f"{'python':<19}{sys.version.split()[0]:<12}{sys.executable}",
+        f"{'java':<19}{java_major_version()}",
+    ]
+    for name in ("pyspark", "deltalake", "mlflow", "feast", "great_expectations", "torch", "transformers"):
+        try:
+            mod = importlib.import_module(name)
+            lines.append(f"{name:<19}{getattr(mod, '__version__', '?'):<12}{mod.__file__}")
+        except ImportError as err:
+            lines.append(f"{name:<19}{'missing':<12}({err})")
+    return "\n".join(lines)
+
+
+def encode_command(args: argparse.Namespace) -> int:
+    from llmfeat.spark_jobs.encode import parse_entities, run_all
+
+    try:
+        entities = parse_entities(args.entity)
+    except argparse.ArgumentTypeError as err:
+        print(f"llmfeat encode: {err}", file=sys.stderr)
+        return 2
+    return run_job("encode", args.config, args.overrides, lambda s, c: run_all(s, c, entities))
+
+
+def features_command(args: argparse.Namespace) -> int:
+    """`features apply` registers the repo (no Spark); `features materialize` publishes and materializes."""
+    from llmfeat.feast_repo import FeatureStoreError, apply_repo, repo_dir
+    from llmfeat.spark_jobs.materialize import format_published, run
+
+    if args.action == "materialize":
+        body = lambda s, c: print(format_published(run(s, c, full=args.full)))  # noqa: E731
+        return run_job("features materialize", args.config, args.overrides, body)
+    try:
+        settings = load_settings(args.config, args.overrides)
+        store = apply_repo(settings)
+    except (ConfigError, FeatureStoreError) as err:
+        print(f"llmfeat features apply: error: {err}", file=sys.stderr)
+        return 2
+    views = ", ".join(sorted(v.name for v in store.list_feature_views()))
+    print(f"applied feature repo {repo_dir(settings)}: {views}")
+    return 0
+
+
+def marc_command(args: argparse.Namespace) -> int:
+    """train-compressor, compress and eval-compression."""
+    if args.command == "train-compressor":
+        from llmfeat.spark_jobs.train_compressor import run as train
+
+        return run_job(args.command, args.config, args.overrides, lambda s, c: print(train(s, c)))
+    if args.command == "compress":
+        from llmfeat.spark_jobs.compress import run as compress
+
+        def body(spark: SparkSession, settings: Settings) -> None:
+            for summary in compress(spark, settings, args.entity):
+                print(summary)
+
+        return run_job(args.command, args.config, args.overrides, body)
+    from llmfeat.spark_jobs.eval_compression import run as evaluate
+    from llmfeat.spark_jobs.eval_compression import sweep_config
+
+    cfg = sweep_config(args.seeds, args.layers, args.marc_layers)
+    return run_job(args.command, args.config, args.overrides, lambda s, c: evaluate(c, cfg, args.out))
+
+
+def marc_parsers(sub: Any) -> None:
+    from llmfeat.spark_jobs.compress import entity_args
+
+    config_args(sub.add_parser("train-compressor", help="MARC compressor -> MLflow registry under an alias"))
+    compress = sub.add_parser("compress", help="<entity>_repr -> user_features / item_features, by alias")
+    config_args(compress)
+    entity_args(compress)
+    ev = sub.add_parser("eval-compression", help="layer sweep and compression baselines, table and plots")
+    config_args(ev)
+    ev.add_argument("--seeds", type=int, default=3)
+    ev.add_argument("--layers", default="", help="comma list of layers for the sweep (default: all)")
+    ev.add_argument("--marc-layers", default="", help="extra layers to train MARC on for the layer plot")
+    ev.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmfeat", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),
+        ("tables", "list the Delta tables, their versions and row counts"),
+    ):
+        config_args(sub.add_parser(name, help=help_))
+    encode_parser = sub.add_parser("encode", help="entity texts -> <entity>_repr tables of LLM layer states")
+    config_args(encode_parser)
+    encode_parser.add_argument(
+        "--entity", default="all", help="items, users, behaviors, a comma list, or all (default: all)"
+    )
+    demo = sub.add_parser("demo", help="run the end-to-end job on the embedded defaults")
+    demo.add_argument("--full", action="store_true", help="all layers, full-length user texts (slow on CPU)")
+    config_args(demo)
+    sub.add_parser("env", help="versions and locations of Python, Java and the libraries")
+    features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
+    features.add_argument("action", choices=["apply", "materialize"])
+    features.add_argument("--full", action="store_true", help="materialize the whole history again")
+    config_args(features)
+    marc_parsers(sub)
+    from llmfeat.cli import ctr_commands, rec_commands
+
+    ctr_commands.add_parsers(sub, config_args)
+    rec_commands.add_parsers(sub, config_args)
+    from llmfeat.spark_jobs import bahe as bahe_job
+
+    bahe_job.add_parser(sub, config_args)
+    args = parser.parse_args(argv)
+    if args.command in ctr_commands.COMMANDS:
+        return ctr_commands.dispatch(args)
+    if args.command == "bahe":
+        return bahe_job.command(args)
+    if args.command in rec_commands.COMMANDS:
+        return rec_commands.dispatch(args)
+    if args.command in ("train-compressor", "compress", "eval-compression"):
+        return marc_command(args)
+    if args.command == "features":
+        return features_command(args)
+    if args.command == "env":
+        print(environment())
+        return 0
+    if args.command == "tables":
+        try:
+            from llmfeat.delta_io import tables_summary
+
+            print(tables_summary(load_settings(args.config, args.overrides)))
+        except ConfigError as err:
+            print(f"llmfeat tables: config error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "ingest":
+        from llmfeat.spark_jobs.ingest import format_summary
+        from llmfeat.spark_jobs.ingest import run as ingest
+
+        return run_job(
+            "ingest", args.config, args.overrides, lambda s, c: print(format_summary(ingest(s, c)))
+        )
+    if args.command == "encode":
+        return encode_command(args)
+    from llmfeat.cli.demo import run as run_demo
+
+    return run_job("demo", args.config, args.overrides, lambda s, c: run_demo(s, c, args.full))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

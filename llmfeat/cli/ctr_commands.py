@@ -1,0 +1,202 @@
+"""`llmfeat` subcommands for the CTR models and their A/B tests (llmfeat/cli.py only dispatches here).
+
+    llmfeat train-ctr [--llm|--no-llm|--both] [--alias NAME]   Feast training set -> MLflow run + registry
+    llmfeat compare [--a champion] [--b challenger]            offline A/B on one held-out snapshot
+    llmfeat promote [--champion champion] [--challenger challenger]
+    llmfeat serve                                              ranking service (FastAPI on uvicorn)
+    llmfeat abtest replay --url URL | analyze [--log DIR] | run
+None of them needs Spark: Delta is read with delta-rs and features come from Feast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmfeat.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from llmfeat.spark_jobs.train_ctr import TrainedCtr
+
+COMMANDS = ("train-ctr", "compare", "promote", "serve", "abtest")
+
+
+def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    train = sub.add_parser("train-ctr", help="train a CTR ranker from Feast, track and register it in MLflow")
+    which = train.add_mutually_exclusive_group()
+    which.add_argument(
+        "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
+    )
+    which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
+    which.add_argument("--both", action="store_true", help="without LLM -> champion, with -> challenger")
+    train.add_argument("--alias", default=None, help="registry alias to set on the new version")
+    compare = sub.add_parser("compare", help="offline A/B of two registry aliases on one held-out snapshot")
+    compare.add_argument("--a", default="champion")
+    compare.add_argument("--b", default="challenger")
+    promote = sub.add_parser(
+        "promote", help="move champion to the challenger if the comparison passes the gate"
+    )
+    promote.add_argument("--champion", default="champion")
+    promote.add_argument("--challenger", default="challenger")
+    sub.add_parser(
+        "serve", help="ranking service: champion/challenger split, Feast online features, event log"
+    )
+    abtest = sub.add_parser("abtest", help="online A/B: replay held-out traffic, analyse the event log")
+    abtest.add_argument("action", choices=["replay", "analyze", "run"])
+    abtest.add_argument(
+        "--url", default=None, help="replay: the running service (default: serving.host:port)"
+    )
+    abtest.add_argument("--log", default=None, help="analyze: event-log folder (default: serving.log_dir)")
+    for p in (train, compare, promote, sub.choices["serve"], abtest):
+        config_args(p)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from llmfeat.feast_repo import FeatureStoreError
+    from llmfeat.spark_jobs.compare import ModelNotFound
+    from llmfeat.spark_jobs.ctr_dataset import SnapshotChanged
+
+    return (ConfigError, FeatureStoreError, ModelNotFound, SnapshotChanged, FileNotFoundError, ValueError)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from llmfeat.runner import command_settings
+
+    settings = command_settings(args.command, args.config, args.overrides)
+    if settings is None:
+        return 2
+    bodies: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
+        "train-ctr": train_command,
+        "compare": lambda s, a: print(run_compare(s, a.a, a.b).report()),
+        "promote": lambda s, a: print(run_promote(s, a.champion, a.challenger).report()),
+        "serve": lambda s, a: _serve(s),
+        "abtest": abtest_command,
+    }
+    try:
+        bodies[args.command](settings, args)
+    except user_errors() as err:
+        print(f"llmfeat {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _store_and_tables(settings: Settings) -> tuple[Any, Any]:
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.feast_repo import open_store
+
+    return open_store(settings), RustDelta(settings.delta_root)
+
+
+def train_models(settings: Settings, llm: bool, both: bool, alias: str | None) -> list[TrainedCtr]:
+    from llmfeat.spark_jobs.train_ctr import train_and_register
+
+    store, tables = _store_and_tables(settings)
+    plan: list[tuple[bool, str | None]]
+    if both:
+        plan = [(False, settings.serving.champion_alias), (True, settings.serving.challenger_alias)]
+    else:
+        plan = [(llm, alias)]
+    return [train_and_register(settings, tables, store, use_llm, a) for use_llm, a in plan]
+
+
+def train_command(settings: Settings, args: argparse.Namespace) -> None:
+    for trained in train_models(settings, args.llm, args.both, args.alias):
+        print(trained.summary())
+
+
+def run_compare(settings: Settings, a: str, b: str) -> Any:
+    from llmfeat.spark_jobs.compare import compare
+
+    store, tables = _store_and_tables(settings)
+    return compare(settings, tables, store, a, b)
+
+
+def run_promote(settings: Settings, champion: str, challenger: str) -> Any:
+    from llmfeat.spark_jobs.compare import promote
+
+    store, tables = _store_and_tables(settings)
+    return promote(settings, tables, store, champion, challenger)
+
+
+def _serve(settings: Settings) -> None:
+    from llmfeat.serving.ranking_service import serve
+
+    serve(settings)
+
+
+def abtest_command(settings: Settings, args: argparse.Namespace) -> None:
+    from llmfeat.serving.ranking_service import log_dir
+
+    if args.action == "replay":
+        url = args.url or f"http://{settings.serving.host}:{settings.serving.port}"
+        print(replay_against(settings, url))
+    elif args.action == "analyze":
+        print(analyze_log(settings, Path(args.log) if args.log else log_dir(settings)))
+    else:
+        online_ab(settings)
+
+
+def replay_against(settings: Settings, url: str) -> Any:
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.serving.replay import held_out_requests, replay
+
+    cfg = settings.abtest
+    requests = held_out_requests(RustDelta(settings.delta_root), cfg.requests, cfg.candidates, cfg.seed)
+    return replay(url, requests, cfg.slots)
+
+
+def analyze_log(settings: Settings, folder: Path) -> str:
+    from llmfeat.spark_jobs.abtest import analyze, bid_rule
+
+    result = analyze(settings, folder)
+    return f"{result.report(bid_rule(settings))}\nMLflow run {result.run_id}"
+
+
+def online_ab(settings: Settings) -> None:
+    """Start the service on a free loopback port with a fresh event log, replay, stop it, analyse."""
+    from llmfeat.serving.ranking_service import log_dir
+    from llmfeat.serving.replay import running_service
+
+    folder = log_dir(settings) / f"run-{time.strftime('%Y%m%dT%H%M%S')}"
+    run_settings = settings.model_copy(
+        update={"serving": settings.serving.model_copy(update={"log_dir": str(folder.resolve())})}
+    )
+    with running_service(run_settings) as url:
+        print(
+            f"ranking service up at {url} (challenger share {settings.serving.challenger_share:g}, "
+            f"events in {folder})"
+        )
+        print(replay_against(run_settings, url))
+    print(analyze_log(run_settings, folder))
+
+
+def demo_step(settings: Settings) -> None:
+    """Train with and without LLM features, compare offline, run the online A/B, promote through the gate."""
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.spark_jobs.ctr_dataset import VECTOR_TABLES
+
+    tables = RustDelta(settings.delta_root)
+    if not all(tables.exists(t) for t in VECTOR_TABLES):
+        print(
+            "\n== CTR models: skipped, no published LLM vectors yet (llmfeat compress; features materialize)"
+        )
+        return
+    print("\n== CTR models (Feast training set -> MLflow runs and registry)")
+    for trained in train_models(settings, True, True, None):
+        print(trained.summary())
+    print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
+    comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
+    print(comparison.report())
+    print("\n== online A/B (replayed held-out traffic through the ranking service)")
+    online_ab(settings)
+    print("\n== promotion (champion moves only if the offline comparison passes the gate)")
+    from llmfeat.spark_jobs.compare import record_promotion
+
+    print(record_promotion(settings, comparison).summary())
+    from llmfeat.registry import tracking_uri
+
+    print(f"\nbrowse it: mlflow ui --backend-store-uri {tracking_uri(settings)}")

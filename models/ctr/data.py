@@ -1,0 +1,106 @@
+"""Arrays for the CTR probe and the MARC trainer, from the Delta tables (no Spark needed at this size).
+
+Notation: N interaction rows, U users, I items, D representation width, F dense ID-side features.
+
+Leakage rule (METHODS.md): the user representation is encoded from the user's history before the train cut,
+so it contains the labels of the train rows. The downstream probe is therefore fitted only on rows after that
+cut (the valid split) and tested on the test split; the ID side is learned from the train split alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmfeat.errors import UserError
+
+KEY_COLUMN = {"users": "user_id", "items": "item_id"}
+
+
+class ReprError(UserError, ValueError):
+    """A representation table that cannot be used: missing layer or key, bad values, wrong width."""
+
+
+@dataclass(frozen=True)
+class CtrArrays:
+    user_keys: np.ndarray  # (U,) str
+    item_keys: np.ndarray  # (I,) str
+    user_idx: np.ndarray  # (N,) int64
+    item_idx: np.ndarray  # (N,) int64
+    label: np.ndarray  # (N,) float32
+    split: np.ndarray  # (N,) str: train / valid / test
+    timestamp: np.ndarray  # (N,) int64 epoch micros
+    dense: np.ndarray  # (N, F) float32 ID-side features from the train split
+    warm: np.ndarray  # (N,) bool: the user has train-period history
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+
+DENSE_FEATURES = ("log_item_count", "item_ctr", "log_user_count", "user_ctr", "warm")
+
+
+def ctr_arrays(interactions: pa.Table, users: pa.Table, items: pa.Table, prior: float = 10.0) -> CtrArrays:
+    """Index users and items, and compute train-period counts and smoothed click rates (the ID side)."""
+    user_keys = np.asarray(users.column("user_id").to_pylist(), dtype=object)
+    item_keys = np.asarray(items.column("item_id").to_pylist(), dtype=object)
+    u_pos = {k: i for i, k in enumerate(user_keys)}
+    i_pos = {k: i for i, k in enumerate(item_keys)}
+    user_idx = np.array([u_pos[k] for k in interactions.column("user_id").to_pylist()], dtype=np.int64)
+    item_idx = np.array([i_pos[k] for k in interactions.column("item_id").to_pylist()], dtype=np.int64)
+    label = interactions.column("label").to_numpy().astype(np.float32)
+    split = np.asarray(interactions.column("split").to_pylist(), dtype=object)
+    ts = pc.cast(interactions.column("event_timestamp"), pa.int64()).to_numpy()
+    train = split == "train"
+    base = float(label[train].mean())
+
+    def counts(idx: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        c = np.bincount(idx[train], minlength=n).astype(np.float64)
+        pos = np.bincount(idx[train], weights=label[train], minlength=n)
+        return c, (pos + prior * base) / (c + prior)
+
+    ic, ictr = counts(item_idx, len(item_keys))
+    uc, uctr = counts(user_idx, len(user_keys))
+    warm = uc[user_idx] > 0
+    dense = np.stack(
+        [np.log1p(ic[item_idx]), ictr[item_idx], np.log1p(uc[user_idx]), uctr[user_idx], warm], axis=1
+    ).astype(np.float32)
+    return CtrArrays(user_keys, item_keys, user_idx, item_idx, label, split, ts, dense, warm)
+
+
+def repr_matrix(table: pa.Table, entity: str, layer: int, keys: np.ndarray, name: str = "") -> np.ndarray:
+    """The (len(keys), D) float32 states of `layer`, in the order of `keys`; ReprError names key and table."""
+    name = name or f"{entity}_repr"
+    key_col = KEY_COLUMN[entity]
+    layers = sorted(set(table.column("layer").to_pylist()))
+    if layer not in layers:
+        raise ReprError(f"{name}: layer {layer} not present (layers in the table: {layers})")
+    rows = table.filter(pc.equal(table.column("layer"), layer))
+    found = rows.column(key_col).to_pylist()
+    pos = {k: i for i, k in enumerate(found)}
+    missing = [k for k in keys if k not in pos]
+    if missing:
+        raise ReprError(
+            f"{name}: no layer-{layer} vector for {key_col}={missing[0]!r} ({len(missing)} missing)"
+        )
+    vectors = rows.column("vector").combine_chunks()
+    lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
+    width = int(np.bincount(lengths).argmax())
+    if (lengths != width).any():
+        bad = found[int(np.flatnonzero(lengths != width)[0])]
+        raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: vector width differs from {width}")
+    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    order = [pos[k] for k in keys]
+    matrix = flat.reshape(len(found), width)[order]
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        bad = keys[int(np.flatnonzero(~finite)[0])]
+        raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: NaN or inf in the vector")
+    return matrix
+
+
+def repr_layers(table: pa.Table) -> list[int]:
+    return sorted(set(table.column("layer").to_pylist()))

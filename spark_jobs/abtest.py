@@ -1,0 +1,171 @@
+"""Analysis of the online A/B from the ranking service's event log.
+
+    llmfeat abtest analyze [--log DIR]
+
+Impressions: ranked items with rank < abtest.slots; clicks: click events on such an impression (joined by
+request id and item). Per arm: users, requests, impressions, clicks, CTR, eCPM (bid rule in
+models/ab_stats.py: a click on item j pays item_bid(j), uniform in [abtest.bid_min, abtest.bid_max) by a
+stable hash of j; eCPM = 1000 * revenue / impressions). Lift of the challenger over the champion for CTR and
+eCPM with 95% intervals from resampling users (the unit of randomisation), and a sample-ratio-mismatch test
+of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
+their training runs; both model versions get a tag pointing back at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from llmfeat.models.evaluation.ab_stats import Arm, item_bid, lift_interval, srm_test
+from llmfeat.models.evaluation.metrics import Interval
+from llmfeat.serving.event_log import read_events
+
+if TYPE_CHECKING:
+    from llmfeat.config import Settings
+
+ARMS = ("champion", "challenger")
+
+
+@dataclass(frozen=True)
+class AbResult:
+    per_arm: pd.DataFrame  # one row per arm
+    ctr_lift: Interval
+    ecpm_lift: Interval
+    srm_p: float
+    srm_alarm: bool
+    versions: dict[str, str]  # arm -> model versions seen (comma list)
+    model: str
+    run_id: str = ""
+
+    def report(self, bid_rule: str) -> str:
+        srm = "MISMATCH: do not trust the lift" if self.srm_alarm else "no mismatch"
+        return "\n".join(
+            [
+                "online A/B (replayed held-out traffic through the ranking service):",
+                self.per_arm.to_string(index=False, float_format=lambda v: f"{v:.4f}"),
+                f"CTR lift challenger vs champion: {self.ctr_lift.mean:+.2%} "
+                f"[{self.ctr_lift.low:+.2%}, {self.ctr_lift.high:+.2%}] (95% CI, users resampled)",
+                f"eCPM lift: {self.ecpm_lift.mean:+.2%} "
+                f"[{self.ecpm_lift.low:+.2%}, {self.ecpm_lift.high:+.2%}] ({bid_rule})",
+                f"sample-ratio check (users per arm): p = {self.srm_p:.3g}, {srm}",
+            ]
+        )
+
+
+def impressions_and_clicks(events: list[dict], slots: int) -> pd.DataFrame:
+    """One row per shown item: request, user, arm, version, item, rank, click (0/1)."""
+    frame = pd.DataFrame(events)
+    if frame.empty or "type" not in frame:
+        raise ValueError("the event log is empty: replay traffic first (`llmfeat abtest replay`)")
+    shown = frame[(frame["type"] == "impression") & (frame["rank"] < slots)].copy()
+    clicks = frame[frame["type"] == "click"][["request_id", "item_id"]].drop_duplicates()
+    clicks["click"] = 1
+    shown = shown.merge(clicks, on=["request_id", "item_id"], how="left")
+    shown["click"] = shown["click"].fillna(0).astype(int)
+    return shown
+
+
+def arm_totals(shown: pd.DataFrame, arm: str, bid_min: float, bid_max: float) -> Arm:
+    rows = shown[shown["arm"] == arm].copy()
+    rows["revenue"] = rows["click"] * rows["item_id"].map(lambda i: item_bid(str(i), bid_min, bid_max))
+    per_user = rows.groupby("user_id").agg(
+        imps=("click", "size"), clicks=("click", "sum"), rev=("revenue", "sum")
+    )
+    return Arm(
+        per_user["imps"].to_numpy(float), per_user["clicks"].to_numpy(float), per_user["rev"].to_numpy(float)
+    )
+
+
+def analyze_events(events: list[dict], settings: Settings) -> AbResult:
+    cfg, share = settings.abtest, settings.serving.challenger_share
+    shown = impressions_and_clicks(events, cfg.slots)
+    arms = {a: arm_totals(shown, a, cfg.bid_min, cfg.bid_max) for a in ARMS}
+    per_arm = pd.DataFrame(
+        [
+            {
+                "arm": a,
+                "versions": ",".join(
+                    sorted(shown.loc[shown["arm"] == a, "model_version"].astype(str).unique())
+                ),
+                "users": arm.users,
+                "requests": shown.loc[shown["arm"] == a, "request_id"].nunique(),
+                "impressions": int(arm.impressions.sum()),
+                "clicks": int(arm.clicks.sum()),
+                "ctr": arm.ctr,
+                "ecpm": arm.ecpm,
+            }
+            for a, arm in arms.items()
+        ]
+    )
+    srm_p = srm_test([arms["champion"].users, arms["challenger"].users], [1 - share, share])
+    a, b = arms["champion"], arms["challenger"]
+    return AbResult(
+        per_arm=per_arm,
+        ctr_lift=lift_interval(a, b, "clicks", cfg.n_boot, cfg.seed),
+        ecpm_lift=lift_interval(a, b, "revenue", cfg.n_boot, cfg.seed),
+        srm_p=srm_p,
+        srm_alarm=bool(srm_p < cfg.srm_alpha),
+        versions=dict(zip(per_arm["arm"], per_arm["versions"], strict=True)),
+        model=str(shown["model"].iloc[0]) if len(shown) else settings.ctr.registry_name,
+    )
+
+
+def bid_rule(settings: Settings) -> str:
+    cfg = settings.abtest
+    return (
+        f"bid assumption: a click on item j pays a CPC in [{cfg.bid_min:g}, {cfg.bid_max:g}) by a hash of j"
+    )
+
+
+def analyze(settings: Settings, folder: Path) -> AbResult:
+    """Analyse the log in `folder` and record it as an MLflow run linked to both model versions."""
+    import mlflow
+
+    from llmfeat.spark_jobs.train_ctr import use_ctr_tracking
+
+    result = analyze_events(list(read_events(folder)), settings)
+    use_ctr_tracking(settings)
+    client = mlflow.MlflowClient()
+    tags = {f"abtest.{arm}_versions": v for arm, v in result.versions.items()} | {
+        "abtest.model": result.model,
+        "abtest.log": str(folder),
+        "abtest.srm_alarm": str(result.srm_alarm).lower(),
+        "abtest.bid_rule": bid_rule(settings),
+    }
+    for arm, versions in result.versions.items():
+        for v in filter(None, versions.split(",")):
+            run = client.get_model_version(result.model, v).run_id
+            tags[f"abtest.{arm}_train_run.v{v}"] = str(run)
+    name = "abtest-" + "-vs-".join(f"v{result.versions[a]}" for a in ARMS)
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        _log_result(result, settings)
+    for versions in result.versions.values():
+        for v in filter(None, versions.split(",")):
+            client.set_model_version_tag(result.model, v, "abtest.run_id", run.info.run_id)
+    return AbResult(**{**result.__dict__, "run_id": run.info.run_id})
+
+
+def _log_result(result: AbResult, settings: Settings) -> None:
+    import mlflow
+
+    metrics = {"srm_p": result.srm_p}
+    for row in result.per_arm.to_dict("records"):
+        for key in ("users", "requests", "impressions", "clicks", "ctr", "ecpm"):
+            metrics[f"{row['arm']}_{key}"] = float(row[key])
+    for name, iv in (("ctr_lift", result.ctr_lift), ("ecpm_lift", result.ecpm_lift)):
+        metrics |= {name: iv.mean, f"{name}_low": iv.low, f"{name}_high": iv.high}
+    mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+    mlflow.log_params(
+        {"slots": settings.abtest.slots, "challenger_share": settings.serving.challenger_share}
+        | {
+            "bid_min": settings.abtest.bid_min,
+            "bid_max": settings.abtest.bid_max,
+            "salt": settings.serving.salt,
+        }
+    )
+    mlflow.log_table(result.per_arm, "per_arm.json")
+    mlflow.log_text(result.report(bid_rule(settings)), "abtest.txt")

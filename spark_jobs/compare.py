@@ -1,0 +1,256 @@
+"""Offline A/B of two registered CTR models, and promotion of the challenger through a gate.
+
+    llmfeat compare [--a champion] [--b challenger]     # prints the side-by-side table, decision and reason
+    llmfeat promote                                     # moves champion only when the comparison passes
+
+Both models score the same held-out snapshot: the test split of one pinned `interactions` version, joined
+once with the union of both models' feature services as of one snapshot time (models/ctr_dataset.py), so
+each sees exactly the same rows and Delta versions. Per metric: value with a 95% bootstrap interval per
+model, the paired difference (b - a) with its interval, DeLong's test for AUC. One MLflow run per comparison
+(experiment ctr.experiment) with the table, a ROC plot, the decision, its reason and both model versions.
+
+Gate (config `gate`): b passes when the lower end of the AUC-difference interval exceeds gate.min_auc_lift,
+DeLong's p is below gate.max_delong_p, and the upper end of the LogLoss-difference interval is at most
+gate.max_logloss_increase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from llmfeat.errors import UserError
+from llmfeat.models.evaluation.ab_stats import delong_test, paired_differences
+from llmfeat.models.evaluation.ctr_eval import METRICS, metric_intervals, roc_figure
+from llmfeat.models.evaluation.metrics import Interval
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+    from llmfeat.config import GateConf, Settings
+    from llmfeat.delta_io import DeltaTables
+    from llmfeat.spark_jobs.ctr_dataset import Snapshot
+
+
+class ModelNotFound(UserError, LookupError):
+    """An alias or version that the registry does not have."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str
+    version: str
+    run_id: str
+    feature_service: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        """Pinned to the version: an alias moved meanwhile must not change what is compared or served."""
+        return f"models:/{self.name}/{self.version}"
+
+    def label(self) -> str:
+        return f"{self.alias} v{self.version}"
+
+
+def resolve(name: str, alias: str, tracking_uri: str | None = None) -> ModelRef:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except mlflow.MlflowException as err:
+        raise ModelNotFound(
+            f"no model registered as {name}@{alias}: train one with `llmfeat train-ctr --alias {alias}` "
+            f"({err.message.splitlines()[0]})"
+        ) from None
+    service = mv.tags.get("feast.feature_service")
+    if not service:
+        raise ModelNotFound(f"{name} version {mv.version} has no feast.feature_service tag: re-register it")
+    return ModelRef(name, alias, str(mv.version), str(mv.run_id), service, dict(mv.tags))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: ModelRef
+    b: ModelRef
+    rows: int
+    metrics_a: dict[str, Interval]
+    metrics_b: dict[str, Interval]
+    diff: dict[str, Interval]  # b - a
+    delong_p: float
+    passed: bool
+    reason: str
+    run_id: str = ""
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "metric": [m.upper() for m in METRICS],
+                self.a.label(): [str(self.metrics_a[m]) for m in METRICS],
+                self.b.label(): [str(self.metrics_b[m]) for m in METRICS],
+                "b - a [95% CI]": [str(self.diff[m]) for m in METRICS],
+            }
+        )
+
+    def report(self) -> str:
+        decision = "PASS: promote the challenger" if self.passed else "KEEP the champion"
+        return "\n".join(
+            [
+                f"offline A/B on {self.rows:,} held-out rows (test split, same snapshot for both):",
+                self.table().to_string(index=False),
+                f"DeLong's test (AUC): p = {self.delong_p:.3g}",
+                f"decision: {decision}",
+                f"reason: {self.reason}",
+            ]
+        )
+
+
+def gate_decision(diff: dict[str, Interval], delong_p: float, gate: GateConf) -> tuple[bool, str]:
+    checks = [
+        (
+            diff["auc"].low > gate.min_auc_lift,
+            f"AUC diff low {diff['auc'].low:+.4f} > {gate.min_auc_lift:+.4f}",
+        ),
+        (
+            diff["auc"].mean > 0 and delong_p < gate.max_delong_p,
+            f"DeLong p {delong_p:.3g} < {gate.max_delong_p:g} with AUC(b) > AUC(a)",
+        ),
+        (
+            diff["logloss"].high <= gate.max_logloss_increase,
+            f"LogLoss diff high {diff['logloss'].high:+.4f} <= {gate.max_logloss_increase:+.4f}",
+        ),
+    ]
+    held = [text for ok, text in checks if ok]
+    failed = [text for ok, text in checks if not ok]
+    if not failed:
+        return True, "all gate checks hold: " + "; ".join(held)
+    return False, "gate not met: fails " + "; ".join(failed) + (
+        f" (holds: {'; '.join(held)})" if held else ""
+    )
+
+
+def score_snapshot(
+    settings: Settings, tables: DeltaTables, store: FeatureStore, a: ModelRef, b: ModelRef
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, Snapshot]:
+    """The test split with the union of both models' features, scored by both pinned versions."""
+    from llmfeat.models.ctr.pyfunc import load_ranker
+    from llmfeat.spark_jobs.ctr_dataset import build_frame
+
+    services = sorted({a.feature_service, b.feature_service})
+    frame, snapshot = build_frame(settings, tables, store, services, split="test")
+    return frame, load_ranker(a.uri).score(frame), load_ranker(b.uri).score(frame), snapshot
+
+
+def compare(
+    settings: Settings, tables: DeltaTables, store: FeatureStore, a_alias: str, b_alias: str
+) -> Comparison:
+    """Offline A/B of name@a_alias vs name@b_alias, logged as one MLflow run."""
+    import mlflow
+
+    from llmfeat.spark_jobs.train_ctr import use_ctr_tracking
+
+    use_ctr_tracking(settings)
+    a, b = (resolve(settings.ctr.registry_name, x) for x in (a_alias, b_alias))
+    if a.version == b.version:
+        raise ValueError(f"{a_alias} and {b_alias} are the same version ({a.version}): nothing to compare")
+    frame, p_a, p_b, snapshot = score_snapshot(settings, tables, store, a, b)
+    y, users, n_boot = frame["label"].to_numpy(float), frame["user_id"].to_numpy(), settings.ctr.n_boot
+    diff = paired_differences(y, p_a, p_b, users, n_boot=n_boot, seed=settings.ctr.seed)
+    _, _, p_value = delong_test(y, p_b, p_a)
+    passed, reason = gate_decision(diff, p_value, settings.gate)
+    result = Comparison(
+        a, b, len(frame), metric_intervals(y, p_a, users, n_boot), metric_intervals(y, p_b, users, n_boot),
+        diff, p_value, passed, reason,
+    )  # fmt: skip
+    tags = snapshot.tags() | {
+        "compare.a": a.uri, "compare.b": b.uri, "compare.a_alias": a_alias, "compare.b_alias": b_alias,
+        "compare.passed": str(passed).lower(), "compare.reason": reason,
+        "compare.a_train_run": a.run_id, "compare.b_train_run": b.run_id,
+    }  # fmt: skip
+    with mlflow.start_run(run_name=f"compare-v{a.version}-vs-v{b.version}", tags=tags) as run:
+        _log_comparison(result, frame, p_a, p_b)
+    return Comparison(**{**result.__dict__, "run_id": run.info.run_id})
+
+
+def _log_comparison(c: Comparison, frame: pd.DataFrame, p_a: np.ndarray, p_b: np.ndarray) -> None:
+    import mlflow
+
+    metrics = {"rows": float(c.rows), "delong_p": c.delong_p}
+    for prefix, values in (("a", c.metrics_a), ("b", c.metrics_b), ("diff", c.diff)):
+        for m, iv in values.items():
+            metrics |= {f"{prefix}_{m}": iv.mean, f"{prefix}_{m}_low": iv.low, f"{prefix}_{m}_high": iv.high}
+    mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
+    mlflow.log_table(c.table(), "comparison.json")
+    mlflow.log_text(c.report(), "comparison.txt")
+    y = frame["label"].to_numpy()
+    curves = {c.a.label(): (y, p_a), c.b.label(): (y, p_b)}
+    mlflow.log_figure(roc_figure(curves, "ROC, same held-out snapshot"), "plots/roc_compare.png")
+    mlflow.log_figure(_interval_figure(c), "plots/metric_intervals.png")
+
+
+def _interval_figure(c: Comparison):  # type: ignore[no-untyped-def]
+    """Per metric: both models' values with 95% intervals, side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3))
+    for ax, m in zip(fig.subplots(1, len(METRICS)), METRICS, strict=True):
+        for x, iv in enumerate((c.metrics_a[m], c.metrics_b[m])):
+            ax.errorbar([x], [iv.mean], yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", capsize=4)
+        ax.set_xticks([0, 1], [c.a.label(), c.b.label()])
+        ax.set_xlim(-0.5, 1.5)
+        ax.set_title(m.upper())
+    fig.tight_layout()
+    return fig
+
+
+@dataclass(frozen=True)
+class Promotion:
+    comparison: Comparison
+    moved: bool
+    champion_version: str
+
+    def report(self) -> str:
+        return f"{self.comparison.report()}\n{self.summary()}"
+
+    def summary(self) -> str:
+        c = self.comparison
+        if self.moved:
+            head = f"promoted: champion {c.a.version} -> {c.b.version}"
+        else:
+            head = f"champion stays at version {c.a.version}"
+        return f"{head}: {c.reason} (comparison run {c.run_id})"
+
+
+def promote(
+    settings: Settings, tables: DeltaTables, store: FeatureStore, champion: str, challenger: str
+) -> Promotion:
+    """Compare, then move `champion` to the challenger's version only when the gate passes; the decision and
+    its reason are recorded on the challenger's model version and on the comparison run."""
+    return record_promotion(settings, compare(settings, tables, store, champion, challenger))
+
+
+def record_promotion(settings: Settings, c: Comparison) -> Promotion:
+    """Apply a finished comparison's gate decision: move the champion alias (a) or not; record why."""
+    import mlflow
+
+    champion = c.a.alias
+    client = mlflow.MlflowClient()
+    name = settings.ctr.registry_name
+    record = {
+        "promotion.decision": "promoted" if c.passed else "rejected",
+        "promotion.reason": c.reason,
+        "promotion.comparison_run": c.run_id,
+        "promotion.against_version": c.a.version,
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(name, c.b.version, key, value)
+    client.set_tag(c.run_id, "promotion.decision", record["promotion.decision"])
+    if c.passed:
+        client.set_registered_model_alias(name, f"previous-{champion}", c.a.version)
+        client.set_registered_model_alias(name, champion, c.b.version)
+    return Promotion(c, c.passed, c.b.version if c.passed else c.a.version)
