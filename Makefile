@@ -48,8 +48,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "unit"
 
+# mypy runs on the package as it installs (llmfeat/, with models/, spark_jobs/, ... as llmfeat.models, ...):
+# a tree of links in build/typecheck, so that calls through the llmfeat.* names are really checked.
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	rm -rf build/typecheck && mkdir -p build/typecheck/llmfeat
+	cp -rs $(CURDIR)/llmfeat/. build/typecheck/llmfeat/
+	for d in models spark_jobs validation serving; do ln -s $(CURDIR)/$$d build/typecheck/llmfeat/$$d; done
+	cd build/typecheck && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p llmfeat
 
 clean:
 	rm -rf data/local mlruns

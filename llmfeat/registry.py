@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llmfeat.errors import UserError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -138,3 +140,42 @@ def load_compressor(settings: Settings, registered: RegisteredCompressor) -> nn.
     mlflow.set_tracking_uri(tracking_uri(settings))
     model: nn.Module = mlflow.pytorch.load_model(model_uri(registered))
     return model
+
+
+class ModelNotFound(UserError, LookupError):
+    """An alias or version that the registry does not have."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str
+    version: str
+    run_id: str
+    feature_service: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        """Pinned to the version: an alias moved meanwhile must not change what is compared or served."""
+        return f"models:/{self.name}/{self.version}"
+
+    def label(self) -> str:
+        return f"{self.alias} v{self.version}"
+
+
+def resolve(name: str, alias: str, tracking_uri: str | None = None) -> ModelRef:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except mlflow.MlflowException as err:
+        raise ModelNotFound(
+            f"no model registered as {name}@{alias}: train one with `llmfeat train-ctr --alias {alias}` "
+            f"({err.message.splitlines()[0]})"
+        ) from None
+    service = mv.tags.get("feast.feature_service")
+    if not service:
+        raise ModelNotFound(f"{name} version {mv.version} has no feast.feature_service tag: re-register it")
+    return ModelRef(name, alias, str(mv.version), str(mv.run_id), service, dict(mv.tags))

@@ -38,8 +38,8 @@ from pydantic import BaseModel
 
 from llmfeat.models.ctr.pyfunc import CtrRanker, load_ranker
 from llmfeat.models.evaluation.ab_stats import unit_hash
+from llmfeat.registry import ModelRef, resolve
 from llmfeat.serving.event_log import EventLog
-from llmfeat.spark_jobs.compare import ModelRef, resolve
 
 if TYPE_CHECKING:
     from feast import FeatureStore

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from llmfeat.errors import UserError
 from llmfeat.models.evaluation.ab_stats import delong_test, paired_differences
 from llmfeat.models.evaluation.ctr_eval import METRICS, metric_intervals, roc_figure
 from llmfeat.models.evaluation.metrics import Interval
+from llmfeat.registry import ModelRef, resolve
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -33,45 +33,6 @@ if TYPE_CHECKING:
     from llmfeat.config import GateConf, Settings
     from llmfeat.delta_io import DeltaTables
     from llmfeat.spark_jobs.ctr_dataset import Snapshot
-
-
-class ModelNotFound(UserError, LookupError):
-    """An alias or version that the registry does not have."""
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    alias: str
-    version: str
-    run_id: str
-    feature_service: str
-    tags: dict[str, str]
-
-    @property
-    def uri(self) -> str:
-        """Pinned to the version: an alias moved meanwhile must not change what is compared or served."""
-        return f"models:/{self.name}/{self.version}"
-
-    def label(self) -> str:
-        return f"{self.alias} v{self.version}"
-
-
-def resolve(name: str, alias: str, tracking_uri: str | None = None) -> ModelRef:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except mlflow.MlflowException as err:
-        raise ModelNotFound(
-            f"no model registered as {name}@{alias}: train one with `llmfeat train-ctr --alias {alias}` "
-            f"({err.message.splitlines()[0]})"
-        ) from None
-    service = mv.tags.get("feast.feature_service")
-    if not service:
-        raise ModelNotFound(f"{name} version {mv.version} has no feast.feature_service tag: re-register it")
-    return ModelRef(name, alias, str(mv.version), str(mv.run_id), service, dict(mv.tags))
 
 
 @dataclass(frozen=True)

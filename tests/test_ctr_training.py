@@ -16,8 +16,8 @@ from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
 from llmfeat.models.ctr.pyfunc import load_ranker
-from llmfeat.registry import tracking_uri
-from llmfeat.spark_jobs.compare import ModelNotFound, compare, promote, resolve
+from llmfeat.registry import ModelNotFound, resolve, tracking_uri
+from llmfeat.spark_jobs.compare import compare, promote
 from llmfeat.spark_jobs.ctr_dataset import build_frame, check_training_set
 from llmfeat.validation import GateFailed
 

@@ -19,7 +19,7 @@ from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noq
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
-from llmfeat.registry import tracking_uri
+from llmfeat.registry import ModelNotFound, tracking_uri
 from llmfeat.serving.event_log import EventLog, read_events
 from llmfeat.serving.ranking_service import (
     CandidateFeatures,
@@ -31,7 +31,6 @@ from llmfeat.serving.ranking_service import (
 )
 from llmfeat.serving.replay import free_port, held_out_requests, replay, running_service, wait_ready
 from llmfeat.spark_jobs.abtest import analyze
-from llmfeat.spark_jobs.compare import ModelNotFound
 
 pytestmark = pytest.mark.integration
 

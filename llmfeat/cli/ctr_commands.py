@@ -57,7 +57,7 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from llmfeat.feast_repo import FeatureStoreError
-    from llmfeat.spark_jobs.compare import ModelNotFound
+    from llmfeat.registry import ModelNotFound
     from llmfeat.spark_jobs.ctr_dataset import SnapshotChanged
 
     return (ConfigError, FeatureStoreError, ModelNotFound, SnapshotChanged, FileNotFoundError, ValueError)
