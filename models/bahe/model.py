@@ -19,7 +19,7 @@ Not public, so parameters here (the simplest faithful choice first): the deep pa
 blocks copied from the LLM above the split ("llm") or a fresh pre-norm transformer of the same width
 ("small"); pooling is the mean over the prefix ("mean") or its last position ("last"); behaviour vectors are
 unit-norm (encode.normalize: l2), so they enter scaled by a learnable gain; the compressor is MARC's
-(models/marc.py) with its keep-information HSIC term."""
+(models/marc/model.py) with its keep-information HSIC term."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ dense side features (projected), and with LLM features the projected user and it
 - `FirstOrderArch` biases + linear terms     -> (B,)
 - `FmArch`         pairwise <e_a, e_b> sum   -> (B,)        (DeepFM only)
 - `DeepArch`       MLP over all fields       -> (B,)
-logit = first order + deep [+ fm]. The model is not the trainer (models/train_ctr.py trains it).
+logit = first order + deep [+ fm]. The model is not the trainer (spark_jobs/train_ctr.py trains it).
 """
 
 from __future__ import annotations

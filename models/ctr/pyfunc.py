@@ -1,5 +1,5 @@
 """The registered form of a CTR ranker: an MLflow pyfunc holding the weights, the config and the fitted
-feature encoder, so that `models:/<name>@champion` scores a scoring frame (models/ctr_features.py) by itself.
+feature encoder, so that `models:/<name>@champion` scores a scoring frame (models/ctr/features.py) by itself.
 
     ranker = load_ranker("models:/llmfeat-ctr@champion")   # CtrRanker
     p = ranker.score(frame)                                 # (B,) click probabilities
