@@ -23,7 +23,8 @@ ctr_marc_counters_v1 = FeatureService(
     tags={"model": "ctr", "compressor": "marc"},
 )
 
-# The CTR rankers of models/ctr/model.py: the same model with and without the LLM vectors (spark_jobs/train_ctr.py).
+# The CTR rankers of models/ctr/model.py: the same model with and without the LLM vectors
+# (spark_jobs/train_ctr.py).
 ctr_llm_v1 = FeatureService(
     name="ctr_llm_v1",
     features=[user_llm_fv[["user_vector"]], item_llm_fv[["item_vector"]], item_meta_fv[["year", "genres"]]],

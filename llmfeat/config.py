@@ -123,7 +123,7 @@ class MarcConf(Section):
 
 
 class LiteConf(Section):
-    """Lite-LLM4Rec next-item model and its baselines (models/lite_llm4rec/model.py, spark_jobs/train_lite.py)."""
+    """Lite-LLM4Rec next-item model and its baselines (models/lite_llm4rec/, spark_jobs/train_lite.py)."""
 
     item_layer: int = 15  # layer of items_repr the item vectors come from (encoded once)
     max_seq: int = 50  # newest items of a history fed to the sequence model
@@ -146,7 +146,7 @@ class LiteConf(Section):
 
 
 class SlmrecConf(Section):
-    """SLMRec student encoder distilled from the teacher's tapped layer (models/slmrec/model.py, spark_jobs/distil_student.py).
+    """SLMRec student encoder distilled from the teacher's tapped layer (models/slmrec/, distil_student.py).
 
     The student is the teacher's first `student_layers` blocks; pooling and normalisation follow `encode`.
     """
@@ -242,7 +242,7 @@ class ServingConf(Section):
 
 
 class AbtestConf(Section):
-    """Replay of held-out traffic and the analysis of the online A/B (serving/replay.py, spark_jobs/abtest.py)."""
+    """Replay of held-out traffic and the online A/B's analysis (serving/replay.py, spark_jobs/abtest.py)."""
 
     requests: int = 2000  # replayed requests (users of the test split, candidates from their held-out rows)
     candidates: int = 10  # items per request
@@ -255,7 +255,7 @@ class AbtestConf(Section):
 
 
 class BaheConf(Section):
-    """BAHE (models/bahe/model.py): shallow LLM layers encode each behaviour once; trainable deep layers over a
+    """BAHE (models/bahe/): shallow LLM layers encode each behaviour once; trainable deep layers over a
     user's behaviour sequence give the user vector (spark_jobs/bahe.py trains and publishes it)."""
 
     split_layer: int = 10  # behaviours are encoded by layers 1..split_layer only (about a third of 30)

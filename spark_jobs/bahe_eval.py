@@ -4,9 +4,9 @@
 
 Baseline: each user's whole text (demographics + behaviours before the cut, spark_jobs/user_text.py) encoded
 by the full LLM (all blocks; layers 15 and 30 tapped in the same pass). BAHE: the published user vector at
-the same cut. Both go through the same protocol (models/evaluation/probe_eval.py): the ID model on train, the fixed
-probe on valid (user vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm and
-cold, over seeds.
+the same cut. Both go through the same protocol (models/evaluation/probe_eval.py): the ID model on train,
+the fixed probe on valid (user vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm
+and cold, over seeds.
 
 Cost, each phase in a fresh process on the same CPU threads (wall time, peak resident memory, LLM tokens):
 baseline encoding, BAHE behaviour encoding, BAHE training. `eval` scope encodes the users that have valid or

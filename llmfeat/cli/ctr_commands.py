@@ -1,4 +1,4 @@
-"""`llmfeat` subcommands for the CTR models and their A/B tests (llmfeat/cli/__init__.py only dispatches here).
+"""`llmfeat` subcommands for the CTR models and their A/B tests (the CLI's main only dispatches here).
 
     llmfeat train-ctr [--llm|--no-llm|--both] [--alias NAME]   Feast training set -> MLflow run + registry
     llmfeat compare [--a champion] [--b challenger]            offline A/B on one held-out snapshot

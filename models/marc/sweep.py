@@ -1,4 +1,4 @@
-"""The layer sweep and the compression comparison, judged by the fixed CTR probe (models/evaluation/probe_eval.py).
+"""The layer sweep and the compression comparison, judged by the fixed CTR probe (evaluation/probe_eval.py).
 
 Notation: U users, I items, D layer width, d compressed width, S seeds.
 
