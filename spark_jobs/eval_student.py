@@ -8,8 +8,8 @@ Features: the item vectors of `items_repr` (teacher rows at `slmrec.teacher_laye
 teacher's own layer N, from <data_dir>; student rows at layer N from the student's lake), judged by the fixed
 probe of the evaluation protocol (models/evaluation/probe_eval.py through models/marc/sweep.Evaluator: ID
 model on train, probe on valid, test AUC with intervals). Item vectors only, with no user vector (users' long
-texts cost minutes per hundred on CPU); the ID-only probe is the reference. Differences are paired bootstraps on
-the same test rows. Throughput: the executor's encoder (models/encoder.LayerEncoder) on the same item and user
+texts cost minutes per hundred on CPU); the ID-only probe is the reference. Differences are paired bootstraps
+on the same test rows. Throughput: the executor's encoder (models/encoder.LayerEncoder) on the same item and user
 texts, teacher stopping at its tapped layer, student at its last, measured alternately, best of `repeats`.
 """
 
