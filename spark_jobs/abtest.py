@@ -4,10 +4,10 @@
 
 Impressions: ranked items with rank < abtest.slots; clicks: click events on such an impression (joined by
 request id and item). Per arm: users, requests, impressions, clicks, CTR, eCPM (bid rule in
-models/evaluation/ab_stats.py: a click on item j pays item_bid(j), uniform in [abtest.bid_min,
-abtest.bid_max) by a stable hash of j; eCPM = 1000 * revenue / impressions). Lift of the challenger over the
-champion for CTR and eCPM with 95% intervals from resampling users (the unit of randomisation), and a
-sample-ratio-mismatch test of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
+models/evaluation/ab_stats.py: a click on item j pays item_bid(j), uniform in [abtest.bid_min, abtest.bid_max)
+by a stable hash of j; eCPM = 1000 * revenue / impressions). Lift of the challenger over the champion for CTR
+and eCPM with 95% intervals from resampling users (the unit of randomisation), and a sample-ratio-mismatch
+test of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
 their training runs; both model versions get a tag pointing back at it.
 """
 

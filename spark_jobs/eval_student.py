@@ -9,8 +9,9 @@ teacher's own layer N, from <data_dir>; student rows at layer N from the student
 probe of the evaluation protocol (models/evaluation/probe_eval.py through models/marc/sweep.Evaluator: ID
 model on train, probe on valid, test AUC with intervals). Item vectors only, with no user vector (users' long
 texts cost minutes per hundred on CPU); the ID-only probe is the reference. Differences are paired bootstraps
-on the same test rows. Throughput: the executor's encoder (models/encoder.LayerEncoder) on the same item and user
-texts, teacher stopping at its tapped layer, student at its last, measured alternately, best of `repeats`.
+on the same test rows. Throughput: the executor's encoder (models/encoder.LayerEncoder) on the same item and
+user texts, teacher stopping at its tapped layer, student at its last, measured alternately, best of
+`repeats`.
 """
 
 from __future__ import annotations
