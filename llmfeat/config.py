@@ -97,7 +97,8 @@ class EncodeConf(Section):
     commit_rows: int = 20000  # texts per Delta commit: a failed run keeps every finished chunk
     user_max_behaviors: int = 50  # newest behaviours kept in a user's text (older ones are cut first)
     user_max_chars: int = 1200  # about 450 SmolLM2 tokens, under max_length; also cut from the oldest side
-    history_cut: str = "valid"  # user texts hold behaviours strictly before: a split name or an ISO time
+    history_cut: str = "valid"  # static user texts (entity users) hold behaviours strictly before this
+    snapshot_every_days: int = 1  # user_snapshots: one snapshot per user and period with new behaviour
 
 
 class MarcConf(Section):

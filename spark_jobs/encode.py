@@ -51,7 +51,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmfeat.encode")
 
-ENTITY_KEYS = {"items": "item_id", "users": "user_id", "behaviors": "behavior_id"}
+# user_snapshots: the time series the CTR features use, one text per user and period with new behaviour
+# (spark_jobs/user_text.py); users: one text per user at encode.history_cut, for the static probes.
+ENTITY_KEYS = {
+    "items": "item_id",
+    "user_snapshots": "snapshot_id",
+    "behaviors": "behavior_id",
+    "users": "user_id",
+}
+ALL_ENTITIES = ("items", "user_snapshots", "behaviors")
 LINEAGE = ["encoder_id", "weights_hash", "pooling", "max_length"]
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -110,12 +118,21 @@ def encoder_config(cfg: EncodeConf) -> EncoderConfig:
 
 def entity_texts(tables: DeltaTables, entity: str, cfg: EncodeConf) -> DataFrame:
     """(key, text) for an entity, read from the ingest tables."""
-    from llmfeat.spark_jobs.user_text import history_cut, user_texts
+    from llmfeat.spark_jobs.user_text import history_cut, user_snapshot_texts, user_texts
 
     if entity == "items":
         return tables.read_spark("items").select("item_id", "text")
     if entity == "behaviors":
         return tables.read_spark("behaviors").select("behavior_id", "text")
+    if entity == "user_snapshots":
+        return user_snapshot_texts(
+            tables.read_spark("users"),
+            tables.read_spark("user_behaviors"),
+            tables.read_spark("behaviors"),
+            cfg.snapshot_every_days,
+            cfg.user_max_behaviors,
+            cfg.user_max_chars,
+        )
     try:
         cut = history_cut(tables.read_spark("interactions"), cfg.history_cut)
     except ValueError as err:
@@ -356,11 +373,12 @@ def delete_vanished(
 
 
 def parse_entities(value: str) -> list[str]:
-    names = list(ENTITY_KEYS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    names = list(ALL_ENTITIES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in ENTITY_KEYS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown entity {unknown or value!r}; expected all or a list of {', '.join(ENTITY_KEYS)}"
+            f"unknown entity {unknown or value!r}; expected all ({', '.join(ALL_ENTITIES)}) or a list of "
+            f"{', '.join(ENTITY_KEYS)}"
         )
     return names
 
@@ -369,8 +387,9 @@ def entity_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--entity",
         type=parse_entities,
-        default=list(ENTITY_KEYS),
-        help="items, users, behaviors, a comma list, or all (default: all)",
+        default=list(ALL_ENTITIES),
+        help="items, user_snapshots, behaviors, users (static, at encode.history_cut), a comma list, or all "
+        "(default: all = items, user_snapshots, behaviors)",
     )
 
 
@@ -386,11 +405,10 @@ def run_all(spark: SparkSession, settings: Settings, entities: list[str]) -> lis
 
 
 def demo_step(spark: SparkSession, settings: Settings) -> None:
-    """Demo: encode items and users (what the compressor needs); incremental, so a re-run costs seconds.
-
-    On CPU the real SmolLM2 does about 8 item texts/s; users' longer texts take longer (docs/encoder.md)."""
-    print("\n== encode (LLM layer states -> items_repr, users_repr; only new or changed texts)")
-    run_all(spark, settings, ["items", "users"])
+    """Demo: encode items and user snapshots (what the compressor needs); incremental, so a re-run costs
+    seconds. On CPU the real SmolLM2 does about 8 item texts/s; users' longer texts take longer."""
+    print("\n== encode (LLM layer states -> items_repr, user_snapshots_repr; only new or changed texts)")
+    run_all(spark, settings, ["items", "user_snapshots"])
 
 
 def main(argv: list[str] | None = None) -> int:

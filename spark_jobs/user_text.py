@@ -12,7 +12,7 @@ dropped first, so the demographics and the most recent behaviours always survive
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -84,6 +84,30 @@ def _demographics_col() -> Column:
     return F.concat(F.upper(F.substring(text, 1, 1)), F.substring(text, 2, 1 << 20), F.lit("."))
 
 
+def snapshot_id(user_id: str, at: datetime) -> str:
+    """The key of one user snapshot: "<user_id>@<UTC time to the second>" (user_snapshots_repr)."""
+    return f"{user_id}@{at.strftime('%Y-%m-%dT%H:%M:%S')}"
+
+
+def parse_snapshot_id(key: str) -> tuple[str, datetime]:
+    user_id, _, at = key.rpartition("@")
+    return user_id, datetime.fromisoformat(at).replace(tzinfo=UTC)
+
+
+def snapshot_times(user_behaviors: DataFrame, every_days: int = 1) -> DataFrame:
+    """(user_id, snapshot_at): each user's first appearance (a demographics-only text), then the start of the
+    period after each period of `every_days` days in which the user had behaviour. A snapshot's text holds
+    only behaviours strictly before its time, so a row at or after it never sees its own label."""
+    from pyspark.sql import functions as F
+
+    seconds = every_days * 86400
+    first = user_behaviors.groupBy("user_id").agg(F.min("event_timestamp").alias("snapshot_at"))
+    epoch = F.unix_timestamp("event_timestamp")
+    period_end = ((F.floor(epoch / seconds) + 1) * seconds).cast("timestamp")
+    after = user_behaviors.select("user_id", period_end.alias("snapshot_at"))
+    return first.unionByName(after).distinct()
+
+
 def user_texts(
     users: DataFrame,
     user_behaviors: DataFrame,
@@ -92,17 +116,54 @@ def user_texts(
     max_behaviors: int = 50,
     max_chars: int = 1500,
 ) -> DataFrame:
-    """users(user_id, age, gender, occupation) + behaviours -> (user_id, text), one row per user."""
+    """users(user_id, age, gender, occupation) + behaviours -> (user_id, text), one row per user at `cut`."""
+    from pyspark.sql import functions as F
+
+    cuts = users.select("user_id", F.lit(cut).cast("timestamp").alias("snapshot_at"))
+    texts = user_texts_at(users, user_behaviors, behaviors, cuts, max_behaviors, max_chars)
+    return texts.select("user_id", "text")
+
+
+def user_snapshot_texts(
+    users: DataFrame,
+    user_behaviors: DataFrame,
+    behaviors: DataFrame,
+    every_days: int = 1,
+    max_behaviors: int = 50,
+    max_chars: int = 1500,
+) -> DataFrame:
+    """The user time series: (snapshot_id, text) for every snapshot of `snapshot_times`."""
+    from pyspark.sql import functions as F
+
+    cuts = snapshot_times(user_behaviors, every_days)
+    texts = user_texts_at(users, user_behaviors, behaviors, cuts, max_behaviors, max_chars)
+    key = F.concat_ws("@", "user_id", F.date_format("snapshot_at", "yyyy-MM-dd'T'HH:mm:ss"))
+    return texts.select(key.alias("snapshot_id"), "text")
+
+
+def user_texts_at(
+    users: DataFrame,
+    user_behaviors: DataFrame,
+    behaviors: DataFrame,
+    cuts: DataFrame,
+    max_behaviors: int = 50,
+    max_chars: int = 1500,
+) -> DataFrame:
+    """cuts(user_id, snapshot_at) -> (user_id, snapshot_at, text): demographics, then the behaviours strictly
+    before snapshot_at, newest kept first within the budget, written oldest to newest (as `user_text`)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     heads = users.select("user_id", _demographics_col().alias("head"))
+    cut_heads = cuts.join(heads, "user_id")
     past = (
-        user_behaviors.where(F.col("event_timestamp") < F.lit(cut))
+        cut_heads.join(user_behaviors, "user_id")
+        .where(F.col("event_timestamp") < F.col("snapshot_at"))
         .join(behaviors.select("behavior_id", "text"), "behavior_id")
-        .join(heads, "user_id")
     )
-    newest_first = Window.partitionBy("user_id").orderBy(F.desc("event_timestamp"), F.desc("text"))
+    newest_first = Window.partitionBy("user_id", "snapshot_at").orderBy(
+        F.desc("event_timestamp"), F.desc("text")
+    )
     running = newest_first.rowsBetween(Window.unboundedPreceding, Window.currentRow)
     budget = F.lit(max_chars) - F.length("head") - F.lit(len(HISTORY) - len(SEP))
     kept = (
@@ -110,7 +171,7 @@ def user_texts(
         .withColumn("chars", F.sum(F.length("text") + F.lit(len(SEP))).over(running))
         .where((F.col("recency") <= max_behaviors) & (F.col("chars") <= budget))
     )
-    history = kept.groupBy("user_id").agg(
+    history = kept.groupBy("user_id", "snapshot_at").agg(
         F.array_join(
             F.transform(
                 F.sort_array(F.collect_list(F.struct("event_timestamp", "text"))), lambda s: s["text"]
@@ -121,4 +182,6 @@ def user_texts(
     text = F.when(F.col("history").isNull(), F.concat("head", F.lit(NO_HISTORY))).otherwise(
         F.concat("head", F.lit(HISTORY), "history")
     )
-    return heads.join(history, "user_id", "left").select("user_id", text.alias("text"))
+    return cut_heads.join(history, ["user_id", "snapshot_at"], "left").select(
+        "user_id", "snapshot_at", text.alias("text")
+    )

@@ -157,3 +157,39 @@ def test_user_text_spark_and_python_agree_and_respect_the_cut(spark, settings: S
     )
     assert "Four Rooms" not in got["10"]  # rated exactly at the cut: excluded
     assert got["11"].startswith("Age 53, gender F, occupation other. History, oldest to newest: ")
+
+
+def test_user_snapshots_are_a_point_in_time_series(
+    spark, make_settings: Callable[..., Settings], tiny_model: Path
+) -> None:
+    """One snapshot at each user's first appearance (demographics only), then one at the start of each day
+    after a day with behaviour; a text never holds a behaviour at or after its snapshot time; a re-run encodes
+    nothing."""
+    from llmfeat.spark_jobs.user_text import parse_snapshot_id
+
+    settings = make_settings(f"encode.model={tiny_model}", "encode.layers=[1]")
+    ingest(spark, settings)
+    tables = RustDelta(settings.delta_root, spark)
+    texts = encode.entity_texts(tables, "user_snapshots", settings.encode).toPandas()
+    events = tables.read_arrow("user_behaviors").to_pandas()
+    titles = dict(
+        zip(
+            tables.read_arrow("behaviors").to_pandas()["behavior_id"],
+            tables.read_arrow("behaviors").to_pandas()["text"],
+            strict=True,
+        )
+    )
+    # 10 interactions on 10 days by 3 users: 3 first appearances + 10 next-day snapshots
+    assert len(texts) == 13
+    for key, text in zip(texts["snapshot_id"], texts["text"], strict=True):
+        user, at = parse_snapshot_id(key)
+        mine = events[events["user_id"] == user]
+        for ts, behavior in zip(mine["event_timestamp"], mine["behavior_id"], strict=True):
+            inside = titles[behavior] in text
+            assert inside == (ts.to_pydatetime() < at), (key, titles[behavior])
+        if at == mine["event_timestamp"].min().to_pydatetime():
+            assert text.endswith("No history yet.")
+    first = encode.run(spark, settings, "user_snapshots")
+    assert first.encoded == 13 and first.table == "user_snapshots_repr"
+    again = encode.run(spark, settings, "user_snapshots")
+    assert again.encoded == 0 and again.unchanged == 13
