@@ -3,8 +3,9 @@
 Table `<lite.candidates_table>` (default user_candidates), one row per user, MERGEd by user_id:
     user_id, candidate_items (list<string>, best first), candidate_scores (list<float32>), model, run_id,
     encoder_id, weights_hash, item_layer, event_timestamp (UTC, when the candidates were computed)
-A user's candidates come from their newest `lite.max_seq` events over all splits; items they already have are
-excluded. Feast serves it as `user_candidates_fv` (feature_repo/candidate_views.py). The table passes
+A user's candidates are scored from their newest `lite.max_seq` events over all splits (the model's input
+window); every item in the user's whole history is excluded, not only those in the window. Feast serves it
+as `user_candidates_fv` (feature_repo/candidate_views.py). The table passes
 `llmfeat.validation.suites.candidates_suite` before each commit, and the training run links that gate's Data
 Docs.
 """
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from llmfeat.models.evaluation.rank_metrics import ItemSets
 from llmfeat.models.lite_llm4rec.data import user_histories
 
 if TYPE_CHECKING:
@@ -29,16 +31,18 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def top_candidates(
-    model: NextItemModel, histories: np.ndarray, k: int, batch: int = 512
+    model: NextItemModel, histories: np.ndarray, seen: ItemSets, k: int, batch: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """histories (U, S) -> item indices (U, k) and scores (U, k), seen items and padding excluded."""
+    """histories (U, S) input windows, seen (U sets) each user's whole history -> item indices (U, k) and
+    scores (U, k), every seen item and padding excluded."""
     model.eval()
     idx, val = [], []
     for s in range(0, len(histories), batch):
-        h = torch.from_numpy(histories[s : s + batch])  # (B, S)
+        e = min(s + batch, len(histories))
+        h = torch.from_numpy(histories[s:e])  # (B, S)
         scores = model.next_item_scores(h).float()  # (B, I + 1)
-        scores[:, 0] = float("-inf")
-        scores.scatter_(1, h, float("-inf"))  # seen items (and padding, index 0)
+        scores[:, 0] = float("-inf")  # padding
+        scores.masked_fill_(seen.mask(s, e, scores.shape[1]), float("-inf"))  # the whole history
         top = scores.topk(k, dim=1)
         idx.append(top.indices.numpy())
         val.append(top.values.numpy())
@@ -48,8 +52,8 @@ def top_candidates(
 def candidates_table(
     data: LiteData, model: NextItemModel, k: int, run_id: str, computed_at: datetime | None = None
 ) -> pa.Table:
-    users, histories = user_histories(data.log, model.cfg.max_seq)
-    items, scores = top_candidates(model, histories, k)
+    users, histories, seen = user_histories(data.log, model.cfg.max_seq)
+    items, scores = top_candidates(model, histories, seen, k)
     keys = data.log.item_keys
     n = len(users)
     at = computed_at or datetime.now(UTC)

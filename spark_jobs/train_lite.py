@@ -4,9 +4,10 @@
 
 Reads interactions, items and `items_repr` (layer `lite.item_layer`) from <data_dir>/delta with delta-rs
 (no Spark at this size). Trains on the train split's sequences, early-stops on the valid split's NDCG@k, and
-ranks every item for each test event (history = the user's earlier events; seen items excluded). Reports
-Recall@k and NDCG@k on all, warm and cold test queries: the mean over `lite.seeds` with a bootstrap interval
-over queries and a t interval over seeds. Logs one MLflow run per model with the item vectors' lineage; with
+ranks every item for each test event (input = the user's newest `lite.max_seq` earlier events; excluded
+from the ranking = ALL the user's earlier events). Reports Recall@k and NDCG@k on all, warm and cold test
+queries: the mean over `lite.seeds` with a bootstrap interval that resamples users (all of a user's queries
+together) and a t interval over seeds. Logs one MLflow run per model with the item vectors' lineage; with
 `lite.publish_k` > 0 writes each user's top candidates of the Lite-LLM4Rec model (spark_jobs/lite_publish.py).
 """
 
@@ -68,17 +69,17 @@ class LiteSummary:
     def __str__(self) -> str:
         k = self.k
         lines = [
-            f"next-item, full ranking over all items: {self.n_test:,} test queries "
-            f"({self.skipped_empty:,} test events without history skipped); item vectors {self.lineage}",
-            f"{'model':<12}{'part':<6}{'n':>7}  {f'Recall@{k} [95% boot]':<27}{f'NDCG@{k} [95% boot]':<27}"
-            f"{'NDCG seeds [95% t]'}",
+            f"next-item, full ranking over all items, each user's whole history excluded: {self.n_test:,} "
+            f"test queries ({self.skipped_empty:,} test events without history skipped); "
+            f"item vectors {self.lineage}",
+            f"{'model':<12}{'part':<6}{'n':>7}{'users':>6}  {f'Recall@{k} [95% users]':<27}"
+            f"{f'NDCG@{k} [95% users]':<27}{'NDCG seeds [95% t]'}",
         ]
         for r in self.results:
             for part in PARTS:
                 rep = r.reports[part]
-                lines.append(
-                    f"{r.name:<12}{part:<6}{rep.n:>7}  {rep.recall!s:<27}{rep.ndcg!s:<27}{rep.ndcg_seeds}"
-                )
+                lines.append(f"{r.name:<12}{part:<6}{rep.n:>7}{rep.users:>6}  {rep.recall!s:<27}"
+                             f"{rep.ndcg!s:<27}{rep.ndcg_seeds}")  # fmt: skip
         if self.published:
             lines.append(self.published)
         return "\n".join(lines)
@@ -119,7 +120,7 @@ def sample_queries(q: Queries, n: int, seed: int = 0) -> Queries:
     if n <= 0 or n >= len(q):
         return q
     keep = np.sort(np.random.default_rng(seed).choice(len(q), n, replace=False))
-    return Queries(q.history[keep], q.target[keep], q.user[keep], q.warm[keep], q.skipped_empty)
+    return q.take(keep)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -152,7 +153,9 @@ def fit_next_item(
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets[t].flatten(), ignore_index=0)
 
     def score() -> float:
-        ranks = rank_queries(model.next_item_scores, valid.history, valid.target, device=str(device))
+        ranks = rank_queries(
+            model.next_item_scores, valid.history, valid.target, valid.seen, device=str(device)
+        )
         return float(ndcg_at(ranks, k).mean())
 
     def report(epoch: int, train_loss: float, ndcg: float) -> None:
@@ -168,13 +171,14 @@ def train_config(cfg: LiteConf, seed: int) -> TrainConfig:
 def part_reports(ranks: np.ndarray, queries: Queries, k: int) -> dict[str, RankReport]:
     """ranks (S, Q) -> report on all, warm and cold queries."""
     masks = {"all": np.ones(len(queries), bool), "warm": queries.warm, "cold": ~queries.warm}
-    return {part: rank_report(ranks[:, m], k) for part, m in masks.items()}
+    return {part: rank_report(ranks[:, m], k, queries.user[m]) for part, m in masks.items()}
 
 
 def evaluate_model(kind: str, data: LiteData, cfg: LiteConf) -> tuple[ModelResult, list[NextItemModel]]:
     """Fit one model per seed (popularity: none) and rank the test queries; returns the fitted models."""
     if kind == "popularity":
-        ranks = rank_queries(popularity_scorer(data.log.train_counts()), data.test.history, data.test.target)
+        test = data.test
+        ranks = rank_queries(popularity_scorer(data.log.train_counts()), test.history, test.target, test.seen)
         return ModelResult(kind, part_reports(ranks[None], data.test, cfg.k)), []
     all_ranks, result = [], ModelResult(kind, {})
     models: list[NextItemModel] = []
@@ -185,7 +189,9 @@ def evaluate_model(kind: str, data: LiteData, cfg: LiteConf) -> tuple[ModelResul
         result.best_epochs.append(hist.best_epoch)
         result.valid_ndcg.append(hist.best_score)
         all_ranks.append(
-            rank_queries(model.next_item_scores, data.test.history, data.test.target, device=DEVICE)
+            rank_queries(
+                model.next_item_scores, data.test.history, data.test.target, data.test.seen, device=DEVICE
+            )  # fmt: skip
         )
         models.append(model.cpu())
         log.info("%s seed %d: best epoch %d, valid NDCG@%d %.4f", kind, seed, hist.best_epoch, cfg.k,
@@ -209,7 +215,7 @@ def log_result(result: ModelResult, data: LiteData, cfg: LiteConf, model: nn.Mod
             for name, iv in (("recall", rep.recall), ("ndcg", rep.ndcg)):
                 key = f"{name}_at_{cfg.k}_{part}"
                 mlflow.log_metrics({key: iv.mean, f"{key}_low": iv.low, f"{key}_high": iv.high})
-            mlflow.log_metric(f"n_queries_{part}", rep.n)
+            mlflow.log_metrics({f"n_queries_{part}": rep.n, f"n_users_{part}": rep.users})
         for i, (epoch, score) in enumerate(zip(result.best_epochs, result.valid_ndcg, strict=True)):
             mlflow.log_metrics({"best_epoch": epoch, f"valid_ndcg_at_{cfg.k}": score}, step=i)
         if model is not None:

@@ -11,8 +11,15 @@ import pytest
 import torch
 
 from llmfeat.config import Settings, load_settings
-from llmfeat.models.evaluation.rank_metrics import ndcg_at, recall_at, target_ranks
-from llmfeat.models.lite_llm4rec.data import eval_queries, event_log, train_windows
+from llmfeat.models.evaluation.rank_metrics import (
+    ItemSets,
+    ndcg_at,
+    rank_queries,
+    recall_at,
+    target_ranks,
+    user_bootstrap_interval,
+)
+from llmfeat.models.lite_llm4rec.data import EventLog, eval_queries, event_log, train_windows, user_histories
 from llmfeat.models.lite_llm4rec.model import LiteLLM4Rec
 from llmfeat.models.lite_llm4rec.sasrec import SASRec, SeqConfig
 
@@ -92,6 +99,59 @@ def test_target_ranks_excludes_history_and_padding() -> None:
     ranks = np.array([0.0, 1.0, 5.0])
     assert recall_at(ranks, 2).tolist() == [1.0, 1.0, 0.0]
     assert ndcg_at(ranks, 2)[1] == pytest.approx(1 / np.log2(3))
+
+
+def test_target_ranks_takes_a_mask_of_excluded_items() -> None:
+    scores = torch.tensor([[9.0, 1.0, 5.0, 3.0, 4.0]])
+    seen = torch.tensor([[False, False, True, False, True]])  # items 2 and 4 excluded
+    assert target_ranks(scores, seen, torch.tensor([3])).item() == 0.0
+    assert target_ranks(scores, seen, torch.tensor([4])).item() == 0.0  # seen, but the target stays eligible
+    sets = ItemSets.from_lists([np.array([2, 4]), np.array([], np.int64), np.array([1])])
+    assert sets.mask(0, 3, 5).tolist() == [
+        [False, False, True, False, True], [False] * 5, [False, True, False, False, False]
+    ]  # fmt: skip
+    assert sets.take(np.array([2, 0])).row(1).tolist() == [2, 4]
+
+
+def old_item_log() -> EventLog:
+    """One user rates items 1..6 in order; the last rating is the only test event."""
+    n, keys = 6, np.array([str(i) for i in range(1, 9)], dtype=object)
+    split = np.array(["train"] * (n - 1) + ["test"])
+    return EventLog(keys, np.array(["u"], dtype=object), np.zeros(n, np.int64), np.arange(1, n + 1), split)
+
+
+def test_ranking_excludes_the_whole_history_not_only_the_input_window() -> None:
+    ev = old_item_log()
+    q = eval_queries(ev, "test", 2)  # the model reads items 4 and 5 only
+    assert q.history.tolist() == [[4, 5]] and q.seen.row(0).tolist() == [1, 2, 3, 4, 5]
+
+    def old_items_first(h: torch.Tensor) -> torch.Tensor:  # items 1..3 (outside the window) score highest
+        return torch.tensor([[0.0, 9.0, 8.0, 7.0, 1.0, 1.0, 5.0, 0.0, 0.0]]).expand(h.shape[0], -1)
+
+    assert rank_queries(old_items_first, q.history, q.target, q.seen).tolist() == [0.0]
+    window_only = ItemSets.from_lists([q.history[0]])  # what the old evaluation excluded
+    assert rank_queries(old_items_first, q.history, q.target, window_only).tolist() == [3.0]
+
+
+def test_published_candidates_exclude_the_whole_history() -> None:
+    from llmfeat.spark_jobs.lite_publish import top_candidates
+
+    class OldItemsFirst(torch.nn.Module):
+        def next_item_scores(self, h: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[0.0, 9.0, 8.0, 7.0, 6.0, 5.0, 1.0, 2.0, 3.0]]).expand(h.shape[0], -1)
+
+    users, hist, seen = user_histories(old_item_log(), 2)
+    assert hist.tolist() == [[5, 6]] and seen.row(0).tolist() == [1, 2, 3, 4, 5, 6]
+    items, scores = top_candidates(OldItemsFirst(), hist, seen, 2)  # type: ignore[arg-type]
+    assert items.tolist() == [[8, 7]] and scores.tolist() == [[3.0, 2.0]]
+
+
+def test_user_bootstrap_resamples_users_not_queries() -> None:
+    users = np.repeat(np.arange(20), 50)  # 20 users, 50 queries each, a user's queries all hit or all miss
+    hits = (np.arange(20) % 2 == 0).astype(float)[users]
+    iv = user_bootstrap_interval(hits, users, n_boot=400)
+    assert iv.mean == pytest.approx(0.5)
+    assert iv.high - iv.low > 0.3  # 20 independent users, not 1,000 queries (which would give about +-0.03)
 
 
 def test_windows_and_queries_respect_time(lite_settings: Settings) -> None:

@@ -5,8 +5,10 @@ Notation: I items (indexed 1..I; 0 is padding), E events, S = max_seq, W trainin
 Events are ordered by (user, timestamp, item). A training window is a slice of one user's train-split events:
 inputs are items t..t+S-1, targets the items one step later (next-item prediction at every position). A query
 is one event of the evaluated split: its history is the user's events before it in that order, whatever their
-split (inputs only, never labels of later rows); its target is the event's item. Queries with an empty history
-are skipped (counted in `skipped_empty`); a query's user is warm when it has train-split events.
+split (inputs only, never labels of later rows); its target is the event's item. The model reads the newest S
+items of that history; the ranking excludes ALL of it (`Queries.seen`, the user's whole history before the
+query), so an item rated long before the window never counts as a recommendation. Queries with an empty
+history are skipped (counted in `skipped_empty`); a query's user is warm when it has train-split events.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from llmfeat.models.evaluation.rank_metrics import ItemSets
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -49,10 +53,16 @@ class Queries:
     target: np.ndarray  # (Q,) int64 item index
     user: np.ndarray  # (Q,) int64 user index
     warm: np.ndarray  # (Q,) bool: the user has train-split events
+    seen: ItemSets  # Q sets: the user's whole history before the query, excluded from the ranking
     skipped_empty: int = 0
 
     def __len__(self) -> int:
         return len(self.target)
+
+    def take(self, keep: np.ndarray) -> Queries:
+        """The queries at indices `keep`, in that order."""
+        return Queries(self.history[keep], self.target[keep], self.user[keep], self.warm[keep],
+                       self.seen.take(keep), self.skipped_empty)  # fmt: skip
 
 
 def event_log(interactions: pa.Table, items: pa.Table) -> EventLog:
@@ -103,8 +113,9 @@ def train_windows(log: EventLog, max_seq: int, split: str = "train") -> Windows:
 
 
 def eval_queries(log: EventLog, split: str, max_seq: int) -> Queries:
-    """One query per `split` event with a non-empty history of the user's earlier events."""
-    hist, target, user, warm, skipped = [], [], [], [], 0
+    """One query per `split` event with a non-empty history of the user's earlier events: the newest S as
+    the model's input, all of them as the items the ranking excludes."""
+    hist, seen, target, user, warm, skipped = [], [], [], [], [], 0
     for a, b in _user_bounds(log):
         items, splits = log.item[a:b], log.split[a:b]
         is_warm = bool((splits == "train").any())
@@ -113,22 +124,26 @@ def eval_queries(log: EventLog, split: str, max_seq: int) -> Queries:
                 skipped += 1
                 continue
             hist.append(left_pad(items[:j], max_seq))
+            seen.append(items[:j])
             target.append(items[j])
             user.append(log.user[a])
             warm.append(is_warm)
     if not hist:
         return Queries(np.zeros((0, max_seq), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
-                       np.zeros(0, bool), skipped)  # fmt: skip
-    return Queries(np.stack(hist), np.array(target), np.array(user), np.array(warm), skipped)
+                       np.zeros(0, bool), ItemSets.from_lists([]), skipped)  # fmt: skip
+    sets = ItemSets.from_lists(seen)
+    return Queries(np.stack(hist), np.array(target), np.array(user), np.array(warm), sets, skipped)
 
 
-def user_histories(log: EventLog, max_seq: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every user's newest S items over all splits: (user indices (U',), histories (U', S))."""
-    users, hist = [], []
+def user_histories(log: EventLog, max_seq: int) -> tuple[np.ndarray, np.ndarray, ItemSets]:
+    """Every user's newest S items over all splits and their whole history: (user indices (U',),
+    input windows (U', S), every item each user has (U' sets))."""
+    users, hist, seen = [], [], []
     for a, b in _user_bounds(log):
         users.append(log.user[a])
         hist.append(left_pad(log.item[a:b], max_seq))
-    return np.array(users, dtype=np.int64), np.stack(hist)
+        seen.append(log.item[a:b])
+    return np.array(users, dtype=np.int64), np.stack(hist), ItemSets.from_lists(seen)
 
 
 @dataclass(frozen=True)
