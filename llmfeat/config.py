@@ -66,6 +66,8 @@ class IngestConf(Section):
     label_threshold: float = 4.0  # click = rating >= threshold
     valid_frac: float = 0.1
     test_frac: float = 0.1
+    max_text_chars: int = 2000  # item title/genres, user gender/occupation; 0 = no limit
+    long_text: Literal["cut", "reject"] = "cut"  # cut: shortened and counted; reject: fail naming the ids
 
 
 class FeastConf(Section):

@@ -12,15 +12,20 @@ Tables (under <data_dir>/delta):
 
 Every input check and every table's great-expectations gate (validation/) runs before the first write: bad
 input leaves every table at its previous version (rejected rows go to the quarantine table).
+
+Text fields (item title and genres, user gender and occupation) longer than `ingest.max_text_chars` are cut
+to that length and counted in the job's summary (`ingest.long_text: cut`, the default), or fail the job with
+the row's id before any commit (`ingest.long_text: reject`).
 Each table is MERGEd by key with deletes of vanished rows: a re-run with the same input commits nothing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +37,8 @@ if TYPE_CHECKING:
 
     from llmfeat.delta_io import DeltaTables
 
+log = logging.getLogger("llmfeat.ingest")
+TEXT_COLUMNS = {"items": ["title", "genres"], "users": ["gender", "occupation"]}
 REQUIRED = {
     "interactions": ["user_id", "item_id", "rating", "timestamp"],
     "items": ["item_id", "title"],
@@ -57,6 +64,7 @@ class TableSummary:
     path: str
     version: int
     rows: int
+    cut_texts: dict[str, int] = field(default_factory=dict)  # column -> texts cut to ingest.max_text_chars
 
 
 def ml100k_source(ml100k_dir: str | None = None) -> SourceFiles:
@@ -210,7 +218,36 @@ def with_split(df: DataFrame, cfg: IngestConf) -> DataFrame:
     )
 
 
-def items_table(raw: DataFrame, path: str, genre_sep: str) -> DataFrame:
+def limit_texts(
+    df: DataFrame, path: str, key: str, columns: list[str], cfg: IngestConf
+) -> tuple[DataFrame, dict[str, int]]:
+    """Text columns longer than cfg.max_text_chars: cut (returns the count per column) or, with
+    cfg.long_text = reject, an IngestError naming the file, the column and the rows' ids."""
+    from pyspark.sql import functions as F
+
+    limit = cfg.max_text_chars
+    present = [c for c in columns if c in df.columns]
+    if limit <= 0 or not present:
+        return df, {}
+    if cfg.long_text == "reject":
+        for c in present:
+            too_long = df.where(F.length(c) > limit).select(key, F.length(c).alias(f"{c}_chars"))
+            _fail_if_any(too_long, path, c, f"text longer than ingest.max_text_chars ({limit:,} characters); "
+                         "shorten it, raise the limit or set ingest.long_text=cut")  # fmt: skip
+        return df, {}
+    row = df.select([F.sum((F.length(c) > limit).cast("int")).alias(c) for c in present]).first()
+    cut = {c: int(row[c] or 0) for c in present} if row is not None else {}
+    cut = {c: n for c, n in cut.items() if n}
+    if cut:
+        log.warning("%s: texts longer than %d characters cut: %s", path, limit, cut)
+    kept = [F.substring(F.col(c), 1, limit).alias(c) if c in cut else F.col(c) for c in df.columns]
+    return df.select(kept), cut
+
+
+def items_table(
+    raw: DataFrame, path: str, genre_sep: str, cfg: IngestConf | None = None
+) -> tuple[DataFrame, dict[str, int]]:
+    """The items table and the number of texts cut per column (see `limit_texts`)."""
     from pyspark.sql import functions as F
 
     check_ids(raw, path, ["item_id"])
@@ -228,16 +265,18 @@ def items_table(raw: DataFrame, path: str, genre_sep: str) -> DataFrame:
         F.coalesce(genres, F.lit("")).alias("genres"),
     )
     _fail_if_any(df.where(F.col("title").isNull() | (F.col("title") == "")), path, "title", "empty title")
+    df, cut = limit_texts(df, path, "item_id", TEXT_COLUMNS["items"], cfg or IngestConf())
     head = F.when(F.col("year").isNotNull(), F.format_string("%s (%d)", "title", "year")).otherwise(
         F.col("title")
     )
     text = F.when(
         F.col("genres") != "", F.concat(head, F.lit(". Genres: "), F.regexp_replace("genres", r"\|", ", "))
     )
-    return df.withColumn("text", text.otherwise(head))
+    return df.withColumn("text", text.otherwise(head)), cut
 
 
-def users_table(raw: DataFrame, path: str) -> DataFrame:
+def users_table(raw: DataFrame, path: str, cfg: IngestConf | None = None) -> tuple[DataFrame, dict[str, int]]:
+    """The users table and the number of texts cut per column (see `limit_texts`)."""
     from pyspark.sql import functions as F
 
     check_ids(raw, path, ["user_id"])
@@ -247,12 +286,13 @@ def users_table(raw: DataFrame, path: str) -> DataFrame:
         col = F.trim(F.col(name).cast("string")) if name in cols else F.lit(None).cast("string")
         return (col.try_cast("int") if cast == "int" else col).alias(name)
 
-    return raw.select(
+    df = raw.select(
         F.trim(F.col("user_id").cast("string")).alias("user_id"),
         opt("age", "int"),
         opt("gender", "str"),
         opt("occupation", "str"),
     )
+    return limit_texts(df, path, "user_id", TEXT_COLUMNS["users"], cfg or IngestConf())
 
 
 def behavior_tables(interactions: DataFrame, items: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -280,16 +320,20 @@ def _regex_escape(sep: str) -> str:
     return "".join("\\" + ch if ch in r"\.^$|?*+()[]{}" else ch for ch in sep)
 
 
-def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
+def build_tables(
+    spark: SparkSession, cfg: IngestConf
+) -> tuple[dict[str, DataFrame], dict[str, dict[str, int]]]:
     """Read and check every source, then derive the five tables; raises IngestError before any write.
+    Also returns the texts cut per table and column (see `limit_texts`).
 
     The three sources are cached for the checks; `run` drops the cache once they are collected.
     """
     from pyspark.sql import functions as F
 
     files = source_files(cfg)
-    items = items_table(read_source(spark, files, "items"), files.items, files.genre_sep).cache()
-    users = users_table(read_source(spark, files, "users"), files.users).cache()
+    items, items_cut = items_table(read_source(spark, files, "items"), files.items, files.genre_sep, cfg)
+    users, users_cut = users_table(read_source(spark, files, "users"), files.users, cfg)
+    items, users = items.cache(), users.cache()
     interactions = interactions_table(
         read_source(spark, files, "interactions"), files.interactions, cfg
     ).cache()
@@ -300,20 +344,21 @@ def build_tables(spark: SparkSession, cfg: IngestConf) -> dict[str, DataFrame]:
     interactions = interactions.select(
         "user_id", "item_id", "rating", "label", "event_timestamp", "split"
     ).orderBy("event_timestamp", "user_id", "item_id")
-    return {
+    frames = {
         "items": items.orderBy(F.col("item_id").cast("long"), "item_id"),
         "users": users.orderBy(F.col("user_id").cast("long"), "user_id"),
         "interactions": interactions,
         "behaviors": behaviors.orderBy("behavior_id"),
         "user_behaviors": user_behaviors.orderBy("user_id", "event_timestamp", "behavior_id"),
     }
+    return frames, {"items": items_cut, "users": users_cut}
 
 
 def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
     from llmfeat.delta_io import open_tables
 
     try:
-        frames = build_tables(spark, settings.ingest)
+        frames, cut = build_tables(spark, settings.ingest)
         arrows = {name: df.toArrow() for name, df in frames.items()}  # all computed before the first commit
     finally:
         # Spark caches by plan, not by file content: a stale cache would hide an edited input on re-run.
@@ -323,7 +368,7 @@ def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
     out = []
     for name, data in arrows.items():
         version = tables.upsert(name, data, TABLE_KEYS[name], delete_missing=True)
-        out.append(TableSummary(name, tables.path(name), version, data.num_rows))
+        out.append(TableSummary(name, tables.path(name), version, data.num_rows, cut.get(name, {})))
     return out
 
 
@@ -339,6 +384,9 @@ def check_tables(arrows: dict[str, Any], tables: DeltaTables, settings: Settings
 def format_summary(summaries: list[TableSummary]) -> str:
     lines = [f"{'table':<16}{'rows':>9}{'version':>9}  path"]
     lines += [f"{s.name:<16}{s.rows:>9,}{s.version:>9}  {s.path}" for s in summaries]
+    cut = [f"{s.name}.{c} {n:,}" for s in summaries for c, n in s.cut_texts.items()]
+    if cut:
+        lines.append(f"texts cut to ingest.max_text_chars: {', '.join(cut)}")
     return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from llmfeat.delta_io import RustDelta
-from llmfeat.spark_jobs.ingest import IngestError, main, run
+from llmfeat.spark_jobs.ingest import IngestError, format_summary, main, run
 
 pytestmark = pytest.mark.spark
 TABLES = ["items", "users", "interactions", "behaviors", "user_behaviors"]
@@ -120,6 +120,47 @@ def test_job_main_exits_1_with_one_line(spark, make_settings, source_dir, tmp_pa
     assert main(argv) == 1
     assert "llmfeat ingest: error:" in capsys.readouterr().err
     assert main(["--config", "tiny", "--set", "ingest.nope=1"]) == 2
+
+
+LONG_TITLE = "Four Rooms " + "x" * 200_000  # a 200,000-character title
+
+
+def test_long_text_is_cut_to_the_limit_and_counted(spark, make_settings, source_dir) -> None:
+    _corrupt(source_dir, "items.csv", "3,Four Rooms,", f"3,{LONG_TITLE},")
+    _corrupt(source_dir, "users.csv", "11,53,F,other", "11,53,F," + "o" * 3000)
+    settings = make_settings()  # defaults: ingest.max_text_chars 2,000, ingest.long_text cut
+    summaries = run(spark, settings)
+    by = {s.name: s for s in summaries}
+    assert by["items"].cut_texts == {"title": 1} and by["users"].cut_texts == {"occupation": 1}
+    assert by["interactions"].cut_texts == {} and by["items"].rows == 4
+    assert "texts cut to ingest.max_text_chars: items.title 1, users.occupation 1" in format_summary(
+        summaries
+    )
+    tables = RustDelta(settings.delta_root)
+    items = {r["item_id"]: r for r in tables.read_arrow("items").to_pylist()}
+    assert items["3"]["title"] == LONG_TITLE[:2000]
+    assert items["3"]["text"].startswith(LONG_TITLE[:2000] + " (1995)")
+    assert items["1"]["title"] == "Toy Story"  # short texts untouched
+    assert max(len(t) for t in tables.read_arrow("behaviors").column("text").to_pylist()) < 2100
+    users = {r["user_id"]: r for r in tables.read_arrow("users").to_pylist()}
+    assert users["11"]["occupation"] == "o" * 2000
+
+
+def test_long_text_rejected_by_config_names_the_id_before_any_commit(
+    spark, make_settings, source_dir
+) -> None:
+    settings = make_settings("ingest.long_text=reject", "ingest.max_text_chars=500")
+    run(spark, settings)
+    before = _versions(settings)
+    _corrupt(source_dir, "items.csv", "3,Four Rooms,", f"3,{LONG_TITLE},")
+    message = r"items\.csv: column 'title': text longer than ingest\.max_text_chars \(500 characters\)"
+    message += r".*'item_id': '3', 'title_chars': 200011"
+    with pytest.raises(IngestError, match=message):
+        run(spark, settings)
+    assert _versions(settings) == before  # nothing committed
+    assert "Four Rooms" in {
+        r["title"] for r in RustDelta(settings.delta_root).read_arrow("items").to_pylist()
+    }
 
 
 def test_column_mapping_reads_the_users_own_names(spark, make_settings, source_dir) -> None:
