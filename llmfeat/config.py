@@ -151,21 +151,23 @@ class LiteConf(Section):
 class SlmrecConf(Section):
     """SLMRec student encoder distilled from the teacher's tapped layer (models/slmrec/, distil_student.py).
 
-    The student is the teacher's first `student_layers` blocks; pooling and normalisation follow `encode`.
+    The student is the teacher's first `student_layers` blocks, distilled on un-normalised states at the block
+    boundaries; distillation texts are the encode job's texts at its length (`encode.max_length`).
     """
 
     teacher: str = "smollm2"  # as encode.model: a packaged name, a .gguf or a Hugging Face folder
     teacher_layer: int = 15  # the tapped layer the student reproduces at its last layer
     student_layers: int = 8  # N: teacher blocks kept
     blocks: int = 4  # B: distillation points, evenly spaced in teacher and student
-    l2_weight: float = 0.1  # loss per block: (1 - cos) + l2_weight * ||h_s - h_t||_2
+    l2_weight: float = 0.1  # loss per block: (1 - cos) + l2_weight * ||h_s - h_t||_2, on raw states
+    pooling: Literal["last", "mean", "encode"] = "last"  # state per block boundary; encode = encode.pooling
     tuning: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lr: float = 1e-4
     batch_size: int = 16
     steps: int = 200
-    max_length: int = 64  # tokens per distillation text (short texts keep CPU distillation bounded)
+    max_length: int = 0  # tokens per distillation text; 0 = encode.max_length (what the encode job reads)
     texts_per_entity: int = 512  # sampled from items, users and behaviours each
     holdout: int = 128  # texts per entity kept out of training for the held-out cosine
     seed: int = 0

@@ -3,10 +3,13 @@
     llmfeat distil-student [--config local|PATH] [--set slmrec.student_layers=8 --set slmrec.steps=200 ...]
     llmfeat encode --entity items --set encode.model=<folder> --set encode.layers=[<student_layers>]
 
-Texts: `slmrec.texts_per_entity` item, user and behaviour texts each (user texts hold the behaviours before
-the valid split only, as the encode job's default cut), cut to `slmrec.max_length` tokens; `slmrec.holdout`
-per entity are kept out of training and scored before and after. Teacher targets are computed once (the
-teacher is frozen); the student then trains for `slmrec.steps` AdamW steps. Token embeddings stay frozen.
+Texts: `slmrec.texts_per_entity` item, user and behaviour texts each, as the encode job writes them (user
+texts hold the behaviours before the valid split, cut to `encode.user_max_behaviors` and
+`encode.user_max_chars`), tokenised up to the encode length (`encode.max_length`, unless `slmrec.max_length`
+sets another); `slmrec.holdout` per entity are kept out of training and scored before and after. Teacher
+targets (un-normalised states at the K block boundaries, `slmrec.pooling`: last token by default) are computed
+once (the teacher is frozen); the student then trains for `slmrec.steps` AdamW steps. Token embeddings stay
+frozen; with LoRA the final norm trains too (its scale meets the teacher's raw states at the last point).
 
 The folder: <data_dir>/<slmrec.output_dir>/<teacher id>-slmrec-<N>of<M>/ with config.json, safetensors,
 tokenizer files and slmrec.json (teacher id and weights hash, layers, loss, held-out cosines). Its encoder id
@@ -28,7 +31,7 @@ import torch
 
 from llmfeat.models.encoder import EncoderConfig, LayerEncoder, pad_to, resolve_model, weights_hash
 from llmfeat.models.slmrec.model import (
-    PooledTaps,
+    BlockStates,
     StudentConfig,
     add_lora,
     distillation_loss,
@@ -60,6 +63,7 @@ class DistilSummary:
     trainable: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    max_length: int = 0  # tokens per distillation text
     cosine_before: dict[str, float] = field(default_factory=dict)  # entity -> mean cos at the last point
     cosine_after: dict[str, float] = field(default_factory=dict)
     run_id: str = ""
@@ -70,7 +74,8 @@ class DistilSummary:
         )
         return (
             f"student ({self.student_layers} blocks for teacher layer {self.teacher_layer}, {self.tuning}, "
-            f"{self.trainable:,} trainable weights): {self.steps} steps in {self.seconds:.0f} s, loss "
+            f"{self.trainable:,} trainable weights, texts up to {self.max_length} tokens): {self.steps} "
+            f"steps in {self.seconds:.0f} s, loss "
             f"{self.losses[0]:.4f} -> {np.mean(self.losses[-20:]):.4f}\n"
             f"  held-out cosine to the teacher (before -> after): {rows}\n"
             f"  saved to {self.folder}  (run {self.run_id})\n"
@@ -80,10 +85,17 @@ class DistilSummary:
 
 
 def student_config(cfg: SlmrecConf, settings: Settings) -> StudentConfig:
+    pooling = settings.encode.pooling if cfg.pooling == "encode" else cfg.pooling
     return StudentConfig(
-        cfg.student_layers, cfg.teacher_layer, cfg.blocks, cfg.l2_weight, settings.encode.pooling,
-        settings.encode.normalize, cfg.tuning, cfg.lora_rank, cfg.lora_alpha,
+        cfg.student_layers, cfg.teacher_layer, cfg.blocks, cfg.l2_weight, pooling, cfg.tuning, cfg.lora_rank,
+        cfg.lora_alpha,
     )  # fmt: skip
+
+
+def text_tokens(settings: Settings) -> int:
+    """Tokens per distillation text: `encode.max_length` (what the encode job reads) unless
+    `slmrec.max_length` is set."""
+    return settings.slmrec.max_length or settings.encode.max_length
 
 
 # ---------------------------------------------------------------------------------------------- texts
@@ -138,7 +150,7 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def last_point_cosine(taps: PooledTaps, ids: list[list[int]], targets: np.ndarray, pad_id: int) -> float:
+def last_point_cosine(taps: BlockStates, ids: list[list[int]], targets: np.ndarray, pad_id: int) -> float:
     """Mean cosine between student and teacher at the last distillation point, over the given texts."""
     cos = []
     for s in range(0, len(ids), 32):
@@ -151,7 +163,7 @@ def last_point_cosine(taps: PooledTaps, ids: list[list[int]], targets: np.ndarra
 
 def distil(
     student: Any,
-    taps: PooledTaps,
+    taps: BlockStates,
     ids: list[list[int]],
     targets: np.ndarray,
     train_rows: np.ndarray,
@@ -199,8 +211,9 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
     teacher = AutoModel.from_pretrained(source.path, dtype=torch.float32).eval()
     student = make_student(teacher, scfg.student_layers)  # copied before the teacher is truncated
     texts = texts or distillation_texts(settings)
-    enc_cfg = EncoderConfig(layers=scfg.teacher_points, pooling=scfg.pooling, normalize=scfg.normalize,
-                            max_length=cfg.max_length, token_budget=max(4096, cfg.max_length))  # fmt: skip
+    max_length = text_tokens(settings)
+    enc_cfg = EncoderConfig(layers=scfg.teacher_points, pooling=scfg.pooling, normalize="none",
+                            max_length=max_length, token_budget=max(4096, max_length))  # fmt: skip
     teacher_enc = LayerEncoder(teacher, tokenizer, enc_cfg, torch.device("cpu"))
     ids, _ = teacher_enc.tokenize(texts.texts)
     started = time.monotonic()
@@ -208,12 +221,15 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
     log.info("teacher targets for %d texts in %.0f s", len(ids), time.monotonic() - started)
     del teacher_enc, teacher
 
-    trainable = add_lora(student, cfg.lora_rank, cfg.lora_alpha) if cfg.tuning == "lora" else 0
-    if cfg.tuning == "full":
+    if cfg.tuning == "lora":
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha)
+        if getattr(student, "norm", None) is not None:
+            student.norm.weight.requires_grad_(True)
+    else:
         for name, p in student.named_parameters():
             p.requires_grad_("embed_tokens" not in name)
-        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    taps = PooledTaps(student, scfg.student_points, scfg.pooling, scfg.normalize)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    taps = BlockStates(student, scfg.student_points, scfg.pooling)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     held = {e: np.flatnonzero(texts.holdout & (texts.entity == e)) for e in ENTITIES}
     before = {e: last_point_cosine(taps, [ids[i] for i in r], targets[r], pad_id) for e, r in held.items()}
@@ -228,12 +244,13 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
     root = root if root.is_absolute() else Path(settings.data_dir) / root
     folder = root / f"{source.encoder_id}-slmrec-{scfg.student_layers}of{scfg.teacher_layer}"
     summary = DistilSummary(str(folder.resolve()), scfg.student_layers, scfg.teacher_layer, cfg.tuning,
-                            cfg.steps, trainable, seconds, losses, before, after)  # fmt: skip
+                            cfg.steps, trainable, seconds, losses, max_length, before, after)  # fmt: skip
     record = {
         "teacher": {"encoder_id": source.encoder_id, "weights_hash": weights_hash(source.path)},
         "student": asdict(scfg)
         | {"teacher_points": scfg.teacher_points, "student_points": scfg.student_points},
-        "distillation": cfg.model_dump() | {"texts": len(ids), "seconds": seconds, "final_loss": losses[-1]},
+        "distillation": cfg.model_dump()
+        | {"texts": len(ids), "max_length": max_length, "seconds": seconds, "final_loss": losses[-1]},
         "heldout_cosine_before": before,
         "heldout_cosine_after": after,
     }
@@ -254,9 +271,10 @@ def log_run(settings: Settings, summary: DistilSummary, record: dict[str, Any], 
     )
     with mlflow.start_run(run_name=f"slmrec-{summary.student_layers}of{summary.teacher_layer}") as run:
         mlflow.log_params({f"slmrec.{k}": v for k, v in settings.slmrec.model_dump().items()})
-        mlflow.log_params(
-            {"encode.pooling": settings.encode.pooling, "encode.normalize": settings.encode.normalize}
-        )
+        mlflow.log_params({
+            "encode.pooling": settings.encode.pooling, "encode.normalize": settings.encode.normalize,
+            "distil.max_length": summary.max_length, "distil.pooling": record["student"]["pooling"],
+        })  # fmt: skip
         mlflow.set_tags({
             "kind": "slmrec-student-encoder",
             "teacher.encoder_id": record["teacher"]["encoder_id"],

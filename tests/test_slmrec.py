@@ -1,5 +1,6 @@
-"""SLMRec student: block points, student = teacher's first blocks, taps equal the encoder's, distillation with
-full tuning and LoRA, and the saved folder loading as an encoder (tiny random Llama, word-level tokenizer)."""
+"""SLMRec student: block points, student = teacher's first blocks, block-boundary states equal the encoder's
+(un-normalised), the loss on those states, distillation with full tuning and LoRA, and the saved folder
+loading as an encoder (tiny random Llama, word-level tokenizer)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from test_encoder import TEXTS, make_tiny_model_dir, tiny_llama, tiny_tokenizer
 from llmfeat.config import Settings, load_settings
 from llmfeat.models.encoder import EncoderConfig, LayerEncoder, load_encoder, resolve_model
 from llmfeat.models.slmrec.model import (
-    PooledTaps,
+    BlockStates,
     StudentConfig,
     add_lora,
     block_points,
@@ -21,7 +22,7 @@ from llmfeat.models.slmrec.model import (
     make_student,
     merge_lora,
 )
-from llmfeat.spark_jobs.distil_student import DistilTexts, padded
+from llmfeat.spark_jobs.distil_student import DistilTexts, padded, text_tokens
 
 pytestmark = pytest.mark.unit
 
@@ -45,10 +46,10 @@ def test_student_keeps_first_blocks_and_taps_match_the_encoder() -> None:
     tok = tiny_tokenizer()
     for pooling in ("mean", "last"):
         # the student's last layer gets the final norm, as the encoder applies it at a model's top block
-        ref = LayerEncoder(make_student(teacher, 2), tok, EncoderConfig(layers=(1, 2), pooling=pooling),
-                           torch.device("cpu"))  # fmt: skip
+        ref = LayerEncoder(make_student(teacher, 2), tok, EncoderConfig(layers=(1, 2), pooling=pooling,
+                           normalize="none"), torch.device("cpu"))  # fmt: skip
         want = ref.encode(TEXTS).vectors  # (N, 2, H)
-        taps = PooledTaps(make_student(teacher, 2), (1, 2), pooling, "l2")
+        taps = BlockStates(make_student(teacher, 2), (1, 2), pooling)
         ids, _ = ref.tokenize(TEXTS)
         x, mask = padded(ids, tok.pad_token_id)
         with torch.no_grad():
@@ -57,18 +58,46 @@ def test_student_keeps_first_blocks_and_taps_match_the_encoder() -> None:
 
 
 def test_distillation_loss_is_zero_at_the_target_and_positive_elsewhere() -> None:
-    t = torch.nn.functional.normalize(torch.randn(3, 2, 8), dim=-1)
-    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
-    s = torch.nn.functional.normalize(torch.randn(3, 2, 8), dim=-1)
+    t = 50 * torch.randn(3, 2, 8)  # raw hidden states: norms far from 1
+    assert distillation_loss(t, t).item() == pytest.approx(0.0, abs=1e-4)
+    s = 50 * torch.randn(3, 2, 8)
     cos = torch.nn.functional.cosine_similarity(s, t, dim=-1)
     want = ((1 - cos) + 0.1 * (s - t).norm(dim=-1)).sum(1).mean()
     assert distillation_loss(s, t).item() == pytest.approx(want.item())
 
 
+def test_loss_on_block_boundary_states_of_teacher_and_student() -> None:
+    """Teacher M = 3 of 4 blocks, student N = 2, K = 2: points (2, 3) <- (1, 2); last-token raw states."""
+    teacher = tiny_llama()
+    cfg = StudentConfig(student_layers=2, teacher_layer=3, blocks=2)
+    assert cfg.teacher_points == (2, 3) and cfg.student_points == (1, 2) and cfg.pooling == "last"
+    student = make_student(teacher, cfg.student_layers)
+    ids, _ = LayerEncoder(make_student(teacher, 2), tiny_tokenizer(), EncoderConfig(layers=(1,)),
+                          torch.device("cpu")).tokenize(TEXTS)  # fmt: skip
+    x, mask = padded(ids, 0)
+    with torch.no_grad():
+        t = BlockStates(teacher, cfg.teacher_points)(x, mask)  # (B, K, H)
+    for i, row in enumerate(ids):  # each text alone, no padding: HF's hidden state after block k, last token
+        out = teacher(input_ids=torch.tensor([row]), output_hidden_states=True)
+        for j, k in enumerate(cfg.teacher_points):
+            torch.testing.assert_close(t[i, j], out.hidden_states[k][0, -1], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(t.norm(dim=-1), torch.ones(len(ids), 2), atol=0.1)  # not unit-normalised
+
+    s = BlockStates(student, cfg.student_points)(x, mask)  # with gradients; point 2 gets the final norm
+    loss = distillation_loss(s, t, cfg.l2_weight)
+    cos = torch.nn.functional.cosine_similarity(s, t, dim=-1)  # (B, K)
+    l2 = (s - t).norm(dim=-1)  # (B, K), on the raw states
+    assert loss.item() == pytest.approx(((1 - cos) + 0.1 * l2).sum(1).mean().item(), rel=1e-5)
+    doubled = distillation_loss(2 * s, 2 * t, cfg.l2_weight)  # the cosine ignores scale, the L2 term does not
+    assert (doubled - loss).item() == pytest.approx(0.1 * l2.sum(1).mean().item(), rel=1e-4)
+    loss.backward()
+    assert student.layers[0].mlp.up_proj.weight.grad is not None and student.norm.weight.grad is not None
+
+
 def test_lora_starts_at_the_base_trains_few_weights_and_merges() -> None:
     model = make_student(tiny_llama(), 2)
     x, mask = padded([[2, 3, 4], [5, 6]], 0)
-    taps = PooledTaps(model, (2,), "mean", "none")
+    taps = BlockStates(model, (2,), "mean")
     with torch.no_grad():
         base = taps(x, mask).clone()
     total = sum(p.numel() for p in model.parameters())
@@ -123,7 +152,10 @@ def test_distil_raises_heldout_cosine_saves_an_encoder_folder_and_logs(tmp_path:
 
     teacher = make_tiny_model_dir(tmp_path / "tiny-llama")
     settings = tiny_slm_settings(tmp_path, teacher, tuning)
+    assert text_tokens(settings) == 32
+    assert text_tokens(load_settings("tiny")) == load_settings("tiny").encode.max_length  # the encode length
     summary = run(settings, tiny_texts())
+    assert summary.max_length == 32
     assert np.mean(summary.losses[-5:]) < summary.losses[0]
     assert np.mean(list(summary.cosine_after.values())) > np.mean(list(summary.cosine_before.values()))
 

@@ -5,12 +5,17 @@ is what the encode job publishes), N student blocks (N < M), K distillation poin
 
 Paper (arXiv 2405.17890, official code WujiangXu/SLMRec): most intermediate layers are redundant; the student
 keeps the first N blocks of the teacher; teacher and student are cut into K blocks and, at the end of each,
-L = sum_k (1 - cos(h_s, h_t)) + 0.1 * ||h_s - h_t||_2 on the pooled state. Here the teacher is the teacher up
-to its tapped layer M (what the features use), so the points are evenly spaced over 1..M and 1..N and the
-last pair is (N, M): the student's last layer stands in for teacher layer M. States are pooled and normalised
-exactly as the encoder does (models/encoder.py: `encode.pooling`, `encode.normalize`; a tap at the model's
-last block gets the final norm), so the distilled vector is the published vector. No recommendation task loss:
-the downstream models (MARC, CTR) are trained on the student's vectors afterwards, as on the teacher's.
+L = sum_k (1 - cos(h_s, h_t)) + 0.1 * ||h_s - h_t||_2 on the last token's hidden state. Here the teacher is
+the teacher up to its tapped layer M (what the features use), so the points are evenly spaced over 1..M and
+1..N and the last pair is (N, M): the student's last layer stands in for teacher layer M.
+
+The states are the raw hidden states at the block boundaries, NOT unit-normalised (on unit vectors the L2 term
+would be a function of the cosine and add nothing): the last token's state by default, as in the paper, or
+mean pooling over the text's tokens (`pooling="mean"`, what the encoder publishes with `encode.pooling: mean`)
+as an option. A state at a model's top block gets the final norm, as the encoder applies it there, so the
+student's last point is the state it publishes (before the encoder's optional L2 normalisation, which the
+cosine term ignores). No recommendation task loss: the downstream models (MARC, CTR) are trained on the
+student's vectors afterwards, as on the teacher's.
 Tuning: every student weight ("full") or low-rank adapters on the attention and MLP projections ("lora",
 merged into the weights before saving, so the saved folder is a plain model).
 """
@@ -36,8 +41,7 @@ class StudentConfig:
     teacher_layer: int = 15  # M
     blocks: int = 4  # K distillation points
     l2_weight: float = 0.1
-    pooling: Literal["mean", "last"] = "mean"
-    normalize: Literal["none", "l2"] = "l2"
+    pooling: Literal["last", "mean"] = "last"  # the state at each block boundary: last token or token mean
     tuning: Literal["full", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -122,11 +126,13 @@ def merge_lora(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- states
 
 
-class PooledTaps:
-    """Pooled states at chosen layers of a decoder, as the encoder computes them, with gradients."""
+class BlockStates:
+    """Un-normalised hidden states at chosen layers (the block boundaries) of a decoder, pooled as the encoder
+    pools them (last token or mean over the text's tokens; final norm at the model's top block), with
+    gradients."""
 
-    def __init__(self, model: nn.Module, layers: tuple[int, ...], pooling: str, normalize: str):
-        self.model, self.layers, self.pooling, self.normalize = model, layers, pooling, normalize
+    def __init__(self, model: nn.Module, layers: tuple[int, ...], pooling: str = "last"):
+        self.model, self.layers, self.pooling = model, layers, pooling
         blocks = decoder_blocks(model)
         self.depth = len(blocks)
         self.final_norm = getattr(model, "norm", None)
@@ -141,7 +147,7 @@ class PooledTaps:
         return hook
 
     def __call__(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, mask (B, T), right padded -> (B, K, H) pooled (and normalised) states."""
+        """input_ids, mask (B, T), right padded -> (B, K, H) pooled states, not normalised."""
         self._raw.clear()
         self.model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
         lengths = mask.sum(1)  # (B,)
@@ -154,12 +160,13 @@ class PooledTaps:
                 v = h[torch.arange(h.shape[0]), lengths - 1].float()  # (B, H)
             else:
                 v = (h * mask[..., None].to(h.dtype)).float().sum(1) / lengths[:, None]  # (B, H)
-            out.append(nn.functional.normalize(v, dim=-1) if self.normalize == "l2" else v)
+            out.append(v)
         return torch.stack(out, 1)  # (B, K, H)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, l2_weight: float = 0.1) -> torch.Tensor:
-    """(B, K, H) pooled states -> mean over B of sum_k (1 - cos) + l2_weight * ||s - t||_2."""
+    """(B, K, H) un-normalised states at the K block boundaries -> mean over B of
+    sum_k (1 - cos(s, t)) + l2_weight * ||s - t||_2 (the L2 term on the raw states, as in the paper)."""
     cos = nn.functional.cosine_similarity(student, teacher, dim=-1)  # (B, K)
     l2 = (student - teacher).norm(dim=-1)  # (B, K)
     return ((1 - cos) + l2_weight * l2).sum(1).mean()
