@@ -149,13 +149,48 @@ def padded(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return batch, torch.arange(t)[None] < lengths[:, None]
 
 
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def teacher_states(
+    teacher: Any,
+    points: tuple[int, ...],
+    pooling: str,
+    ids: list[list[int]],
+    pad_id: int,
+    tokens: int = 16384,
+) -> np.ndarray:
+    """(N, K, H) un-normalised states of the frozen teacher at its K block boundaries (it stops after the
+    deepest), float32 on the teacher's device; texts go in batches of similar length, about `tokens` each."""
+    taps = BlockStates(teacher, points, pooling)
+    device = device_of(teacher)
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    out: np.ndarray | None = None
+    s = 0
+    while s < len(order):
+        size = max(1, tokens // pad_to(len(ids[order[min(s + 63, len(order) - 1)]])))
+        rows = order[s : s + min(size, 64)]
+        x, mask = padded([ids[r] for r in rows], pad_id)
+        states = taps(x.to(device), mask.to(device)).cpu().numpy()  # (B, K, H)
+        if out is None:
+            out = np.empty((len(ids), *states.shape[1:]), np.float32)
+        out[rows] = states
+        s += len(rows)
+    taps.remove()
+    assert out is not None
+    return out
+
+
 @torch.no_grad()
 def last_point_cosine(taps: BlockStates, ids: list[list[int]], targets: np.ndarray, pad_id: int) -> float:
     """Mean cosine between student and teacher at the last distillation point, over the given texts."""
     cos = []
+    device = device_of(taps.model)
     for s in range(0, len(ids), 32):
         x, mask = padded(ids[s : s + 32], pad_id)
-        got = taps(x, mask)[:, -1]  # (B, H)
+        got = taps(x.to(device), mask.to(device))[:, -1].cpu()  # (B, H)
         want = torch.from_numpy(targets[s : s + 32, -1])
         cos.append(torch.nn.functional.cosine_similarity(got, want, dim=-1))
     return float(torch.cat(cos).mean())
@@ -175,11 +210,13 @@ def distil(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     losses = []
+    device = device_of(student)
     student.train()
     for step in range(cfg.steps):
         rows = rng.choice(train_rows, size=min(cfg.batch_size, len(train_rows)), replace=False)
         x, mask = padded([ids[r] for r in rows], pad_id)
-        loss = distillation_loss(taps(x, mask), torch.from_numpy(targets[rows]), cfg.l2_weight)
+        want = torch.from_numpy(targets[rows]).to(device)  # (B, K, H)
+        loss = distillation_loss(taps(x.to(device), mask.to(device)), want, cfg.l2_weight)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -202,24 +239,29 @@ def save_student(student: Any, tokenizer: Any, folder: Path, record: dict[str, A
 
 
 def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
-    """Teacher targets -> student (first N blocks) -> distillation -> folder + MLflow run."""
+    """Teacher targets -> student (first N blocks) -> distillation -> folder + MLflow run. Runs on a visible
+    GPU (float32), else on the CPU."""
     from transformers import AutoModel, AutoTokenizer
 
     cfg, scfg = settings.slmrec, student_config(settings.slmrec, settings)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_model(cfg.teacher, settings.encode.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     teacher = AutoModel.from_pretrained(source.path, dtype=torch.float32).eval()
     student = make_student(teacher, scfg.student_layers)  # copied before the teacher is truncated
     texts = texts or distillation_texts(settings)
     max_length = text_tokens(settings)
-    enc_cfg = EncoderConfig(layers=scfg.teacher_points, pooling=scfg.pooling, normalize="none",
-                            max_length=max_length, token_budget=max(4096, max_length))  # fmt: skip
-    teacher_enc = LayerEncoder(teacher, tokenizer, enc_cfg, torch.device("cpu"))
-    ids, _ = teacher_enc.tokenize(texts.texts)
+    # The encoder's tokenising (cut to max_length, head kept), on a one-block copy: only the tokenizer runs.
+    one_block = make_student(teacher, 1)
+    tokenize = LayerEncoder(one_block, tokenizer, EncoderConfig(layers=(1,), max_length=max_length),
+                            torch.device("cpu")).tokenize  # fmt: skip
+    ids, cut = tokenize(texts.texts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     started = time.monotonic()
-    targets = teacher_enc.encode(texts.texts).vectors  # (N, K, H)
-    log.info("teacher targets for %d texts in %.0f s", len(ids), time.monotonic() - started)
-    del teacher_enc, teacher
+    targets = teacher_states(teacher.to(device), scfg.teacher_points, scfg.pooling, ids, pad_id)  # (N, K, H)
+    log.info("teacher targets for %d texts (%d cut to %d tokens) in %.0f s on %s", len(ids), int(cut.sum()),
+             max_length, time.monotonic() - started, device)  # fmt: skip
+    del teacher
 
     if cfg.tuning == "lora":
         add_lora(student, cfg.lora_rank, cfg.lora_alpha)
@@ -229,8 +271,8 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
         for name, p in student.named_parameters():
             p.requires_grad_("embed_tokens" not in name)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    student.to(device)
     taps = BlockStates(student, scfg.student_points, scfg.pooling)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     held = {e: np.flatnonzero(texts.holdout & (texts.entity == e)) for e in ENTITIES}
     before = {e: last_point_cosine(taps, [ids[i] for i in r], targets[r], pad_id) for e, r in held.items()}
     started = time.monotonic()
@@ -239,6 +281,7 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
     after = {e: last_point_cosine(taps, [ids[i] for i in r], targets[r], pad_id) for e, r in held.items()}
     if cfg.tuning == "lora":
         merge_lora(student)
+    student.cpu()
 
     root = Path(cfg.output_dir)
     root = root if root.is_absolute() else Path(settings.data_dir) / root

@@ -75,8 +75,14 @@ def test_loss_on_block_boundary_states_of_teacher_and_student() -> None:
     ids, _ = LayerEncoder(make_student(teacher, 2), tiny_tokenizer(), EncoderConfig(layers=(1,)),
                           torch.device("cpu")).tokenize(TEXTS)  # fmt: skip
     x, mask = padded(ids, 0)
+    taps = BlockStates(teacher, cfg.teacher_points)
+    calls: list[int] = []
+    above = teacher.layers[3].register_forward_hook(lambda *_: calls.append(4))
     with torch.no_grad():
-        t = BlockStates(teacher, cfg.teacher_points)(x, mask)  # (B, K, H)
+        t = taps(x, mask)  # (B, K, H)
+    assert calls == []  # the forward stopped after block 3: block 4 never ran
+    taps.remove()
+    above.remove()
     for i, row in enumerate(ids):  # each text alone, no padding: HF's hidden state after block k, last token
         out = teacher(input_ids=torch.tensor([row]), output_hidden_states=True)
         for j, k in enumerate(cfg.teacher_points):
