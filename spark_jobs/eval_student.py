@@ -8,10 +8,10 @@ Features: the item vectors of `items_repr` (teacher rows at `slmrec.teacher_laye
 teacher's own layer N, from <data_dir>; student rows at layer N from the student's lake), judged by the fixed
 probe of the evaluation protocol (models/evaluation/probe_eval.py through models/marc/sweep.Evaluator: ID
 model on train, probe on valid, test AUC with intervals). Item vectors only, with no user vector (users' long
-texts cost minutes per hundred on CPU); the ID-only probe is the reference. Differences are paired bootstraps
-on the same test rows. Throughput: the executor's encoder (models/encoder.LayerEncoder) on the same item and
-user texts, teacher stopping at its tapped layer, student at its last, measured alternately, best of
-`repeats`.
+texts cost minutes per hundred on CPU); the ID-only probe is the reference. AUC intervals and the paired
+differences (on the same test rows) resample users with all their rows, as the protocol asks. Throughput:
+the executor's encoder (models/encoder.LayerEncoder) on the same item and user texts, teacher stopping at its
+tapped layer, student at its last, measured alternately, best of `repeats`.
 """
 
 from __future__ import annotations
@@ -89,6 +89,33 @@ def item_vectors(delta_root: Path, layer: int, keys: np.ndarray, encoder_id: str
     return repr_matrix(table, "items", layer, keys, name=f"{delta_root}/items_repr")
 
 
+def user_resamples(users: np.ndarray, n_boot: int, seed: int = 0) -> list[np.ndarray]:
+    """`n_boot` draws of row indices: users drawn with replacement, each bringing all its rows."""
+    _, group = np.unique(users, return_inverse=True)
+    order = np.argsort(group, kind="stable")
+    bounds = np.r_[0, np.cumsum(np.bincount(group))]
+    members = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+            for _ in range(n_boot)]  # fmt: skip
+
+
+def user_clustered_auc(
+    y: np.ndarray, users: np.ndarray, preds: np.ndarray, base: np.ndarray | None = None, n_boot: int = 500
+) -> list[float]:
+    """Seed-averaged AUC of preds (S, N) (minus that of `base` (S, N), paired, when given) with a 95%
+    interval over user resamples -> [mean, low, high]."""
+    from llmfeat.models.evaluation.metrics import auc
+
+    def stat(idx: np.ndarray) -> float:
+        value = float(np.mean([auc(y[idx], p[idx]) for p in preds]))
+        return value - float(np.mean([auc(y[idx], p[idx]) for p in base])) if base is not None else value
+
+    boot = np.array([stat(idx) for idx in user_resamples(users, n_boot)])
+    boot = boot[~np.isnan(boot)]
+    return [stat(np.arange(len(y))), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))]
+
+
 def probe_table(
     settings: Settings, student: Path, student_data: Path, seeds: int, pca_dim: int = 64
 ) -> dict[str, Any]:
@@ -121,12 +148,24 @@ def probe_table(
             entries[f"{name}+pca{pca_dim}"] = ev.evaluate(
                 f"{name}+pca", layer, (no_users, pca(x, pca_dim)(x))
             )
-    out: dict[str, Any] = {"entries": {k: e.row() for k, e in entries.items()}, "differences": {}}
+    test = a.rows("test")
+    y, users = a.label[test], a.user_idx[test]
+    parts = {"all": np.ones(len(test), bool), "warm": a.warm[test], "cold": ~a.warm[test]}
+    out: dict[str, Any] = {
+        "entries": {},
+        "differences": {},
+        "intervals": "users resampled (cluster bootstrap)",
+    }
+    for name, e in entries.items():
+        row = e.row()
+        for part, m in parts.items():  # the same means, intervals over users
+            row[f"auc_{part}"] = user_clustered_auc(y[m], users[m], e.preds[:, m])
+        out["entries"][name] = row
     for name in entries:
         ref = f"teacher+pca{pca_dim}" if "+pca" in name else "teacher"
         if name != ref:
-            d = ev.difference(entries[name], entries[ref])
-            out["differences"][f"{name} - {ref}"] = [d.mean, d.low, d.high]
+            d = user_clustered_auc(y, users, entries[name].preds, entries[ref].preds, n_boot=1000)
+            out["differences"][f"{name} - {ref}"] = d
     return out
 
 

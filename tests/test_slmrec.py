@@ -179,3 +179,19 @@ def test_distil_raises_heldout_cosine_saves_an_encoder_folder_and_logs(tmp_path:
     assert run_.data.tags["student.encoder_id"] == "tiny-llama-slmrec-2of4"
     assert run_.data.params["slmrec.tuning"] == tuning
     assert mlflow.active_run() is None
+
+
+def test_student_probe_intervals_resample_users() -> None:
+    from llmfeat.spark_jobs.eval_student import user_clustered_auc, user_resamples
+
+    users = np.repeat(np.arange(6), 4)  # 6 users, 4 rows each
+    for idx in user_resamples(users, 20):
+        drawn = users[idx]
+        assert len(idx) == 24 and all((drawn == u).sum() % 4 == 0 for u in range(6))  # whole users
+    rng = np.random.default_rng(0)
+    y = np.tile([0.0, 1.0], 12)
+    p = rng.random((2, 24))
+    mean, low, high = user_clustered_auc(y, users, p, base=p, n_boot=50)
+    assert mean == low == high == 0.0  # a paired difference of a model with itself
+    mean, low, high = user_clustered_auc(y, users, p, n_boot=50)
+    assert low <= mean <= high
