@@ -8,6 +8,7 @@ in_dim, out_dim, entity.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,32 +27,77 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "numpy"]
 
 
 def tracking_uri(settings: Settings) -> str:
-    """The configured URI, else a SQLite store under <data_dir>/mlflow (created on first use)."""
+    """$MLFLOW_TRACKING_URI when set (as under `mlflow run`), else the configured URI, else a SQLite store
+    under <data_dir>/mlflow (created on first use)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
     if settings.mlflow.tracking_uri:
         return settings.mlflow.tracking_uri
+    return default_store(settings)
+
+
+def registry_uri(settings: Settings) -> str:
+    """$MLFLOW_REGISTRY_URI when set, else the tracking store."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(settings)
+
+
+def default_store(settings: Settings, create: bool = True) -> str:
     root = Path(settings.data_dir) / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
 def artifact_location(settings: Settings) -> str | None:
-    """Local artefacts next to a local SQLite store; a remote server decides for itself."""
-    if settings.mlflow.tracking_uri:
+    """Local artefacts next to the default SQLite store; any other store decides for itself."""
+    if tracking_uri(settings) != default_store(settings, create=False):
         return None
     return (Path(settings.data_dir) / "mlflow" / "artifacts").resolve().as_uri()
 
 
 def use_tracking(settings: Settings) -> str:
-    """Point the mlflow library at the configured store and experiment; returns the experiment id."""
+    """Point the mlflow library at the store and experiment; returns the experiment id.
+
+    The MLFLOW_* variables win over the config: under `mlflow run` (MLFLOW_RUN_ID) the experiment is the one
+    that run lives in, so that `mlflow.start_run()` resumes it; MLFLOW_EXPERIMENT_ID or _NAME pick another
+    experiment; else the configured one, created on first use.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(settings))
-    mlflow.set_registry_uri(tracking_uri(settings))
-    name = settings.mlflow.experiment
-    exp = mlflow.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location(settings))
-    mlflow.set_experiment(experiment_id=exp_id)
+    try:
+        mlflow.set_tracking_uri(tracking_uri(settings))
+        mlflow.set_registry_uri(registry_uri(settings))
+        if os.environ.get("MLFLOW_RUN_ID"):
+            exp_id = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
+        elif os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            exp_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+        else:
+            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or settings.mlflow.experiment
+            exp = mlflow.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location(settings))
+        mlflow.set_experiment(experiment_id=exp_id)
+    except mlflow.MlflowException as err:
+        raise TrackingError(explain(err, tracking_uri(settings))) from None
     return str(exp_id)
+
+
+class TrackingError(UserError, RuntimeError):
+    """The tracking store or registry refused a request (unreachable, old schema, unknown run)."""
+
+
+def explain(err: Exception, uri: str) -> str:
+    """One line for an MlflowException: what MLflow said and what to do about it."""
+    said = (getattr(err, "message", None) or str(err)).strip().splitlines()
+    first = said[0] if said else type(err).__name__
+    low = first.lower()
+    if "out-of-date database schema" in low or "mlflow db upgrade" in low:
+        todo = f"upgrade the store: mlflow db upgrade {uri}"
+    elif any(w in low for w in ("connection", "max retries", "failed to", "timed out", "unreachable")):
+        todo = "start the tracking server or point MLFLOW_TRACKING_URI (or mlflow.tracking_uri) at one"
+    else:
+        todo = "check MLFLOW_TRACKING_URI (or mlflow.tracking_uri) and the names in the command"
+    return f"MLflow at {uri}: {first} ({todo})"
 
 
 def registered_name(settings: Settings, entity: str) -> str:
@@ -112,7 +158,7 @@ def resolve_alias(settings: Settings, entity: str, alias: str | None = None) -> 
     """The model version behind <name>@<alias>, with its lineage tags; a clear error when there is none."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(settings), registry_uri=tracking_uri(settings))
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(settings), registry_uri=registry_uri(settings))
     name, alias = registered_name(settings, entity), alias or settings.mlflow.alias
     try:
         mv = client.get_model_version_by_alias(name, alias)
@@ -136,7 +182,7 @@ def load_compressor(settings: Settings, registered: RegisteredCompressor) -> nn.
     """The logged torch.export program (pt2) of the compressor, exported in eval mode (no dropout)."""
     import mlflow
 
-    mlflow.set_registry_uri(tracking_uri(settings))
+    mlflow.set_registry_uri(registry_uri(settings))
     mlflow.set_tracking_uri(tracking_uri(settings))
     model: nn.Module = mlflow.pytorch.load_model(model_uri(registered))
     return model

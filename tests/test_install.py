@@ -2,18 +2,26 @@
 
 One fresh venv serves the whole module (PyTorch alone is a few GB; pip's cache makes a second install cheap):
 it starts with only mlflow, torch and pandas, the environment of a serving system that loads a registered
-model, and the wheel is installed into it last.
+model (the tests that load models come first), and the wheel is installed into it last.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -53,6 +61,142 @@ def test_wheel_holds_one_import_name_and_its_files(wheel: Path) -> None:
     for shipped in ("llmfeat/conf/local.yaml", "llmfeat/feature_repo/feature_views.py", "llmfeat/py.typed"):
         assert shipped in names
     assert "llmfeat/models/marc/model.py" in names and "llmfeat/spark_jobs/ingest.py" in names
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A SQLite store holding a tiny CTR ranker (llmfeat-ctr@champion) and a tiny MARC compressor
+    (test-marc-users@champion), trained and logged here, in the project's venv; yields its URI."""
+    import mlflow
+
+    from llmfeat.config import load_settings
+    from llmfeat.models.ctr.pyfunc import log_ranker
+    from llmfeat.models.marc.model import MarcCompressor
+    from llmfeat.registry import LINEAGE_TAGS, log_and_register, tracking_uri, use_tracking
+    from llmfeat.spark_jobs.train_ctr import fit_model
+
+    data = tmp_path_factory.mktemp("registry")
+    settings = load_settings(
+        "tiny", [f"data_dir={data}", "ctr.epochs=2", "ctr.hidden=[8]", "mlflow.registry_name=test-marc"]
+    )
+    with pytest.MonkeyPatch.context() as env:
+        for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            env.delenv(name)
+        use_tracking(settings)
+        frame, masks = tiny_ctr_frame()
+        model, encoder = fit_model(frame, masks, True, settings.ctr, log_epochs=False)
+        with mlflow.start_run():
+            info = log_ranker(model, encoder, frame[masks["test"]].head(5), "llmfeat-ctr")
+            compressor = MarcCompressor(in_dim=8, out_dim=3, hidden_dim=4)
+            lineage = {k: "8" if k == "in_dim" else "3" if k == "out_dim" else "x" for k in LINEAGE_TAGS}
+            log_and_register(compressor, settings, "users", lineage)
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias("llmfeat-ctr", "champion", info.registered_model_version)
+        yield tracking_uri(settings)
+
+
+def tiny_ctr_frame(n: int = 240, dim: int = 8) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """A scoring frame with LLM vectors (models/ctr/features.py) and train / valid / test masks."""
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 20, n).astype(str),
+            "item_id": rng.integers(0, 15, n).astype(str),
+            "year": rng.choice([1990.0, 2000.0, np.nan], n),
+            "genres": rng.choice(np.array(["Action|Comedy", "Drama", None], dtype=object), n),
+            "user_vector": [rng.normal(size=dim).tolist() for _ in range(n)],
+            "item_vector": [rng.normal(size=dim).tolist() for _ in range(n)],
+            "label": rng.integers(0, 2, n),
+        }
+    )
+    row = np.arange(n)
+    train = row < 0.7 * n
+    masks = {"fit": train, "train": train, "valid": ~train & (row < 0.85 * n), "test": row >= 0.85 * n}
+    return frame, masks
+
+
+LOAD_AND_PREDICT = """
+import importlib.util, json, sys
+import mlflow
+assert importlib.util.find_spec("llmfeat") is None, "llmfeat is installed in this venv"
+out = {}
+for uri in ("models:/llmfeat-ctr@champion", "models:/test-marc-users@champion"):
+    model = mlflow.pyfunc.load_model(uri)
+    p = model.predict(model.input_example)
+    out[uri] = {"rows": len(p), "finite": bool((abs(p) < float("inf")).all())}
+    out[uri]["requirements"] = open(mlflow.pyfunc.get_model_dependencies(uri)).read()
+out["llmfeat"] = sys.modules["llmfeat"].__file__
+print(json.dumps(out))
+"""
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_") and k != "PYTHONPATH"}
+    return {**env, "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+
+def test_registered_models_load_and_predict_with_only_mlflow_torch_pandas(
+    clean_venv: Path, registry: str, tmp_path: Path
+) -> None:
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": registry}
+    cmd = [str(BIN / "python"), "-c", LOAD_AND_PREDICT]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    ranker, compressor = out["models:/llmfeat-ctr@champion"], out["models:/test-marc-users@champion"]
+    assert ranker["rows"] == 5 and ranker["finite"] and compressor["rows"] == 2 and compressor["finite"]
+    for model in (ranker, compressor):
+        assert "llmfeat" not in model["requirements"] and "torch==" in model["requirements"]
+    assert "/code/llmfeat/" in out["llmfeat"]  # the code the ranker carries
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_mlflow_models_serve_answers_with_the_champion(
+    clean_venv: Path, registry: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    example = (
+        Path(
+            mlflow.artifacts.download_artifacts(
+                "models:/llmfeat-ctr@champion", dst_path=str(tmp_path / "model"), tracking_uri=registry
+            )
+        )
+        / "serving_input_example.json"
+    )
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", "models:/llmfeat-ctr@champion"]
+    cmd += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": registry}
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                alive = server.poll() is None and time.monotonic() < deadline
+                assert alive, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+        request = urllib.request.Request(
+            f"{url}/invocations", data=example.read_bytes(), headers={"Content-Type": "application/json"}
+        )
+        answer = json.load(urllib.request.urlopen(request, timeout=60))
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # mlflow and the uvicorn it started
+        server.wait(timeout=30)
+    scores = answer["predictions"]
+    assert len(scores) == 5 and all(0 < p < 1 for p in scores)
 
 
 def test_installed_wheel_ingests_from_another_folder(clean_venv: Path, wheel: Path, tmp_path: Path) -> None:

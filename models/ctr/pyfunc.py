@@ -3,13 +3,21 @@ feature encoder, so that `models:/<name>@champion` scores a scoring frame (model
 
     ranker = load_ranker("models:/llmfeat-ctr@champion")   # CtrRanker
     p = ranker.score(frame)                                 # (B,) click probabilities
+
+Self-contained: the model carries its code (code_paths: the whole ctr and evaluation packages and every
+llmfeat module they import, in the installed layout) and asks for mlflow, torch, numpy and pandas only, so
+`mlflow.pyfunc.load_model` and `mlflow models serve` work where llmfeat is not installed.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
+import shutil
 import tempfile
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +30,10 @@ import torch
 from llmfeat.models.ctr.features import VECTOR_COLUMNS, FeatureEncoder
 from llmfeat.models.ctr.model import CtrConfig, CtrModel
 
-PIP_REQUIREMENTS = ["torch==2.13.0", "numpy", "pandas", "mlflow==3.17.2", "llmfeat==0.1.0"]
 ARTIFACTS = ("weights", "config", "encoder")
+# The code a registered ranker carries: these packages whole (new modules there travel without a change here)
+# and every llmfeat module they import.
+CODE_PACKAGES = ("llmfeat.models.ctr", "llmfeat.models.evaluation")
 
 
 class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
@@ -75,6 +85,73 @@ def write_artifacts(model: CtrModel, encoder: FeatureEncoder, folder: Path) -> d
     return {k: str(v) for k, v in paths.items()}
 
 
+def pip_requirements() -> list[str]:
+    """What a serving environment installs: the versions logging ran with (local build tags dropped)."""
+    pinned = [f"{name}=={version(name).split('+')[0]}" for name in ("mlflow", "torch")]
+    return [*pinned, "numpy", "pandas"]
+
+
+def _source(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(module)
+    return Path(spec.origin)
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """llmfeat modules `path` imports at run time (imports under `if TYPE_CHECKING:` do not run)."""
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for part in node.body
+        for n in ast.walk(part)
+    }
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            found |= {base, *(f"{base}.{a.name}" for a in node.names)}  # `from pkg import module` too
+    return {m for m in found if m.split(".")[0] == "llmfeat" and _is_module(m)}
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def code_tree(folder: Path, packages: tuple[str, ...] = CODE_PACKAGES) -> Path:
+    """Copy `packages` and every llmfeat module they import (transitively, with the __init__ files of their
+    packages) into folder/llmfeat, in the installed layout; returns folder/llmfeat for code_paths."""
+    todo = [
+        f"{pkg}.{p.stem}" if p.name != "__init__.py" else pkg
+        for pkg in packages
+        for p in sorted(_source(pkg).parent.glob("*.py"))
+    ]
+    done: set[str] = set()
+    while todo:
+        module = todo.pop()
+        if module in done:
+            continue
+        done.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # the packages above it
+        src = _source(module)
+        todo += sorted(_imported_modules(src, module) - done)
+        dest = folder.joinpath(*(parts if src.name == "__init__.py" else parts[:-1]), src.name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return folder / "llmfeat"
+
+
 def log_ranker(
     model: CtrModel, encoder: FeatureEncoder, example: pd.DataFrame, registered_name: str | None
 ) -> Any:
@@ -93,10 +170,11 @@ def log_ranker(
         return mlflow.pyfunc.log_model(
             name="ctr_model",
             python_model=CtrRanker(),
-            artifacts=write_artifacts(model, encoder, Path(tmp)),
+            artifacts=write_artifacts(model, encoder, Path(tmp) / "artifacts"),
+            code_paths=[str(code_tree(Path(tmp) / "code"))],
             signature=signature,
             input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,
+            pip_requirements=pip_requirements(),
             registered_model_name=registered_name,
         )
 
