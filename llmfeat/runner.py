@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,11 @@ log = logging.getLogger("llmfeat")
 
 # Besides UserError: no model under the alias (LookupError), a missing input file.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, LookupError, FileNotFoundError)
+# Libraries that narrate their internals at INFO (Feast: "Registry cache expired, so refreshing" on every
+# read): WARNING and above unless -v.
+CHATTY = ("feast", "great_expectations", "mlflow", "alembic", "py4j", "urllib3", "httpx", "matplotlib")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_verbose = False
 
 
 def config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +47,54 @@ def config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one setting, e.g. --set spark.master=local[2] (repeatable)",
     )
+    verbose_arg(parser)
 
 
-def setup_logging() -> None:
-    """INFO lines from llmfeat and the jobs; libraries that narrate their internals at INFO only warn."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs every datasource it loads
+def verbose_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action=_Verbose, help="also show the libraries' INFO lines (Feast, MLflow, ...)"
+    )
+
+
+class _Verbose(argparse.Action):
+    """-v: every later setup_logging() keeps the libraries' INFO lines."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setup_logging(verbose=True)
+
+
+def setup_logging(verbose: bool | None = None) -> None:
+    """INFO lines from llmfeat and the jobs; third-party INFO chatter only with `verbose` (-v). None keeps
+    the choice an earlier call made."""
+    global _verbose
+    if verbose is not None:
+        _verbose = verbose
+    logging.basicConfig(level=logging.INFO if _verbose else logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("llmfeat").setLevel(logging.INFO)
+    level = logging.INFO if _verbose else logging.WARNING
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(level)
+    if not _verbose:  # mlflow sets its logger's level when imported; variables a user set win
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny download
+
+
+def one_line(err: BaseException, settings: Settings) -> str:
+    """An error as the one line a person reads: MLflow's with the store and what to do."""
+    if isinstance(err, mlflow_errors()):
+        from llmfeat.registry import explain, tracking_uri
+
+        return explain(err, tracking_uri(settings))
+    return str(err)
+
+
+def mlflow_errors() -> tuple[type[BaseException], ...]:
+    """MlflowException once mlflow is imported (nothing raises it before), without importing mlflow."""
+    module = sys.modules.get("mlflow.exceptions")
+    return (module.MlflowException,) if module else ()
 
 
 def command_settings(command: str, config: str, overrides: list[str]) -> Settings | None:
@@ -75,12 +123,20 @@ def run_with_session(
     started = time.monotonic()
     try:
         spark = build_session(settings.spark)
+        log_session(name, spark)
         body(spark, settings)
-    except (*USER_ERRORS, *errors) as err:
-        print(f"llmfeat {name}: error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, *errors, *mlflow_errors()) as err:
+        print(f"llmfeat {name}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1
     log.info("%s finished in %.1f s", name, time.monotonic() - started)
     return 0
+
+
+def log_session(name: str, spark: SparkSession) -> None:
+    """Where the job runs: master, deploy mode and application id (spark-submit's, or the config's)."""
+    sc = spark.sparkContext
+    mode = sc.getConf().get("spark.submit.deployMode", "client")
+    log.info("%s: Spark master %s (%s mode), application %s", name, sc.master, mode, sc.applicationId)
 
 
 def job_main(

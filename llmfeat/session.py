@@ -1,6 +1,11 @@
 """The one place a SparkSession is built: local[*] by default, any master from config.
 
 Jobs receive the session as a parameter; only `main()` functions and test fixtures call `build_session`.
+
+Started by spark-submit, a job runs where spark-submit says: its --master, --deploy-mode, memory, --packages
+and spark-defaults.conf win, and the config only fills settings they leave unset (never the master, the
+driver's memory or its bind address); PYSPARK_PYTHON is left to the cluster. Started by `llmfeat`, the
+session takes everything from the config.
 """
 
 from __future__ import annotations
@@ -10,16 +15,21 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from llmfeat.config import SparkConf
+from llmfeat.config import GpuConf, SparkConf
 from llmfeat.errors import UserError
 from llmfeat.paths import conf_dir
 
 if TYPE_CHECKING:
+    from pyspark.resource import ResourceProfile
     from pyspark.sql import SparkSession
 
 MIN_JAVA = 17
+# Where the driver and its executors run: spark-submit's to decide whenever it started the job.
+SUBMIT_OWNS = ("spark.master", "spark.submit.deployMode", "spark.driver.memory", "spark.driver.host",
+               "spark.driver.bindAddress")  # fmt: skip
 
 
 class JavaNotFound(UserError, RuntimeError):
@@ -51,9 +61,13 @@ def require_java() -> None:
         )
 
 
-def session_conf(cfg: SparkConf) -> dict[str, str]:
-    """Every spark.* setting the session gets, from config: loopback, UTC, microsecond timestamps, GPUs."""
+def session_conf(cfg: SparkConf, submitted: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Every spark.* setting the session gets from config: master, loopback, UTC, microsecond timestamps,
+    GPUs. `submitted`: spark-submit's conf, when it started the job; then only what it leaves unset, and
+    nothing in SUBMIT_OWNS."""
     conf = {
+        "spark.master": cfg.master,
+        "spark.app.name": cfg.app_name,
         "spark.driver.memory": cfg.driver_memory,
         "spark.sql.shuffle.partitions": str(cfg.shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
@@ -66,30 +80,68 @@ def session_conf(cfg: SparkConf) -> dict[str, str]:
         conf["spark.driver.host"] = "127.0.0.1"
         conf["spark.driver.bindAddress"] = "127.0.0.1"
     gpu = cfg.gpu
-    if gpu.executor_amount > 0:
+    if gpu.executor_amount > 0:  # executors hold GPUs; only the encode stage asks for them (gpu_profile)
         conf["spark.executor.resource.gpu.amount"] = str(gpu.executor_amount)
-        conf["spark.task.resource.gpu.amount"] = str(gpu.task_amount or 1)
         if gpu.discovery_script:
-            script = gpu.discovery_script
-            conf["spark.executor.resource.gpu.discoveryScript"] = (
-                script if os.path.isabs(script) else str(conf_dir() / script)
-            )
+            conf["spark.executor.resource.gpu.discoveryScript"] = discovery_script(gpu)
     conf.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra.items()})
+    if submitted is not None:
+        conf = {k: v for k, v in conf.items() if k not in SUBMIT_OWNS and k not in submitted}
     return conf
+
+
+def discovery_script(gpu: GpuConf) -> str:
+    """The GPU discovery script's path; a relative one is taken from the profile folder."""
+    script = gpu.discovery_script or ""
+    return script if not script or os.path.isabs(script) else str(conf_dir() / script)
+
+
+def submitted_conf() -> dict[str, str] | None:
+    """spark-submit's conf (its flags and spark-defaults.conf) when spark-submit started this driver, else
+    None. spark-submit starts the JVM first and hands the Python driver its gateway; its conf always holds
+    spark.master. Nothing is started here when there is no such gateway."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        return None
+    from pyspark import SparkConf as JvmConf
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM, so SparkConf reads its properties
+    conf = JvmConf()
+    return dict(conf.getAll()) if conf.contains("spark.master") else None
 
 
 def build_session(cfg: SparkConf) -> SparkSession:
     require_java()
-    # Workers must run this interpreter (it has pyarrow, torch and this project); bind to loopback locally.
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    if cfg.master.startswith("local"):
+    submitted = submitted_conf()
+    if submitted is None and cfg.master.startswith("local"):
+        # Local workers run this interpreter (it has pyarrow, torch and this project) and bind to loopback.
+        # On a cluster, and under spark-submit, the executors' Python is the cluster's to choose.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.master(cfg.master).appName(cfg.app_name)
-    for key, value in session_conf(cfg).items():
+    builder = SparkSession.builder
+    for key, value in session_conf(cfg, submitted).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def gpu_profile(spark: SparkSession, gpu: GpuConf) -> ResourceProfile | None:
+    """The stage-level resource profile for the one stage that needs GPUs (encode's mapInArrow), when the
+    config asks for GPUs on a cluster; None otherwise (local masters and CPU clusters).
+
+    Every other stage asks for no GPU. With dynamic allocation the profile also asks for executors with
+    `executor_amount` GPUs; without it, the executors are the session's (spark.executor.resource.gpu.*).
+    """
+    if gpu.executor_amount <= 0 or spark.sparkContext.master.startswith("local"):
+        return None
+    from pyspark.resource import ExecutorResourceRequests, ResourceProfileBuilder, TaskResourceRequests
+
+    builder = ResourceProfileBuilder().require(TaskResourceRequests().resource("gpu", gpu.task_amount or 1))
+    if spark.sparkContext.getConf().get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+        executor = ExecutorResourceRequests().resource("gpu", gpu.executor_amount, discovery_script(gpu))
+        builder.require(executor)
+    return builder.build

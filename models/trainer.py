@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import multiprocessing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,13 @@ class TrainHistory:
     extra: dict[str, list[float]] = field(default_factory=dict)
 
 
+def epoch_bar(n: int) -> tqdm:
+    """Epochs for a person at a terminal: no bar when stderr is not a TTY (logs stay clean) nor in worker
+    processes (sweeps train many models at once); cleared when training ends."""
+    worker = multiprocessing.parent_process() is not None
+    return tqdm(range(n), desc="epochs", unit="epoch", leave=False, disable=True if worker else None)
+
+
 def train_early_stopping(
     model: nn.Module,
     rows: np.ndarray,
@@ -53,7 +62,8 @@ def train_early_stopping(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory()
     best_state = copy.deepcopy(model.state_dict())
-    for epoch in range(cfg.max_epochs):
+    epochs = epoch_bar(cfg.max_epochs)
+    for epoch in epochs:
         model.train()
         perm = rng.permutation(rows)
         losses = []
@@ -77,11 +87,13 @@ def train_early_stopping(
         history.valid_score.append(score)
         if on_epoch:
             on_epoch(epoch, mean_loss, score)
+        epochs.set_postfix(loss=f"{mean_loss:.4f}", score=f"{score:.4f}")
         if score > history.best_score:
             history.best_score, history.best_epoch = score, epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - history.best_epoch >= cfg.patience:
             break
+    epochs.close()
     model.load_state_dict(best_state)
     model.eval()
     return history

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from llmfeat.config import EncodeConf, Settings
 from llmfeat.models.encoder import (
@@ -43,6 +44,7 @@ from llmfeat.models.encoder import (
     resolve_model,
     weights_hash,
 )
+from llmfeat.session import gpu_profile
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -323,10 +325,13 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     parts = cfg.partitions or spark.sparkContext.defaultParallelism
     encode_fn = PartitionEncoder(source, enc_cfg, key, cfg.device)
     suite, run_id = repr_suite(entity, key, model_width(source.path)), new_run_id(f"encode-{entity}")
+    gpus = gpu_profile(spark, settings.spark.gpu)  # on a GPU cluster, only this stage asks for GPUs
+    bar = tqdm(total=n_todo, desc=name, unit="text", disable=None, mininterval=1.0)  # none without a TTY
     for chunk in range(n_chunks if n_todo else 0):
         part = todo if n_chunks == 1 else todo.where(F.pmod(F.xxhash64(key), F.lit(n_chunks)) == chunk)
-        encoded = part.repartition(parts).mapInArrow(encode_fn, output_schema(key)).toArrow()
+        encoded = part.repartition(parts).mapInArrow(encode_fn, output_schema(key), profile=gpus).toArrow()
         first = pc_equal(encoded, "layer", cfg.layers[0])
+        bar.update(first.num_rows)
         summary.encoded += first.num_rows
         summary.truncated += int(np.sum(first["truncated"].to_numpy(zero_copy_only=False)))
         summary.tokens += int(np.sum(first["tokens"].to_numpy()))
@@ -336,6 +341,7 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
         gate(rows, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
         summary.version = tables.upsert(name, rows, [key, "layer"], compare=["content_hash", "encoded_at"])
         log.info("%s: chunk %d/%d committed, version %s", name, chunk + 1, n_chunks, summary.version)
+    bar.close()
     summary.seconds = time.monotonic() - started
     summary.deleted = delete_vanished(tables, name, key, good, existing) if only is None else 0
     summary.version = tables.version(name)

@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from llmfeat.config import load_settings
-from llmfeat.session import JavaNotFound, require_java, session_conf
+from llmfeat.session import SUBMIT_OWNS, JavaNotFound, require_java, session_conf, submitted_conf
 
 pytestmark = pytest.mark.unit
 
@@ -20,7 +20,7 @@ def test_local_session_binds_loopback_utc_and_micros() -> None:
 def test_gpu_settings_pass_through_with_the_repo_discovery_script() -> None:
     conf = session_conf(load_settings("cluster").spark)
     assert conf["spark.executor.resource.gpu.amount"] == "1"
-    assert conf["spark.task.resource.gpu.amount"] == "1.0"
+    assert "spark.task.resource.gpu.amount" not in conf  # only the encode stage asks (gpu_profile)
     script = conf["spark.executor.resource.gpu.discoveryScript"]
     assert script.endswith("conf/gpu_discovery.sh") and os.access(script, os.X_OK)
     assert "spark.driver.host" not in conf  # a real master: no loopback binding
@@ -50,3 +50,18 @@ def test_missing_java_says_so(tmp_path, monkeypatch) -> None:
 def test_java_17_passes(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("JAVA_HOME", _fake_java(tmp_path, "17.0.15"))
     require_java()
+
+
+def test_under_spark_submit_its_conf_wins_and_the_config_fills_gaps() -> None:
+    cfg = load_settings("cluster").spark
+    submitted = {"spark.master": "yarn", "spark.executor.memory": "4g", "spark.app.name": "ingest.py"}
+    conf = session_conf(cfg, submitted)
+    assert not set(conf) & set(SUBMIT_OWNS) and not set(conf) & set(submitted)
+    assert conf["spark.sql.session.timeZone"] == "UTC" and conf["spark.executor.cores"] == "8"
+    own = session_conf(cfg)
+    assert own["spark.master"] == cfg.master and own["spark.driver.memory"] == cfg.driver_memory
+
+
+def test_no_spark_submit_gateway_means_llmfeat_starts_the_session(monkeypatch) -> None:
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    assert submitted_conf() is None

@@ -1,4 +1,4 @@
-"""The ingest job as a user runs it: spark-submit spark_jobs/ingest.py --config ..."""
+"""The ingest job as a user runs it: spark-submit --master ... spark_jobs/ingest.py --config ..."""
 
 import os
 import subprocess
@@ -18,6 +18,8 @@ def test_spark_submit_ingest_writes_tables_and_reruns_cleanly(tmp_path, source_d
     lake = tmp_path / "lake"
     cmd = [
         str(Path(sys.executable).with_name("spark-submit")),
+        "--master",
+        "local[1]",  # the tiny profile says local[2]: spark-submit's flag wins
         "spark_jobs/ingest.py",
         "--config",
         "conf/tiny.yaml",
@@ -31,6 +33,8 @@ def test_spark_submit_ingest_writes_tables_and_reruns_cleanly(tmp_path, source_d
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout + out.stderr  # spark-submit relays the driver's stderr on its stdout
+    assert "ingest: Spark master local[1] (client mode), application local-" in said
     assert "interactions" in out.stdout and str(lake / "delta" / "interactions") in out.stdout
     assert RustDelta(lake / "delta").read_arrow("interactions").num_rows == 10
 

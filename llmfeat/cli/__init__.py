@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import ConfigError, Settings, load_settings
-from llmfeat.runner import USER_ERRORS, config_args, run_with_session
+from llmfeat.runner import USER_ERRORS, config_args, run_with_session, verbose_arg
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -129,8 +129,19 @@ def marc_parsers(sub: Any) -> None:
     ev.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmfeat")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmfeat", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmfeat {package_version()}")
+    verbose_arg(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),

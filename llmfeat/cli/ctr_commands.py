@@ -64,7 +64,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    from llmfeat.runner import command_settings
+    from llmfeat.runner import command_settings, mlflow_errors, one_line
 
     settings = command_settings(args.command, args.config, args.overrides)
     if settings is None:
@@ -78,8 +78,8 @@ def dispatch(args: argparse.Namespace) -> int:
     }
     try:
         bodies[args.command](settings, args)
-    except user_errors() as err:
-        print(f"llmfeat {args.command}: error: {err}", file=sys.stderr)
+    except (*user_errors(), *mlflow_errors()) as err:
+        print(f"llmfeat {args.command}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1
     return 0
 

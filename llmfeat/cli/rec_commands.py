@@ -33,7 +33,7 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
 
 def dispatch(args: argparse.Namespace) -> int:
     from llmfeat.models.encoder import EncoderError
-    from llmfeat.runner import command_settings
+    from llmfeat.runner import USER_ERRORS, command_settings, mlflow_errors, one_line
 
     settings = command_settings(args.command, args.config, args.overrides)
     if settings is None:
@@ -51,7 +51,7 @@ def dispatch(args: argparse.Namespace) -> int:
             from llmfeat.spark_jobs.eval_student import main as evaluate
 
             evaluate(settings, args.student, args.student_data, args.out)
-    except (FileNotFoundError, EncoderError, ValueError) as err:
-        print(f"llmfeat {args.command}: error: {err}", file=sys.stderr)
+    except (*USER_ERRORS, EncoderError, ValueError, *mlflow_errors()) as err:
+        print(f"llmfeat {args.command}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1
     return 0
