@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.models.evaluation.rank_metrics import (
     RankReport,
     ndcg_at,
+    paired_difference,
     popularity_scorer,
     rank_queries,
     rank_report,
@@ -55,6 +57,7 @@ class ModelResult:
     best_epochs: list[int] = field(default_factory=list)
     valid_ndcg: list[float] = field(default_factory=list)
     run_id: str = ""
+    ranks: np.ndarray | None = None  # (S, Q) test ranks per seed, for paired differences
 
 
 @dataclass
@@ -65,6 +68,7 @@ class LiteSummary:
     skipped_empty: int
     lineage: dict[str, Any]
     published: str = ""
+    differences: dict[str, dict[str, tuple[Interval, Interval]]] = field(default_factory=dict)  # a - b, part
 
     def __str__(self) -> str:
         k = self.k
@@ -80,6 +84,9 @@ class LiteSummary:
                 rep = r.reports[part]
                 lines.append(f"{r.name:<12}{part:<6}{rep.n:>7}{rep.users:>6}  {rep.recall!s:<27}"
                              f"{rep.ndcg!s:<27}{rep.ndcg_seeds}")  # fmt: skip
+        for pair, parts in self.differences.items():
+            for part, (rec, nd) in parts.items():
+                lines.append(f"{pair:<22}{part:<6}  Recall@{k} {rec!s:<27}NDCG@{k} {nd}  (paired, users)")
         if self.published:
             lines.append(self.published)
         return "\n".join(lines)
@@ -168,6 +175,19 @@ def train_config(cfg: LiteConf, seed: int) -> TrainConfig:
     return TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, seed)
 
 
+def differences(results: list[ModelResult], queries: Queries, k: int) -> dict[str, dict[str, Any]]:
+    """Paired differences with user-resampled intervals: lite - sasrec, each sequence model - popularity."""
+    by = {r.name: r.ranks for r in results if r.ranks is not None}
+    masks = {"all": np.ones(len(queries), bool), "warm": queries.warm, "cold": ~queries.warm}
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in (("lite", "sasrec"), ("lite", "popularity"), ("sasrec", "popularity")):
+        if a in by and b in by:
+            ra, rb = by[a], by[b]
+            out[f"{a} - {b}"] = {p: paired_difference(ra[:, m], rb[:, m], k, queries.user[m])
+                                 for p, m in masks.items()}  # fmt: skip
+    return out
+
+
 def part_reports(ranks: np.ndarray, queries: Queries, k: int) -> dict[str, RankReport]:
     """ranks (S, Q) -> report on all, warm and cold queries."""
     masks = {"all": np.ones(len(queries), bool), "warm": queries.warm, "cold": ~queries.warm}
@@ -179,7 +199,7 @@ def evaluate_model(kind: str, data: LiteData, cfg: LiteConf) -> tuple[ModelResul
     if kind == "popularity":
         test = data.test
         ranks = rank_queries(popularity_scorer(data.log.train_counts()), test.history, test.target, test.seen)
-        return ModelResult(kind, part_reports(ranks[None], data.test, cfg.k)), []
+        return ModelResult(kind, part_reports(ranks[None], data.test, cfg.k), ranks=ranks[None]), []
     all_ranks, result = [], ModelResult(kind, {})
     models: list[NextItemModel] = []
     for seed in cfg.seeds:
@@ -196,7 +216,8 @@ def evaluate_model(kind: str, data: LiteData, cfg: LiteConf) -> tuple[ModelResul
         models.append(model.cpu())
         log.info("%s seed %d: best epoch %d, valid NDCG@%d %.4f", kind, seed, hist.best_epoch, cfg.k,
                  hist.best_score)  # fmt: skip
-    result.reports = part_reports(np.stack(all_ranks), data.test, cfg.k)
+    result.ranks = np.stack(all_ranks)
+    result.reports = part_reports(result.ranks, data.test, cfg.k)
     return result, models
 
 
@@ -274,6 +295,7 @@ def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None
 
                 summary.published, checked = publish_candidates(settings, data, chosen, result.run_id)
                 link_to_mlflow(mlflow.MlflowClient(), result.run_id, checked)
+    summary.differences = differences(summary.results, data.test, cfg.k)
     return summary
 
 

@@ -14,6 +14,7 @@ from llmfeat.config import Settings, load_settings
 from llmfeat.models.evaluation.rank_metrics import (
     ItemSets,
     ndcg_at,
+    paired_difference,
     rank_queries,
     recall_at,
     target_ranks,
@@ -152,6 +153,9 @@ def test_user_bootstrap_resamples_users_not_queries() -> None:
     iv = user_bootstrap_interval(hits, users, n_boot=400)
     assert iv.mean == pytest.approx(0.5)
     assert iv.high - iv.low > 0.3  # 20 independent users, not 1,000 queries (which would give about +-0.03)
+    ranks = np.where(hits > 0, 0.0, 50.0)[None]  # (S=1, Q)
+    rec, nd = paired_difference(ranks, ranks, 10, users)
+    assert (rec.mean, rec.low, rec.high, nd.mean) == (0.0, 0.0, 0.0, 0.0)
 
 
 def test_windows_and_queries_respect_time(lite_settings: Settings) -> None:
@@ -198,6 +202,9 @@ def test_train_lite_beats_popularity_logs_and_publishes(lite_settings: Settings)
     assert lite.recall.mean > pop.recall.mean + 0.3  # the cycle is learnable; popularity is flat
     assert lite.recall.low <= lite.recall.mean <= lite.recall.high
     assert "Recall@3" in str(summary)
+    rec, _ = summary.differences["lite - popularity"]["all"]
+    assert rec.mean == pytest.approx(lite.recall.mean - pop.recall.mean) and rec.low > 0  # paired, users
+    assert "lite - sasrec" in str(summary)
 
     runs = mlflow.search_runs(experiment_names=["llmfeat-lite"], output_format="list")
     assert {r.data.params["model"] for r in runs} == {"popularity", "sasrec", "lite"}

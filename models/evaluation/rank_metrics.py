@@ -155,6 +155,16 @@ def rank_report(ranks: np.ndarray, k: int, users: np.ndarray, n_boot: int = 1000
     )
 
 
+def paired_difference(
+    ranks_a: np.ndarray, ranks_b: np.ndarray, k: int, users: np.ndarray, n_boot: int = 1000
+) -> tuple[Interval, Interval]:
+    """Recall@K and NDCG@K of model a minus model b on the same queries (ranks (S, Q) each, seed-averaged per
+    query), with intervals that resample users: the paired comparison the protocol asks for."""
+    rec = recall_at(ranks_a, k).mean(0) - recall_at(ranks_b, k).mean(0)  # (Q,)
+    nd = ndcg_at(ranks_a, k).mean(0) - ndcg_at(ranks_b, k).mean(0)  # (Q,)
+    return user_bootstrap_interval(rec, users, n_boot), user_bootstrap_interval(nd, users, n_boot)
+
+
 def popularity_scorer(train_counts: np.ndarray) -> ScoreFn:
     """Train-period popularity: the same (I + 1,) scores for every history."""
     pop = torch.from_numpy(train_counts.astype(np.float32))
