@@ -109,6 +109,9 @@ def tiny_ctr_frame(n: int = 240, dim: int = 8) -> tuple[pd.DataFrame, dict[str, 
             "label": rng.integers(0, 2, n),
         }
     )
+    for who in ("user", "item"):  # impressions and clicks before the event, as the training set carries them
+        frame[f"{who}_impressions"] = rng.integers(0, 30, n).astype(float)
+        frame[f"{who}_clicks"] = np.floor(frame[f"{who}_impressions"] * rng.uniform(0, 1, n))
     row = np.arange(n)
     train = row < 0.7 * n
     masks = {"fit": train, "train": train, "valid": ~train & (row < 0.85 * n), "test": row >= 0.85 * n}
