@@ -264,6 +264,7 @@ class BaheConf(Section):
     user's behaviour sequence give the user vector (spark_jobs/bahe.py trains and publishes it)."""
 
     split_layer: int = 10  # behaviours are encoded by layers 1..split_layer only (about a third of 30)
+    baseline_layer: int = 15  # bahe evaluate: the full-text baseline taps this layer only and stops there
     deep: Literal["llm", "small"] = "llm"  # llm: blocks split+1.. of the LLM; small: a fresh transformer
     deep_layers: int = 2  # trainable blocks over the behaviour sequence
     heads: int = 9  # attention heads of the small transformer (must divide the width)

@@ -1,19 +1,26 @@
-"""BAHE against the non-hierarchical baseline: quality on the fixed protocol, and cost.
+"""BAHE against the non-hierarchical baseline: quality on the fixed protocol, and cost, like for like.
 
-    llmfeat bahe evaluate [--baseline-scope eval|all] [--seeds 3] [--out PATH]
+    llmfeat bahe evaluate [--scope eval|all] [--seeds 3] [--out PATH]
 
 Baseline: each user's whole text (demographics + behaviours before the cut, spark_jobs/user_text.py) encoded
-by the full LLM (all blocks; layers 15 and 30 tapped in the same pass). BAHE: the published user vector at
-the same cut. Both go through the same protocol (models/evaluation/probe_eval.py): the ID model on train,
-the fixed probe on valid (user vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm
-and cold, over seeds.
+by the LLM up to `bahe.baseline_layer` (15) and no further: the encoder taps that layer only and drops every
+block above it (`baseline_encoder_config`). BAHE: the published user vector at the same cut. Both go through
+the same protocol (models/evaluation/probe_eval.py): the ID model on train, the fixed probe on valid (user
+vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm and cold, over seeds.
 
-Cost, each phase in a fresh process on the same CPU threads (wall time, peak resident memory, LLM tokens):
-baseline encoding, BAHE behaviour encoding, BAHE training. `eval` scope encodes the users that have valid or
-test rows (the only ones the metrics read) and extrapolates the baseline's cost to every user by their token
-counts; `all` encodes everyone. Behaviour encoding is timed on a sample of `behavior_sample` texts and
-extrapolated by tokens the same way. The projection to a day of 50M records uses the GPU throughput given in
-`Throughput`."""
+Cost, each phase in a fresh process on the same CPU threads, in the same run (wall time, peak resident
+memory, LLM tokens and tokens x blocks), inference against inference and training against training:
+- inference: the baseline's pass over the users' texts (blocks 1..baseline_layer) against BAHE's behaviour
+  pass (blocks 1..split, each unique behaviour once) plus its deep pass over the same users' behaviour
+  sequences (the published vectors, `user_vectors`);
+- training: BAHE's deep blocks trained over behaviour sequences (an epoch, forward + backward) against the
+  same trainable blocks trained over the same users' token sequences after the frozen blocks 1..split (what
+  fine-tuning on whole behaviour texts costs: the paper's baseline), both by `deep_train_cost`; plus BAHE's
+  real training run (`bahe_train`).
+`eval` scope encodes the users that have valid or test rows (the only ones the metrics read) and extrapolates
+to every user by token counts at the measured rate; `all` encodes everyone. Behaviour encoding is timed on a
+sample of `behavior_sample` texts and extrapolated by tokens the same way. The daily projection counts changed
+user-days (a user with new behaviour that day), at the rates measured in this run (`daily_projection`)."""
 
 from __future__ import annotations
 
@@ -45,13 +52,18 @@ class Cost:
 
 @dataclass(frozen=True)
 class Throughput:
-    """One H100, measured in docs/benchmarks.md (LayerEncoder, bf16, SmolLM2-135M shape), real tokens/s."""
+    """Rates measured in the same run, on the same machine: tokens (or behaviour positions) per second."""
 
-    # user texts (mean 299 tokens), forward through all 30 blocks: the baseline's pass
-    baseline_tokens_per_s: float = 535_000.0
-    # item texts (mean 17 tokens, like behaviour texts) stopped at block 15; a pass stopped at block 10 is
-    # cheaper, so this rate overstates BAHE's encode cost
-    behavior_tokens_per_s: float = 564_000.0
+    baseline_tokens_per_s: float  # user texts through blocks 1..baseline_layer
+    behavior_tokens_per_s: float  # behaviour texts through blocks 1..split
+    deep_positions_per_s: float  # behaviour positions through the deep blocks (inference)
+
+
+def baseline_encoder_config(layer: int, max_length: int) -> Any:
+    """The like-for-like baseline encoder: taps `layer` only, so the encoder drops every block above it."""
+    from llmfeat.models.encoder import EncoderConfig
+
+    return EncoderConfig(layers=(layer,), max_length=max_length, log_every_s=60.0)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -80,18 +92,74 @@ def in_process(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
     return out  # type: ignore[no-any-return]
 
 
-def encode_texts(
-    model_dir: str, layers: tuple[int, ...], texts: list[str], max_length: int
-) -> dict[str, Any]:
-    """Child body: the executor-side encoder over texts; vectors (N, L, H), token counts (N,)."""
+def encode_texts(model_dir: str, layer: int, texts: list[str], max_length: int) -> dict[str, Any]:
+    """Child body: the executor-side encoder over texts, stopped at `layer`; vectors (N, 1, H), token counts
+    (N,), the blocks that ran."""
+    from pathlib import Path
+
     import torch
 
-    from llmfeat.models.encoder import EncoderConfig, ModelSource, load_encoder
+    from llmfeat.models.encoder import ModelSource, decoder_blocks, load_encoder
 
-    cfg = EncoderConfig(layers=layers, max_length=max_length, log_every_s=60.0)
-    enc = load_encoder(ModelSource(__import__("pathlib").Path(model_dir), "eval"), cfg, torch.device("cpu"))
+    cfg = baseline_encoder_config(layer, max_length)
+    enc = load_encoder(ModelSource(Path(model_dir), "eval"), cfg, torch.device("cpu"))
     out = enc.encode(texts)
-    return {"vectors": out.vectors, "lengths": out.lengths, "encode_seconds": out.seconds}
+    blocks = len(decoder_blocks(enc.model))
+    return {"vectors": out.vectors, "lengths": out.lengths, "encode_seconds": out.seconds, "blocks": blocks}
+
+
+def deep_train_cost(
+    model_dir: str, split: int, deep: int, lengths: list[int], frozen: bool, budget: int = 8192, seed: int = 0
+) -> dict[str, Any]:
+    """Child body: one epoch of training `deep` LLM blocks (split+1..split+deep, copied from the checkpoint)
+    over sequences of the given lengths, forward + backward + AdamW step, batches of at most `budget`
+    positions. frozen=False: BAHE (inputs are behaviour vectors from the table); frozen=True: the same blocks
+    over token sequences after a no-grad pass through the frozen blocks 1..split (fine-tuning on whole texts).
+    Values are random: the cost depends on the shapes only."""
+    import copy
+
+    import torch
+    from transformers import AutoModel
+
+    from llmfeat.models.bahe.model import llm_blocks
+    from llmfeat.models.encoder import truncate_blocks
+
+    torch.manual_seed(seed)
+    base = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    shallow = None
+    if frozen:
+        shallow = copy.deepcopy(base).eval()
+        truncate_blocks(shallow, split)
+        shallow.norm = torch.nn.Identity()  # the split layer's raw state feeds the deep blocks
+    blocks = llm_blocks(base, split, deep).train()
+    head = torch.nn.Linear(int(base.config.hidden_size), 1)
+    params = [*blocks.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    width, vocab = int(base.config.hidden_size), int(base.config.vocab_size)
+    order = np.argsort(lengths)[::-1]
+    started, positions = time.monotonic(), 0
+    s = 0
+    while s < len(order):
+        t = int(lengths[order[s]])
+        rows = order[s : s + max(1, budget // max(t, 1))]
+        mask = torch.arange(t)[None] < torch.tensor([lengths[r] for r in rows])[:, None]  # (B, T)
+        if shallow is not None:
+            with torch.no_grad():
+                ids = torch.randint(0, vocab, (len(rows), t))
+                x = shallow(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
+        else:
+            x = torch.randn(len(rows), t, width)  # (B, T, D) behaviour vectors
+        h = blocks(x, mask)  # (B, T, D)
+        last = mask.sum(1) - 1
+        logit = head(h[torch.arange(len(rows)), last]).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.rand(len(rows)).round())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        positions += int(mask.sum())
+        s += len(rows)
+    return {"seconds": time.monotonic() - started, "positions": positions, "sequences": len(lengths),
+            "trainable_parameters": sum(p.numel() for p in params)}  # fmt: skip
 
 
 def count_tokens(model_dir: str, texts: list[str], max_length: int) -> np.ndarray:
@@ -111,8 +179,13 @@ def train_bahe_child(settings_doc: dict[str, Any]) -> dict[str, Any]:
     settings = Settings.model_validate(settings_doc)
     inputs = load_inputs(None, settings)
     fit = train(settings, inputs)
+    started = time.monotonic()  # inference: the deep pass over every user's sequence (the published vectors)
+    vectors = user_vectors(fit.model, inputs.seqs, settings.bahe.position_budget)
     return {
-        "vectors": user_vectors(fit.model, inputs.seqs, settings.bahe.position_budget),
+        "vectors": vectors,
+        "user_pass_seconds": time.monotonic() - started,
+        "user_pass_positions": int(inputs.seqs.lengths.sum()),
+        "sequence_lengths": inputs.seqs.lengths,
         "no_history": inputs.seqs.no_history,
         "valid_auc": fit.history.best_score,
         "best_epoch": fit.history.best_epoch,
@@ -152,35 +225,87 @@ def fill_unencoded(v: np.ndarray, encoded: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- projection
 
 
+@dataclass(frozen=True)
+class UserDays:
+    """Per changed user-day (a user with new behaviour that day), means over the data's user-days."""
+
+    user_days: int
+    records_per_user_day: float
+    user_tokens: float  # the baseline re-encodes that user's whole text (as of the end of that day) once
+    new_behavior_tokens: float  # BAHE encodes the behaviour texts never seen before, once
+    deep_positions: float  # BAHE re-runs its deep blocks over that user's behaviour sequence
+
+
 def daily_projection(
-    records: float,
-    user_tokens_per_record: float,
-    behavior_tokens_per_record: float,
-    depth: int,
-    split: int,
-    tp: Throughput,
+    records: float, days: UserDays, baseline_layer: int, split: int, deep: int, tp: Throughput
 ) -> dict[str, float]:
-    """Tokens and H100-hours per day. Baseline: every record re-encodes its user's whole text through all
-    blocks (the text changes with each new behaviour). BAHE: a record adds at most one behaviour, encoded
-    once through the first `split` blocks (the behaviour table re-uses every text already seen)."""
-    base_tokens = records * user_tokens_per_record
-    bahe_tokens = records * behavior_tokens_per_record
-    base_hours = base_tokens / tp.baseline_tokens_per_s / 3600
-    bahe_hours = bahe_tokens / tp.behavior_tokens_per_s / 3600
+    """Tokens, tokens x blocks and machine-hours a day at the measured rates, for `records` records a day
+    spread over changed user-days as in the data. Baseline: each changed user-day re-encodes the user's whole
+    text through blocks 1..baseline_layer. BAHE: the day's new behaviour texts through blocks 1..split, and
+    the deep blocks over each changed user's behaviour sequence."""
+    user_days = records / days.records_per_user_day
+    base_tokens = user_days * days.user_tokens
+    beh_tokens = user_days * days.new_behavior_tokens
+    deep_positions = user_days * days.deep_positions
+    base_s = base_tokens / tp.baseline_tokens_per_s
+    bahe_s = beh_tokens / tp.behavior_tokens_per_s + deep_positions / tp.deep_positions_per_s
     return {
         "records": records,
+        "changed_user_days": user_days,
         "baseline_tokens": base_tokens,
-        "bahe_tokens": bahe_tokens,
-        "baseline_layer_tokens": base_tokens * depth,
-        "bahe_layer_tokens": bahe_tokens * split,
-        "baseline_h100_hours": base_hours,
-        "bahe_h100_hours": bahe_hours,
-        "baseline_tokens_per_s": tp.baseline_tokens_per_s,
-        "bahe_tokens_per_s": tp.behavior_tokens_per_s,
-    }
+        "bahe_behavior_tokens": beh_tokens,
+        "bahe_deep_positions": deep_positions,
+        "baseline_layer_tokens": base_tokens * baseline_layer,
+        "bahe_layer_tokens": beh_tokens * split + deep_positions * deep,
+        "baseline_hours": base_s / 3600,
+        "bahe_hours": bahe_s / 3600,
+        "ratio": base_s / bahe_s if bahe_s else float("inf"),
+    } | {f"rate_{k}": v for k, v in asdict(tp).items()}
 
 
-__all__ = ["Cost", "Throughput", "daily_projection", "fill_unencoded", "in_process", "probe_metrics"]
+def user_day_stats(
+    tables: Any, settings: Any, model_dir: str, user_keys: np.ndarray, max_length: int
+) -> UserDays:
+    """Changed user-days of the whole log: their count, records, the baseline's text at the end of each day
+    (spark_jobs/user_text.py, as the encode job's snapshots), the behaviour texts first seen that day and the
+    length of the user's behaviour sequence (at most bahe.max_behaviors)."""
+    from datetime import UTC, datetime, timedelta
+
+    from llmfeat.spark_jobs.user_text import user_text
+
+    users = {r["user_id"]: r for r in tables.read_arrow("users").to_pylist()}
+    texts = dict(zip(*[tables.read_arrow("behaviors")[c].to_pylist() for c in ("behavior_id", "text")],
+                     strict=True))  # fmt: skip
+    ub = tables.read_arrow("user_behaviors").to_pylist()
+    history: dict[str, list[tuple[Any, str]]] = {}
+    first_seen: dict[str, Any] = {}
+    for r in sorted(ub, key=lambda r: r["event_timestamp"]):
+        history.setdefault(r["user_id"], []).append((r["event_timestamp"], texts[r["behavior_id"]]))
+        first_seen.setdefault(r["behavior_id"], r["event_timestamp"])
+    day_texts, positions = [], []
+    for u, events in history.items():
+        for day in sorted({t.date() for t, _ in events}):
+            end = datetime(day.year, day.month, day.day, tzinfo=UTC) + timedelta(days=1)
+            r, enc = users[u], settings.encode
+            day_texts.append(user_text(r.get("age"), r.get("gender"), r.get("occupation"), events, end,
+                                       enc.user_max_behaviors, enc.user_max_chars))  # fmt: skip
+            positions.append(min(sum(t < end for t, _ in events), settings.bahe.max_behaviors))
+    n_days = len(day_texts)
+    b_ids = list(first_seen)
+    b_tokens = count_tokens(model_dir, [texts[b] for b in b_ids], max_length)
+    return UserDays(
+        user_days=n_days,
+        records_per_user_day=len(ub) / n_days,
+        user_tokens=float(count_tokens(model_dir, day_texts, max_length).mean()),
+        new_behavior_tokens=float(b_tokens.sum() / n_days),  # every behaviour text is new on one day
+        deep_positions=float(np.mean(positions)),
+    )
+
+
+__all__ = [
+    "Cost", "Throughput", "UserDays", "baseline_encoder_config", "daily_projection", "fill_unencoded",
+    "in_process", "probe_metrics",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -237,16 +362,18 @@ def evaluate(
 
     from llmfeat.delta_io import open_tables
     from llmfeat.models.ctr.data import ctr_arrays
-    from llmfeat.models.encoder import model_depth, resolve_model
+    from llmfeat.models.encoder import resolve_model
     from llmfeat.models.evaluation.probe_eval import ProtocolConfig, fit_id_model
     from llmfeat.spark_jobs.bahe_fit import cut_time
 
+    cfg = settings.bahe
     cache = Path(settings.data_dir) / "bahe_eval"
     tables = open_tables(settings)
     a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
-    cut = cut_time(None, tables, settings.bahe.history_cut)
+    cut = cut_time(None, tables, cfg.history_cut)
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
-    path, depth, split, max_len = str(source.path), model_depth(source.path), settings.bahe.split_layer, 512
+    path, layer, max_len = str(source.path), cfg.baseline_layer, 512
+    split, deep = cfg.split_layer, cfg.deep_layers
     texts = user_texts_py(tables, settings, cut, a.user_keys)
     user_tokens = count_tokens(path, texts, max_len)  # (U,)
     in_eval = np.zeros(len(a.user_keys), bool)
@@ -254,66 +381,90 @@ def evaluate(
     scope_users = np.flatnonzero(in_eval) if scope == "eval" else np.arange(len(a.user_keys))
 
     def baseline() -> tuple[dict[str, Any], float, float]:
-        return in_process(encode_texts, path, (15, depth), [texts[u] for u in scope_users], max_len)
+        return in_process(encode_texts, path, layer, [texts[u] for u in scope_users], max_len)
 
-    base, base_s, base_mb = cached(cache / f"baseline-{scope}.pkl", fresh, baseline)
+    base, base_s, base_mb = cached(cache / f"baseline-{scope}-l{layer}.pkl", fresh, baseline)
     b_texts = tables.read_arrow("behaviors")["text"].to_pylist()
     b_tokens = count_tokens(path, b_texts, max_len)
     sample = sorted(np.random.default_rng(0).choice(len(b_texts), min(behavior_sample, len(b_texts)), False))
 
     def behaviours() -> tuple[dict[str, Any], float, float]:
-        return in_process(encode_texts, path, (split,), [b_texts[i] for i in sample], max_len)
+        return in_process(encode_texts, path, split, [b_texts[i] for i in sample], max_len)
 
     beh, beh_s, beh_mb = cached(cache / f"behaviors-{behavior_sample}.pkl", fresh, behaviours)
     trained, train_s, train_mb = cached(
         cache / "train.pkl", fresh, lambda: in_process(train_bahe_child, settings.model_dump())
     )
+    # Training against training: the same trainable blocks, the same users (with history), one epoch each.
+    with_history = np.flatnonzero(trained["sequence_lengths"] > 0)
+    seq_lengths = [int(x) for x in trained["sequence_lengths"][with_history]]
+    tok_lengths = [int(x) for x in user_tokens[with_history]]
+    train_bahe, train_bahe_s, train_bahe_mb = cached(
+        cache / f"train-cost-bahe-{deep}.pkl", fresh,
+        lambda: in_process(deep_train_cost, path, split, deep, seq_lengths, False, cfg.position_budget),
+    )  # fmt: skip
+    train_base, train_base_s, train_base_mb = cached(
+        cache / f"train-cost-tokens-{deep}.pkl", fresh,
+        lambda: in_process(deep_train_cost, path, split, deep, tok_lengths, True, cfg.position_budget),
+    )  # fmt: skip
     ids = [fit_id_model(a, ProtocolConfig(), seed=s) for s in range(seeds)]
-    v_base = np.zeros((len(a.user_keys), base["vectors"].shape[-1], 2), np.float32)
-    v_base[scope_users] = base["vectors"].transpose(0, 2, 1)
+    v_base = np.zeros((len(a.user_keys), base["vectors"].shape[-1]), np.float32)
+    v_base[scope_users] = base["vectors"][:, 0]
     quality = {
         "id_only": probe_metrics(a, np.zeros((len(a.user_keys), 0), np.float32), seeds, ids),
-        "baseline_l30": probe_metrics(a, fill_unencoded(v_base[..., 1], in_eval), seeds, ids),
-        "baseline_l15": probe_metrics(a, fill_unencoded(v_base[..., 0], in_eval), seeds, ids),
+        f"baseline_l{layer}": probe_metrics(a, fill_unencoded(v_base, in_eval), seeds, ids),
         "bahe": probe_metrics(a, trained["vectors"], seeds, ids),
     }
-    scope_tokens = int(base["lengths"].sum())
-    base_rate = scope_tokens / base["encode_seconds"]
-    beh_rate = int(beh["lengths"].sum()) / beh["encode_seconds"]
+    tp = Throughput(
+        baseline_tokens_per_s=int(base["lengths"].sum()) / base["encode_seconds"],
+        behavior_tokens_per_s=int(beh["lengths"].sum()) / beh["encode_seconds"],
+        deep_positions_per_s=trained["user_pass_positions"] / trained["user_pass_seconds"],
+    )
     costs = [
-        Cost("baseline_measured", len(scope_users), scope_tokens, depth, base_s, base_mb),
-        Cost("baseline_all_users", len(texts), int(user_tokens.sum()), depth,
-             base_s - base["encode_seconds"] + user_tokens.sum() / base_rate, base_mb),
-        Cost("behaviors_measured", len(sample), int(beh["lengths"].sum()), split, beh_s, beh_mb),
-        Cost("behaviors_all", len(b_texts), int(b_tokens.sum()), split,
-             beh_s - beh["encode_seconds"] + b_tokens.sum() / beh_rate, beh_mb),
-        Cost("bahe_train", 0, 0, 0, train_s, train_mb),
+        Cost("infer_baseline_measured", len(scope_users), int(base["lengths"].sum()), base["blocks"], base_s,
+             base_mb),
+        Cost("infer_baseline_all_users", len(texts), int(user_tokens.sum()), base["blocks"],
+             base_s - base["encode_seconds"] + user_tokens.sum() / tp.baseline_tokens_per_s, base_mb),
+        Cost("infer_behaviors_measured", len(sample), int(beh["lengths"].sum()), beh["blocks"], beh_s,
+             beh_mb),
+        Cost("infer_behaviors_all", len(b_texts), int(b_tokens.sum()), beh["blocks"],
+             beh_s - beh["encode_seconds"] + b_tokens.sum() / tp.behavior_tokens_per_s, beh_mb),
+        Cost("infer_bahe_user_pass", len(a.user_keys), trained["user_pass_positions"], deep,
+             trained["user_pass_seconds"], train_mb),
+        Cost("train_epoch_tokens", len(tok_lengths), train_base["positions"], split + deep,
+             train_base["seconds"], train_base_mb),
+        Cost("train_epoch_bahe", len(seq_lengths), train_bahe["positions"], deep, train_bahe["seconds"],
+             train_bahe_mb),
+        Cost("train_bahe_run", 0, 0, deep, train_s, train_mb),
     ]  # fmt: skip
-    history = np.array(["History" in t for t in texts])  # users with behaviours before the cut
-    per_record = float(user_tokens[history].mean()), float(b_tokens.mean())
-    projection = daily_projection(50e6, *per_record, depth, split, Throughput())
+    days = user_day_stats(tables, settings, path, a.user_keys, max_len)
     return {
         "scope": scope,
         "seeds": seeds,
+        "baseline_layer": layer,
+        "baseline_blocks_run": base["blocks"],
         "users_encoded": len(scope_users),
         "test_rows": int((a.split == "test").sum()),
         "test_warm_rows": int(a.warm[a.split == "test"].sum()),
         "quality": quality,
         "costs": {c.phase: asdict(c) | {"layer_tokens": c.layer_tokens} for c in costs},
-        "training": {k: v for k, v in trained.items() if k not in ("vectors", "no_history")},
+        "training": {
+            k: v for k, v in trained.items() if k not in ("vectors", "no_history", "sequence_lengths")
+        }
+        | {"epoch_tokens": train_base, "epoch_bahe": train_bahe},
         "bahe_no_history_users": int(trained["no_history"].sum()),
-        "throughput_cpu_tokens_per_s": {"baseline": base_rate, "behaviors": beh_rate},
-        "mean_tokens": {"user_text_with_history": per_record[0], "behavior_text": per_record[1]},
-        "projection": projection,
+        "throughput": asdict(tp),
+        "user_days": asdict(days),
+        "projection": daily_projection(50e6, days, layer, split, deep, tp),
     }
 
 
 def format_report(r: dict[str, Any]) -> str:
     """Markdown tables: quality (test AUC / GAUC / LogLoss, all, warm, cold) and cost."""
+    layer = r.get("baseline_layer", 15)
     names = {
         "id_only": "ID model only",
-        "baseline_l30": "baseline: full LLM, user text, layer 30",
-        "baseline_l15": "baseline: full LLM pass, user text, layer 15",
+        f"baseline_l{layer}": f"baseline: LLM up to layer {layer} (stops there), user text",
         "bahe": "BAHE user vector",
     }
     lines = [
@@ -324,7 +475,7 @@ def format_report(r: dict[str, Any]) -> str:
         cells = [m[k] for k in ("auc_all", "auc_warm", "auc_cold", "gauc_all", "logloss_all")]
         fmt = [f"{c['mean']:.4f} [{c['low']:.4f}, {c['high']:.4f}]" for c in cells]
         lines.append(f"| {names.get(key, key)} | " + " | ".join(fmt) + " |")
-    lines += ["", "| phase | texts | LLM tokens | blocks | token x blocks | wall s | peak RSS MiB |",
+    lines += ["", "| phase | texts | LLM tokens (positions) | blocks | token x blocks | s | peak RSS MiB |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in r["costs"].values():
         lines.append(
@@ -334,8 +485,9 @@ def format_report(r: dict[str, Any]) -> str:
     p = r["projection"]
     lines += [
         "",
-        f"50M records/day: baseline {p['baseline_tokens']:.3g} tokens through all blocks = "
-        f"{p['baseline_h100_hours']:.1f} H100-hours; BAHE {p['bahe_tokens']:.3g} tokens through the split "
-        f"blocks = {p['bahe_h100_hours']:.2f} H100-hours (upper bound: one new behaviour per record)",
+        f"50M records/day = {p['changed_user_days']:.3g} changed user-days, at the rates of this run: "
+        f"baseline {p['baseline_tokens']:.3g} tokens through {layer} blocks = {p['baseline_hours']:.3g} h; "
+        f"BAHE {p['bahe_behavior_tokens']:.3g} new behaviour tokens + {p['bahe_deep_positions']:.3g} deep "
+        f"positions = {p['bahe_hours']:.3g} h ({p['ratio']:.1f}x less)",
     ]
     return "\n".join(lines)
