@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -157,10 +158,10 @@ def load_generator(url: str, rate: float, seconds: float, n_items: int, connecti
     return out
 
 
-def over_http(repo_dir: Path, rate: float, seconds: float, n_items: int, workers: int) -> dict[str, float]:
+def over_http(settings: Any, rate: float, seconds: float, n_items: int, workers: int) -> dict[str, float]:
     from llmfeat.serving.local_servers import feast_serve
 
-    with feast_serve(repo_dir, workers=workers) as url:
+    with feast_serve(settings, workers=workers) as url:
         args = [sys.executable, __file__, "--load", url, "--rate", str(rate), "--seconds", str(seconds)]
         done = subprocess.run([*args, "--items", str(n_items)], capture_output=True, text=True, check=True)
     ms = json.loads(done.stdout)
@@ -195,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 _, redis_store = build_lake(data_dir, ["feast.online_store=redis", f"feast.redis={conn}"])
                 for name, stats in in_process(redis_store, args.items, args.seconds).items():
                     results[f"in-process Redis, {name}"] = stats
-            build_lake(data_dir, ["feast.online_store=sqlite"])  # feature_store.yaml back to SQLite
+            settings, _ = build_lake(data_dir, ["feast.online_store=sqlite"])
         for rate in args.rate:
             results[f"HTTP feast serve -w {args.workers} (SQLite), {rate:.0f} req/s offered"] = over_http(
-                data_dir / "feast", rate, args.seconds, args.items, args.workers
+                settings, rate, args.seconds, args.items, args.workers
             )
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "

@@ -3,23 +3,26 @@
 The compress job stores vectors as float16 (or int8 with a per-row scale) to save bytes; Feast serves
 Array(Float32), so the publish step decodes them once into `feast_*` tables with a checked, fixed dimension.
 
-Embedded default: FileSource over Delta (delta-rs reads it, no JVM). Paths are relative to the generated repo
-directory (<data_dir>/feast), which Feast resolves through repo_path.
+Where the tables are: <data dir>/delta/<table>. The data dir is $LLMFEAT_DATA_DIR, else ../data/local: the
+embedded default of a checkout, relative to this folder (Feast resolves relative paths against the repo).
 Clusters (offline_store: spark): the SparkSource twins read the same tables by name from the metastore
-(register them once: CREATE TABLE feast_item_llm USING DELTA LOCATION '<data_dir>/delta/feast_item_llm').
+(register them once: CREATE TABLE feast_item_marc USING DELTA LOCATION '<data dir>/delta/feast_item_marc').
 """
+
+import os
 
 from feast import FileSource
 from feast.data_format import DeltaFormat
 from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 
 TIMESTAMP = "event_timestamp"
+DATA_DIR = os.environ.get("LLMFEAT_DATA_DIR") or "../data/local"
 
 
 def _file(name: str, table: str, description: str) -> FileSource:
     return FileSource(
         name=name,
-        path=f"../delta/{table}",
+        path=f"{DATA_DIR}/delta/{table}",
         file_format=DeltaFormat(),
         timestamp_field=TIMESTAMP,
         description=description,
@@ -30,8 +33,11 @@ def _spark(name: str, table: str, description: str) -> SparkSource:
     return SparkSource(name=name, table=table, timestamp_field=TIMESTAMP, description=description)
 
 
-user_llm_source = _file("user_llm_source", "feast_user_llm", "Compressed LLM user vectors, float32.")
-item_llm_source = _file("item_llm_source", "feast_item_llm", "Compressed LLM item vectors, float32.")
+user_marc_source = _file(
+    "user_marc_source", "feast_user_marc", "MARC-compressed LLM user snapshots (a time series), float32."
+)
+item_marc_source = _file("item_marc_source", "feast_item_marc", "MARC-compressed LLM item vectors, float32.")
+user_bahe_source = _file("user_bahe_source", "feast_user_bahe", "BAHE user vectors, float32.")
 behavior_llm_source = _file(
     "behavior_llm_source", "feast_behavior_llm", "Compressed LLM behaviour vectors, float32."
 )
@@ -45,8 +51,9 @@ SPARK_SOURCES = {
         src.name.replace("_source", "_spark_source"), src.path.rsplit("/", 1)[-1], src.description
     )
     for src in (
-        user_llm_source,
-        item_llm_source,
+        user_marc_source,
+        item_marc_source,
+        user_bahe_source,
         behavior_llm_source,
         item_meta_source,
         user_stats_source,

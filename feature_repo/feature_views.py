@@ -1,4 +1,7 @@
-"""Feature views. Vectors are Array(Float32) of exactly VECTOR_DIM values (checked before materialization).
+"""Feature views: one per representation (MARC users, MARC items, BAHE users, behaviours), never mixed: the
+publish step refuses a table holding two encoders, layers or compressor versions. Each view's `version` tag is
+bumped when what it means changes. Vectors are Array(Float32) of exactly VECTOR_DIM values (checked before
+materialization).
 
 TTL 0 means a value never expires: a vector or a cumulative counter stays valid until a newer row replaces it.
 Lineage columns are served too (the *_lineage_fv views), so a model can log which encoder, layer and
@@ -9,15 +12,16 @@ from datetime import timedelta
 
 from data_sources import (
     behavior_llm_source,
-    item_llm_source,
+    item_marc_source,
     item_meta_source,
     item_stats_source,
-    user_llm_source,
+    user_bahe_source,
+    user_marc_source,
     user_stats_source,
 )
 from entities import behavior, item, user
 from feast import FeatureView, Field
-from feast.types import Array, Float32, Int64, String
+from feast.types import Array, Float32, Int64, String, UnixTimestamp
 
 VECTOR_DIM = 64  # the compressor's output dimension d; a table with another length is refused at publish
 NO_EXPIRY = timedelta(0)
@@ -39,73 +43,80 @@ def _vector(name: str, what: str) -> Field:
         name=name,
         dtype=Array(Float32),
         vector_length=VECTOR_DIM,
-        description=f"MARC-compressed LLM {what} vector, {VECTOR_DIM} x float32 (decoded from float16/int8)",
+        description=f"{what} vector, {VECTOR_DIM} x float32 (decoded from float16/int8)",
     )
 
 
-user_llm_fv = FeatureView(
-    name="user_llm_fv",
-    entities=[user],
-    ttl=NO_EXPIRY,
-    schema=[_vector("user_vector", "user")],
-    source=user_llm_source,
-    online=True,
-    description="Compressed mid-layer LLM representation of each user.",
-    tags={"kind": "llm_vector", "dim": str(VECTOR_DIM)},
-)
+def _times(*names: str) -> list[Field]:
+    what = {
+        "valid_from": "from when the vector may be used (its event_timestamp)",
+        "history_until": "newest behaviour the user text holds (null: demographics only)",
+    }
+    return [Field(name=n, dtype=UnixTimestamp, description=what[n.split("_", 1)[1]]) for n in names]
 
-item_llm_fv = FeatureView(
-    name="item_llm_fv",
-    entities=[item],
-    ttl=NO_EXPIRY,
-    schema=[_vector("item_vector", "item")],
-    source=item_llm_source,
-    online=True,
-    description="Compressed mid-layer LLM representation of each item.",
-    tags={"kind": "llm_vector", "dim": str(VECTOR_DIM)},
-)
 
-behavior_llm_fv = FeatureView(
-    name="behavior_llm_fv",
-    entities=[behavior],
-    ttl=NO_EXPIRY,
-    schema=[_vector("behavior_vector", "behaviour")],
-    source=behavior_llm_source,
-    online=True,
-    description="Compressed shallow-layer LLM representation of each atomic behaviour (BAHE).",
-    tags={"kind": "llm_vector", "dim": str(VECTOR_DIM)},
-)
+def _vectors(  # type: ignore[no-untyped-def]
+    name: str, entity, source, field: str, what: str, tags: dict[str, str], times: list[Field]
+) -> list[FeatureView]:
+    """A representation's vector view and its lineage twin (the online stores read every feature of a view per
+    key, so the vector view keeps to one field: one row per key on the ranking-request read)."""
+    vector = FeatureView(
+        name=name,
+        entities=[entity],
+        ttl=NO_EXPIRY,
+        schema=[_vector(field, what)],
+        source=source,
+        online=True,
+        description=what,
+        tags={"kind": "llm_vector", "dim": str(VECTOR_DIM), **tags},
+    )
+    lineage = FeatureView(
+        name=name.removesuffix("_fv") + "_lineage_fv",
+        entities=[entity],
+        ttl=NO_EXPIRY,
+        schema=_lineage() + times,
+        source=source,
+        description=f"Where each vector of {name} came from, and when it became valid.",
+        tags={"kind": "lineage"},
+    )
+    return [vector, lineage]
 
-# Lineage in views of their own on the same tables: the online stores read every feature of a view per key, so
-# keeping the vector views to one field makes the ranking-request read one row per key instead of seven.
-user_llm_lineage_fv = FeatureView(
-    name="user_llm_lineage_fv",
-    entities=[user],
-    ttl=NO_EXPIRY,
-    schema=_lineage(),
-    source=user_llm_source,
-    description="Where each user vector came from.",
-    tags={"kind": "lineage"},
-)
 
-item_llm_lineage_fv = FeatureView(
-    name="item_llm_lineage_fv",
-    entities=[item],
-    ttl=NO_EXPIRY,
-    schema=_lineage(),
-    source=item_llm_source,
-    description="Where each item vector came from.",
-    tags={"kind": "lineage"},
+user_marc_fv, user_marc_lineage_fv = _vectors(
+    "user_marc_fv",
+    user,
+    user_marc_source,
+    "user_vector",
+    "MARC-compressed LLM user snapshot: valid from its time, its text holds only earlier behaviour",
+    {"representation": "marc", "version": "2"},
+    _times("user_valid_from", "user_history_until"),
 )
-
-behavior_llm_lineage_fv = FeatureView(
-    name="behavior_llm_lineage_fv",
-    entities=[behavior],
-    ttl=NO_EXPIRY,
-    schema=_lineage(),
-    source=behavior_llm_source,
-    description="Where each behaviour vector came from.",
-    tags={"kind": "lineage"},
+item_marc_fv, item_marc_lineage_fv = _vectors(
+    "item_marc_fv",
+    item,
+    item_marc_source,
+    "item_vector",
+    "MARC-compressed LLM item vector, valid from the item's first availability",
+    {"representation": "marc", "version": "2"},
+    _times("item_valid_from"),
+)
+user_bahe_fv, user_bahe_lineage_fv = _vectors(
+    "user_bahe_fv",
+    user,
+    user_bahe_source,
+    "user_vector",
+    "BAHE user vector (shallow-layer behaviour table, trained deep layers)",
+    {"representation": "bahe", "version": "1"},
+    [],
+)
+behavior_llm_fv, behavior_llm_lineage_fv = _vectors(
+    "behavior_llm_fv",
+    behavior,
+    behavior_llm_source,
+    "behavior_vector",
+    "Compressed shallow-layer LLM representation of each atomic behaviour (BAHE)",
+    {"representation": "bahe-behavior", "version": "1"},
+    [],
 )
 
 item_meta_fv = FeatureView(

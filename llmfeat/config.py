@@ -71,10 +71,10 @@ class IngestConf(Section):
 
 
 class FeastConf(Section):
-    """Feast: feature_store.yaml is generated from this into repo_dir; feature_repo/ holds declarations."""
+    """Feast: feature_repo/ is the repository (feature_store.yaml and declarations); these keys adjust it."""
 
     project: str = "llmfeat"
-    repo_dir: str | None = None  # feature_store.yaml, registry and online.db; default <data_dir>/feast
+    repo_dir: str | None = None  # where registry.db and online.db live; default <data_dir>/feast
     online_store: Literal["sqlite", "redis"] = "sqlite"
     redis: str = "127.0.0.1:6379"  # Feast connection string: "host:port[,password=...,ssl=true]"
     offline_store: Literal["file", "spark"] = "file"  # spark reads the feast_* tables from the metastore
@@ -120,8 +120,11 @@ class MarcConf(Section):
     max_epochs: int = 30
     patience: int = 4
     seed: int = 0
-    fit_split: Literal["train", "valid"] = "train"  # rows the compressor is fitted on; early stops on valid
-    max_fit_rows: int = 0  # 0 = every row of fit_split; else a seeded random sample (the demo uses one)
+    # Point-in-time rows (each with its user's newest snapshot): MARC fits on the first fit_frac of the train
+    # period and stops early on the next stop_frac; CTR models learn from its vectors only on later rows.
+    fit_frac: float = 0.5
+    stop_frac: float = 0.1
+    max_fit_rows: int = 0  # 0 = every fit row; else a seeded random sample (the demo uses one)
     output_dtype: Literal["float16", "int8"] = "int8"  # user_features / item_features vector type
 
 
@@ -208,8 +211,8 @@ class CtrConf(Section):
     experiment: str = "llmfeat-ctr"
     registry_name: str = "llmfeat-ctr"  # one registered model; versions carry aliases champion / challenger
     kind: Literal["dnn", "deepfm"] = "deepfm"
-    llm_feature_service: str = "ctr_llm_v1"  # feature_repo/feature_services.py: vectors + item metadata
-    id_feature_service: str = "ctr_id_v1"  # the same model without the LLM vectors
+    llm_feature_service: str = "ctr_marc_v2"  # feature_repo/feature_services.py: id side + MARC vectors
+    id_feature_service: str = "ctr_id_v2"  # the same id side without the LLM vectors
     emb_dim: int = 16  # E: width of every field embedding
     hidden: list[int] = [128, 64]
     dropout: float = 0.2
@@ -220,6 +223,9 @@ class CtrConf(Section):
     patience: int = 3
     seed: int = 0
     stop_frac: float = 0.5  # latest share of the valid split held out for early stopping and valid metrics
+    residual_width: int = 64  # the LLM residual branch's hidden width
+    residual_lr: float = 1e-3
+    residual_weight_decay: float = 1e-3  # the branch is regularised: uninformative vectors stay near zero
     n_boot: int = 100  # bootstrap resamples for the intervals of the final metrics and comparisons
 
 
@@ -227,7 +233,7 @@ class GateConf(Section):
     """When `llmfeat promote` may move champion to the challenger (offline comparison on the test split)."""
 
     min_auc_lift: float = 0.0  # lower end of the paired 95% interval of AUC(challenger) - AUC(champion)
-    max_delong_p: float = 0.05
+    max_delong_p: float = 0.05  # the paired AUC test (users resampled) must be below this
     max_logloss_increase: float = 0.0  # upper end of the interval of LogLoss(challenger) - LogLoss(champion)
 
 
@@ -236,22 +242,29 @@ class ServingConf(Section):
 
     host: str = "127.0.0.1"
     port: int = 8077
+    workers: int = 0  # processes on one socket; 0 = one per CPU core, at most 4
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
     challenger_share: float = 0.5  # share of users (stable hash) routed to the challenger
     salt: str = "ab-1"  # a new salt reshuffles the users between arms
-    max_candidates: int = 500
-    log_dir: str = "impressions"  # under data_dir unless absolute; one atomically written file per batch
-    flush_every: int = 200  # events per log file
+    max_candidates: int = 1000
+    slots: int = 3  # the top-k of a ranking that is shown, logged as impressions and open to clicks
+    max_inflight: int = 32  # per worker: beyond it a /rank gets 503 + Retry-After at once (overload)
+    max_wait_ms: float = 100.0  # a /rank that waited longer than this for its worker gets 503 instead
+    retry_after_s: int = 1
+    pin_check_s: float = 1.0  # workers follow a reload in another worker within this
+    log_dir: str = "impressions"  # under data_dir unless absolute
+    flush_every: int = 1000  # log lines per batch (one write + fsync), or every flush_interval_s
     flush_interval_s: float = 2.0
+    segment_mb: int = 64  # a log file is closed at this size or age, and on shutdown
+    segment_s: float = 3600.0
 
 
 class AbtestConf(Section):
     """Replay of held-out traffic and the online A/B's analysis (serving/replay.py, spark_jobs/abtest.py)."""
 
     requests: int = 2000  # replayed requests (users of the test split, candidates from their held-out rows)
-    candidates: int = 10  # items per request
-    slots: int = 3  # top-k of the returned ranking counted as impressions
+    candidates: int = 10  # items per request (the service shows and logs its top serving.slots)
     seed: int = 0
     bid_min: float = 0.5  # cost-per-click bid of an item: bid_min..bid_max by a stable hash of its id
     bid_max: float = 1.5
@@ -285,7 +298,7 @@ class BaheConf(Section):
     patience: int = 1
     seed: int = 0
     history_cut: str = "valid"  # published user vectors use behaviours strictly before this (split or ISO)
-    feature_table: str = "user_features"  # where the user vectors are published
+    feature_table: str = "user_bahe_features"  # its own representation: Feast view user_bahe_fv
     behavior_dim: int = 64  # behaviour vectors published to behavior_features: PCA of the split layer
     demo_users: int = 20  # the demo encodes only these users' behaviours (shortest histories); 0 = all
 

@@ -54,14 +54,22 @@ def train_early_stopping(
     score_fn: Callable[[], float],
     cfg: TrainConfig,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    params: list[nn.Parameter] | None = None,
+    keep_start: bool = False,
 ) -> TrainHistory:
     """Train on `rows` (indices given to loss_fn in batches); stop after `patience` epochs without a better
-    score."""
+    score. `params`: the parameters to update (default: all). `keep_start`: score the model before training
+    too (epoch -1) and keep it when no epoch beats it, e.g. a residual branch that starts at zero."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = list(model.parameters()) if params is None else params
+    opt = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory()
     best_state = copy.deepcopy(model.state_dict())
+    if keep_start:
+        model.eval()
+        with torch.no_grad():
+            history.best_score = score_fn()
     epochs = epoch_bar(cfg.max_epochs)
     for epoch in epochs:
         model.train()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmfeat.feast_repo import feast_cli, store_dir
+
+if TYPE_CHECKING:
+    from llmfeat.config import Settings
 
 
 def free_port() -> int:
@@ -67,16 +71,16 @@ def redis_server(port: int | None = None) -> Iterator[str]:
 
 @contextmanager
 def feast_serve(
-    repo_dir: Path, port: int | None = None, timeout_s: float = 120, workers: int = 1
+    settings: Settings, port: int | None = None, timeout_s: float = 120, workers: int = 1
 ) -> Iterator[str]:
-    """`feast -c repo_dir serve` on 127.0.0.1 (`workers` processes); yields its URL once /health answers."""
+    """`feast serve` of feature_repo/ under this profile on 127.0.0.1 (`workers` processes); yields its URL
+    once /health answers."""
     port = port or free_port()
-    beside = Path(sys.executable).with_name("feast")  # the venv's CLI, whatever PATH says
-    feast = str(beside) if beside.exists() else shutil.which("feast") or "feast"
-    args = [feast, "-c", str(repo_dir), "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log"]
-    args += ["--workers", str(workers)]
-    log = open(Path(repo_dir) / "feature_server.log", "wb")  # closed in finally
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    args, env = feast_cli(
+        settings, "serve", "-h", "127.0.0.1", "-p", str(port), "--no-access-log", "--workers", str(workers)
+    )
+    log = open(store_dir(settings) / "feature_server.log", "wb")  # closed in finally
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def health() -> bool:

@@ -10,7 +10,8 @@ re-run encodes only new or changed texts. With --sample-users N only the behavio
 history are encoded and trained on (`sample_users`: the shortest histories): a quick run (the demo); 0 = all.
 
 Published, each after a validation gate and with lineage:
-- <bahe.feature_table> (default user_features): one vector per user at the cut (marc.output_dtype), plus
+- <bahe.feature_table> (default user_bahe_features, Feast view user_bahe_fv): one vector per user at the
+  cut (marc.output_dtype), plus
   `no_history` (true: the fallback vector) and `missing_behaviors` (events whose vector was absent).
   compressor_name "bahe", compressor_version the MLflow run id. This replaces the user vectors in that table.
 - behavior_features: PCA (bahe.behavior_dim) of the split-layer behaviour vectors, for the Feast view

@@ -62,9 +62,11 @@ class Comparison:
         decision = "PASS: promote the challenger" if self.passed else "KEEP the champion"
         return "\n".join(
             [
-                f"offline A/B on {self.rows:,} held-out rows (test split, same snapshot for both):",
+                f"offline A/B on {self.rows:,} held-out rows (test split, point-in-time features, the same "
+                "rows for both); 95% intervals resample users (all rows of a user together):",
                 self.table().to_string(index=False),
-                f"DeLong's test (AUC): p = {self.delong_p:.3g}",
+                f"paired AUC difference, users resampled: p = {self.diff['auc_p'].mean:.3g}; DeLong's test "
+                f"(rows as independent, for reference): p = {self.delong_p:.3g}",
                 f"decision: {decision}",
                 f"reason: {self.reason}",
             ]
@@ -78,8 +80,8 @@ def gate_decision(diff: dict[str, Interval], delong_p: float, gate: GateConf) ->
             f"AUC diff low {diff['auc'].low:+.4f} > {gate.min_auc_lift:+.4f}",
         ),
         (
-            diff["auc"].mean > 0 and delong_p < gate.max_delong_p,
-            f"DeLong p {delong_p:.3g} < {gate.max_delong_p:g} with AUC(b) > AUC(a)",
+            diff["auc"].mean > 0 and diff["auc_p"].mean < gate.max_delong_p,
+            f"user-resampled p {diff['auc_p'].mean:.3g} < {gate.max_delong_p:g} with AUC(b) > AUC(a)",
         ),
         (
             diff["logloss"].high <= gate.max_logloss_increase,

@@ -20,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,14 +29,24 @@ import pyarrow as pa
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
 
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from llmfeat.delta_io import DeltaTables
     from llmfeat.registry import RegisteredCompressor
 
-ENTITY_KEYS = {"users": "user_id", "items": "item_id"}
-FEATURE_TABLES = {"users": "user_features", "items": "item_features"}
+# user_snapshots (the point-in-time user series) is compressed by the users' compressor; users (one static
+# vector per user) only when asked for by name.
+ENTITY_KEYS = {"user_snapshots": "snapshot_id", "items": "item_id", "users": "user_id"}
+FEATURE_TABLES = {
+    "user_snapshots": "user_marc_features",
+    "items": "item_marc_features",
+    "users": "user_features",
+}
+COMPRESSOR_OF = {"user_snapshots": "users", "items": "items", "users": "users"}
+DEFAULT_ENTITIES = ("user_snapshots", "items")
 PASSED_THROUGH = ("encoder_id", "weights_hash", "pooling", "content_hash")
 
 
@@ -201,7 +212,7 @@ def compress_entity(
     from llmfeat.registry import model_uri, resolve_alias, tracking_uri
 
     key, name = ENTITY_KEYS[entity], f"{entity}_repr"
-    reg = resolve_alias(settings, entity)
+    reg = resolve_alias(settings, COMPRESSOR_OF[entity])
     version = tables.version(name)
     if version is None:
         raise CompressError(
@@ -210,7 +221,10 @@ def compress_entity(
     reprs = tables.read_spark(name, version)
     check_lineage(reprs, name, reg, settings.marc.layer)
     at = reprs.where(F.col("layer") == reg.layer).cache()
-    check_rows(at, tables.read_spark(entity).select(key), key, name, reg.layer, reg.in_dim)
+    expected = (
+        at.select(key).distinct() if entity == "user_snapshots" else tables.read_spark(entity).select(key)
+    )
+    check_rows(at, expected, key, name, reg.layer, reg.in_dim)
     fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, settings.marc.output_dtype)
     cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
     out = at.select(*cols).mapInArrow(fn, output_schema(key, settings.marc.output_dtype)).toArrow()
@@ -231,7 +245,51 @@ def compress_entity(
     )
     for col, arr in lineage.items():
         out = out.append_column(col, arr)
-    return out.sort_by(key), reg
+    return valid_from(out, entity, tables).sort_by(key), reg
+
+
+def history_until(tables: DeltaTables, snapshots: list[tuple[str, datetime]]) -> pa.Array:
+    """Per snapshot, the newest behaviour strictly before its time (what its text can hold; null: none)."""
+    from pyspark.sql import functions as F
+
+    spark = tables.read_spark("user_behaviors").sparkSession
+    cuts = spark.createDataFrame(
+        [(u, t.replace(tzinfo=None)) for u, t in snapshots], "user_id string, snapshot_at timestamp"
+    )
+    events = tables.read_spark("user_behaviors").select("user_id", "event_timestamp")
+    newest = (
+        cuts.join(events, "user_id")
+        .where(F.col("event_timestamp") < F.col("snapshot_at"))
+        .groupBy("user_id", "snapshot_at")
+        .agg(F.max("event_timestamp").alias("t"))
+    )
+    found = {(r["user_id"], r["snapshot_at"]): r["t"] for r in newest.collect()}  # one row per snapshot
+    out = [found.get((u, t.replace(tzinfo=None))) for u, t in snapshots]
+    return pa.array([x.replace(tzinfo=UTC) if x else None for x in out], TIMESTAMP)
+
+
+def valid_from(rows: pa.Table, entity: str, tables: DeltaTables) -> pa.Table:
+    """event_timestamp = from when a vector may be used: a user snapshot from its own time (its text holds
+    only earlier behaviour; user_id added), an item from its first availability (its first interaction, or
+    the encode time for an item nobody has seen yet): every interaction then finds a vector."""
+    from pyspark.sql import functions as F
+
+    from llmfeat.spark_jobs.user_text import parse_snapshot_id
+
+    i = rows.schema.get_field_index("event_timestamp")
+    if entity == "user_snapshots":
+        parsed = [parse_snapshot_id(k) for k in rows["snapshot_id"].to_pylist()]
+        rows = rows.set_column(i, "event_timestamp", pa.array([t for _, t in parsed], TIMESTAMP))
+        rows = rows.append_column("user_id", pa.array([u for u, _ in parsed], pa.string()))
+        return rows.append_column("history_until", history_until(tables, parsed))
+    if entity != "items":
+        return rows
+    first = tables.read_spark("interactions").groupBy("item_id").agg(F.min("event_timestamp").alias("t"))
+    seen = {r["item_id"]: r["t"].replace(tzinfo=UTC) for r in first.collect()}  # one per item; Spark: UTC
+    encoded = rows["event_timestamp"].to_pylist()
+    stamps = [seen.get(k, t) for k, t in zip(rows["item_id"].to_pylist(), encoded, strict=True)]
+    stamps = [min(s, t) for s, t in zip(stamps, encoded, strict=True)]
+    return rows.set_column(i, "event_timestamp", pa.array(stamps, TIMESTAMP))
 
 
 def check_feature_tables(results: list[Any], tables: Any, settings: Settings) -> None:
@@ -255,7 +313,7 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
     from llmfeat.models.marc.baselines import bytes_per_vector
 
     tables = open_tables(settings, spark)
-    results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(ENTITY_KEYS)]
+    results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(DEFAULT_ENTITIES)]
     check_feature_tables(results, tables, settings)
     summaries = []
     for entity, rows, reg in results:
@@ -278,16 +336,21 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
 
 
 def parse_entities(value: str) -> list[str]:
-    names = list(ENTITY_KEYS) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    names = list(DEFAULT_ENTITIES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
     unknown = [n for n in names if n not in ENTITY_KEYS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown entity {unknown}; expected users, items or all")
+        raise argparse.ArgumentTypeError(
+            f"unknown entity {unknown}; expected user_snapshots, items, users or all (user_snapshots, items)"
+        )
     return names
 
 
 def entity_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--entity", type=parse_entities, default=list(ENTITY_KEYS), help="users, items or all"
+        "--entity",
+        type=parse_entities,
+        default=list(DEFAULT_ENTITIES),
+        help="user_snapshots, items, users (static), or all (default: user_snapshots, items)",
     )
 
 
@@ -320,10 +383,10 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
     from llmfeat.spark_jobs.train_compressor import run as train
 
     tables = open_tables(settings, spark)
-    missing = [f"{e}_repr" for e in ENTITY_KEYS if not tables.exists(f"{e}_repr")]
+    missing = [f"{e}_repr" for e in DEFAULT_ENTITIES if not tables.exists(f"{e}_repr")]
     print("\n== MARC compressor (train a few epochs -> MLflow registry @alias -> compress to feature tables)")
     if missing:
-        print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity users,items` first")
+        print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity user_snapshots,items`")
         return
     # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
     # `llmfeat train-compressor`.

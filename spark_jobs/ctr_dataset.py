@@ -1,16 +1,14 @@
-"""CTR training set: interactions (a pinned Delta version) joined with Feast features at one snapshot time.
+"""CTR training set: every interaction row (a pinned Delta version) with Feast's point-in-time join.
 
-Why one snapshot time: the vectors are stamped when they were encoded (today), while the logged interactions
-are older (ML-100k: 1997-98), so a join at each interaction's own time would find no vector at all. The
-features are therefore joined *as of the snapshot* `as_of` (the newest vector stamp), per entity through
-Feast's get_historical_features (llmfeat.training_set.historical_features), and attached to every row;
-training and serving then see the same values (the online store holds the latest).
+Each row gets, per feature view, the newest value stamped at or before its own event_timestamp
+(`get_historical_features`, one view at a time so that Feast's file store cannot drop a row): the user's
+newest snapshot, whose text holds only behaviours strictly before the snapshot time; the item vector, valid
+from the item's first availability; counters up to the previous day. The set holds exactly the interaction
+rows (asserted). No snapshot join, no nulling at a cut.
 
-Leakage rule (METHODS.md): a user vector encodes that user's behaviour before `encode.history_cut` (labels
-included). It is withheld (null, flagged missing) on every row before the cut, so no row sees its own label.
-The training-set gate (`check_training_set`) checks this on every build: per view, the latest time its values
-can hold interaction information (the cut for user vectors, the snapshot for counters, none for item content)
-is never after the row's event; a planted violation stops training and quarantines the rows.
+Leakage gate (`check_training_set`): besides the features, the join fetches when each vector became valid and,
+for user snapshots, the newest behaviour its text holds; the gate stops a row whose vector is stamped after it
+or whose text holds the row's own event (or a later one).
 
 Splits used by the trainer: fit = train + the earliest (1 - ctr.stop_frac) of valid; valid = the latest
 ctr.stop_frac of valid (early stopping and the reported valid metrics); test = the test split.
@@ -24,10 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 
 from llmfeat.errors import UserError
-from llmfeat.training_set import _refs_by_view, historical_features
+from llmfeat.training_set import TrainingSetError, _refs_by_view, historical_features
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -36,23 +33,27 @@ if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
     from llmfeat.validation.gating import GateReport
 
-VECTOR_TABLES = ("feast_user_llm", "feast_item_llm")
+VECTOR_TABLES = ("feast_user_marc", "feast_item_marc")
 LINEAGE_COLUMNS = ("encoder_id", "layer", "compressor_name", "compressor_version", "source_version")
 VERSIONED_TABLES = (
     "interactions",
     "items",
     *VECTOR_TABLES,
     "feast_item_meta",
-    "user_features",
-    "item_features",
+    "user_marc_features",
+    "item_marc_features",
+    "feast_user_stats",
+    "feast_item_stats",
 )
 
 
-# Until when a view's values can hold information from interactions, which the training-set gate checks is
-# never after a row's event: a user vector encodes behaviour before the history cut; item content (text
-# vectors, metadata) holds none; any other view (counters) is joined as of the snapshot.
-HISTORY_VIEWS = frozenset({"user_llm_fv"})
-CONTENT_VIEWS = frozenset({"item_llm_fv", "item_meta_fv"})
+# The lineage fields the gate reads, per vector view: when the vector became valid, and for user snapshots the
+# newest behaviour its text holds (both must precede the row).
+TIME_FIELDS = {
+    "user_marc_fv": ("user_marc_lineage_fv", ("user_valid_from", "user_history_until")),
+    "item_marc_fv": ("item_marc_lineage_fv", ("item_valid_from",)),
+}
+STRICTLY_BEFORE = ("user_marc_fv_user_history_until",)
 
 
 class SnapshotChanged(UserError, RuntimeError):
@@ -63,8 +64,7 @@ class SnapshotChanged(UserError, RuntimeError):
 class Snapshot:
     """What a training set or a comparison was built from: enough to rebuild it."""
 
-    as_of: dt.datetime
-    history_cut: dt.datetime
+    as_of: dt.datetime  # the newest interaction of the set
     delta_versions: dict[str, int]
     services: tuple[str, ...]
     features: dict[str, tuple[str, ...]]  # feature view -> its columns in the frame
@@ -79,7 +79,7 @@ class Snapshot:
             "feast.feature_services": ",".join(self.services),
             "feast.feature_views": ",".join(self.views),
             "snapshot.as_of": self.as_of.isoformat(),
-            "snapshot.history_cut": self.history_cut.isoformat(),
+            "training_set.join": "point-in-time per row",
         }
         out |= {f"delta.{t}.version": str(v) for t, v in self.delta_versions.items()}
         return out | {f"lineage.{k}": v for k, v in self.lineage.items()}
@@ -87,24 +87,6 @@ class Snapshot:
 
 def delta_versions(tables: DeltaTables) -> dict[str, int]:
     return {t: int(v) for t in VERSIONED_TABLES if tables.exists(t) and (v := tables.version(t)) is not None}
-
-
-def history_cut(interactions: pd.DataFrame, cut: str) -> dt.datetime:
-    """encode.history_cut: a split name (its first timestamp) or an ISO time (spark_jobs/user_text.py)."""
-    if cut in set(interactions["split"]):
-        first = interactions.loc[interactions["split"] == cut, "event_timestamp"].min()
-        return pd.Timestamp(first).to_pydatetime()
-    ts = pd.Timestamp(cut)
-    return (ts.tz_convert("UTC") if ts.tzinfo else ts.tz_localize("UTC")).to_pydatetime()
-
-
-def snapshot_time(tables: DeltaTables, interactions: pd.DataFrame) -> dt.datetime:
-    """The newest vector stamp (or the last interaction when no vector is published)."""
-    stamps = [pd.Timestamp(interactions["event_timestamp"].max())]
-    for t in VECTOR_TABLES:
-        if tables.exists(t):
-            stamps.append(pd.Timestamp(pc.max(tables.read_arrow(t)["event_timestamp"]).as_py()))
-    return max(stamps).to_pydatetime()
 
 
 def vector_lineage(tables: DeltaTables) -> dict[str, str]:
@@ -121,35 +103,15 @@ def vector_lineage(tables: DeltaTables) -> dict[str, str]:
     return out
 
 
-def _refs_by_entity(
-    store: FeatureStore, services: list[str]
-) -> tuple[dict[str, list[str]], dict[str, tuple[str, ...]]]:
-    """Feature references of the services grouped by join key ({"user_id": [...], "item_id": [...]}), and
-    each view's feature names."""
-    refs: dict[str, list[str]] = {}
-    views: dict[str, set[str]] = {}
-    for name in services:
-        for group in _refs_by_view(store, name):
-            view = store.get_feature_view(group[0].split(":", 1)[0])
-            (entity,) = view.entities
-            key = store.get_entity(entity).join_key
-            views.setdefault(view.name, set()).update(r.split(":", 1)[1] for r in group)
-            refs.setdefault(key, [])
-            refs[key] += [r for r in group if r not in refs[key]]
-    return refs, {v: tuple(sorted(f)) for v, f in sorted(views.items())}
-
-
-def features_as_of(
-    store: FeatureStore, keys: dict[str, list[str]], services: list[str], as_of: dt.datetime
-) -> tuple[dict[str, pd.DataFrame], dict[str, tuple[str, ...]]]:
-    """Per join key: a frame key + features, each value the latest at or before `as_of` (Feast PIT join)."""
-    refs, views = _refs_by_entity(store, services)
-    out = {}
-    for key, ids in keys.items():
-        entity_df = pd.DataFrame({key: sorted(set(ids)), "event_timestamp": as_of})
-        frame = historical_features(store, entity_df, refs[key]) if key in refs else entity_df
-        out[key] = frame.drop(columns="event_timestamp")
-    return out, views
+def time_refs(store: FeatureStore, views: dict[str, tuple[str, ...]]) -> list[str]:
+    """The lineage time fields of the vector views in `views` that the repository declares."""
+    declared = {v.name for v in store.list_feature_views()}
+    return [
+        f"{lineage}:{f}"
+        for view, (lineage, fields) in TIME_FIELDS.items()
+        if view in views and lineage in declared
+        for f in fields
+    ]
 
 
 def build_frame(
@@ -159,43 +121,47 @@ def build_frame(
     services: list[str],
     split: str | None = None,
 ) -> tuple[pd.DataFrame, Snapshot]:
-    """Interactions (optionally one split) + the services' features as of the snapshot."""
+    """Interactions (optionally one split) + the services' features, each as of the row's own time."""
     versions = delta_versions(tables)
     rows = tables.read_arrow("interactions", version=versions["interactions"]).to_pandas()
-    cut = history_cut(rows, settings.encode.history_cut)
-    as_of = snapshot_time(tables, rows)
+    as_of = pd.Timestamp(rows["event_timestamp"].max()).to_pydatetime()
     if split is not None:
         rows = rows[rows["split"] == split]
     rows = rows[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)
     rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
-    keys = {"user_id": rows["user_id"].tolist(), "item_id": rows["item_id"].tolist()}
-    joined, views = features_as_of(store, keys, services, as_of)
+    refs = [r for name in services for group in _refs_by_view(store, name) for r in group]
+    refs = list(dict.fromkeys(refs))
+    views: dict[str, set[str]] = {}
+    for r in refs:
+        view, feature = r.split(":", 1)
+        views.setdefault(view, set()).add(feature)
+    features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
+    frame = historical_features(store, rows, refs + time_refs(store, features))
+    if len(frame) != len(rows):
+        raise TrainingSetError(
+            f"the point-in-time join returned {len(frame)} of {len(rows)} interaction rows"
+        )
     if delta_versions(tables) != versions:
         raise SnapshotChanged(f"Delta tables changed while the training set was built: {versions}")
-    frame = rows.merge(joined["user_id"], on="user_id", how="left").merge(
-        joined["item_id"], on="item_id", how="left"
-    )
-    if "user_vector" in frame.columns:
-        before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(cut)
-        frame["user_vector"] = frame["user_vector"].where(~before.to_numpy(), None)
-    snapshot = Snapshot(as_of, cut, versions, tuple(services), views, vector_lineage(tables))
+    snapshot = Snapshot(as_of, versions, tuple(services), features, vector_lineage(tables))
     return frame, snapshot
 
 
 def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataFrame, list[str]]:
-    """What the training-set gate reads: keys, label, event time and, per view that can hold interaction
-    information, the latest time it may (see HISTORY_VIEWS; null on rows without that view's features)."""
+    """What the training-set gate reads: keys, label, event time and, per vector view, when its value became
+    valid and the newest behaviour it holds (null where the row has no value)."""
     out = frame[["user_id", "item_id", "event_timestamp", "label"]].copy()
     out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
     columns = []
-    for view, features in snapshot.features.items():
-        if view in CONTENT_VIEWS:
+    for view, (_lineage, fields) in TIME_FIELDS.items():
+        if view not in snapshot.features:
             continue
-        known = snapshot.history_cut if view in HISTORY_VIEWS else snapshot.as_of
-        present = frame[list(features)].notna().any(axis=1)
-        column = f"{view}_information_time"
-        out[column] = pd.Series(pd.to_datetime(known, utc=True), index=out.index).where(present)
-        columns.append(column)
+        for f in fields:
+            if f not in frame.columns:
+                raise TrainingSetError(f"the training set lacks {f} of {view}: re-run `llmfeat features`")
+            column = f"{view}_{f}"
+            out[column] = pd.to_datetime(frame[f], utc=True)
+            columns.append(column)
     return out, columns
 
 
@@ -207,7 +173,7 @@ def check_training_set(
     from llmfeat.validation import gate, new_run_id, training_set_suite
 
     data, times = information_times(frame, snapshot)
-    suite = training_set_suite(times, name=name, conf=settings.validation)
+    suite = training_set_suite(times, name=name, conf=settings.validation, strictly_before=STRICTLY_BEFORE)
     run_id = new_run_id("train-ctr")
     return gate(data, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
 

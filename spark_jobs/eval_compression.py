@@ -51,7 +51,7 @@ def marc_trainer(a, states, settings: Settings):  # type: ignore[no-untyped-def]
     def train(layer: int, d: int) -> Vectors:
         xu, xi = states(layer)
         cfg = settings.marc.model_copy(update={"out_dim": d, "layer": layer})
-        fit = fit_marc(a, xu, xi, marc_config(cfg, xu.shape[1]), train_config(cfg), fit_split=cfg.fit_split)
+        fit = fit_marc(a, xu, xi, marc_config(cfg, xu.shape[1]), train_config(cfg), fit_split="train")
         log.info("MARC layer %d d %d: valid AUC %.4f", layer, d, fit.history.best_score)
         return compress(fit.compressor("users"), xu), compress(fit.compressor("items"), xi)
 

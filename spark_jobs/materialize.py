@@ -63,15 +63,20 @@ class VectorTable:
     target: str  # the Feast-facing Delta table (data_sources.py)
     column: str  # the vector field in the feature view
     view: str
+    times: str = ""  # prefix of the lineage time fields (<p>valid_from, <p>history_until); "" = none
 
 
+# One Feast-facing table and view per representation: two encoders, layers or compressors never share one.
 VECTOR_TABLES = (
-    VectorTable("user_features", "user_id", "feast_user_llm", "user_vector", "user_llm_fv"),
-    VectorTable("item_features", "item_id", "feast_item_llm", "item_vector", "item_llm_fv"),
+    VectorTable("user_marc_features", "user_id", "feast_user_marc", "user_vector", "user_marc_fv", "user_"),
+    VectorTable("item_marc_features", "item_id", "feast_item_marc", "item_vector", "item_marc_fv", "item_"),
+    VectorTable("user_bahe_features", "user_id", "feast_user_bahe", "user_vector", "user_bahe_fv"),
     VectorTable(
         "behavior_features", "behavior_id", "feast_behavior_llm", "behavior_vector", "behavior_llm_fv"
     ),
 )
+# What makes two vectors comparable: a view holds exactly one value of each.
+REPRESENTATION = ("encoder_id", "layer", "compressor_name", "compressor_version")
 STATIC_VIEWS = {"item_meta_fv"}  # stamped at the epoch: always materialized in full
 
 
@@ -110,6 +115,7 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
             f"{spec.source}: vector length {got} but {spec.view} declares {dim} "
             f"(feature_repo/feature_views.py VECTOR_DIM); e.g. {spec.key} {_examples(table, spec.key, wrong)}"
         )
+    check_one_representation(table, spec)
     values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # [B, D]
     if pa.types.is_int8(vectors.type.value_type):
         if "scale" not in table.column_names:
@@ -131,7 +137,28 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
     for name, type_ in LINEAGE.items():
         present = name in table.column_names
         columns[name] = table[name].cast(type_) if present else pa.nulls(table.num_rows, type_)
+    if spec.times:
+        columns[f"{spec.times}valid_from"] = columns["event_timestamp"]
+        if spec.key == "user_id":
+            until = "history_until" in table.column_names
+            columns[f"{spec.times}history_until"] = (
+                table["history_until"].cast(TIMESTAMP) if until else pa.nulls(table.num_rows, TIMESTAMP)
+            )
     return pa.table(columns)
+
+
+def check_one_representation(table: pa.Table, spec: VectorTable) -> None:
+    """A view serves one representation: one encoder, layer and compressor version in the whole table."""
+    present = [c for c in REPRESENTATION if c in table.column_names]
+    if not present or table.num_rows == 0:
+        return
+    kinds = table.select(present).group_by(present).aggregate([])
+    if kinds.num_rows > 1:
+        found = "; ".join(", ".join(f"{c}={r[c]}" for c in present) for r in kinds.slice(0, 3).to_pylist())
+        raise FeatureTableError(
+            f"{spec.source} mixes {kinds.num_rows} representations ({found}) but {spec.view} serves one: "
+            "re-run `llmfeat compress` for every key with one compressor version"
+        )
 
 
 def item_meta(items: pa.Table) -> pa.Table:
@@ -181,9 +208,9 @@ def publish(
             skipped.append(Published(spec.target, spec.view, 0, -1, f"no {spec.source} table yet"))
             continue
         data = decode_vectors(tables.read_arrow(spec.source), spec, vector_dim(views[spec.view]))
-        # Keyed by (key, time) and never deleted: the table keeps every published vector, so a training set
-        # joins the vector that was current at each interaction; the online store gets the latest.
-        staged.append((spec.target, spec.view, data, [spec.key, "event_timestamp"], [*LINEAGE], False))
+        # Keyed by (key, valid-from time): a training set joins the vector that was current at each
+        # interaction, the online store gets the latest; the table mirrors its source (one representation).
+        staged.append((spec.target, spec.view, data, [spec.key, "event_timestamp"], [*LINEAGE], True))
     if tables.exists("items"):
         staged.append(
             ("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"], [], True)
@@ -279,13 +306,14 @@ def format_published(published: list[Published]) -> str:
 def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
     from llmfeat.delta_io import open_tables
-    from llmfeat.feast_repo import open_store, repo_dir
+    from llmfeat.feast_repo import open_store, store_dir
     from llmfeat.serving.features import OnlineFeatures
 
-    print(f"\n== features (Feast repo {repo_dir(settings)}, online store {settings.feast.online_store})")
+    where = f"stores in {store_dir(settings)}, online {settings.feast.online_store}"
+    print(f"\n== features (Feast repository feature_repo/, {where})")
     published = run(spark, settings)
     print(format_published(published))
-    if not all(p.version >= 0 for p in published if p.view in ("user_llm_fv", "item_llm_fv")):
+    if not all(p.version >= 0 for p in published if p.view in ("user_marc_fv", "item_marc_fv")):
         print(
             "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
         )

@@ -3,10 +3,14 @@
     spark-submit spark_jobs/train_compressor.py --config conf/local.yaml [--set marc.layer=15 ...]
     llmfeat train-compressor [--profile local] [--set key=value ...]
 
-Reads users_repr / items_repr at `marc.layer` plus interactions, users and items; fits on `marc.fit_split`
-rows, early-stops on the valid split's AUC; logs params, per-epoch curves, final metrics and both compressors
-(with signature and input example) to MLflow; registers <registry_name>-users / -items and points the alias
-(`mlflow.alias`, default champion) at the new versions. The task-adaptation module is not shipped.
+Reads user_snapshots_repr / items_repr at `marc.layer` plus interactions, users and items. Rows are point in
+time: each interaction with its user's newest snapshot at or before it (the snapshot's text holds only earlier
+behaviour, never the row's own label), users without history included (their demographics-only snapshot). MARC
+fits on the first `marc.fit_frac` of the train period and early-stops on the next `marc.stop_frac` (rows later
+than those it fits); CTR models learn from its vectors only after that. Logs params, per-epoch curves, final
+metrics and both compressors (with signature and input example) to MLflow; registers <registry_name>-users /
+-items and points the alias (`mlflow.alias`, default champion) at the new versions. The task-adaptation module
+is not shipped.
 """
 
 from __future__ import annotations
@@ -83,22 +87,37 @@ def train_config(cfg: MarcConf) -> Any:
 def load_inputs(
     spark: SparkSession | None, settings: Settings
 ) -> tuple[CtrArrays, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
-    """Arrays for training, the layer's states per entity (U, D) / (I, D), and each table's lineage."""
+    """Point-in-time arrays (user side = snapshots), the layer's states per entity (S, D) / (I, D), and each
+    table's lineage."""
     from llmfeat.delta_io import open_tables
+    from llmfeat.models.ctr.data import point_in_time
+    from llmfeat.spark_jobs.user_text import parse_snapshot_id
 
     tables = open_tables(settings, spark)
     a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
     layer = settings.marc.layer
+    name = "user_snapshots_repr"
+    if not tables.exists(name):
+        raise ReprError(f"{name} not found: run `llmfeat encode --entity user_snapshots` first")
+    snapshots = tables.read_arrow(name)
+    keys = np.array(sorted(set(snapshots.column("snapshot_id").to_pylist())), dtype=object)
+    parsed = [parse_snapshot_id(k) for k in keys]
+    users = np.array([u for u, _ in parsed], dtype=object)
+    micros = np.array([int(t.timestamp() * 1_000_000) for _, t in parsed], dtype=np.int64)
+    a = point_in_time(a, keys, users, micros)
     states, lineage = {}, {}
-    for entity, keys in (("users", a.user_keys), ("items", a.item_keys)):
-        name = f"{entity}_repr"
-        table = tables.read_arrow(name)
-        states[entity] = repr_matrix(table, entity, layer, keys, name)
-        lineage[entity] = layer_lineage(table, name, layer) | {
+    for entity, table_name, repr_entity, entity_keys in (
+        ("users", name, "user_snapshots", keys),
+        ("items", "items_repr", "items", a.item_keys),
+    ):
+        table = snapshots if table_name == name else tables.read_arrow(table_name)
+        states[entity] = repr_matrix(table, repr_entity, layer, entity_keys, table_name)
+        lineage[entity] = layer_lineage(table, table_name, layer) | {
             "entity": entity,
+            "source_table": table_name,
             "in_dim": states[entity].shape[1],
             "out_dim": settings.marc.out_dim,
-            "source_version": tables.version(name),
+            "source_version": tables.version(table_name),
         }
     return a, states, lineage
 
@@ -128,24 +147,27 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
     import mlflow
     import torch
 
-    from llmfeat.models.marc.train import fit_marc
+    from llmfeat.models.marc.train import fit_marc, marc_periods
     from llmfeat.registry import use_tracking
     from llmfeat.validation.data_docs import link_inputs, locations
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     a, states, lineage = load_inputs(spark, settings)
     cfg = settings.marc
+    periods = marc_periods(a.timestamp, a.split, cfg.fit_frac, cfg.stop_frac)
+    fit_rows, stop_rows = np.flatnonzero(periods["marc_fit"]), np.flatnonzero(periods["marc_stop"])
     log.info(
-        "MARC: layer %d, %d -> %d, fit on %s", cfg.layer, states["items"].shape[1], cfg.out_dim, cfg.fit_split
-    )
+        "MARC: layer %d, %d -> %d, point-in-time rows: fit %d, stop %d", cfg.layer, states["items"].shape[1],
+        cfg.out_dim, len(fit_rows), len(stop_rows),
+    )  # fmt: skip
     fit = fit_marc(
         a, states["users"], states["items"], marc_config(cfg, states["items"].shape[1]), train_config(cfg),
-        fit_split=cfg.fit_split, max_fit_rows=cfg.max_fit_rows,
+        max_fit_rows=cfg.max_fit_rows, fit_rows=fit_rows, stop_rows=stop_rows,
     )  # fmt: skip
     use_tracking(settings)
     with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
         mlflow.set_tags({"kind": "marc-compressor", "marc_config": str(asdict(fit.model.cfg))})
-        inputs = ["items_repr", "users_repr", "interactions"]  # gated when they were published
+        inputs = ["items_repr", "user_snapshots_repr", "interactions"]  # gated when they were published
         link_inputs(mlflow.MlflowClient(), active.info.run_id, locations(settings)[0].parent, inputs)
         registered = log_fit(fit, settings, lineage)
     return TrainSummary(active.info.run_id, fit.history.best_score, fit.history.best_epoch, registered)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -72,6 +72,7 @@ def model_config(cfg: CtrConf, encoder: FeatureEncoder) -> CtrConfig:
         emb_dim=cfg.emb_dim,
         hidden=tuple(cfg.hidden),
         dropout=cfg.dropout,
+        residual_width=cfg.residual_width,
     )
 
 
@@ -81,9 +82,16 @@ def _rows(x: CtrInputs, idx: np.ndarray) -> CtrInputs:
 
 
 def fit_model(
-    frame: pd.DataFrame, masks: dict[str, np.ndarray], use_llm: bool, cfg: CtrConf, log_epochs: bool = True
+    frame: pd.DataFrame,
+    masks: dict[str, np.ndarray],
+    use_llm: bool,
+    cfg: CtrConf,
+    log_epochs: bool = True,
+    residual_rows: np.ndarray | None = None,
 ) -> tuple[CtrModel, FeatureEncoder]:
-    """Fit the encoder on the fit rows (statistics on train), then the model with early stopping on valid."""
+    """Fit the encoder on the fit rows, then the id model with early stopping on valid; with LLM vectors,
+    then the residual branch on top of the fitted id model (id part frozen), on `residual_rows` (default: the
+    fit rows), regularised, keeping the zero branch when no epoch improves the valid AUC."""
     import mlflow
 
     y = frame["label"].to_numpy(np.float32)
@@ -101,15 +109,35 @@ def fit_model(
         score.logloss = logloss(y[valid], p)  # type: ignore[attr-defined]
         return auc(y[valid], p)
 
-    def on_epoch(epoch: int, train_loss: float, valid_auc: float) -> None:
-        log.info("epoch %d: train loss %.4f, valid AUC %.4f", epoch, train_loss, valid_auc)
-        if log_epochs:
-            metrics = {"train_loss": train_loss, "valid_auc": valid_auc, "valid_logloss": score.logloss}  # type: ignore[attr-defined]
-            mlflow.log_metrics(metrics, step=epoch)
+    def on_epoch(stage: str) -> Any:
+        offset = 0 if stage == "id" else 1000
 
-    trainer = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.patience, cfg.seed)
+        def log_epoch(epoch: int, train_loss: float, valid_auc: float) -> None:
+            log.info("%s epoch %d: train loss %.4f, valid AUC %.4f", stage, epoch, train_loss, valid_auc)
+            if log_epochs:
+                metrics = {f"{stage}_train_loss": train_loss, f"{stage}_valid_auc": valid_auc}
+                mlflow.log_metrics(metrics | {f"{stage}_valid_logloss": score.logloss}, step=offset + epoch)  # type: ignore[attr-defined]
+
+        return log_epoch
+
     torch.manual_seed(cfg.seed)
-    train_early_stopping(model, np.flatnonzero(masks["fit"]), loss, score, trainer, on_epoch)
+    id_train = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.patience, cfg.seed)
+    fit = np.flatnonzero(masks["fit"])
+    # The id part first: the same model, rows and seed as the model without LLM features.
+    train_early_stopping(model, fit, loss, score, id_train, on_epoch("id"), params=model.id_parameters())
+    if model.residual is not None:
+        for p in model.id_parameters():
+            p.requires_grad_(False)
+        rows = fit if residual_rows is None else np.intersect1d(fit, residual_rows)
+        res_train = TrainConfig(
+            cfg.residual_lr, cfg.residual_weight_decay, cfg.batch_size, cfg.epochs, cfg.patience, cfg.seed
+        )
+        params = list(model.residual.parameters())
+        train_early_stopping(
+            model, rows, loss, score, res_train, on_epoch("residual"), params, keep_start=True
+        )
+        for p in model.id_parameters():
+            p.requires_grad_(True)
     return model, encoder
 
 
@@ -169,12 +197,12 @@ def train_and_register(
     tags = run_tags(snapshot, cfg, use_llm)
     with mlflow.start_run(run_name=f"train-{label}", tags=tags) as run:
         link_to_mlflow(mlflow.MlflowClient(), run.info.run_id, checked)
-        inputs = ["interactions", "feast_user_llm", "feast_item_llm", "feast_item_meta"]
+        inputs = ["interactions", "feast_user_marc", "feast_item_marc", "feast_item_meta"]
         link_inputs(mlflow.MlflowClient(), run.info.run_id, locations(settings)[0].parent, inputs)
         mlflow.log_params({f"ctr.{k}": v for k, v in cfg.model_dump().items()} | describe(frame))
-        model, encoder = fit_model(frame, masks, use_llm, cfg)
+        model, encoder = fit_model(frame, masks, use_llm, cfg, residual_rows=after_marc(settings, frame))
         p = predict(model, encoder, frame)
-        warm = frame["user_id"].isin(set(encoder.user_stats)).to_numpy()
+        warm = frame["user_id"].isin(set(frame.loc[masks["train"], "user_id"])).to_numpy()
         results = evaluate(frame, p, masks, warm, cfg.n_boot)
         for subset, intervals in results.items():
             mlflow.log_metrics(flat_metrics(subset, intervals))
@@ -189,6 +217,18 @@ def train_and_register(
     if alias:
         client.set_registered_model_alias(cfg.registry_name, alias, version)
     return TrainedCtr(cfg.registry_name, version, run.info.run_id, use_llm, alias, results["test"])
+
+
+def after_marc(settings: Settings, frame: pd.DataFrame) -> np.ndarray:
+    """Rows after the period MARC was fitted and early-stopped on (marc.fit_frac, marc.stop_frac): the only
+    rows the LLM branch learns from, so it never fits labels the compressor was fitted to."""
+    from llmfeat.models.marc.train import marc_periods
+
+    ts = pd.to_datetime(frame["event_timestamp"], utc=True).astype("int64").to_numpy()
+    after = marc_periods(ts, frame["split"].to_numpy(), settings.marc.fit_frac, settings.marc.stop_frac)[
+        "after"
+    ]
+    return np.flatnonzero(after)
 
 
 def use_ctr_tracking(settings: Settings) -> str:

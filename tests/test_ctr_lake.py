@@ -16,6 +16,7 @@ from test_feast_repo import feature_table
 
 from llmfeat.config import Settings, load_settings
 from llmfeat.delta_io import RustDelta
+from llmfeat.feast_repo import open_store
 from llmfeat.spark_jobs import materialize
 
 N_USERS, N_ITEMS, PER_USER = 60, 40, 12
@@ -29,6 +30,7 @@ def lake_settings(tmp: Path, *overrides: str) -> Settings:
         [
             f"data_dir={tmp}",
             "ctr.epochs=3",
+            "ctr.residual_lr=0.005",  # a few hundred rows: the branch needs a larger step to show
             "ctr.n_boot=20",
             "ctr.hidden=[16]",
             "ctr.batch_size=128",
@@ -86,17 +88,43 @@ def build_lake(tmp: Path, *overrides: str) -> Settings:
     tables = RustDelta(settings.delta_root)
     tables.write("items", items_table(rng))
     tables.write("interactions", interactions(rng, u_lat, i_lat))
-    encoded = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     users, items = [str(u + 1) for u in range(N_USERS)], [str(i + 1) for i in range(N_ITEMS)]
-    tables.write("user_features", feature_table("user_id", users, u_lat @ proj / 4, encoded))
-    tables.write("item_features", feature_table("item_id", items, i_lat @ proj / 4, encoded, "int8"))
+    # One snapshot per user, valid from the user's first interaction (demographics-only in the real job);
+    # item vectors valid from before the first interaction.
+    first = [START + timedelta(days=u) for u in range(N_USERS)]
+    snaps = feature_table("user_id", users, u_lat @ proj / 4, first)
+    snaps = snaps.append_column("history_until", pa.nulls(N_USERS, pa.timestamp("us", tz="UTC")))
+    tables.write("user_marc_features", snaps)
+    tables.write("item_marc_features", feature_table("item_id", items, i_lat @ proj / 4, START, "int8"))
+    for key, prefix in (("user_id", "user"), ("item_id", "item")):
+        tables.write(f"feast_{prefix}_stats", counters(tables.read_arrow("interactions"), key, prefix))
     materialize.run(None, settings)
+    materialize.materialize(open_store(settings), ["user_stats_fv", "item_stats_fv"])
     return settings
+
+
+def counters(inter: pa.Table, key: str, prefix: str) -> pa.Table:
+    """The materialize job's daily cumulative counters (it needs Spark for them; the tiny lake does not)."""
+    df = inter.to_pandas()
+    df["day"] = df["event_timestamp"].dt.floor("D")
+    daily = df.groupby([key, "day"]).agg(n=("label", "size"), c=("label", "sum")).reset_index()
+    daily[[f"{prefix}_impressions", f"{prefix}_clicks"]] = daily.groupby(key)[["n", "c"]].cumsum()
+    daily["event_timestamp"] = daily["day"] + timedelta(days=1)
+    out = daily[[key, "event_timestamp", f"{prefix}_impressions", f"{prefix}_clicks"]]
+    return pa.Table.from_pandas(out, preserve_index=False).cast(
+        pa.schema(
+            [
+                (key, pa.string()),
+                ("event_timestamp", pa.timestamp("us", tz="UTC")),
+                (f"{prefix}_impressions", pa.int64()),
+                (f"{prefix}_clicks", pa.int64()),
+            ]
+        )
+    )
 
 
 @pytest.mark.integration
 def test_tiny_lake_has_vectors_online(tmp_path: Path) -> None:
-    from llmfeat.feast_repo import open_store
     from llmfeat.serving.features import OnlineFeatures
 
     settings = build_lake(tmp_path)

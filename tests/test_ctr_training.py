@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
@@ -37,17 +36,21 @@ def client(settings: Settings) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def test_training_set_withholds_user_vectors_before_the_history_cut(lake: Settings) -> None:
-    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_llm_v1"])
-    before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(snap.history_cut)
-    assert before.any() and frame.loc[before, "user_vector"].isna().all()
-    assert frame.loc[~before, "user_vector"].notna().all() and frame["item_vector"].notna().all()
-    assert (
-        frame["genres"].notna().all()
-        and len(frame) == RustDelta(lake.delta_root).read_arrow("interactions").num_rows
-    )
-    assert snap.delta_versions["interactions"] == 0 and snap.as_of > snap.history_cut
-    assert "item.compressor_version" in snap.lineage and "ctr_llm_v1" in snap.services
+def test_training_set_is_the_point_in_time_join_of_every_interaction(lake: Settings) -> None:
+    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_marc_v2"])
+    rows = RustDelta(lake.delta_root).read_arrow("interactions").to_pandas()
+    assert len(frame) == len(rows)  # exactly the interaction rows, none dropped by the join
+    assert frame["user_vector"].notna().all() and frame["item_vector"].notna().all()
+    # each row got a vector valid at its own time, never a later one
+    ts = pd.to_datetime(frame["event_timestamp"], utc=True)
+    assert (pd.to_datetime(frame["user_valid_from"], utc=True) <= ts).all()
+    assert (pd.to_datetime(frame["item_valid_from"], utc=True) <= ts).all()
+    # counters count only earlier days: a user's first row has none
+    first = frame.sort_values("event_timestamp").groupby("user_id").head(1)
+    assert first["user_impressions"].fillna(0).eq(0).all()
+    assert frame["item_impressions"].fillna(0).max() > 0  # items recur across days (users do not, here)
+    assert snap.delta_versions["interactions"] == 0 and "ctr_marc_v2" in snap.services
+    assert "item.compressor_version" in snap.lineage
 
 
 def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Settings, tmp_path: Path) -> None:
@@ -56,17 +59,17 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     champion = c.get_model_version_by_alias("llmfeat-ctr", "champion")
     challenger = c.get_model_version_by_alias("llmfeat-ctr", "challenger")
     assert champion.tags["ctr.uses_llm"] == "false" and challenger.tags["ctr.uses_llm"] == "true"
-    assert challenger.tags["feast.feature_service"] == "ctr_llm_v1"
-    assert {"user_llm_fv", "item_llm_fv", "item_meta_fv"} <= set(
+    assert challenger.tags["feast.feature_service"] == "ctr_marc_v2"
+    assert {"user_marc_fv", "item_marc_fv", "item_meta_fv", "user_stats_fv"} <= set(
         challenger.tags["feast.feature_views"].split(",")
     )
-    for key in ("delta.interactions.version", "delta.feast_item_llm.version", "lineage.item.layer",
+    for key in ("delta.interactions.version", "delta.feast_item_marc.version", "lineage.item.layer",
                 "lineage.user.encoder_id", "lineage.item.compressor_version", "snapshot.as_of"):  # fmt: skip
         assert key in challenger.tags, key
     run = c.get_run(challenger.run_id)
     for key in ("test_auc", "test_auc_low", "test_gauc_high", "test_logloss", "valid_auc", "test_cold_auc"):
         assert key in run.data.metrics, key
-    assert len(c.get_metric_history(run.info.run_id, "valid_auc")) >= 1  # per epoch
+    assert len(c.get_metric_history(run.info.run_id, "residual_valid_auc")) >= 1  # per epoch
     assert run.data.params["ctr.kind"] == "deepfm"
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/roc_test.png", "plots/calibration_test.png"}
@@ -76,31 +79,31 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     # the training set passed its gate, and the run links that gate's Data Docs page
     assert run.data.tags["validation.training_set_deepfm_llm"].startswith("passed (training_set_deepfm_llm")
     page = Path(run.data.tags["data_docs.training_set_deepfm_llm"].removeprefix("file://"))
-    assert page.is_file() and "user_llm_fv_information_time" in page.read_text()
+    assert page.is_file() and "user_marc_fv_user_history_until" in page.read_text()
     # and the newest gate pages of the Feast tables it read (gated by materialize)
-    assert run.data.tags["validation.input.feast_item_llm"].startswith("passed (run materialize-")
-    assert Path(run.data.tags["data_docs.input.feast_user_llm"].removeprefix("file://")).is_file()
+    assert run.data.tags["validation.input.feast_item_marc"].startswith("passed (run materialize-")
+    assert Path(run.data.tags["data_docs.input.feast_user_marc"].removeprefix("file://")).is_file()
 
 
-def test_training_set_gate_stops_leaked_user_vectors_and_collapsed_labels(
+def test_training_set_gate_stops_future_vectors_own_labels_and_collapsed_labels(
     lake: Settings, tmp_path: Path
 ) -> None:
-    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_llm_v1"])
+    frame, snap = build_frame(lake, RustDelta(lake.delta_root), open_store(lake), ["ctr_marc_v2"])
     scratch = RustDelta(tmp_path / "delta")  # quarantine and Data Docs of this test only
     assert check_training_set(lake, scratch, frame, snap, "training_set").success
-    before = pd.to_datetime(frame["event_timestamp"], utc=True) < pd.Timestamp(snap.history_cut)
-    leak = set(np.flatnonzero(before.to_numpy())[:3])
-    some_vector = frame.loc[~before, "user_vector"].iloc[0]
-    leaked = frame.assign(
-        user_vector=[some_vector if i in leak else v for i, v in enumerate(frame["user_vector"])]
-    )
-    with pytest.raises(GateFailed, match="column_B=user_llm_fv_information_time") as failed:
-        check_training_set(lake, scratch, leaked, snap, "training_set")
+    ts = pd.to_datetime(frame["event_timestamp"], utc=True)
+    # a vector stamped after its row
+    future = frame.assign(user_valid_from=ts.where(frame.index >= 3, ts + pd.Timedelta(hours=1)))
+    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_valid_from") as failed:
+        check_training_set(lake, scratch, future, snap, "training_set")
     assert failed.value.report.quarantined == 3 and failed.value.report.version is None
     quarantined = scratch.read_arrow("quarantine").to_pandas()
     keys = [json.loads(k) for k in quarantined["row_key"]]
-    assert {k["user_id"] for k in keys} == set(frame.loc[sorted(leak), "user_id"])
-    assert all("user_llm_fv_information_time" in r for r in quarantined["reasons"])
+    assert {k["user_id"] for k in keys} == set(frame.loc[:2, "user_id"])
+    # a vector whose text holds the row's own event (its label)
+    own = frame.assign(user_history_until=ts.where(frame.index >= 2, ts))
+    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_history_until"):
+        check_training_set(lake, scratch, own, snap, "training_set")
     with pytest.raises(GateFailed, match="expect_column_mean_to_be_between.column=label"):
         check_training_set(lake, scratch, frame.assign(label=0), snap, "training_set")
 
@@ -110,7 +113,7 @@ def test_registered_model_scores_a_frame_like_the_service_builds(lake: Settings,
     mlflow.set_tracking_uri(tracking_uri(settings))
     ref = resolve("llmfeat-ctr", "challenger", tracking_uri(settings))
     frame, _ = build_frame(
-        settings, RustDelta(settings.delta_root), open_store(settings), ["ctr_llm_v1"], "test"
+        settings, RustDelta(settings.delta_root), open_store(settings), ["ctr_marc_v2"], "test"
     )
     p = load_ranker(ref.uri).score(frame)
     assert p.shape == (len(frame),) and ((p > 0) & (p < 1)).all()
@@ -132,7 +135,7 @@ def test_compare_logs_a_run_and_the_gate_decides_promotion(lake: Settings, tmp_p
         "comparison.txt",
         "plots",
     }
-    assert "DeLong" in kept.report() and "[" in kept.comparison.table().iloc[0, 1]
+    assert "resample users" in kept.report() and "[" in kept.comparison.table().iloc[0, 1]
 
     lax = strict.model_copy(
         update={

@@ -78,8 +78,7 @@ def same_rows_as_feast(store, kind) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_http_fetch_from_feast_serve_and_docs_snippet(sqlite_store: Settings) -> None:
-    repo = Path(sqlite_store.data_dir) / "feast"
-    with feast_serve(repo) as url:
+    with feast_serve(sqlite_store) as url:
         check_batch(HttpFeatures(url).fetch("196", ["242", "302", "unknown", "377"]))
         snippet = re.search(r"<!-- snippet: http-client.*?```python\n(.*?)```", DOCS.read_text(), re.S)
         assert snippet, "docs/features.md lost its HTTP client snippet"

@@ -295,13 +295,19 @@ def training_set_suite(
     keys: Sequence[str] = ("user_id", "item_id", "event_timestamp"),
     name: str = "training_set",
     conf: ValidationConf = DEFAULTS,
+    strictly_before: Sequence[str] = (),
 ) -> Suite:
     """A point-in-time training set: labels 0/1 at a plausible rate, and no feature newer than its event
-    (a missing feature, null timestamp, is allowed: the row had none inside the TTL)."""
+    (a missing feature, null timestamp, is allowed: the row had none inside the TTL). Columns named in
+    `strictly_before` (e.g. the newest behaviour a user text holds) must precede the event: the row's own
+    label must not be in them."""
     lo, hi = conf.label_rate
     point_in_time = [
         gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-            column_A="event_timestamp", column_B=ts, or_equal=True, ignore_row_if="either_value_is_missing"
+            column_A="event_timestamp",
+            column_B=ts,
+            or_equal=ts not in strictly_before,
+            ignore_row_if="either_value_is_missing",
         )
         for ts in feature_timestamps
     ]

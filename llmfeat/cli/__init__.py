@@ -76,7 +76,7 @@ def encode_command(args: argparse.Namespace) -> int:
 
 def features_command(args: argparse.Namespace) -> int:
     """`features apply` registers the repo (no Spark); `features materialize` publishes and materializes."""
-    from llmfeat.feast_repo import FeatureStoreError, apply_repo, repo_dir
+    from llmfeat.feast_repo import FeatureStoreError, apply_repo, store_dir
     from llmfeat.spark_jobs.materialize import format_published, run
 
     if args.action == "materialize":
@@ -89,7 +89,7 @@ def features_command(args: argparse.Namespace) -> int:
         print(f"llmfeat features apply: error: {err}", file=sys.stderr)
         return 2
     views = ", ".join(sorted(v.name for v in store.list_feature_views()))
-    print(f"applied feature repo {repo_dir(settings)}: {views}")
+    print(f"applied feature repo feature_repo/ (registry and online store in {store_dir(settings)}): {views}")
     return 0
 
 

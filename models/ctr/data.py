@@ -9,7 +9,7 @@ cut (the valid split) and tested on the test split; the ID side is learned from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from llmfeat.errors import UserError
 
-KEY_COLUMN = {"users": "user_id", "items": "item_id"}
+KEY_COLUMN = {"users": "user_id", "items": "item_id", "user_snapshots": "snapshot_id"}
 
 
 class ReprError(UserError, ValueError):
@@ -69,6 +69,28 @@ def ctr_arrays(interactions: pa.Table, users: pa.Table, items: pa.Table, prior: 
         [np.log1p(ic[item_idx]), ictr[item_idx], np.log1p(uc[user_idx]), uctr[user_idx], warm], axis=1
     ).astype(np.float32)
     return CtrArrays(user_keys, item_keys, user_idx, item_idx, label, split, ts, dense, warm)
+
+
+def point_in_time(
+    a: CtrArrays, snapshot_keys: np.ndarray, snapshot_users: np.ndarray, snapshot_times: np.ndarray
+) -> CtrArrays:
+    """The same rows with the user side replaced by user snapshots: user_keys = snapshot keys (S,), user_idx
+    = each row's user's newest snapshot at or before the row's time (a snapshot's text holds only earlier
+    behaviour, so a row never sees its own label). snapshot_times: epoch micros; ReprError when a row has
+    none."""
+    order = np.lexsort((snapshot_times, snapshot_users))  # by user, then time
+    users, times = snapshot_users[order], snapshot_times[order]
+    row_users = a.user_keys[a.user_idx]
+    idx = np.empty(len(row_users), dtype=np.int64)
+    starts = {u: i for i, u in reversed(list(enumerate(users)))}
+    ends = {u: i + 1 for i, u in enumerate(users)}
+    for r, (u, t) in enumerate(zip(row_users, a.timestamp, strict=True)):
+        lo, hi = starts.get(u, 0), ends.get(u, 0)
+        j = lo + int(np.searchsorted(times[lo:hi], t, side="right")) - 1
+        if hi == lo or j < lo:
+            raise ReprError(f"user_id={u!r}: no snapshot at or before its interaction at {t} (epoch us)")
+        idx[r] = order[j]
+    return replace(a, user_keys=snapshot_keys, user_idx=idx)
 
 
 def repr_matrix(table: pa.Table, entity: str, layer: int, keys: np.ndarray, name: str = "") -> np.ndarray:

@@ -2,14 +2,15 @@
 
 The scoring frame is what training, the offline comparison and the ranking service all build (from Feast):
     user_id str, item_id str, year float (NaN = unknown), genres str ("A|B", None = unknown),
-    user_vector list[float] | None, item_vector list[float] | None   (only for models with LLM features)
+    user_impressions, user_clicks, item_impressions, item_clicks (point-in-time counters up to the previous
+    day; null = none yet), user_vector list[float] | None, item_vector list[float] | None (LLM models only)
 
 Fitted once on the training rows (`FeatureEncoder.fit`) and stored as JSON next to the weights:
-- id vocabularies (index 0 = an id unseen in training), the genre vocabulary;
-- the ordinary ID side: train-period impressions and smoothed click rates per user and per item;
-- per-dimension mean / std of the LLM vectors over distinct entities (vectors arrive on one scale).
-Dense features F: year_z, year_missing, log1p item count, item ctr, log1p user count, user ctr, warm user,
-and with LLM features: user_vector_missing, item_vector_missing.
+- id vocabularies (index 0 = an id unseen in training), the genre vocabulary, the base click rate;
+- per-dimension mean / std of the LLM vectors over distinct vectors (vectors arrive on one scale).
+Dense features F: year_z, year_missing, log1p item impressions, item click rate (smoothed), log1p user
+impressions, user click rate (smoothed), user has history; all from the point-in-time counters, so a row never
+counts its own label.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 from llmfeat.models.ctr.model import CtrInputs
 
 VECTOR_COLUMNS = ("user_vector", "item_vector")
-BASE_DENSE = ("year_z", "year_missing", "item_log_count", "item_ctr", "user_log_count", "user_ctr", "warm")
-LLM_DENSE = ("user_vector_missing", "item_vector_missing")
+BASE_DENSE = (
+    "year_z", "year_missing", "item_log_count", "item_ctr", "user_log_count", "user_ctr", "user_has_history",
+)  # fmt: skip
+COUNTERS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,7 @@ class FeatureEncoder:
     year_mean: float
     year_std: float
     base_ctr: float
-    user_stats: dict[str, tuple[float, float]]  # id -> (train impressions, smoothed ctr)
-    item_stats: dict[str, tuple[float, float]]
+    prior: float  # pseudo-impressions at the base rate in the smoothed click rates
     vec_mean: dict[str, list[float]]  # "user_vector" / "item_vector" -> (D,); empty without LLM features
     vec_std: dict[str, list[float]]
 
@@ -48,7 +50,7 @@ class FeatureEncoder:
 
     @property
     def dense_names(self) -> tuple[str, ...]:
-        return BASE_DENSE + (LLM_DENSE if self.uses_llm else ())
+        return BASE_DENSE
 
     def vec_dim(self, column: str) -> int:
         return len(self.vec_mean.get(column, []))
@@ -64,16 +66,16 @@ class FeatureEncoder:
         prior: float = 10.0,
     ) -> FeatureEncoder:
         """frame: scoring frame of all rows; labels (N,); fit_rows (N,) bool: rows the model is fitted on
-        (their ids get embeddings); stats_rows (N,) bool: rows the popularity statistics count (train)."""
-        fit, stats = frame[fit_rows], frame[stats_rows]
+        (their ids get embeddings); stats_rows (N,) bool: rows the base click rate is taken from (train)."""
+        fit = frame[fit_rows]
         base = float(labels[stats_rows].mean())
         genres = sorted({g for s in frame["genres"].dropna() for g in str(s).split("|") if g})
         years = frame["year"].astype(float)
         mean: dict[str, list[float]] = {}
         std: dict[str, list[float]] = {}
-        for col, key in zip(VECTOR_COLUMNS, ("user_id", "item_id"), strict=True):
+        for col in VECTOR_COLUMNS:
             if use_llm:
-                m, s = _vector_moments(frame, col, key)
+                m, s = _vector_moments(fit, col)
                 mean[col], std[col] = m.tolist(), s.tolist()
         return cls(
             user_ids=sorted(fit["user_id"].unique().tolist()),
@@ -82,8 +84,7 @@ class FeatureEncoder:
             year_mean=float(np.nanmean(years)) if years.notna().any() else 0.0,
             year_std=float(np.nanstd(years)) + 1e-6 if years.notna().any() else 1.0,
             base_ctr=base,
-            user_stats=_id_stats(stats["user_id"], labels[stats_rows], base, prior),
-            item_stats=_id_stats(stats["item_id"], labels[stats_rows], base, prior),
+            prior=prior,
             vec_mean=mean,
             vec_std=std,
         )
@@ -94,13 +95,13 @@ class FeatureEncoder:
         items = {k: i + 1 for i, k in enumerate(self.item_ids)}
         user = frame["user_id"].map(users).fillna(0).to_numpy(np.int64)  # (B,)
         item = frame["item_id"].map(items).fillna(0).to_numpy(np.int64)  # (B,)
-        dense = [*self._year(frame), *self._id_side(frame)]
+        dense = [*self._year(frame), *self._counters(frame)]
         vectors: list[np.ndarray] = []
+        missing: list[np.ndarray] = []
         for col in VECTOR_COLUMNS:
-            v, missing = self._vectors(frame, col)
+            v, m = self._vectors(frame, col)
             vectors.append(v)
-            if self.uses_llm:
-                dense.append(missing.astype(np.float32))
+            missing.append(m.astype(np.float32))
         return CtrInputs(
             user=torch.from_numpy(user),
             item=torch.from_numpy(item),
@@ -108,6 +109,7 @@ class FeatureEncoder:
             dense=torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)),  # (B, F)
             user_vec=torch.from_numpy(vectors[0]),
             item_vec=torch.from_numpy(vectors[1]),
+            vec_missing=torch.from_numpy(np.stack(missing, axis=1)),  # (B, 2)
         )
 
     def _year(self, frame: pd.DataFrame) -> list[np.ndarray]:
@@ -116,14 +118,15 @@ class FeatureEncoder:
         z = np.where(missing, 0.0, (year - self.year_mean) / self.year_std)
         return [z.astype(np.float32), missing.astype(np.float32)]
 
-    def _id_side(self, frame: pd.DataFrame) -> list[np.ndarray]:
+    def _counters(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        """log1p impressions and smoothed click rates of item and user, as of the previous day."""
         out = []
-        for col, stats in (("item_id", self.item_stats), ("user_id", self.user_stats)):
-            pairs = np.array([stats.get(k, (0.0, self.base_ctr)) for k in frame[col]], dtype=np.float32)
-            pairs = pairs.reshape(-1, 2)
-            out += [np.log1p(pairs[:, 0]), pairs[:, 1]]
-        out.append((out[2] > 0).astype(np.float32))  # warm: the user has train-period history
-        return out
+        for who in ("item", "user"):
+            n = _column(frame, f"{who}_impressions")
+            c = _column(frame, f"{who}_clicks")
+            out += [np.log1p(n), (c + self.prior * self.base_ctr) / (n + self.prior)]
+        out.append((out[2] > 0).astype(np.float32))  # the user has history on an earlier day
+        return [o.astype(np.float32) for o in out]
 
     def _genres(self, frame: pd.DataFrame) -> np.ndarray:
         index = {g: i for i, g in enumerate(self.genres)}
@@ -149,10 +152,14 @@ class FeatureEncoder:
 
     @classmethod
     def load(cls, path: Path) -> FeatureEncoder:
-        doc = json.loads(path.read_text())
-        for key in ("user_stats", "item_stats"):
-            doc[key] = {k: tuple(v) for k, v in doc[key].items()}
-        return cls(**doc)
+        return cls(**json.loads(path.read_text()))
+
+
+def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A counter column as float64, 0 where null (no interaction yet) or absent."""
+    if name not in frame.columns:
+        return np.zeros(len(frame))
+    return pd.to_numeric(frame[name], errors="coerce").fillna(0).to_numpy(np.float64)
 
 
 def stack_vectors(column: pd.Series, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,21 +176,10 @@ def _is_vector(value: object) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
 
 
-def _vector_moments(frame: pd.DataFrame, col: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std per dimension over distinct entities that have a vector (unsupervised)."""
-    present = frame[frame[col].map(_is_vector)].drop_duplicates(key)
+def _vector_moments(frame: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std per dimension over the fit rows that have a vector (unsupervised)."""
+    present = frame[frame[col].map(_is_vector)]
     if present.empty:
         raise ValueError(f"no {col} in the training set: are the LLM vectors published and materialized?")
     v = np.stack([np.asarray(x, dtype=np.float32) for x in present[col]])  # (entities, D)
     return v.mean(axis=0), v.std(axis=0) + 1e-6
-
-
-def _id_stats(
-    ids: pd.Series, labels: np.ndarray, base: float, prior: float
-) -> dict[str, tuple[float, float]]:
-    grouped = pd.DataFrame({"id": ids.to_numpy(), "y": labels}).groupby("id")["y"].agg(["count", "sum"])
-    smoothed = (grouped["sum"] + prior * base) / (grouped["count"] + prior)
-    return {
-        str(k): (float(c), float(r))
-        for k, c, r in zip(grouped.index, grouped["count"], smoothed, strict=True)
-    }

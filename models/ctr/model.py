@@ -1,17 +1,20 @@
-"""CTR rankers over ids, side features and (optionally) LLM user and item vectors: DNN and DeepFM.
+"""CTR rankers over ids and point-in-time side features, with LLM user and item vectors as a residual branch.
 
 Notation: B batch, U users, I items (index 0 = an id unseen in training), G genres, F dense side features,
-Du / Di LLM vector widths (0 = the model without LLM features), E field-embedding width, K fields.
+Du / Di LLM vector widths (0 = the model without LLM features), E field-embedding width, K fields, H the
+residual branch's width.
 
-Fields (each one E-wide embedding per row): user id, item id, genres (multi-hot -> sum of genre embeddings),
-dense side features (projected), and with LLM features the projected user and item vectors.
-
-- `FieldArch`      ids, genres, dense        -> (B, K0, E)
-- `LlmArch`        user / item LLM vectors   -> (B, 2, E)   (absent when Du = Di = 0)
+The id model (the champion on its own):
+- `FieldArch`      ids, genres, dense        -> (B, 4, E)
 - `FirstOrderArch` biases + linear terms     -> (B,)
 - `FmArch`         pairwise <e_a, e_b> sum   -> (B,)        (DeepFM only)
 - `DeepArch`       MLP over all fields       -> (B,)
-logit = first order + deep [+ fm]. The model is not the trainer (spark_jobs/train_ctr.py trains it).
+With LLM vectors, `LlmResidual` adds a logit of its own: [u, i, u * i, missing flags] -> MLP -> (B,), its last
+layer zero-initialised, so that the model starts as the id model and the vectors enter only as far as they
+help (the trainer fits it on top of a fitted id part, regularised, and keeps the zero branch when the
+vectors do not help on validation).
+
+logit = first order + deep [+ fm] [+ residual]. The model is not the trainer (spark_jobs/train_ctr.py).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class CtrInputs(NamedTuple):
     dense: Tensor  # (B, F) float32
     user_vec: Tensor  # (B, Du) float32, (B, 0) without LLM features
     item_vec: Tensor  # (B, Di) float32
+    vec_missing: Tensor  # (B, 2) float32: no user vector, no item vector
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class CtrConfig:
     emb_dim: int = 16  # E
     hidden: tuple[int, ...] = field(default=(128, 64))
     dropout: float = 0.2
+    residual_width: int = 64  # H
 
     @property
     def uses_llm(self) -> bool:
@@ -74,18 +79,30 @@ class FieldArch(nn.Module):
         return torch.stack(fields, dim=1)  # (B, 4, E)
 
 
-class LlmArch(nn.Module):
-    """LLM user and item vectors -> 2 field embeddings (B, 2, E); the vectors arrive standardised."""
-
-    n_fields = 2
+class LlmResidual(nn.Module):
+    """LLM user and item vectors (standardised, zero where missing) -> a residual logit (B,), 0 at init."""
 
     def __init__(self, cfg: CtrConfig):
         super().__init__()
-        self.user_proj = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.user_vec_dim, cfg.emb_dim))
-        self.item_proj = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(cfg.item_vec_dim, cfg.emb_dim))
+        du, di = cfg.user_vec_dim, cfg.item_vec_dim
+        self.cross = du == di and du > 0  # u * i: the user-item affinity a dot product would measure
+        width = du + di + (du if self.cross else 0) + 2
+        self.mlp = nn.Sequential(
+            nn.Dropout(cfg.dropout),
+            nn.Linear(width, cfg.residual_width),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.residual_width, 1),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: CtrInputs) -> Tensor:
-        return torch.stack([self.user_proj(x.user_vec), self.item_proj(x.item_vec)], dim=1)  # (B, 2, E)
+        parts = [x.user_vec, x.item_vec]  # (B, Du), (B, Di)
+        if self.cross:
+            parts.append(x.user_vec * x.item_vec)  # (B, D)
+        parts.append(x.vec_missing)  # (B, 2)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
 
 
 class FirstOrderArch(nn.Module):
@@ -130,24 +147,27 @@ class DeepArch(nn.Module):
 
 
 class CtrModel(nn.Module):
-    """DNN (first order + deep) or DeepFM (+ FM) over ids, side features and optional LLM vectors."""
+    """DNN (first order + deep) or DeepFM (+ FM) over ids and side features, + the LLM residual if any."""
 
     def __init__(self, cfg: CtrConfig):
         super().__init__()
         self.cfg = cfg
         self.fields = FieldArch(cfg)
-        self.llm = LlmArch(cfg) if cfg.uses_llm else None
-        n_fields = FieldArch.n_fields + (LlmArch.n_fields if self.llm is not None else 0)  # K
         self.first_order = FirstOrderArch(cfg)
         self.fm = FmArch() if cfg.kind == "deepfm" else None
-        self.deep = DeepArch(n_fields * cfg.emb_dim, tuple(cfg.hidden), cfg.dropout)
+        self.deep = DeepArch(FieldArch.n_fields * cfg.emb_dim, tuple(cfg.hidden), cfg.dropout)
+        self.residual = LlmResidual(cfg) if cfg.uses_llm else None
+
+    def id_logit(self, x: CtrInputs) -> Tensor:
+        fields = self.fields(x)  # (B, 4, E)
+        logit = self.first_order(x) + self.deep(fields)  # (B,)
+        return logit + self.fm(fields) if self.fm is not None else logit
 
     def forward(self, x: CtrInputs) -> Tensor:
         """-> click logit (B,)."""
-        fields = self.fields(x)  # (B, 4, E)
-        if self.llm is not None:
-            fields = torch.cat([fields, self.llm(x)], dim=1)  # (B, 6, E)
-        logit = self.first_order(x) + self.deep(fields)  # (B,)
-        if self.fm is not None:
-            logit = logit + self.fm(fields)
-        return logit
+        logit = self.id_logit(x)
+        return logit + self.residual(x) if self.residual is not None else logit
+
+    def id_parameters(self) -> list[nn.Parameter]:
+        residual = {id(p) for p in self.residual.parameters()} if self.residual is not None else set()
+        return [p for p in self.parameters() if id(p) not in residual]

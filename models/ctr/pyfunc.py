@@ -3,6 +3,7 @@ feature encoder, so that `models:/<name>@champion` scores a scoring frame (model
 
     ranker = load_ranker("models:/llmfeat-ctr@champion")   # CtrRanker
     p = ranker.score(frame)                                 # (B,) click probabilities
+    p = ranker.score_arrays(columns)                        # the same from the frame's columns as arrays
 
 Self-contained: the model carries its code (code_paths: the whole ctr and evaluation packages and every
 llmfeat module they import, in the installed layout) and asks for mlflow, torch, numpy and pandas only, so
@@ -16,6 +17,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
@@ -27,8 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmfeat.models.ctr.features import VECTOR_COLUMNS, FeatureEncoder
-from llmfeat.models.ctr.model import CtrConfig, CtrModel
+from llmfeat.models.ctr.features import COUNTERS, VECTOR_COLUMNS, FeatureEncoder
+from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
 
 ARTIFACTS = ("weights", "config", "encoder")
 # The code a registered ranker carries: these packages whole (new modules there travel without a change here)
@@ -42,6 +44,7 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
     def __init__(self) -> None:
         self.model: CtrModel | None = None
         self.encoder: FeatureEncoder | None = None
+        self._arrays: ArrayEncoder | None = None
 
     def load_context(self, context: Any) -> None:
         cfg = json.loads(Path(context.artifacts["config"]).read_text())
@@ -62,7 +65,7 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         """Scoring-frame columns this model reads."""
         assert self.encoder is not None
         extra = ["user_vector", "item_vector"] if self.encoder.uses_llm else []
-        return ["user_id", "item_id", "year", "genres", *extra]
+        return ["user_id", "item_id", "year", "genres", *COUNTERS, *extra]
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
         assert self.model is not None and self.encoder is not None, "load_context was not called"
@@ -72,6 +75,85 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         return self.score(model_input)
+
+    def score_arrays(self, columns: Mapping[str, Any]) -> np.ndarray:
+        """`score` without pandas, for a ranking service (about 10x less work per request than building and
+        transforming a frame): the scoring frame's columns as arrays of B rows, ids as str sequences, numbers
+        as float arrays (NaN = null), genres as str-or-None, a vector column as (B, D) float32 (NaN rows =
+        missing); absent counters count as 0, as in `score`. -> (B,) click probabilities."""
+        assert self.model is not None and self.encoder is not None, "load_context was not called"
+        arrays = getattr(self, "_arrays", None)  # absent on rankers pickled before this method existed
+        if arrays is None or arrays.encoder is not self.encoder:
+            arrays = self._arrays = ArrayEncoder(self.encoder)
+        with torch.no_grad():
+            logit = self.model(arrays.transform(columns))  # (B,)
+        return torch.sigmoid(logit).numpy().astype(np.float64)
+
+
+class ArrayEncoder:
+    """`FeatureEncoder.transform` on columns as arrays, with its lookups built once (see score_arrays)."""
+
+    def __init__(self, encoder: FeatureEncoder):
+        self.encoder = encoder
+        self.users = {k: i + 1 for i, k in enumerate(encoder.user_ids)}
+        self.items = {k: i + 1 for i, k in enumerate(encoder.item_ids)}
+        self.genre_index = {g: i for i, g in enumerate(encoder.genres)}
+        self.genre_rows: dict[str, np.ndarray] = {}  # "A|B" -> (G,) multi-hot, memoised
+        self.moments = {
+            c: (np.asarray(encoder.vec_mean[c], np.float32), np.asarray(encoder.vec_std[c], np.float32))
+            for c in encoder.vec_mean
+        }
+
+    def transform(self, columns: Mapping[str, Any]) -> CtrInputs:
+        enc = self.encoder
+        b = len(columns["item_id"])
+        year = np.asarray(columns["year"], dtype=np.float64)  # (B,)
+        year_missing = np.isnan(year)
+        dense = [np.where(year_missing, 0.0, (year - enc.year_mean) / enc.year_std), year_missing]
+        for who in ("item", "user"):
+            n, c = (self._counter(columns, f"{who}_{k}", b) for k in ("impressions", "clicks"))
+            dense += [np.log1p(n), (c + enc.prior * enc.base_ctr) / (n + enc.prior)]
+        dense.append(dense[4] > 0)  # the user has history on an earlier day
+        vectors, missing = [], []
+        for col in VECTOR_COLUMNS:
+            if col not in self.moments:
+                vectors.append(np.zeros((b, 0), dtype=np.float32))
+                missing.append(np.ones(b, dtype=np.float32))
+                continue
+            raw = np.asarray(columns[col], dtype=np.float32)  # (B, D)
+            absent = np.isnan(raw[:, 0])
+            mean, std = self.moments[col]
+            z = (raw - mean) / std
+            z[absent] = 0.0
+            vectors.append(z)
+            missing.append(absent.astype(np.float32))
+        return CtrInputs(
+            user=torch.tensor([self.users.get(u, 0) for u in columns["user_id"]], dtype=torch.int64),
+            item=torch.tensor([self.items.get(i, 0) for i in columns["item_id"]], dtype=torch.int64),
+            genres=torch.from_numpy(self._genres(columns["genres"], b)),  # (B, G)
+            dense=torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)),  # (B, F)
+            user_vec=torch.from_numpy(vectors[0]),
+            item_vec=torch.from_numpy(vectors[1]),
+            vec_missing=torch.from_numpy(np.stack(missing, axis=1)),  # (B, 2)
+        )
+
+    @staticmethod
+    def _counter(columns: Mapping[str, Any], name: str, b: int) -> np.ndarray:
+        if name not in columns:
+            return np.zeros(b)
+        return np.nan_to_num(np.asarray(columns[name], dtype=np.float64), nan=0.0)
+
+    def _genres(self, values: Any, b: int) -> np.ndarray:
+        out = np.zeros((b, len(self.genre_index)), dtype=np.float32)
+        for row, value in enumerate(values):
+            if isinstance(value, str):
+                hot = self.genre_rows.get(value)
+                if hot is None:
+                    hot = np.zeros(len(self.genre_index), dtype=np.float32)
+                    hot[[self.genre_index[g] for g in value.split("|") if g in self.genre_index]] = 1.0
+                    self.genre_rows[value] = hot
+                out[row] = hot
+        return out
 
 
 def write_artifacts(model: CtrModel, encoder: FeatureEncoder, folder: Path) -> dict[str, str]:

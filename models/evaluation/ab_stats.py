@@ -3,9 +3,11 @@ eCPM under a stated bid rule.
 
 Notation: N scored rows (offline), R requests, U users (online, the unit of randomisation).
 
-- Offline (two models, the same rows): `paired_differences` resamples rows once per replicate and scores both
-  models on the same resample, so the interval of the difference is paired; `delong_test` is the analytic
-  test for correlated ROC AUCs (DeLong, DeLong & Clarke-Pearson 1988; fast midrank form of Sun & Xu 2014).
+- Offline (two models, the same rows): `paired_differences` resamples users (each with all their rows) once
+  per replicate and scores both models on the same resample, so the interval of the difference is paired and
+  respects that one user's rows are correlated; its bootstrap p-value is the test the promotion gate uses.
+  `delong_test`, the analytic test for correlated ROC AUCs (DeLong, DeLong & Clarke-Pearson 1988; fast
+  midrank form of Sun & Xu 2014), treats rows as independent: printed for reference only.
 - Online (two arms, different users): `lift_interval` resamples *users* within each arm (users are what the
   hash assigns), so correlated impressions of one user stay together.
 - `srm_test`: chi-square goodness of fit of the users per arm against the configured split.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from llmfeat.models.evaluation.metrics import Interval, auc, gauc, logloss
+from llmfeat.models.evaluation.metrics import Interval, auc, gauc, logloss, resamples
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -62,14 +64,15 @@ def paired_differences(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Interval]:
-    """metric(b) - metric(a) for AUC, GAUC, LogLoss with paired percentile intervals (b = challenger)."""
+    """metric(b) - metric(a) for AUC, GAUC, LogLoss with paired percentile intervals over resampled users
+    (b = challenger), and `auc_p`: the two-sided bootstrap p-value of the AUC difference (a paired test that
+    respects users, unlike DeLong's, which treats rows as independent)."""
     metrics: dict[str, Callable[[np.ndarray], float]] = {
         "auc": lambda i: auc(y[i], p_b[i]) - auc(y[i], p_a[i]),
         "gauc": lambda i: gauc(y[i], p_b[i], users[i]) - gauc(y[i], p_a[i], users[i]),
         "logloss": lambda i: logloss(y[i], p_b[i]) - logloss(y[i], p_a[i]),
     }
-    rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(y), len(y)) for _ in range(n_boot)]  # one set of resamples: paired
+    draws = resamples(len(y), n_boot, seed, groups=users)  # one set of user resamples: paired
     alpha = (1 - level) / 2
     out = {}
     for name, f in metrics.items():
@@ -78,6 +81,9 @@ def paired_differences(
         point = f(np.arange(len(y)))
         low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (np.nan, np.nan)
         out[name] = Interval(point, float(low), float(high))
+        if name == "auc" and len(values):
+            tail = min((values <= 0).mean(), (values >= 0).mean())
+            out["auc_p"] = Interval(min(1.0, 2 * float(tail)), float("nan"), float("nan"))
     return out
 
 

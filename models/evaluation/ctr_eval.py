@@ -21,13 +21,13 @@ METRICS = ("auc", "gauc", "logloss")
 def metric_intervals(
     y: np.ndarray, p: np.ndarray, users: np.ndarray, n_boot: int, seed: int = 0
 ) -> dict[str, Interval]:
-    """AUC, GAUC, LogLoss with percentile intervals over `n_boot` resamples of the rows."""
+    """AUC, GAUC, LogLoss with percentile intervals over `n_boot` resamples of the users (all their rows)."""
     funcs = {
         "auc": lambda i: auc(y[i], p[i]),
         "gauc": lambda i: gauc(y[i], p[i], users[i]),
         "logloss": lambda i: logloss(y[i], p[i]),
     }
-    return {name: bootstrap_interval(f, len(y), n_boot, seed) for name, f in funcs.items()}
+    return {name: bootstrap_interval(f, len(y), n_boot, seed, groups=users) for name, f in funcs.items()}
 
 
 def flat_metrics(prefix: str, intervals: dict[str, Interval]) -> dict[str, float]:

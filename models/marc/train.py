@@ -19,6 +19,21 @@ from llmfeat.models.trainer import TrainConfig, TrainHistory, train_early_stoppi
 log = logging.getLogger(__name__)
 
 
+def marc_periods(
+    timestamps: np.ndarray, split: np.ndarray, fit_frac: float, stop_frac: float
+) -> dict[str, np.ndarray]:
+    """Row masks by time within the train split: MARC fits on its first `fit_frac`, stops early on the next
+    `stop_frac`; what comes after (`after`, any split) is where a CTR model may learn from MARC's vectors,
+    so that it never fits on rows whose labels the compressor was fitted to."""
+    train = split == "train"
+    fit_end, stop_end = np.quantile(timestamps[train], [fit_frac, min(fit_frac + stop_frac, 1.0)])
+    return {
+        "marc_fit": train & (timestamps < fit_end),
+        "marc_stop": train & (timestamps >= fit_end) & (timestamps < stop_end),
+        "after": timestamps >= stop_end,
+    }
+
+
 @dataclass
 class MarcFit:
     model: Marc
@@ -37,12 +52,16 @@ def fit_marc(
     fit_split: str = "train",
     stop_split: str = "valid",
     max_fit_rows: int = 0,
+    fit_rows: np.ndarray | None = None,
+    stop_rows: np.ndarray | None = None,
 ) -> MarcFit:
-    """x_users (U, D), x_items (I, D) float32 states of one layer; returns the fitted model and its curves."""
+    """x_users (U, D), x_items (I, D) float32 states of one layer; returns the fitted model and its curves.
+    Rows: `fit_rows` / `stop_rows` (indices) when given, else the splits named."""
     torch.manual_seed(train.seed)
     model = Marc(cfg)
     xu, xi = torch.from_numpy(x_users.astype(np.float32)), torch.from_numpy(x_items.astype(np.float32))
-    fit_rows, stop_rows = a.rows(fit_split), a.rows(stop_split)
+    fit_rows = a.rows(fit_split) if fit_rows is None else fit_rows
+    stop_rows = a.rows(stop_split) if stop_rows is None else stop_rows
     if 0 < max_fit_rows < len(fit_rows):  # a documented sample, e.g. for the demo
         fit_rows = np.sort(np.random.default_rng(train.seed).choice(fit_rows, max_fit_rows, replace=False))
     # standardise with the entities that the fit rows touch
