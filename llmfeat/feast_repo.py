@@ -131,6 +131,21 @@ def vector_dim(view: FeatureView) -> int:
     return lengths[0]
 
 
+def init_repo(target: Path) -> Path:
+    """Copy the Feast repository shipped with the package (declarations, feature_store*.yaml) to `target`,
+    for a pip user without a checkout; its feature_store.yaml then points at ../data/local beside it."""
+    import shutil
+
+    source = feature_repo_dir()
+    if target.exists() and any(target.iterdir()):
+        raise FeatureStoreError(f"{target} exists and is not empty: choose a new folder")
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.suffix in (".py", ".yaml") and path.name != "__init__.py":
+            shutil.copy(path, target / path.name)
+    return target
+
+
 def use_data_dir(settings: Settings) -> None:
     """Point the declarations' data sources at this profile's lake."""
     os.environ[DATA_DIR_ENV] = data_dir_for_repo(settings)

@@ -249,7 +249,9 @@ def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
         return counters_suite(table.removeprefix("feast_").removesuffix("_stats"), key, conf)
     spec = next(v for v in VECTOR_TABLES if v.target == table)
     dim = len(data[spec.column][0]) if data.num_rows else 0  # decode_vectors checked it against the view
-    return feature_suite(table, key, dim, "float32", spec.column, conf=conf, stored_dtype=False)
+    return feature_suite(
+        table, key, dim, "float32", spec.column, conf=conf, stored_dtype=False, time_key=True
+    )
 
 
 def _utc(table: pa.Table) -> pa.Table:

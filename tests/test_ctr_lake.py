@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from test_feast_repo import feature_table
@@ -164,3 +165,32 @@ def no_open_run():  # type: ignore[no-untyped-def]
     if active is not None:
         mlflow.end_run()
         pytest.fail(f"test left MLflow run {active.info.run_id} open")
+
+
+@pytest.mark.integration
+def test_refresh_serves_online_what_the_point_in_time_join_gives_a_row_stamped_now(tmp_path: Path) -> None:
+    """A newer snapshot of user 1 published and materialized incrementally: the online store serves it,
+    the same vector the offline join gives a row stamped now, while a row before it still gets the old one."""
+    from llmfeat.training_set import historical_features, vector_matrix
+
+    settings = build_lake(tmp_path)
+    tables = RustDelta(settings.delta_root)
+    old = tables.read_arrow("user_marc_features").to_pandas()
+    newer_at = datetime.now(UTC)  # the new day's snapshot, after the last materialization
+    row = old[old["user_id"] == "1"].copy()
+    row["event_timestamp"] = newer_at
+    row["vector"] = [np.asarray(v)[::-1].copy() for v in row["vector"]]
+    schema = tables.read_arrow("user_marc_features").schema
+    newer = pa.Table.from_pandas(row, preserve_index=False).cast(schema)
+    tables.upsert("user_marc_features", newer, ["user_id", "event_timestamp"])
+    materialize.run(None, settings)
+    store = open_store(settings)
+    online = store.get_online_features(["user_marc_fv:user_vector"], [{"user_id": "1"}]).to_dict()
+    now = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["1", "1"],
+                        "event_timestamp": [datetime.now(UTC), newer_at - timedelta(seconds=1)]})  # fmt: skip
+    offline = historical_features(store, now, ["user_marc_fv:user_vector"])
+    dim = len(online["user_vector"][0])
+    at_now, _ = vector_matrix(offline.iloc[:1], "user_vector", dim)
+    before, _ = vector_matrix(offline.iloc[1:], "user_vector", dim)
+    np.testing.assert_array_equal(np.asarray(online["user_vector"][0], np.float32), at_now[0])
+    assert not np.array_equal(at_now[0], before[0])

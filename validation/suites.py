@@ -205,14 +205,17 @@ def feature_suite(
     lineage: Sequence[str] = FEATURE_LINEAGE,
     conf: ValidationConf = DEFAULTS,
     stored_dtype: bool = True,
+    time_key: bool = False,
 ) -> Suite:
-    """user_features / item_features: dimension, finite values, int8 codes in range with a positive scale,
+    """Compressed feature tables: dimension, finite values, int8 codes in range with a positive scale,
     lineage columns present and single-valued (one encoder, layer and compressor per publication).
 
     The Feast-facing copies (feast_user_llm, ...) use it too, with dtype float32 and `stored_dtype=False`:
-    their `dtype` lineage column names how the source table stored the vectors, not their own dtype."""
+    their `dtype` lineage column names how the source table stored the vectors, not their own dtype. A time
+    series (user snapshots) is keyed by (key, event_timestamp): `time_key`."""
+    keys = [key, "event_timestamp"] if time_key else [key]
     derived = [Derived("dim", vector), Derived("finite", vector)]
-    checks = [*_ids([key]), *_vector_shape(vector, dim), *_timestamps("event_timestamp", conf)]
+    checks = [*_ids(keys), *_vector_shape(vector, dim), *_timestamps("event_timestamp", conf)]
     if dtype == "int8":
         lo, hi = INT8_CODES
         derived += [Derived("min", vector), Derived("max", vector)]
@@ -229,7 +232,7 @@ def feature_suite(
         ]
     if "dtype" in lineage and stored_dtype:
         checks.append(gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[dtype]))
-    return Suite(name, (key,), tuple(checks), derived=tuple(derived))
+    return Suite(name, tuple(keys), tuple(checks), derived=tuple(derived))
 
 
 def item_meta_suite(conf: ValidationConf = DEFAULTS) -> Suite:

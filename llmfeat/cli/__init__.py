@@ -6,7 +6,8 @@ llmfeat train-compressor               # MARC on <entity>_repr -> MLflow registr
 llmfeat compress [--entity users,items]  # registered compressor -> user_features, item_features
 llmfeat eval-compression               # layer sweep and compression baselines -> docs/marc_*.{md,png}
 llmfeat tables                         # what is published, where, at which version
-llmfeat features apply|materialize     # Feast: register the repo; publish and materialize the features
+llmfeat features [apply|init DIR]      # Feast: publish, apply, materialize-incremental; or register only
+llmfeat refresh                        # the daily refresh: encode, compress, materialize the new day
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
 llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
@@ -75,11 +76,16 @@ def encode_command(args: argparse.Namespace) -> int:
 
 
 def features_command(args: argparse.Namespace) -> int:
-    """`features apply` registers the repo (no Spark); `features materialize` publishes and materializes."""
-    from llmfeat.feast_repo import FeatureStoreError, apply_repo, store_dir
+    """`features` publishes, applies and materializes incrementally (`feast apply && feast
+    materialize-incremental` on feature_repo/); `apply` only registers; `init DIR` writes the repository."""
+    from llmfeat.feast_repo import FeatureStoreError, apply_repo, init_repo, store_dir
     from llmfeat.spark_jobs.materialize import format_published, run
 
-    if args.action == "materialize":
+    if args.action == "init":
+        target = init_repo(Path(args.dir or "feature_repo"))
+        print(f"Feast repository written to {target}: cd {target} && feast apply (see feature_store.yaml)")
+        return 0
+    if args.action in ("materialize", None):
         body = lambda s, c: print(format_published(run(s, c, full=args.full)))  # noqa: E731
         return run_job("features materialize", args.config, args.overrides, body)
     try:
@@ -145,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),
+        ("refresh", "the daily refresh: encode new snapshots and items, compress, materialize"),
         ("tables", "list the Delta tables, their versions and row counts"),
     ):
         config_args(sub.add_parser(name, help=help_))
@@ -157,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--full", action="store_true", help="all layers, full-length user texts (slow on CPU)")
     config_args(demo)
     sub.add_parser("env", help="versions and locations of Python, Java and the libraries")
-    features = sub.add_parser("features", help="Feast: apply the feature repo, or publish and materialize")
-    features.add_argument("action", choices=["apply", "materialize"])
+    features = sub.add_parser(
+        "features", help="Feast: publish, apply and materialize (default), apply only, or init DIR"
+    )
+    features.add_argument("action", nargs="?", choices=["materialize", "apply", "init"], default=None)
+    features.add_argument("dir", nargs="?", default=None, help="init: where to write the repository")
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
     config_args(features)
     marc_parsers(sub)
@@ -180,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         return marc_command(args)
     if args.command == "features":
         return features_command(args)
+    if args.command == "refresh":
+        from llmfeat.spark_jobs.refresh import run as refresh
+
+        return run_job("refresh", args.config, args.overrides, refresh)
     if args.command == "env":
         print(environment())
         return 0
