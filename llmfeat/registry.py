@@ -86,7 +86,7 @@ class TrackingError(UserError, RuntimeError):
     """The tracking store or registry refused a request (unreachable, old schema, unknown run)."""
 
 
-def explain(err: Exception, uri: str) -> str:
+def explain(err: BaseException, uri: str) -> str:
     """One line for an MlflowException: what MLflow said and what to do about it."""
     said = (getattr(err, "message", None) or str(err)).strip().splitlines()
     first = said[0] if said else type(err).__name__

@@ -136,7 +136,7 @@ def gpu_profile(spark: SparkSession, gpu: GpuConf) -> ResourceProfile | None:
     Every other stage asks for no GPU. With dynamic allocation the profile also asks for executors with
     `executor_amount` GPUs; without it, the executors are the session's (spark.executor.resource.gpu.*).
     """
-    if gpu.executor_amount <= 0 or spark.sparkContext.master.startswith("local"):
+    if gpu.executor_amount <= 0 or (spark.sparkContext.master or "local").startswith("local"):
         return None
     from pyspark.resource import ExecutorResourceRequests, ResourceProfileBuilder, TaskResourceRequests
 

@@ -38,6 +38,7 @@ def dispatch(args: argparse.Namespace) -> int:
     settings = command_settings(args.command, args.config, args.overrides)
     if settings is None:
         return 2
+    caught: tuple[type[BaseException], ...] = (*USER_ERRORS, EncoderError, ValueError)
     try:
         if args.command == "train-lite":
             from llmfeat.spark_jobs.train_lite import main as train_lite
@@ -51,7 +52,7 @@ def dispatch(args: argparse.Namespace) -> int:
             from llmfeat.spark_jobs.eval_student import main as evaluate
 
             evaluate(settings, args.student, args.student_data, args.out)
-    except (*USER_ERRORS, EncoderError, ValueError, *mlflow_errors()) as err:
+    except (*caught, *mlflow_errors()) as err:
         print(f"llmfeat {args.command}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1
     return 0
