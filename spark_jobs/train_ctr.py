@@ -88,10 +88,12 @@ def fit_model(
     cfg: CtrConf,
     log_epochs: bool = True,
     residual_rows: np.ndarray | None = None,
+    id_state: dict[str, torch.Tensor] | None = None,
 ) -> tuple[CtrModel, FeatureEncoder]:
     """Fit the encoder on the fit rows, then the id model with early stopping on valid; with LLM vectors,
     then the residual branch on top of the fitted id model (id part frozen), on `residual_rows` (default: the
-    fit rows), regularised, keeping the zero branch when no epoch improves the valid AUC."""
+    fit rows), regularised, keeping the zero branch when no epoch improves the valid AUC. `id_state`: the id
+    part of a model fitted on the same frame (an ablation reuses it instead of fitting it again)."""
     import mlflow
 
     y = frame["label"].to_numpy(np.float32)
@@ -124,7 +126,10 @@ def fit_model(
     id_train = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.patience, cfg.seed)
     fit = np.flatnonzero(masks["fit"])
     # The id part first: the same model, rows and seed as the model without LLM features.
-    train_early_stopping(model, fit, loss, score, id_train, on_epoch("id"), params=model.id_parameters())
+    if id_state is None:
+        train_early_stopping(model, fit, loss, score, id_train, on_epoch("id"), params=model.id_parameters())
+    else:
+        model.load_state_dict(id_state, strict=False)
     if model.residual is not None:
         for p in model.id_parameters():
             p.requires_grad_(False)

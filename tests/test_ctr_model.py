@@ -13,7 +13,7 @@ from llmfeat.models.ctr.features import FeatureEncoder
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel, FmArch
 
 pytestmark = pytest.mark.unit
-B, G, F, D = 5, 3, 9, 8
+B, G, F, D = 5, 3, 7, 8
 
 
 def inputs(du: int = D, di: int = D) -> CtrInputs:
@@ -25,6 +25,7 @@ def inputs(du: int = D, di: int = D) -> CtrInputs:
         dense=torch.randn(B, F, generator=g),
         user_vec=torch.randn(B, du, generator=g),
         item_vec=torch.randn(B, di, generator=g),
+        vec_missing=torch.zeros(B, 2),
     )
 
 
@@ -35,8 +36,12 @@ def test_model_gives_one_logit_per_row_with_and_without_llm(kind: str, dim: int)
     model = CtrModel(cfg).eval()
     out = model(inputs(dim, dim))
     assert out.shape == (B,) and torch.isfinite(out).all()
-    assert (model.llm is not None) == bool(dim) and (model.fm is not None) == (kind == "deepfm")
+    assert (model.residual is not None) == bool(dim) and (model.fm is not None) == (kind == "deepfm")
+    # the residual branch starts at zero: with vectors, the model starts as the id model
+    torch.testing.assert_close(out, model.id_logit(inputs(dim, dim)))
     out.sum().backward()  # every part is trainable end to end
+    if dim:
+        assert model.residual is not None and model.residual.mlp[-1].weight.grad is not None
 
 
 def test_fm_term_is_the_sum_over_field_pairs() -> None:
@@ -53,6 +58,10 @@ def frame() -> pd.DataFrame:
             "item_id": ["x", "y", "x", "z"],
             "year": [1995.0, np.nan, 1995.0, 2000.0],
             "genres": ["Action|Drama", None, "Action", "Comedy"],
+            "user_impressions": [np.nan, 3, 1, np.nan],
+            "user_clicks": [np.nan, 2, 0, np.nan],
+            "item_impressions": [5, np.nan, 5, 1],
+            "item_clicks": [4, np.nan, 4, 0],
             "user_vector": [vec[0], vec[0], None, vec[3]],
             "item_vector": [vec[1], vec[2], vec[1], vec[3]],
         }
@@ -68,8 +77,9 @@ def test_encoder_maps_unknown_ids_to_zero_and_flags_missing_vectors(tmp_path: Pa
     assert x.user.tolist() == [1, 1, 2, 0] and x.item.tolist() == [1, 2, 1, 0]  # c and z unseen: index 0
     assert x.genres.shape == (4, 3) and x.genres[0].tolist() == [1.0, 0.0, 1.0]  # Action, Comedy, Drama
     assert x.dense.shape == (4, len(enc.dense_names)) and x.user_vec.shape == (4, D)
-    missing = enc.dense_names.index("user_vector_missing")
-    assert x.dense[:, missing].tolist() == [0.0, 0.0, 1.0, 0.0] and not x.user_vec[2].any()
+    assert x.vec_missing[:, 0].tolist() == [0.0, 0.0, 1.0, 0.0] and not x.user_vec[2].any()
+    history = enc.dense_names.index("user_has_history")  # from the point-in-time counters
+    assert x.dense[:, history].tolist() == [0.0, 1.0, 1.0, 0.0]
     enc.save(tmp_path / "enc.json")
     again = FeatureEncoder.load(tmp_path / "enc.json").transform(f)
     for a, b in zip(x, again, strict=True):
@@ -80,4 +90,17 @@ def test_encoder_without_llm_ignores_vectors() -> None:
     f = frame().drop(columns=["user_vector", "item_vector"])
     enc = FeatureEncoder.fit(f, np.ones(4, np.float32), np.ones(4, bool), np.ones(4, bool), use_llm=False)
     x = enc.transform(f)
-    assert x.user_vec.shape == (4, 0) and "user_vector_missing" not in enc.dense_names
+    assert x.user_vec.shape == (4, 0) and not enc.uses_llm
+
+
+def test_history_means_use_earlier_days_only() -> None:
+    from llmfeat.models.ctr.history import history_means
+
+    vectors = np.eye(3, dtype=np.float32)  # item i -> e_i
+    users = np.array([0, 0, 0, 1])
+    items = np.array([0, 1, 2, 2])
+    days = np.array([1, 1, 2, 1])
+    labels = np.array([1, 0, 1, 1])
+    out = history_means(users, items, days, labels, vectors)  # (4, 6)
+    assert (out[:2] == 0).all() and (out[3] == 0).all()  # first day: no history, even for same-day rows
+    np.testing.assert_array_equal(out[2], [1, 0, 0, 0, 1, 0])  # liked item 0, disliked item 1, day before
