@@ -4,8 +4,8 @@ Jobs receive the session as a parameter; only `main()` functions and test fixtur
 
 Started by spark-submit, a job runs where spark-submit says: its --master, --deploy-mode, memory, --packages
 and spark-defaults.conf win, and the config only fills settings they leave unset (never the master, the
-driver's memory or its bind address); PYSPARK_PYTHON is left to the cluster. Started by `llmfeat`, the
-session takes everything from the config.
+driver's memory or its bind address; always JOB_OWNS); PYSPARK_PYTHON is left to the cluster. Started by
+`llmfeat`, the session takes everything from the config.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ MIN_JAVA = 17
 # Where the driver and its executors run: spark-submit's to decide whenever it started the job.
 SUBMIT_OWNS = ("spark.master", "spark.submit.deployMode", "spark.driver.memory", "spark.driver.host",
                "spark.driver.bindAddress")  # fmt: skip
+# What the jobs' output is correct only with (Feast reads UTC microsecond timestamps): set in any case.
+JOB_OWNS = ("spark.sql.session.timeZone", "spark.sql.parquet.outputTimestampType",
+            "spark.sql.execution.arrow.pyspark.enabled")  # fmt: skip
 
 
 class JavaNotFound(UserError, RuntimeError):
@@ -64,7 +67,7 @@ def require_java() -> None:
 def session_conf(cfg: SparkConf, submitted: Mapping[str, str] | None = None) -> dict[str, str]:
     """Every spark.* setting the session gets from config: master, loopback, UTC, microsecond timestamps,
     GPUs. `submitted`: spark-submit's conf, when it started the job; then only what it leaves unset, and
-    nothing in SUBMIT_OWNS."""
+    nothing in SUBMIT_OWNS (JOB_OWNS always)."""
     conf = {
         "spark.master": cfg.master,
         "spark.app.name": cfg.app_name,
@@ -86,7 +89,7 @@ def session_conf(cfg: SparkConf, submitted: Mapping[str, str] | None = None) -> 
             conf["spark.executor.resource.gpu.discoveryScript"] = discovery_script(gpu)
     conf.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra.items()})
     if submitted is not None:
-        conf = {k: v for k, v in conf.items() if k not in SUBMIT_OWNS and k not in submitted}
+        conf = {k: v for k, v in conf.items() if k in JOB_OWNS or k not in (*SUBMIT_OWNS, *submitted)}
     return conf
 
 

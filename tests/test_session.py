@@ -55,9 +55,10 @@ def test_java_17_passes(tmp_path, monkeypatch) -> None:
 def test_under_spark_submit_its_conf_wins_and_the_config_fills_gaps() -> None:
     cfg = load_settings("cluster").spark
     submitted = {"spark.master": "yarn", "spark.executor.memory": "4g", "spark.app.name": "ingest.py"}
-    conf = session_conf(cfg, submitted)
+    conf = session_conf(cfg, submitted | {"spark.sql.session.timeZone": "Europe/Paris"})
     assert not set(conf) & set(SUBMIT_OWNS) and not set(conf) & set(submitted)
-    assert conf["spark.sql.session.timeZone"] == "UTC" and conf["spark.executor.cores"] == "8"
+    assert conf["spark.executor.cores"] == "8"  # the profile fills what spark-submit left unset
+    assert conf["spark.sql.session.timeZone"] == "UTC"  # the jobs' output needs it
     own = session_conf(cfg)
     assert own["spark.master"] == cfg.master and own["spark.driver.memory"] == cfg.driver_memory
 
