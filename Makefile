@@ -12,6 +12,7 @@ SYSTEM_PKGS := redis-server chromium
 .PHONY: setup demo test test-fast lint java system-deps clean
 
 setup: java system-deps $(STAMP)
+	mkdir -p data/local/feast  # the embedded data dir: `cd feature_repo && feast plan` works from the start
 
 system-deps:
 	@missing=""; for b in redis-server chromium; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \

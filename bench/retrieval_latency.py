@@ -68,10 +68,10 @@ def build_lake(data_dir: Path, online: list[str]):  # type: ignore[no-untyped-de
 
     settings = load_settings("tiny", [f"data_dir={data_dir}", *online])
     tables = RustDelta(settings.delta_root)
-    if not tables.exists("item_features"):
+    if not tables.exists("item_marc_features"):
         rng = np.random.default_rng(0)
         ts = datetime.now(UTC) - timedelta(hours=1)
-        for name, key, n in (("user_features", "user_id", USERS), ("item_features", "item_id", ITEMS)):
+        for name, key, n in (("user_marc_features", "user_id", USERS), ("item_marc_features", "item_id", ITEMS)):
             vecs = rng.normal(size=(n, DIM)).astype(np.float16).astype(np.float32)
             cols = {
                 key: pa.array([str(i) for i in range(1, n + 1)]),
@@ -107,7 +107,7 @@ def in_process(store, n_items: int, seconds: float) -> dict[str, dict[str, float
     def generic() -> object:
         user, items = request_ids(rng, n_items)
         rows = [{"user_id": user, "item_id": i} for i in items]
-        return store.get_online_features(features=store.get_feature_service("ctr_marc_v1"), entity_rows=rows)
+        return store.get_online_features(features=store.get_feature_service("ctr_marc_v2"), entity_rows=rows)
 
     return {"OnlineFeatures.fetch": timed(fetch, seconds), "get_online_features": timed(generic, seconds / 2)}
 

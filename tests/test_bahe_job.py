@@ -78,7 +78,7 @@ def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings
     summary = bahe.run_train(spark, settings)
     assert (summary.users, summary.no_history, summary.missing) == (3, 0, "no missing behaviour vectors")
     tables = RustDelta(settings.delta_root)
-    users = tables.read_arrow("user_features").sort_by("user_id")
+    users = tables.read_arrow("user_bahe_features").sort_by("user_id")
     assert users["user_id"].to_pylist() == ["10", "11", "12"]
     assert {len(v) for v in users["vector"].to_pylist()} == {8}
     assert set(users["compressor_name"].to_pylist()) == {"bahe"}
@@ -115,7 +115,7 @@ def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settin
     )
     summary = bahe.run_train(spark, s)
     assert "1 behaviour events (1 behaviour ids, 1 users)" in summary.missing and lost in summary.missing
-    users = tables.read_arrow("user_features").sort_by("user_id")
+    users = tables.read_arrow("user_bahe_features").sort_by("user_id")
     assert users["no_history"].to_pylist() == [False, False, True]
     assert users["missing_behaviors"].to_pylist() == [0, 1, 0]
     assert np.isfinite(np.array(users["vector"].to_pylist())).all()  # user 12: the fallback vector

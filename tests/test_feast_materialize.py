@@ -49,9 +49,10 @@ def tiny_lake(tables: RustDelta) -> None:
             }
         ),
     )
-    tables.write("user_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
+    tables.write("user_marc_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
     item_ts = [PAST, PAST, FUTURE]
-    tables.write("item_features", feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), item_ts, "int8"))
+    items = feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), item_ts, "int8")
+    tables.write("item_marc_features", items)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def lake(spark, tmp_path_factory: pytest.TempPathFactory) -> Settings:  # type: 
 
 def test_materialize_publishes_float32_vectors_with_lineage(lake: Settings) -> None:
     tables = RustDelta(lake.delta_root)
-    items = tables.read_arrow("feast_item_llm").sort_by("item_id")
+    items = tables.read_arrow("feast_item_marc").sort_by("item_id")
     assert items.schema.field("item_vector").type == pa.list_(pa.float32())
     assert items["compressor_name"].to_pylist() == ["marc"] * 3 and items["dtype"].to_pylist() == ["int8"] * 3
     stats = tables.read_arrow("feast_user_stats").to_pandas().sort_values("event_timestamp")
@@ -115,7 +116,7 @@ def test_point_in_time_joins_no_future_vector_and_loses_no_row(lake: Settings) -
             "label": [1, 0, 1, 0],
         }
     )
-    out = historical_features(open_store(lake), rows, "ctr_marc_counters_v1")
+    out = historical_features(open_store(lake), rows, "ctr_marc_v2")
     assert len(out) == len(rows) and out["label"].tolist() == [1, 0, 1, 0]  # same rows, same order
     items, missing = vector_matrix(out, "item_vector", DIM)
     assert missing.tolist() == [
@@ -134,7 +135,7 @@ def test_incremental_materialize_publishes_new_vector_and_keeps_history(spark, l
     tables = RustDelta(lake.delta_root)
     fresh = datetime.now(UTC)
     new = vectors_for(["10"], 9)
-    tables.upsert("item_features", feature_table("item_id", ["10"], new, fresh, "int8"), ["item_id"])
+    tables.upsert("item_marc_features", feature_table("item_id", ["10"], new, fresh, "int8"), ["item_id"])
     materialize.run(spark, lake)
     np.testing.assert_allclose(
         OnlineFeatures(open_store(lake)).fetch("1", ["10"]).items[0], new[0], atol=0.05
@@ -142,21 +143,21 @@ def test_incremental_materialize_publishes_new_vector_and_keeps_history(spark, l
     before = pd.DataFrame(
         {"user_id": ["1"], "item_id": ["10"], "event_timestamp": [fresh - timedelta(hours=1)]}
     )
-    old, _ = vector_matrix(historical_features(open_store(lake), before, "ctr_marc_v1"), "item_vector", DIM)
+    old, _ = vector_matrix(historical_features(open_store(lake), before, "ctr_marc_v2"), "item_vector", DIM)
     np.testing.assert_allclose(old[0], vectors_for(ITEMS, 2)[0], atol=0.05)  # history: the vector of its time
 
 
 def test_wrong_dimension_is_stopped_before_anything_is_written(spark, lake: Settings) -> None:  # type: ignore[no-untyped-def]
     tables = RustDelta(lake.delta_root)
-    version = tables.version("feast_user_llm")
+    version = tables.version("feast_user_marc")
     bad = feature_table("user_id", ["3"], vectors_for(["3"], dim=DIM + 1), datetime.now(UTC))
-    tables.upsert("user_features", bad, ["user_id"])
+    tables.upsert("user_marc_features", bad, ["user_id"])
     try:
         with pytest.raises(materialize.FeatureTableError, match="declares 64"):
             materialize.run(spark, lake)
-        assert tables.version("feast_user_llm") == version
+        assert tables.version("feast_user_marc") == version
     finally:
-        tables.write("user_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
+        tables.write("user_marc_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
 
 
 def test_missing_online_table_says_to_materialize(tmp_path: Path, lake: Settings) -> None:

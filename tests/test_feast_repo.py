@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -65,24 +66,29 @@ def test_declarations_import_without_side_effects(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=feature_repo_dir().parent, check=True)
     found = feast_repo.declarations()
     views = feast_repo.feature_views()
-    assert {"user_llm_fv", "item_llm_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(views)
-    assert {"ctr_marc_v1", "ctr_marc_counters_v1", "user", "item", "behavior"} <= set(found)
-    assert feast_repo.vector_dim(views["item_llm_fv"]) == DIM
+    assert {"user_marc_fv", "item_marc_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(views)
+    assert {"ctr_marc_v2", "ctr_id_v2", "user", "item", "behavior"} <= set(found)
+    assert feast_repo.vector_dim(views["item_marc_fv"]) == DIM
     assert not list(feature_repo_dir().glob("*.db"))  # importing wrote nothing
 
 
 @pytest.mark.unit
 def test_store_config_per_profile(tmp_path: Path) -> None:
     local = feast_repo.store_config(tiny_settings(tmp_path))
-    assert local["online_store"] == {"type": "sqlite", "path": "online.db"}
-    assert local["offline_store"] == {"type": "file"}
+    # feature_repo/feature_store.yaml with this profile's stores: under its data dir, never in feature_repo/
+    assert local["online_store"] == {
+        "type": "sqlite",
+        "path": str(tmp_path.resolve() / "feast" / "online.db"),
+    }
+    assert local["registry"] == str(tmp_path.resolve() / "feast" / "registry.db")
+    assert local["offline_store"] == {"type": "file"} and local["project"] == "llmfeat"
     cluster = feast_repo.store_config(load_settings("cluster"))
     assert cluster["online_store"]["type"] == "redis"
     assert cluster["offline_store"]["type"] == "spark"
     assert cluster["batch_engine"]["type"] == "spark.engine"
     spark_objects = feast_repo.repo_objects(load_settings("cluster"))
-    item_fv = next(o for o in spark_objects if getattr(o, "name", "") == "item_llm_fv")
-    assert item_fv.batch_source.name == "item_llm_spark_source"
+    item_fv = next(o for o in spark_objects if getattr(o, "name", "") == "item_marc_fv")
+    assert item_fv.batch_source.name == "item_marc_spark_source"
     with pytest.raises(feast_repo.FeatureStoreError, match="offline_store spark"):
         feast_repo.store_config(tiny_settings(tmp_path, "feast.batch_engine=spark"))
 
@@ -140,23 +146,23 @@ def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) 
     tables = RustDelta(tmp_path / "delta")
     ts = datetime.now(UTC) - timedelta(days=1)
     users = ["1", "2", "3"]
-    tables.write("user_features", feature_table("user_id", users, vectors_for(users), ts))
+    tables.write("user_marc_features", feature_table("user_id", users, vectors_for(users), ts))
     two_encoders = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
     encoders = pa.array(["smollm2-135m", "other-llm"])
     two_encoders = two_encoders.set_column(
         two_encoders.column_names.index("encoder_id"), "encoder_id", encoders
     )
-    tables.write("item_features", two_encoders)
+    tables.write("item_marc_features", two_encoders)
     with pytest.raises(GateFailed) as failed:
         publish(None, tables)
     report = failed.value.report
-    assert report.table == "feast_item_llm" and "encoder_id" in str(failed.value)
-    assert not tables.exists("feast_user_llm") and not tables.exists("feast_item_llm")  # nothing written
+    assert report.table == "feast_item_marc" and "encoder_id" in str(failed.value)
+    assert not tables.exists("feast_user_marc") and not tables.exists("feast_item_marc")  # nothing written
     assert tables.read_arrow("quarantine").num_rows == 2  # a table-level failure: the whole batch
     one_encoder = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
-    tables.upsert("item_features", one_encoder, ["item_id"], delete_missing=True)
+    tables.upsert("item_marc_features", one_encoder, ["item_id"], delete_missing=True)
     published = {p.table: p for p in publish(None, tables)}
-    assert published["feast_user_llm"].rows == 3 and published["feast_item_llm"].rows == 2
+    assert published["feast_user_marc"].rows == 3 and published["feast_item_marc"].rows == 2
 
 
 @pytest.mark.unit
@@ -174,3 +180,17 @@ def test_vector_decoding_reads_plain_float_lists_and_parses_the_rest() -> None:
     assert not out[[1, 2]].any()
     with pytest.raises(ValueError, match="dimension 4, expected 3"):
         decode_vectors([plain[0]], 3)
+
+
+@pytest.mark.integration
+def test_feast_cli_plans_in_feature_repo_with_no_variable_set(tmp_path: Path) -> None:
+    """`cd feature_repo && feast plan` on the committed feature_store.yaml (a copy, so that the checkout's
+    data dir is not touched), and `llmfeat features init` writes a repository a pip user can run."""
+    target = feast_repo.init_repo(tmp_path / "repo")
+    assert (target / "feature_store.yaml").is_file() and (target / "feature_views.py").is_file()
+    (tmp_path / "data" / "local" / "feast").mkdir(parents=True)  # the jobs make it (the default data dir)
+    env = {k: v for k, v in os.environ.items() if k != "LLMFEAT_DATA_DIR"}
+    feast = str(Path(sys.executable).with_name("feast"))
+    out = subprocess.run([feast, "plan"], cwd=target, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "user_marc_fv" in out.stdout and not list(target.glob("*.db"))

@@ -283,30 +283,32 @@ def test_bounds_come_from_config(tables: RustDelta) -> None:
     assert "column=label" in failed and "column=event_timestamp" in failed
 
 
-def test_training_set_gate_reads_when_each_view_can_know_about_interactions(tables: RustDelta) -> None:
+def test_training_set_gate_reads_when_each_vector_became_valid_and_what_it_holds(tables: RustDelta) -> None:
     from llmfeat.config import load_settings
     from llmfeat.spark_jobs.ctr_dataset import Snapshot, check_training_set
 
     settings = load_settings("tiny", [f"data_dir={tables.root.parent}"])
     events = pd.to_datetime(["1998-01-01", "1998-02-01", "1998-03-01", "1998-04-01"], utc=True)
-    cut, as_of = pd.Timestamp("1998-02-15", tz="UTC"), pd.Timestamp("2026-01-01", tz="UTC")
+    as_of = events.max()
     frame = pd.DataFrame(
         {
             "user_id": ["1", "2", "3", "4"],
             "item_id": ["7", "7", "8", "8"],
             "event_timestamp": events,
             "label": [0, 1, 1, 0],
-            "user_vector": [None, None, *_vectors(2)],  # withheld before the cut
+            "user_vector": _vectors(4),
             "item_vector": _vectors(4),
-            "user_clicks": [3, 4, 5, 6],
+            "user_valid_from": events - pd.Timedelta(days=1),
+            "user_history_until": [pd.NaT, *(events[1:] - pd.Timedelta(days=2))],  # first: demographics
+            "item_valid_from": events,  # valid from the item's first availability: the same instant is fine
         }
     )
-    views = {"user_llm_fv": ("user_vector",), "item_llm_fv": ("item_vector",)}
-    snap = Snapshot(as_of, cut, {}, ("svc",), views)
-    assert check_training_set(settings, tables, frame, snap, "training_set").success  # item content: no time
-    counters = Snapshot(as_of, cut, {}, ("svc",), {**views, "user_stats_fv": ("user_clicks",)})
-    with pytest.raises(GateFailed, match="column_B=user_stats_fv_information_time.*4 of 4 rows"):
-        check_training_set(settings, tables, frame, counters, "training_set")  # joined as of the snapshot
+    views = {"user_marc_fv": ("user_vector",), "item_marc_fv": ("item_vector",)}
+    snap = Snapshot(as_of, {}, ("svc",), views)
+    assert check_training_set(settings, tables, frame, snap, "training_set").success
+    same_instant = frame.assign(user_history_until=events)  # the text holds the row's own event
+    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_history_until.*4 of 4 rows"):
+        check_training_set(settings, tables, same_instant, snap, "training_set")
 
 
 def test_candidates_gate_stops_a_seen_item_scored_minus_infinity(tables: RustDelta) -> None:

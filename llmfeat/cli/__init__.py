@@ -10,6 +10,7 @@ llmfeat features [apply|init DIR]      # Feast: publish, apply, materialize-incr
 llmfeat refresh                        # the daily refresh: encode, compress, materialize the new day
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
+llmfeat ctr-ablation                   # what LLM features add to the id model, by slice and layer
 llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
 llmfeat demo                           # the end-to-end job on the embedded defaults
 """
@@ -172,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
     config_args(features)
     marc_parsers(sub)
+    from llmfeat.spark_jobs import ctr_ablation
+
+    ablation = sub.add_parser(
+        "ctr-ablation", help="what LLM features add to the id model, by slice and layer"
+    )
+    config_args(ablation)
+    ctr_ablation.add_arguments(ablation)
     from llmfeat.cli import ctr_commands, rec_commands
 
     ctr_commands.add_parsers(sub, config_args)
@@ -190,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return marc_command(args)
     if args.command == "features":
         return features_command(args)
+    if args.command == "ctr-ablation":
+        return ctr_ablation.command(args)
     if args.command == "refresh":
         from llmfeat.spark_jobs.refresh import run as refresh
 

@@ -1,0 +1,307 @@
+"""The CTR ablation: what LLM features add to the id model, on the same point-in-time rows, by slice.
+
+    llmfeat ctr-ablation [--seeds 3] [--layers 8,15] [--item-layers 22,30] [--out docs]
+
+Every arm is the same id model (ids, item metadata, point-in-time counters: the champion) plus a residual
+branch fitted on top of it (id part frozen, zero at start, regularised, on the rows after MARC's period),
+so arms differ only in the vectors the branch sees:
+
+- ids: the id model alone;
+- + item (MARC), + user (MARC), + both (MARC): the published views, joined by Feast per row;
+- + both (PCA): PCA of the same tapped layer at the same bytes (64 x int8);
+- history arms over the same point-in-time history (the user's earlier days, liked and disliked items):
+  genre multi-hots (no LLM), item-id embeddings of the id model (no LLM), MARC item vectors (LLM);
+- the layer curve: user snapshots and items at each tapped layer in `--layers` (items only for
+  `--item-layers`), PCA and MARC (fitted on the layer, on point-in-time rows) at equal bytes.
+
+Metrics on the test split, whole and by slice (users with history on an earlier day, users new that day,
+warm users = train-period history), averaged over seeds; 95% intervals resample users; differences against
+the id model are paired over the same user resamples. Results: <out>/ctr_results.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from llmfeat.config import Settings
+from llmfeat.models.evaluation.ab_stats import paired_differences
+from llmfeat.models.evaluation.ctr_eval import metric_intervals
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger("llmfeat.ablation")
+DIM = 64  # the published vectors' width: every arm compares at 64 x int8
+
+
+@dataclass
+class Rows:
+    """The point-in-time frame and the arrays the arms are built from (N rows)."""
+
+    frame: pd.DataFrame
+    masks: dict[str, np.ndarray]
+    residual_rows: np.ndarray
+    snapshot_idx: np.ndarray  # (N,) each row's user snapshot (index into snapshot_keys)
+    snapshot_keys: np.ndarray  # (S,)
+    item_idx: np.ndarray  # (N,) into item_keys
+    item_keys: np.ndarray  # (I,)
+    slices: dict[str, np.ndarray]  # name -> (N,) bool over all rows
+
+
+def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
+    from llmfeat.delta_io import open_tables
+    from llmfeat.feast_repo import open_store
+    from llmfeat.models.ctr.data import ctr_arrays, point_in_time
+    from llmfeat.spark_jobs.ctr_dataset import build_frame, split_masks
+    from llmfeat.spark_jobs.train_ctr import after_marc
+    from llmfeat.spark_jobs.user_text import parse_snapshot_id
+
+    tables = open_tables(settings, spark)
+    frame, _ = build_frame(settings, tables, open_store(settings), [settings.ctr.llm_feature_service])
+    masks = split_masks(frame, settings.ctr.stop_frac)
+    inter = tables.read_arrow("interactions")
+    a = ctr_arrays(inter, tables.read_arrow("users"), tables.read_arrow("items"))
+    keys = np.array(sorted(set(tables.read_arrow("user_snapshots_repr")["snapshot_id"].to_pylist())), object)
+    parsed = [parse_snapshot_id(k) for k in keys]
+    users = np.array([u for u, _ in parsed], dtype=object)
+    micros = np.array([int(t.timestamp() * 1_000_000) for _, t in parsed], dtype=np.int64)
+    pit = point_in_time(a, keys, users, micros)
+    # the interactions table and the frame hold the same rows; align by (user, item, time)
+    order = _align(frame, inter.to_pandas())
+    earlier = frame["user_impressions"].fillna(0).to_numpy() > 0
+    warm = frame["user_id"].isin(set(frame.loc[masks["train"], "user_id"])).to_numpy()
+    slices = {"all": np.ones(len(frame), bool), "earlier-day history": earlier, "new that day": ~earlier}
+    slices["warm users"] = warm
+    return Rows(
+        frame, masks, after_marc(settings, frame), pit.user_idx[order], keys, a.item_idx[order], a.item_keys,
+        slices,
+    )  # fmt: skip
+
+
+def _align(frame: pd.DataFrame, inter: pd.DataFrame) -> np.ndarray:
+    """For each frame row, its row in the interactions table."""
+    key = ["user_id", "item_id", "event_timestamp"]
+    left = frame[key].assign(event_timestamp=pd.to_datetime(frame["event_timestamp"], utc=True))
+    right = inter[key].assign(event_timestamp=pd.to_datetime(inter["event_timestamp"], utc=True))
+    right = right.astype({"user_id": str, "item_id": str}).reset_index(names="_row")
+    merged = left.merge(right, on=key, how="left", validate="one_to_one")
+    return merged["_row"].to_numpy(np.int64)
+
+
+def int8_round_trip(z: np.ndarray) -> np.ndarray:
+    from llmfeat.models.marc.baselines import dequantise_int8, quantise_int8
+
+    return dequantise_int8(*quantise_int8(z.astype(np.float32)))
+
+
+def layer_arms(settings: Settings, rows: Rows, layer: int, users_too: bool) -> dict[str, tuple[Any, Any]]:
+    """PCA and MARC at one tapped layer: (user vectors (N, 64) or None, item vectors (N, 64)) per arm."""
+    from llmfeat.delta_io import open_tables
+    from llmfeat.models.ctr.data import CtrArrays, repr_matrix
+    from llmfeat.models.marc.baselines import pca
+    from llmfeat.models.marc.train import compress, fit_marc, marc_periods
+    from llmfeat.spark_jobs.train_compressor import marc_config, train_config
+
+    tables = open_tables(settings)
+    xi = repr_matrix(tables.read_arrow("items_repr"), "items", layer, rows.item_keys)
+    xu = (
+        repr_matrix(tables.read_arrow("user_snapshots_repr"), "user_snapshots", layer, rows.snapshot_keys)
+        if users_too
+        else np.zeros((len(rows.snapshot_keys), xi.shape[1]), np.float32)
+    )
+    f = rows.frame
+    ts = pd.to_datetime(f["event_timestamp"], utc=True).astype("int64").to_numpy() // 1000
+    periods = marc_periods(ts, f["split"].to_numpy(), settings.marc.fit_frac, settings.marc.stop_frac)
+    fit = periods["marc_fit"]
+    arms: dict[str, tuple[Any, Any]] = {}
+    p_items = pca(xi[np.unique(rows.item_idx[fit])], DIM)
+    p_users = pca(xu[np.unique(rows.snapshot_idx[fit])], DIM) if users_too else None
+    zi = int8_round_trip(p_items(xi))[rows.item_idx]
+    zu = int8_round_trip(p_users(xu))[rows.snapshot_idx] if p_users else None
+    arms[f"layer {layer}: PCA"] = (zu, zi)
+    a = CtrArrays(
+        rows.snapshot_keys, rows.item_keys, rows.snapshot_idx, rows.item_idx, f["label"].to_numpy(np.float32),
+        f["split"].to_numpy(), ts, np.zeros((len(f), 0), np.float32), rows.slices["warm users"],
+    )  # fmt: skip
+    cfg = settings.marc
+    marc = fit_marc(
+        a, xu, xi, marc_config(cfg, xi.shape[1]), train_config(cfg),
+        fit_rows=np.flatnonzero(fit), stop_rows=np.flatnonzero(periods["marc_stop"]),
+    )  # fmt: skip
+    zi = int8_round_trip(compress(marc.compressor("items"), xi))[rows.item_idx]
+    zu = int8_round_trip(compress(marc.compressor("users"), xu))[rows.snapshot_idx] if users_too else None
+    arms[f"layer {layer}: MARC"] = (zu, zi)
+    return arms
+
+
+def history_arms(
+    rows: Rows, id_item_emb: np.ndarray, item_emb_index: np.ndarray
+) -> dict[str, tuple[Any, Any]]:
+    """Non-LLM and LLM history arms over the same point-in-time history."""
+    from llmfeat.models.ctr.history import history_means
+    from llmfeat.training_set import vector_matrix
+
+    f = rows.frame
+    users = pd.factorize(f["user_id"])[0]
+    days = (pd.to_datetime(f["event_timestamp"], utc=True).astype("int64") // (86400 * 10**9)).to_numpy()
+    labels = f["label"].to_numpy()
+    genres = sorted({g for s in f["genres"].dropna() for g in str(s).split("|") if g})
+    item_genres = np.zeros((len(rows.item_keys), len(genres)), np.float32)
+    index = {g: i for i, g in enumerate(genres)}
+    for idx, value in zip(rows.item_idx, f["genres"], strict=True):
+        for g in str(value).split("|") if isinstance(value, str) else ():
+            item_genres[idx, index[g]] = 1.0
+    llm_items, _ = vector_matrix(f, "item_vector", DIM)  # (N, 64): each row's item, as published
+    item_llm = np.zeros((len(rows.item_keys), DIM), np.float32)
+    item_llm[rows.item_idx] = llm_items
+    arms: dict[str, tuple[Any, Any]] = {}
+    for name, per_item in (
+        ("history: genres (no LLM)", item_genres),
+        ("history: item-id embeddings (no LLM)", id_item_emb[item_emb_index]),
+        ("history: LLM item vectors (MARC)", item_llm),
+    ):
+        hist = history_means(users, rows.item_idx, days, labels, per_item)
+        arms[name] = (hist, per_item[rows.item_idx])
+    return arms
+
+
+def fit_arm(settings: Settings, rows: Rows, vectors: tuple[Any, Any], seed: int, id_state: Any) -> np.ndarray:
+    from llmfeat.spark_jobs.train_ctr import fit_model, predict
+
+    user, item = vectors
+    n = len(rows.frame)
+    frame = rows.frame.assign(
+        user_vector=list(user) if user is not None else [None] * n,
+        item_vector=list(item) if item is not None else [None] * n,
+    )
+    if user is None:  # an arm without user vectors: a constant placeholder the encoder standardises to 0
+        frame["user_vector"] = [np.zeros(1, np.float32)] * n
+    if item is None:
+        frame["item_vector"] = [np.zeros(1, np.float32)] * n
+    cfg = settings.ctr.model_copy(update={"seed": seed})
+    model, encoder = fit_model(frame, rows.masks, True, cfg, False, rows.residual_rows, id_state)
+    return predict(model, encoder, frame)
+
+
+def run(
+    settings: Settings, seeds: int, layers: list[int], item_layers: list[int], out: Path
+) -> dict[str, Any]:
+    from llmfeat.spark_jobs.train_ctr import fit_model, predict
+    from llmfeat.training_set import vector_matrix
+
+    started = time.monotonic()
+    rows = load_rows(settings, None)
+    f = rows.frame
+    published = tuple(vector_matrix(f, c, DIM)[0] for c in ("user_vector", "item_vector"))
+    preds: dict[str, list[np.ndarray]] = {}
+    for seed in range(seeds):
+        cfg = settings.ctr.model_copy(update={"seed": seed})
+        ids = f.drop(columns=["user_vector", "item_vector"])
+        champion, encoder = fit_model(ids, rows.masks, False, cfg, False)
+        preds.setdefault("ids", []).append(predict(champion, encoder, ids))
+        state = {k: v for k, v in champion.state_dict().items()}
+        emb = champion.fields.item_emb.weight.detach().numpy()
+        emb_index = np.array([encoder.item_ids.index(k) + 1 if k in encoder.item_ids else 0
+                              for k in rows.item_keys])  # fmt: skip
+        arms = {
+            "+ item (MARC)": (None, published[1]),
+            "+ user (MARC)": (published[0], None),
+            "+ both (MARC)": published,
+        }
+        arms |= history_arms(rows, emb, emb_index)
+        seeded = settings.model_copy(update={"marc": settings.marc.model_copy(update={"seed": seed})})
+        for layer in layers:
+            arms |= layer_arms(seeded, rows, layer, True)
+        for layer in item_layers:
+            arms |= {f"{k} (items only)": v for k, v in layer_arms(seeded, rows, layer, False).items()}
+        for name, vectors in arms.items():
+            log.info("seed %d: %s", seed, name)
+            preds.setdefault(name, []).append(fit_arm(settings, rows, vectors, seed, state))
+    results = summarise(rows, {k: np.mean(v, axis=0) for k, v in preds.items()}, settings.ctr.n_boot, seeds)
+    results["seconds"] = time.monotonic() - started
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ctr_results.json").write_text(json.dumps(results, indent=1))
+    (out / "ctr_results.md").write_text(markdown(results))
+    return results
+
+
+def summarise(rows: Rows, p: dict[str, np.ndarray], n_boot: int, seeds: int) -> dict[str, Any]:
+    f = rows.frame
+    y, users = f["label"].to_numpy(float), f["user_id"].to_numpy()
+    out: dict[str, Any] = {"seeds": seeds, "n_boot": n_boot, "arms": {}, "slices": {}}
+    test = rows.masks["test"]
+    for slice_name, m in rows.slices.items():
+        sel = test & m
+        out["slices"][slice_name] = {"rows": int(sel.sum()), "users": int(len(set(users[sel])))}
+    for name, pred in p.items():
+        arm: dict[str, Any] = {}
+        for slice_name, m in rows.slices.items():
+            sel = test & m
+            if sel.sum() < 2:
+                continue
+            metrics = metric_intervals(y[sel], pred[sel], users[sel], n_boot)
+            entry = {k: [v.mean, v.low, v.high] for k, v in metrics.items()}
+            if name != "ids":
+                diff = paired_differences(y[sel], p["ids"][sel], pred[sel], users[sel], n_boot)
+                entry |= {f"diff_{k}": [v.mean, v.low, v.high] for k, v in diff.items()}
+            arm[slice_name] = entry
+        valid = rows.masks["valid"]
+        arm["valid_auc"] = float(metric_intervals(y[valid], pred[valid], users[valid], 0)["auc"].mean)
+        out["arms"][name] = arm
+    return out
+
+
+def markdown(r: dict[str, Any]) -> str:
+    slices = list(r["slices"])
+    head = "| arm | valid AUC | " + " | ".join(f"test AUC {s}" for s in slices) + " | AUC - ids (all) [95%] |"
+    lines = [head, "|" + "---|" * (len(slices) + 3)]
+    for name, arm in r["arms"].items():
+        cells = [f"{arm[s]['auc'][0]:.4f}" if s in arm else "-" for s in slices]
+        d = arm["all"].get("diff_auc")
+        diff = f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-"
+        lines.append(f"| {name} | {arm['valid_auc']:.4f} | " + " | ".join(cells) + f" | {diff} |")
+    sizes = ", ".join(f"{s}: {v['rows']:,} rows / {v['users']} users" for s, v in r["slices"].items())
+    lines.append(f"\nTest slices: {sizes}. Mean over {r['seeds']} seeds; intervals resample users.")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--layers", default="15", help="layers with user snapshots and items (comma list)")
+    parser.add_argument("--item-layers", default="", help="layers with items only (comma list)")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
+
+
+def command(args: argparse.Namespace) -> int:
+    from llmfeat.runner import command_settings
+
+    settings = command_settings("ctr-ablation", args.config, args.overrides)
+    if settings is None:
+        return 2
+    layers = [int(x) for x in args.layers.split(",") if x]
+    item_layers = [int(x) for x in args.item_layers.split(",") if x]
+    print(markdown(run(settings, args.seeds, layers, item_layers, args.out)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args
+
+    parser = argparse.ArgumentParser(prog="llmfeat ctr-ablation")
+    config_args(parser)
+    add_arguments(parser)
+    return command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
