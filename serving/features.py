@@ -1,13 +1,21 @@
 """Online features for one ranking request: 1 user + N candidate items, in one call, as arrays.
 
-    features = OnlineFeatures(open_store(settings))          # SQLite or Redis, from feature_store.yaml
+    features = ServiceFeatures(store, "ctr_marc_v2")         # every field of a model's feature service
+    row = features.fetch("196", ["242", "302", ...])         # OnlineColumns
+    row.columns    {"year": [N] float64 (NaN = null), "genres": [N] object (None = null),
+                    "user_vector": [N, D] float32 (NaN rows = missing), ...}   (user fields repeated N times)
+    row.user_cold  bool   row.item_cold  [N] bool   (an entity absent from one of its views)
+
+    features = OnlineFeatures(open_store(settings))          # the user and item vectors only
     batch = features.fetch("196", ["242", "302", ...])       # RankingFeatures
     batch.user     [D] float32     batch.user_missing  bool
     batch.items    [N, D] float32  batch.item_missing  [N] bool   (unknown ids: zeros + flag)
     user, items, item_missing = batch.to_torch()
 
-`OnlineFeatures` reads only the vector field of the user and item views, with cached entity keys, in one
-SQLite query per view or one Redis pipeline per request, and decodes the stored values straight into arrays
+Which views and fields are read comes from a feature service (the one a registered model records in its
+`feast.feature_service` tag; `OnlineFeatures` defaults to `ctr.llm_feature_service`), resolved once through
+Feast's registry, so renamed or versioned views need no change here. The rows are read with cached entity
+keys, in one SQLite query per view or one Redis script call per request, and decoded straight into arrays
 (serving/online_read.py); Feast's generic `get_online_features` returns the same values as Python lists
 (bench/retrieval_latency.py measures both).
 `HttpFeatures` fetches the same arrays from `feast serve` (POST /get-online-features).
@@ -23,14 +31,128 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmfeat.feast_repo import FeatureStoreError, vector_dim
-from llmfeat.serving.online_read import decode_vectors, rows_reader
+from llmfeat.config import CtrConf
+from llmfeat.feast_repo import FeatureStoreError
+from llmfeat.serving.online_read import FieldsRequest, ScalarDecoder, decode_vectors, rows_reader
 
 if TYPE_CHECKING:
     import torch
     from feast import FeatureStore, FeatureView
 
 MATERIALIZE_HINT = "run `llmfeat features materialize` (after `llmfeat compress`)"
+ENTITY_KEYS = ("user_id", "item_id")  # what a ranking request names
+VECTOR_TYPES = ("Array(Float32)", "Array(Float64)")
+
+
+@dataclass(frozen=True)
+class ServedField:
+    view: FeatureView  # with the service's projection (its version, if any)
+    name: str
+    key: str  # user_id or item_id
+    dim: int  # vector length; 0 for a scalar
+    text: bool  # a string scalar (else numbers, as float64)
+
+
+def service_fields(store: FeatureStore, service: str) -> list[ServedField]:
+    """Every field of a feature service with its view and entity key; a view keyed by anything but a user or
+    an item fails here, at start, naming the view."""
+    from feast.utils import _get_feature_views_to_use
+
+    try:
+        resolved = store.get_feature_service(service)
+    except Exception as err:
+        raise FeatureStoreError(
+            f"feature service {service!r} is not in the registry: run `llmfeat features apply`"
+        ) from err
+    views, on_demand = _get_feature_views_to_use(store.registry, store.project, resolved, allow_cache=True)
+    if on_demand:
+        raise FeatureStoreError(f"feature service {service!r} has on-demand views: not served in-process")
+    out = []
+    for view in views:
+        keys = [view.projection.join_key_map.get(c.name, c.name) for c in view.entity_columns]
+        if len(keys) != 1 or keys[0] not in ENTITY_KEYS:
+            raise FeatureStoreError(
+                f"view {view.name!r} is keyed by {keys}: a ranking request has user_id, item_id"
+            )
+        for f in view.projection.features:
+            dtype = str(f.dtype)
+            if dtype in VECTOR_TYPES and not f.vector_length:
+                raise FeatureStoreError(f"{view.name}:{f.name} declares no vector_length")
+            dim = f.vector_length if dtype in VECTOR_TYPES else 0
+            out.append(ServedField(view, f.name, keys[0], dim, dtype == "String"))
+    return out
+
+
+def check_materialized(store: FeatureStore, fields: list[ServedField]) -> None:
+    """Fails naming the first view that was never materialized (its online table would be empty or absent)."""
+    for name in dict.fromkeys(f.view.name for f in fields):
+        if not store.get_feature_view(name).materialization_intervals:  # (a projection copy has none)
+            raise FeatureStoreError(f"feature view {name!r} has never been materialized: {MATERIALIZE_HINT}")
+
+
+@dataclass(frozen=True)
+class OnlineColumns:
+    """One request's scoring columns (see the module docstring) and which entities the store lacks."""
+
+    columns: dict[str, Any]
+    user_cold: bool
+    item_cold: np.ndarray  # [N] bool
+
+
+class ServiceFeatures:
+    """Every field of one feature service for 1 user + N items, through the fast in-process read."""
+
+    def __init__(self, store: FeatureStore, service: str):
+        self.service = service
+        self.fields = service_fields(store, service)
+        check_materialized(store, self.fields)
+        self._rows = rows_reader(store)
+        self._scalars = ScalarDecoder()
+        self._views: dict[tuple[str, str], tuple[FeatureView, list[ServedField]]] = {}
+        for f in self.fields:
+            self._views.setdefault((f.view.projection.name_to_use(), f.key), (f.view, []))[1].append(f)
+
+    @property
+    def columns(self) -> list[str]:
+        return [f.name for f in self.fields]
+
+    def fetch(self, user_id: str, item_ids: list[str]) -> OnlineColumns:
+        n = len(item_ids)
+        ids = {"user_id": [user_id], "item_id": list(item_ids)}
+        requests: list[FieldsRequest] = [
+            (view, [f.name for f in fields], key, ids[key])
+            for (_, key), (view, fields) in self._views.items()
+        ]
+        try:
+            rows = self._rows.read_fields(requests)
+        except sqlite3.OperationalError as err:  # the table is created by apply, filled by materialize
+            raise FeatureStoreError(f"online table is missing ({err}): {MATERIALIZE_HINT}") from None
+        columns: dict[str, Any] = {}
+        user_cold, item_cold = False, np.zeros(n, dtype=bool)
+        for ((_, key), (_, fields)), found in zip(self._views.items(), rows, strict=True):
+            absent = np.ones(len(ids[key]), dtype=bool)
+            for f in fields:
+                values = found[f.name]
+                absent &= np.fromiter((v is None for v in values), bool, len(values))
+                columns[f.name] = self._decode(f, values, n)
+            if key == "user_id":
+                user_cold |= bool(absent[0])
+            else:
+                item_cold |= absent
+        return OnlineColumns(columns, user_cold, item_cold)
+
+    def _decode(self, f: ServedField, values: list[bytes | None], n: int) -> Any:
+        if f.dim:
+            vectors, missing = decode_vectors(values, f.dim)
+            vectors[missing] = np.nan
+            return np.broadcast_to(vectors, (n, vectors.shape[1])) if f.key == "user_id" else vectors
+        decoded = self._scalars(values)
+        if f.text:
+            column = np.empty(len(decoded), dtype=object)
+            column[:] = decoded
+        else:
+            column = np.array([np.nan if v is None else v for v in decoded], dtype=np.float64)
+        return np.repeat(column, n) if f.key == "user_id" else column
 
 
 @dataclass(frozen=True)
@@ -48,26 +170,20 @@ class RankingFeatures:
 
 
 class OnlineFeatures:
-    """In-process retrieval from the configured online store (SQLite or Redis)."""
+    """In-process retrieval of the user and item vectors of a feature service from the configured online store
+    (SQLite or Redis); the service defaults to the LLM CTR model's (`ctr.llm_feature_service`)."""
 
-    def __init__(self, store: FeatureStore, user_view: str = "user_llm_fv", item_view: str = "item_llm_fv"):
+    def __init__(self, store: FeatureStore, service: str | None = None):
         self.store = store
-        self.user_view, self.user_field = self._view(user_view)
-        self.item_view, self.item_field = self._view(item_view)
-        self.dim = vector_dim(self.item_view)
+        self.service = service or CtrConf().llm_feature_service
+        vectors = {f.key: f for f in service_fields(store, self.service) if f.dim}
+        if set(vectors) != set(ENTITY_KEYS):
+            raise FeatureStoreError(f"feature service {self.service!r} lacks a user or an item vector")
+        check_materialized(store, list(vectors.values()))
+        self.user_view, self.user_field = vectors["user_id"].view, vectors["user_id"].name
+        self.item_view, self.item_field = vectors["item_id"].view, vectors["item_id"].name
+        self.dim = vectors["item_id"].dim
         self._rows = rows_reader(store)
-
-    def _view(self, name: str) -> tuple[FeatureView, str]:
-        try:
-            view = self.store.get_feature_view(name)
-        except Exception as err:
-            raise FeatureStoreError(
-                f"feature view {name!r} is not in the registry: run `llmfeat features apply`"
-            ) from err
-        if not view.materialization_intervals:
-            raise FeatureStoreError(f"feature view {name!r} has never been materialized: {MATERIALIZE_HINT}")
-        field = next(f.name for f in view.schema if f.name.endswith("_vector"))
-        return view, field
 
     def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:
         requests = [
@@ -86,9 +202,9 @@ class OnlineFeatures:
 class HttpFeatures:
     """The same request against `feast serve`: one POST of a feature service for 1 user x N items."""
 
-    def __init__(self, url: str, service: str = "ctr_marc_v1", dim: int = 64, timeout_s: float = 5.0):
+    def __init__(self, url: str, service: str | None = None, dim: int = 64, timeout_s: float = 5.0):
         self.url = url.rstrip("/") + "/get-online-features"
-        self.service, self.dim, self.timeout_s = service, dim, timeout_s
+        self.service, self.dim, self.timeout_s = service or CtrConf().llm_feature_service, dim, timeout_s
 
     def request_body(self, user_id: str, item_ids: list[str]) -> bytes:
         # Feast answers one value per entity row: the user id goes on the first row only, so its vector comes

@@ -1,44 +1,49 @@
 """Ranking service for the online A/B: FastAPI on uvicorn, bound to 127.0.0.1 unless configured otherwise.
 
-    llmfeat serve [--set serving.port=8077] [--set serving.challenger_share=0.2]
+    llmfeat serve [--set serving.port=8077] [--set serving.workers=2] [--set serving.challenger_share=0.2]
 
     POST /rank   {"user_id": "196", "item_ids": ["242", "302"], "request_id": "optional"}
-              -> {"request_id", "user_id", "arm", "alias", "model", "model_version",
-                  "items": [{"item_id", "score", "rank"}, ...]}          (best first)
+              -> {"request_id", "user_id", "arm", "alias", "model", "model_version", "shown",
+                  "cold_user", "cold_items", "items": [{"item_id", "score", "rank"}, ...]}   (best first)
     POST /click  {"request_id", "item_id"}                                 -> 204
-    GET  /health                                                           -> models served, reload state, log
+    GET  /health                                                           -> models, reload state, log, load
     POST /admin/reload                                                     -> re-resolve both aliases
 
-Per request: the user goes to the challenger when unit_hash(salt:user_id) < serving.challenger_share, else to
-the champion (stable: a user always sees the same arm). Features come from the Feast online store (SQLite or
-Redis): the LLM vectors (serving/features.py OnlineFeatures) and the item metadata. The model is the pinned
-registry version behind the alias at (re)load time. Each ranked item is appended to the event log
-(serving/event_log.py) as an impression, each click as a click.
+Per request (serving/arms.py): the user's arm by a stable hash; that arm's model version, pinned at (re)load;
+every field of the model's feature service for 1 user + N items through the in-process online read (SQLite
+or Redis, serving/features.py); one batched call of the registered ranker. The top `serving.slots` items are
+what is shown: they alone are logged, as one compact line per request (serving/event_log.py), with the
+request id that clicks join on.
 
-Bad input: no candidates, more than serving.max_candidates, or repeated ids -> 400; a user or item that the
-online store does not know (no LLM vector) -> 404 naming them. An alias that does not exist stops the start.
-A failed reload keeps the last good model of that arm and reports the error (in the reply and on /health).
+Cold start: a user or item that the online store lacks (in any view the model reads) is still ranked, with
+the model's own fallback for what is missing: the default vector (the training mean, flagged to the model as
+missing), zero counters, unknown year and genres, the unseen-id embedding. The reply and the log flag it
+(`cold_user`, `cold_items`). Bad input gets 400 (no candidates, more than serving.max_candidates, repeated
+ids) or 422 (a malformed body). Overload gets 503 with Retry-After (serving/admission.py).
+
+Several workers (`serving.workers`): uvicorn's processes on one socket; the parent pins the versions before
+they start (serving/arms.py ModelPins). An alias that does not exist stops the start. A failed reload keeps
+the last good model of that arm and reports the error (in the reply and on /health).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
-import threading
+import os
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel
 
-from llmfeat.models.ctr.pyfunc import CtrRanker, load_ranker
-from llmfeat.models.evaluation.ab_stats import unit_hash
-from llmfeat.registry import ModelRef, resolve
+from llmfeat.serving.admission import Admission
+from llmfeat.serving.arms import ModelPins, ServingModels, assign_arm, registry_loader
 from llmfeat.serving.event_log import EventLog
 
 if TYPE_CHECKING:
@@ -47,8 +52,8 @@ if TYPE_CHECKING:
     from llmfeat.config import ServingConf, Settings
 
 log = logging.getLogger(__name__)
-ARMS = ("champion", "challenger")
-META_FEATURES = ["item_meta_fv:year", "item_meta_fv:genres"]
+SETTINGS_ENV = "LLMFEAT_SERVING_SETTINGS"  # a worker's settings (JSON), from `serve`
+PINS_ENV = "LLMFEAT_SERVING_PINS"  # the pin file the workers share
 
 
 class RankRequest(BaseModel):
@@ -63,109 +68,6 @@ class ClickEvent(BaseModel):
     user_id: str | None = None
 
 
-@dataclass
-class ServedModel:
-    ref: ModelRef
-    ranker: CtrRanker
-    loaded_at: float = field(default_factory=time.time)
-
-
-Loader = Callable[[str], tuple[ModelRef, CtrRanker]]
-
-
-class ServingModels:
-    """The champion and challenger models; a reload that fails keeps the last good model of that arm."""
-
-    def __init__(self, aliases: dict[str, str], loader: Loader):
-        self.aliases, self.loader = aliases, loader
-        self.models: dict[str, ServedModel] = {}
-        self.reload_errors: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    def load(self) -> None:
-        """At start: every alias must resolve and load, else the error propagates (the service stops)."""
-        for arm, alias in self.aliases.items():
-            ref, ranker = self.loader(alias)
-            self.models[arm] = ServedModel(ref, ranker)
-
-    def reload(self) -> dict[str, Any]:
-        for arm, alias in self.aliases.items():
-            try:
-                ref, ranker = self.loader(alias)
-            except Exception as err:  # any failure: keep serving what works
-                self.reload_errors[arm] = f"{type(err).__name__}: {err}"
-                log.error("reload of %s (@%s) failed, still serving the last good model: %s", arm, alias, err)
-                continue
-            with self._lock:
-                self.models[arm] = ServedModel(ref, ranker)
-            self.reload_errors.pop(arm, None)
-        return self.status()
-
-    def get(self, arm: str) -> ServedModel:
-        with self._lock:
-            return self.models[arm]
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "models": {
-                arm: {"alias": m.ref.alias, "version": m.ref.version} for arm, m in self.models.items()
-            },
-            "reload_errors": dict(self.reload_errors),
-        }
-
-
-def registry_loader(settings: Settings) -> Loader:
-    from llmfeat.registry import tracking_uri
-
-    uri = tracking_uri(settings)
-
-    def load(alias: str) -> tuple[ModelRef, CtrRanker]:
-        import mlflow
-
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        ref = resolve(settings.ctr.registry_name, alias, uri)
-        return ref, load_ranker(ref.uri)
-
-    return load
-
-
-class CandidateFeatures:
-    """Online features of 1 user x N items as a scoring frame (models/ctr/features.py)."""
-
-    def __init__(self, store: FeatureStore):
-        from llmfeat.serving.features import OnlineFeatures
-
-        self.store = store
-        self.vectors = OnlineFeatures(store)  # fails at start when the vectors were never materialized
-
-    def frame(self, user_id: str, item_ids: list[str]) -> pd.DataFrame:
-        batch = self.vectors.fetch(user_id, item_ids)
-        unknown = [i for i, m in zip(item_ids, batch.item_missing, strict=True) if m]
-        if batch.user_missing or unknown:
-            what = ([f"user {user_id!r}"] if batch.user_missing else []) + (
-                [f"items {unknown[:10]}"] if unknown else []
-            )
-            raise HTTPException(404, f"unknown to the feature store: {', '.join(what)}")
-        meta = self.store.get_online_features(
-            features=META_FEATURES, entity_rows=[{"item_id": i} for i in item_ids]
-        ).to_dict()
-        return pd.DataFrame(
-            {
-                "user_id": user_id,
-                "item_id": item_ids,
-                "year": pd.array(meta["year"], dtype="Float64").astype(float),
-                "genres": meta["genres"],
-                "user_vector": [batch.user] * len(item_ids),
-                "item_vector": list(batch.items),
-            }
-        )
-
-
-def assign_arm(user_id: str, cfg: ServingConf) -> str:
-    return "challenger" if unit_hash(f"{cfg.salt}:{user_id}") < cfg.challenger_share else "champion"
-
-
 def check_candidates(req: RankRequest, cfg: ServingConf) -> None:
     if not req.item_ids:
         raise HTTPException(400, "empty candidate list: send at least one item id")
@@ -175,71 +77,108 @@ def check_candidates(req: RankRequest, cfg: ServingConf) -> None:
         raise HTTPException(400, "repeated item ids in the candidate list")
 
 
-def rank(req: RankRequest, cfg: ServingConf, models: ServingModels, features: CandidateFeatures) -> dict:
+def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dict[str, Any], dict[str, Any]]:
+    """-> (reply, impression log line)."""
     check_candidates(req, cfg)
-    frame = features.frame(req.user_id, req.item_ids)
     arm = assign_arm(req.user_id, cfg)
     served = models.get(arm)
-    scores = served.ranker.score(frame)  # (N,)
+    n = len(req.item_ids)
+    online = served.features.fetch(req.user_id, req.item_ids)
+    columns = {"user_id": [req.user_id] * n, "item_id": req.item_ids, **online.columns}
+    scores = served.score(columns)  # (N,)
     order = np.argsort(-scores, kind="stable")
-    items = [{"item_id": req.item_ids[j], "score": float(scores[j]), "rank": r} for r, j in enumerate(order)]
-    return {
+    ids, ranked = req.item_ids, scores[order].tolist()
+    shown = min(cfg.slots, n)
+    cold_items = [ids[j] for j in np.flatnonzero(online.item_cold)]
+    head = {
         "request_id": req.request_id or uuid.uuid4().hex,
         "user_id": req.user_id,
         "arm": arm,
         "alias": served.ref.alias,
         "model": served.ref.name,
         "model_version": served.ref.version,
-        "items": items,
     }
+    reply = head | {
+        "shown": shown,
+        "cold_user": online.user_cold,
+        "cold_items": cold_items,
+        "items": [
+            {"item_id": ids[j], "score": s, "rank": r}
+            for r, (j, s) in enumerate(zip(order, ranked, strict=True))
+        ],
+    }
+    top = [ids[j] for j in order[:shown]]
+    cold = set(cold_items)
+    impression = (
+        {"type": "impression", "ts": time.time()}
+        | head
+        | {
+            "items": top,
+            "scores": [round(s, 6) for s in ranked[:shown]],
+            "cold_user": online.user_cold,
+            "cold_items": [i for i in top if i in cold],
+        }
+    )
+    return reply, impression
 
 
-def impressions(reply: dict) -> list[dict[str, Any]]:
-    now = time.time()
-    keys = ("request_id", "user_id", "arm", "alias", "model", "model_version")
-    return [
-        {"type": "impression", "ts": now, **{k: reply[k] for k in keys}, **item} for item in reply["items"]
-    ]
-
-
-def create_app(
-    cfg: ServingConf, models: ServingModels, features: CandidateFeatures, events: EventLog
-) -> FastAPI:
+def create_app(cfg: ServingConf, models: ServingModels, events: EventLog) -> Admission:
+    """The FastAPI app behind the load-shedding wrapper (the wrapper is what uvicorn runs)."""
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        follower = asyncio.create_task(follow_pins(models, cfg.pin_check_s)) if models.pins else None
         yield
+        if follower is not None:
+            follower.cancel()
         events.close()  # the last batch reaches the disk on shutdown
 
     app = FastAPI(title="llmfeat ranking service", lifespan=lifespan)
+    admission = Admission(app, cfg.max_inflight, cfg.max_wait_ms, cfg.retry_after_s)
 
+    # async endpoints run on the event loop itself: no thread hop per request, and requests queue where
+    # Admission can see them (a sync endpoint would queue them in a thread pool instead)
     @app.post("/rank")
-    def rank_endpoint(req: RankRequest) -> dict:
-        reply = rank(req, cfg, models, features)
-        events.append(*impressions(reply))
-        return reply
+    async def rank_endpoint(req: RankRequest) -> Response:
+        reply, impression = rank(req, cfg, models)
+        events.append(impression)
+        return Response(json.dumps(reply), media_type="application/json")
 
     @app.post("/click", status_code=204)
-    def click_endpoint(click: ClickEvent) -> Response:
+    async def click_endpoint(click: ClickEvent) -> Response:
         events.append({"type": "click", "ts": time.time(), **click.model_dump()})
         return Response(status_code=204)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {
             "status": "ok",
             **models.status(),
+            "worker": os.getpid(),
             "events_written": events.written,
+            "events_dropped": events.dropped,
+            "shed": dict(admission.shed),
+            "inflight": admission.inflight,
             "log": str(events.folder),
         }
 
     @app.post("/admin/reload")
-    def reload() -> dict:
+    def reload() -> dict:  # sync: loading a model blocks, so it runs in the thread pool, not on the loop
         status = models.reload()
         return {"reloaded": not status["reload_errors"], **status}
 
-    return app
+    return admission
+
+
+async def follow_pins(models: ServingModels, every_s: float) -> None:
+    """Pick up the versions a reload in another worker pinned (model loading off the event loop)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(models.follow_pins)
+        except Exception as err:  # keep following; the error is on /health via reload_errors
+            log.error("following the pinned versions failed: %s", err)
 
 
 def log_dir(settings: Settings) -> Path:
@@ -247,27 +186,64 @@ def log_dir(settings: Settings) -> Path:
     return path if path.is_absolute() else Path(settings.data_dir) / path
 
 
-def build_app(settings: Settings, store: FeatureStore | None = None) -> FastAPI:
-    """Resolve and load both aliases and open the feature store first: a missing alias fails here."""
+def build_app(
+    settings: Settings, store: FeatureStore | None = None, pins: ModelPins | None = None
+) -> Admission:
+    """Load both arms (the pinned versions, else the aliases) and open the feature store: a missing alias or
+    feature service fails here."""
     import torch
 
     from llmfeat.feast_repo import open_store
 
     torch.set_num_threads(1)  # small per-request batches: threads cost more than they give
     cfg = settings.serving
-    models = ServingModels(
-        {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}, registry_loader(settings)
-    )
+    aliases = {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}
+    models = ServingModels(aliases, registry_loader(settings), store or open_store(settings), pins)
     models.load()
-    features = CandidateFeatures(store or open_store(settings))
-    events = EventLog(log_dir(settings), cfg.flush_every, cfg.flush_interval_s)
-    return create_app(cfg, models, features, events)
+    events = EventLog(
+        log_dir(settings), cfg.flush_every, cfg.flush_interval_s, cfg.segment_mb << 20, cfg.segment_s
+    )
+    return create_app(cfg, models, events)
+
+
+def worker_app() -> Admission:
+    """uvicorn's app factory in each worker process of `serve`."""
+    from llmfeat.config import Settings
+
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    return build_app(settings, pins=ModelPins(Path(os.environ[PINS_ENV])))
 
 
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    app = build_app(settings)
     cfg = settings.serving
-    log.info("ranking service on http://%s:%d (events in %s)", cfg.host, cfg.port, log_dir(settings))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    workers = cfg.workers or max(1, min(4, (os.cpu_count() or 1)))
+    log.info(
+        "ranking service on http://%s:%d, %d worker(s), events in %s",
+        cfg.host,
+        cfg.port,
+        workers,
+        log_dir(settings),
+    )
+    if workers == 1:
+        uvicorn.run(build_app(settings), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        return
+    from llmfeat.registry import resolve, tracking_uri
+
+    uri, name = tracking_uri(settings), settings.ctr.registry_name
+    aliases = {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}
+    with tempfile.TemporaryDirectory(prefix="llmfeat-serve-") as tmp:
+        pins = ModelPins(Path(tmp) / "pins.json")  # every worker loads these versions
+        pins.write({arm: resolve(name, alias, uri).version for arm, alias in aliases.items()})
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        os.environ[PINS_ENV] = str(pins.path)
+        uvicorn.run(
+            "llmfeat.serving.ranking_service:worker_app",
+            factory=True,
+            host=cfg.host,
+            port=cfg.port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+        )

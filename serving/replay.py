@@ -6,9 +6,9 @@
 
 What is replayed: the held-out (test) split of the interactions log. Each request is one test-split user
 (drawn in proportion to their held-out rows) with up to abtest.candidates of the items that user rated in
-the held-out period, in a random order. The service ranks them; the top abtest.slots are the impressions; a
-click is sent for a shown item the user rated >= the label threshold in the log. This replays what users did,
-it is not live traffic: an item the user never rated cannot be a candidate, so CTR here measures how well
+the held-out period, in a random order. The service ranks them and shows (and logs) its top serving.slots;
+a click is sent for a shown item the user rated >= the label threshold in the log. This replays what users
+did, it is not live traffic: an item the user never rated cannot be a candidate, so CTR here measures how well
 each arm orders items the user really saw.
 """
 
@@ -101,7 +101,7 @@ def _post(url: str, body: dict[str, Any], timeout: float = 30.0) -> tuple[int, d
         return err.code, json.loads(err.read() or b"{}")
 
 
-def replay_one(base_url: str, request: ReplayRequest, slots: int) -> tuple[int, int, float]:
+def replay_one(base_url: str, request: ReplayRequest) -> tuple[int, int, float]:
     """(HTTP status of /rank, clicks sent, latency ms) for one request."""
     started = time.perf_counter()
     status, reply = _post(f"{base_url}/rank", {"user_id": request.user_id, "item_ids": request.item_ids})
@@ -109,7 +109,7 @@ def replay_one(base_url: str, request: ReplayRequest, slots: int) -> tuple[int, 
     if status != 200:
         return status, 0, latency
     clicks = 0
-    for item in reply["items"][:slots]:
+    for item in reply["items"][: reply["shown"]]:
         if request.labels.get(item["item_id"], 0) == 1:
             click = {
                 "request_id": reply["request_id"],
@@ -121,11 +121,11 @@ def replay_one(base_url: str, request: ReplayRequest, slots: int) -> tuple[int, 
     return status, clicks, latency
 
 
-def replay(base_url: str, requests: list[ReplayRequest], slots: int, workers: int = 4) -> ReplaySummary:
+def replay(base_url: str, requests: list[ReplayRequest], workers: int = 4) -> ReplaySummary:
     summary = ReplaySummary()
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for status, clicks, latency in pool.map(lambda r: replay_one(base_url, r, slots), requests):
+        for status, clicks, latency in pool.map(lambda r: replay_one(base_url, r), requests):
             summary.sent += 1
             if status == 200:
                 summary.ranked += 1

@@ -2,10 +2,12 @@
 
     llmfeat abtest analyze [--log DIR]
 
-Impressions: ranked items with rank < abtest.slots; clicks: click events on such an impression (joined by
-request id and item). Per arm: users, requests, impressions, clicks, CTR, eCPM (bid rule in
-models/evaluation/ab_stats.py: a click on item j pays item_bid(j), uniform in [abtest.bid_min, abtest.bid_max)
-by a stable hash of j; eCPM = 1000 * revenue / impressions). Lift of the challenger over the champion for CTR
+Impressions: the items a ranking request showed (the service logs one line per request with its top
+serving.slots; logs from before that, one line per ranked item, count those with rank < serving.slots);
+clicks: click events on such an impression (joined by request id and item). Per arm: users, requests,
+impressions, clicks, CTR, eCPM (bid rule in models/evaluation/ab_stats.py: a click on item j pays
+item_bid(j), uniform in [abtest.bid_min, abtest.bid_max) by a stable hash of j; eCPM = 1000 * revenue /
+impressions). Lift of the challenger over the champion for CTR
 and eCPM with 95% intervals from resampling users (the unit of randomisation), and a sample-ratio-mismatch
 test of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
 their training runs; both model versions get a tag pointing back at it.
@@ -56,13 +58,32 @@ class AbResult:
         )
 
 
+IMPRESSION_KEYS = ("request_id", "user_id", "arm", "model", "model_version")
+
+
+def shown_items(events: list[dict], slots: int) -> pd.DataFrame:
+    """One row per shown item (request, user, arm, model, version, item, rank) from the impression lines."""
+    rows = []
+    for e in events:
+        if e.get("type") != "impression":
+            continue
+        head = tuple(e[k] for k in IMPRESSION_KEYS)
+        if "items" in e:  # one line per request: what was shown, best first
+            rows += [(*head, item, rank) for rank, item in enumerate(e["items"])]
+        elif e["rank"] < slots:  # an older log: one line per ranked item
+            rows.append((*head, e["item_id"], e["rank"]))
+    return pd.DataFrame(rows, columns=[*IMPRESSION_KEYS, "item_id", "rank"])
+
+
 def impressions_and_clicks(events: list[dict], slots: int) -> pd.DataFrame:
     """One row per shown item: request, user, arm, version, item, rank, click (0/1)."""
-    frame = pd.DataFrame(events)
-    if frame.empty or "type" not in frame:
-        raise ValueError("the event log is empty: replay traffic first (`llmfeat abtest replay`)")
-    shown = frame[(frame["type"] == "impression") & (frame["rank"] < slots)].copy()
-    clicks = frame[frame["type"] == "click"][["request_id", "item_id"]].drop_duplicates()
+    shown = shown_items(events, slots)
+    if shown.empty:
+        raise ValueError("the event log has no impressions: replay traffic first (`llmfeat abtest replay`)")
+    clicks = pd.DataFrame(
+        [(e["request_id"], e["item_id"]) for e in events if e.get("type") == "click"],
+        columns=["request_id", "item_id"],
+    ).drop_duplicates()
     clicks["click"] = 1
     shown = shown.merge(clicks, on=["request_id", "item_id"], how="left")
     shown["click"] = shown["click"].fillna(0).astype(int)
@@ -82,7 +103,7 @@ def arm_totals(shown: pd.DataFrame, arm: str, bid_min: float, bid_max: float) ->
 
 def analyze_events(events: list[dict], settings: Settings) -> AbResult:
     cfg, share = settings.abtest, settings.serving.challenger_share
-    shown = impressions_and_clicks(events, cfg.slots)
+    shown = impressions_and_clicks(events, settings.serving.slots)
     arms = {a: arm_totals(shown, a, cfg.bid_min, cfg.bid_max) for a in ARMS}
     per_arm = pd.DataFrame(
         [
@@ -160,7 +181,7 @@ def _log_result(result: AbResult, settings: Settings) -> None:
         metrics |= {name: iv.mean, f"{name}_low": iv.low, f"{name}_high": iv.high}
     mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
     mlflow.log_params(
-        {"slots": settings.abtest.slots, "challenger_share": settings.serving.challenger_share}
+        {"slots": settings.serving.slots, "challenger_share": settings.serving.challenger_share}
         | {
             "bid_min": settings.abtest.bid_min,
             "bid_max": settings.abtest.bid_max,

@@ -79,9 +79,28 @@ def test_bids_are_stable_and_in_range() -> None:
     assert 0.4 < np.mean([unit_hash(str(i)) for i in range(2000)]) < 0.6
 
 
-def test_analyze_events_counts_top_slots_and_joins_clicks() -> None:
+def test_analyze_events_joins_clicks_on_the_shown_items() -> None:
+    settings = load_settings("tiny", ["abtest.n_boot=50", "abtest.bid_min=1", "abtest.bid_max=1"])
+    events = []
+    for r, (user, arm, shown) in enumerate(
+        [("u1", "champion", ["i1"]), ("u2", "challenger", ["i1"]), ("u3", "challenger", ["i2"])]
+    ):
+        version = "1" if arm == "champion" else "2"
+        events.append(
+            {"type": "impression", "request_id": f"r{r}", "user_id": user, "arm": arm, "alias": arm,
+             "model": "m", "model_version": version, "items": shown, "scores": [0.5], "cold_user": False,
+             "cold_items": []}
+        )  # fmt: skip
+    events += [
+        {"type": "click", "request_id": "r1", "item_id": "i1"},
+        {"type": "click", "request_id": "r0", "item_id": "i2"},  # not shown in r0: ignored
+    ]
+    check_two_arms(analyze_events(events, settings))
+
+
+def test_analyze_events_reads_logs_with_one_line_per_ranked_item() -> None:
     settings = load_settings(
-        "tiny", ["abtest.slots=1", "abtest.n_boot=50", "abtest.bid_min=1", "abtest.bid_max=1"]
+        "tiny", ["serving.slots=1", "abtest.n_boot=50", "abtest.bid_min=1", "abtest.bid_max=1"]
     )
     events = []
     for r, (user, arm) in enumerate([("u1", "champion"), ("u2", "challenger"), ("u3", "challenger")]):
@@ -95,7 +114,10 @@ def test_analyze_events_counts_top_slots_and_joins_clicks() -> None:
         {"type": "click", "request_id": "r1", "item_id": "i1"},
         {"type": "click", "request_id": "r0", "item_id": "i2"},  # not shown (rank 1 >= 1 slot): ignored
     ]
-    result = analyze_events(events, settings)
+    check_two_arms(analyze_events(events, settings))
+
+
+def check_two_arms(result) -> None:  # type: ignore[no-untyped-def]
     rows = result.per_arm.set_index("arm")
     assert rows.loc["champion", "impressions"] == 1 and rows.loc["champion", "clicks"] == 0
     assert rows.loc["challenger", "impressions"] == 2 and rows.loc["challenger", "clicks"] == 1

@@ -1,5 +1,6 @@
-"""The ranking service on real uvicorn (127.0.0.1, a free port) over the tiny lake: ranking, arms, bad input,
-failed reloads, the event log; and the replayed A/B end to end through `llmfeat serve` in a child process."""
+"""The ranking service on real uvicorn (127.0.0.1, a free port) over the tiny lake: ranking, arms, cold start,
+bad input, failed reloads, the event log; and the replayed A/B end to end through `llmfeat serve` in a child
+process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,9 @@ from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
 from llmfeat.registry import ModelNotFound, tracking_uri
+from llmfeat.serving.arms import ServingModels, assign_arm, registry_loader
 from llmfeat.serving.event_log import EventLog, read_events
-from llmfeat.serving.ranking_service import (
-    CandidateFeatures,
-    ServingModels,
-    assign_arm,
-    build_app,
-    create_app,
-    registry_loader,
-)
+from llmfeat.serving.ranking_service import build_app, create_app
 from llmfeat.serving.replay import free_port, held_out_requests, replay, running_service, wait_ready
 from llmfeat.spark_jobs.abtest import analyze
 
@@ -48,10 +44,33 @@ class Flaky:
     def __init__(self, settings: Settings):
         self.load, self.broken = registry_loader(settings), False
 
-    def __call__(self, alias: str) -> Any:
+    def __call__(self, alias: str, version: str | None = None) -> Any:
         if self.broken:
             raise OSError("model store unreachable")
-        return self.load(alias)
+        return self.load(alias, version)
+
+
+@contextmanager
+def in_thread(app: Any) -> Iterator[str]:
+    """An ASGI app on a real uvicorn server in a thread on 127.0.0.1; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def serving_models(settings: Settings, loader: Any) -> ServingModels:
+    models = ServingModels({"champion": "champion", "challenger": "challenger"}, loader, open_store(settings))
+    models.load()
+    return models
 
 
 @pytest.fixture
@@ -59,21 +78,9 @@ def service(lake: Settings, tmp_path: Path) -> Iterator[tuple[str, Flaky, EventL
     """create_app on a real uvicorn server in a thread; yields (url, loader, event log)."""
     settings = fresh_copy(lake, tmp_path)
     loader = Flaky(settings)
-    models = ServingModels({"champion": "champion", "challenger": "challenger"}, loader)
-    models.load()
     events = EventLog(tmp_path / "events", flush_every=5, flush_interval_s=0.2)
-    app = create_app(settings.serving, models, CandidateFeatures(open_store(settings)), events)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield url, loader, events
-    server.should_exit = True
-    thread.join(timeout=10)
+    with in_thread(create_app(settings.serving, serving_models(settings, loader), events)) as url:
+        yield url, loader, events
 
 
 def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -87,33 +94,57 @@ def call(url: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def test_rank_returns_sorted_items_with_the_arm_model_version(service: tuple[str, Flaky, EventLog]) -> None:
+def test_rank_returns_sorted_items_and_logs_only_the_shown_ones(service: tuple[str, Flaky, EventLog]) -> None:
     url, _, events = service
-    status, reply = call(url, "/rank", {"user_id": "3", "item_ids": ["1", "2", "3", "4"]})
-    assert status == 200 and sorted(i["item_id"] for i in reply["items"]) == ["1", "2", "3", "4"]
+    status, reply = call(url, "/rank", {"user_id": "3", "item_ids": ["1", "2", "3", "4", "5"]})
+    assert status == 200 and sorted(i["item_id"] for i in reply["items"]) == ["1", "2", "3", "4", "5"]
     scores = [i["score"] for i in reply["items"]]
-    assert scores == sorted(scores, reverse=True) and [i["rank"] for i in reply["items"]] == [0, 1, 2, 3]
+    assert scores == sorted(scores, reverse=True) and [i["rank"] for i in reply["items"]] == [0, 1, 2, 3, 4]
     assert reply["arm"] == assign_arm("3", Settings().serving) and reply["model_version"] in ("1", "2")
+    assert reply["shown"] == Settings().serving.slots == 3
+    assert not reply["cold_user"] and not reply["cold_items"]
     again = call(url, "/rank", {"user_id": "3", "item_ids": ["1", "2"]})[1]
-    assert again["arm"] == reply["arm"]  # stable per user
-    assert call(url, "/click", {"request_id": reply["request_id"], "item_id": "1"})[0] == 204
-    events.flush()
+    assert again["arm"] == reply["arm"] and again["shown"] == 2  # stable per user; fewer than the slots
+    top = reply["items"][0]["item_id"]
+    assert call(url, "/click", {"request_id": reply["request_id"], "item_id": top})[0] == 204
+    events.close()
     logged = list(read_events(events.folder))
-    assert sum(e["type"] == "impression" for e in logged) == 6 and logged[-1]["type"] == "click"
+    assert [e["type"] for e in logged] == ["impression", "impression", "click"]
+    assert logged[0]["request_id"] == reply["request_id"] == logged[2]["request_id"]
+    assert logged[0]["items"] == [i["item_id"] for i in reply["items"][:3]]  # the shown items, best first
+    assert logged[0]["scores"] == [round(i["score"], 6) for i in reply["items"][:3]]
+    assert logged[0]["model_version"] == reply["model_version"]
+    assert logged[1]["items"] == [i["item_id"] for i in again["items"]]
+
+
+def test_cold_users_and_items_are_ranked_with_the_fallback_and_flagged(
+    service: tuple[str, Flaky, EventLog],
+) -> None:
+    url, _, events = service
+    users = [f"new-{k}" for k in range(12)]  # unknown to the online store, in both arms
+    replies = [call(url, "/rank", {"user_id": u, "item_ids": ["1", "999", "2"]})[1] for u in users]
+    assert {r["arm"] for r in replies} == {"champion", "challenger"}
+    for r in replies:
+        assert r["cold_user"] is True and r["cold_items"] == ["999"] and len(r["items"]) == 3
+        assert all(0 < i["score"] < 1 for i in r["items"])
+    warm = call(url, "/rank", {"user_id": "3", "item_ids": ["1", "2"]})[1]
+    assert warm["cold_user"] is False and warm["cold_items"] == []
+    events.close()
+    logged = [e for e in read_events(events.folder) if e["user_id"] in users]
+    assert len(logged) == 12
+    assert all(e["cold_user"] and set(e["cold_items"]) == {"999"} & set(e["items"]) for e in logged)
 
 
 def test_bad_requests_get_4xx_with_the_reason(service: tuple[str, Flaky, EventLog]) -> None:
     url, _, _ = service
     status, body = call(url, "/rank", {"user_id": "3", "item_ids": []})
     assert status == 400 and "empty" in body["detail"]
-    status, body = call(url, "/rank", {"user_id": "3", "item_ids": [str(i) for i in range(501)]})
-    assert status == 400 and "at most 500" in body["detail"]
+    status, body = call(url, "/rank", {"user_id": "3", "item_ids": [str(i) for i in range(1001)]})
+    assert status == 400 and "at most 1000" in body["detail"]
     assert call(url, "/rank", {"user_id": "3", "item_ids": ["1", "1"]})[0] == 400
-    status, body = call(url, "/rank", {"user_id": "nobody", "item_ids": ["1"]})
-    assert status == 404 and "user 'nobody'" in body["detail"]
-    status, body = call(url, "/rank", {"user_id": "3", "item_ids": ["1", "999"]})
-    assert status == 404 and "999" in body["detail"]
     assert call(url, "/rank", {"user": "3"})[0] == 422
+    assert call(url, "/rank", {"user_id": "3", "item_ids": [1, 2]})[0] == 422  # ids are strings
+    assert call(url, "/rank", {"user_id": "3", "item_ids": "1"})[0] == 422
 
 
 def test_failed_reload_keeps_the_last_good_models(service: tuple[str, Flaky, EventLog]) -> None:
@@ -135,16 +166,34 @@ def test_missing_alias_stops_the_start(lake: Settings, tmp_path: Path) -> None:
         build_app(settings)
 
 
-def test_event_log_writes_whole_batches_only(tmp_path: Path) -> None:
-    log = EventLog(tmp_path, flush_every=3, flush_interval_s=60)
+def test_event_log_batches_lines_into_few_segments(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, flush_every=3, flush_interval_s=3600, segment_bytes=30)  # 9 bytes a line
     log.append({"n": 1}, {"n": 2})
-    assert not list(tmp_path.glob("events-*.jsonl")) and log.pending == 2
-    log.append({"n": 3})  # batch full: one file
-    (tmp_path / ".events-x.jsonl.tmp").write_text('{"n": 99')  # a crash mid-write leaves only a temp file
+    assert log.pending == 2 and not list(read_events(tmp_path))  # buffered, nothing written yet
+    log.append({"n": 3})  # a full batch wakes the writer
+    deadline = time.monotonic() + 30
+    while log.written < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [e["n"] for e in read_events(tmp_path)] == [1, 2, 3]  # readable in the open segment
+    assert not list(tmp_path.glob("events-*.jsonl"))  # still open: no closed segment yet
     log.append({"n": 4})
-    log.close()  # flushes the rest
-    assert [e["n"] for e in read_events(tmp_path)] == [1, 2, 3, 4]
-    assert len(list(tmp_path.glob("events-*.jsonl"))) == 2
+    assert log.flush() == 1  # the segment passed segment_bytes: closed and renamed
+    log.append({"n": 5})
+    log.close()
+    assert [e["n"] for e in read_events(tmp_path)] == [1, 2, 3, 4, 5]
+    assert len(list(tmp_path.glob("events-*.jsonl"))) == 2 and not list(tmp_path.glob(".*.open"))
+    (tmp_path / ".events-9-9-000001.jsonl.open").write_text('{"n": 6}\n{"n": 7')  # a crash mid-write
+    assert [e["n"] for e in read_events(tmp_path)] == [1, 2, 3, 4, 5, 6]  # the torn line is skipped
+    assert [e["n"] for e in read_events(tmp_path, include_open=False)] == [1, 2, 3, 4, 5]
+
+
+def test_event_log_drops_beyond_max_pending_and_counts(tmp_path: Path) -> None:
+    log = EventLog(tmp_path, flush_every=100, flush_interval_s=3600, max_pending=3)
+    log.append({"n": 1}, {"n": 2})
+    log.append({"n": 3}, {"n": 4})
+    assert log.pending == 3 and log.dropped == 1
+    log.close()
+    assert [e["n"] for e in read_events(tmp_path)] == [1, 2, 3]
 
 
 def test_replayed_ab_through_llmfeat_serve(lake: Settings, tmp_path: Path) -> None:
@@ -154,10 +203,10 @@ def test_replayed_ab_through_llmfeat_serve(lake: Settings, tmp_path: Path) -> No
     assert all(2 <= len(r.item_ids) <= 5 for r in requests)
     with running_service(settings) as url:
         assert wait_ready(url, proc=_Alive())["models"]["champion"]["alias"] == "champion"
-        summary = replay(url, requests, slots=settings.abtest.slots, workers=2)
+        summary = replay(url, requests, workers=2)
     assert summary.ranked == 30 and not summary.errors
     result = analyze(settings, folder)
-    shown = sum(min(settings.abtest.slots, len(r.item_ids)) for r in requests)
+    shown = sum(min(settings.serving.slots, len(r.item_ids)) for r in requests)
     assert result.per_arm["requests"].sum() == 30 and result.per_arm["impressions"].sum() == shown
     assert result.per_arm["clicks"].sum() == summary.clicks
     run = mlflow.MlflowClient(tracking_uri(settings)).get_run(result.run_id)

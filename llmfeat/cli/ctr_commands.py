@@ -146,7 +146,7 @@ def replay_against(settings: Settings, url: str) -> Any:
 
     cfg = settings.abtest
     requests = held_out_requests(RustDelta(settings.delta_root), cfg.requests, cfg.candidates, cfg.seed)
-    return replay(url, requests, cfg.slots)
+    return replay(url, requests)
 
 
 def analyze_log(settings: Settings, folder: Path) -> str:
