@@ -18,12 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from encode_throughput import SMOLLM2_135M, sync  # noqa: E402
-
-from llmfeat.models.encoder import EncoderConfig, LayerEncoder  # noqa: E402
+from encode_throughput import SMOLLM2_135M, EncoderConfig, LayerEncoder, sync  # noqa: E402
 
 
 def random_model(layers: int) -> torch.nn.Module:

