@@ -263,9 +263,7 @@ def daily_projection(
     } | {f"rate_{k}": v for k, v in asdict(tp).items()}
 
 
-def user_day_stats(
-    tables: Any, settings: Any, model_dir: str, user_keys: np.ndarray, max_length: int
-) -> UserDays:
+def user_day_stats(tables: Any, settings: Any, model_dir: str, max_length: int) -> UserDays:
     """Changed user-days of the whole log: their count, records, the baseline's text at the end of each day
     (spark_jobs/user_text.py, as the encode job's snapshots), the behaviour texts first seen that day and the
     length of the user's behaviour sequence (at most bahe.max_behaviors)."""
@@ -437,7 +435,7 @@ def evaluate(
              train_bahe_mb),
         Cost("train_bahe_run", 0, 0, deep, train_s, train_mb),
     ]  # fmt: skip
-    days = user_day_stats(tables, settings, path, a.user_keys, max_len)
+    days = user_day_stats(tables, settings, path, max_len)
     return {
         "scope": scope,
         "seeds": seeds,

@@ -265,8 +265,9 @@ def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
 
     if cfg.tuning == "lora":
         add_lora(student, cfg.lora_rank, cfg.lora_alpha)
-        if getattr(student, "norm", None) is not None:
-            student.norm.weight.requires_grad_(True)
+        norm: Any = getattr(student, "norm", None)
+        if norm is not None:  # the final norm's scale meets the teacher's raw states at the last point
+            norm.weight.requires_grad_(True)
     else:
         for name, p in student.named_parameters():
             p.requires_grad_("embed_tokens" not in name)
