@@ -26,12 +26,23 @@ LINEAGE_TAGS = ("entity", "encoder_id", "weights_hash", "layer", "pooling", "in_
 PIP_REQUIREMENTS = ["torch==2.13.0", "numpy"]
 
 
+# The environment as the process started with it (`mlflow run`, or the user's export): read once, because
+# mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI itself, and a later job on another data dir must not
+# inherit an earlier job's store.
+ENV = {
+    name: os.environ.get(name)
+    for name in (
+        "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+        "MLFLOW_EXPERIMENT_NAME",
+    )
+}  # fmt: skip
+
+
 def tracking_uri(settings: Settings) -> str:
-    """$MLFLOW_TRACKING_URI when set (as under `mlflow run`), else the configured URI, else a SQLite store
-    under <data_dir>/mlflow (created on first use)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
+    """$MLFLOW_TRACKING_URI when the process started with it (as under `mlflow run`), else the configured
+    URI, else a SQLite store under <data_dir>/mlflow (created on first use)."""
+    if ENV["MLFLOW_TRACKING_URI"]:
+        return str(ENV["MLFLOW_TRACKING_URI"])
     if settings.mlflow.tracking_uri:
         return settings.mlflow.tracking_uri
     return default_store(settings)
@@ -39,7 +50,7 @@ def tracking_uri(settings: Settings) -> str:
 
 def registry_uri(settings: Settings) -> str:
     """$MLFLOW_REGISTRY_URI when set, else the tracking store."""
-    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri(settings)
+    return ENV["MLFLOW_REGISTRY_URI"] or tracking_uri(settings)
 
 
 def default_store(settings: Settings, create: bool = True) -> str:
@@ -68,12 +79,12 @@ def use_tracking(settings: Settings) -> str:
     try:
         mlflow.set_tracking_uri(tracking_uri(settings))
         mlflow.set_registry_uri(registry_uri(settings))
-        if os.environ.get("MLFLOW_RUN_ID"):
-            exp_id = mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id
-        elif os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            exp_id = os.environ["MLFLOW_EXPERIMENT_ID"]
+        if ENV["MLFLOW_RUN_ID"]:
+            exp_id = mlflow.MlflowClient().get_run(ENV["MLFLOW_RUN_ID"]).info.experiment_id
+        elif ENV["MLFLOW_EXPERIMENT_ID"]:
+            exp_id = str(ENV["MLFLOW_EXPERIMENT_ID"])
         else:
-            name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or settings.mlflow.experiment
+            name = ENV["MLFLOW_EXPERIMENT_NAME"] or settings.mlflow.experiment
             exp = mlflow.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location(settings))
         mlflow.set_experiment(experiment_id=exp_id)

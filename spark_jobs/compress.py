@@ -252,11 +252,11 @@ def history_until(tables: DeltaTables, snapshots: list[tuple[str, datetime]]) ->
     """Per snapshot, the newest behaviour strictly before its time (what its text can hold; null: none)."""
     from pyspark.sql import functions as F
 
-    spark = tables.read_spark("user_behaviors").sparkSession
+    events = tables.read_spark("interactions").select("user_id", "event_timestamp")  # one behaviour each
+    spark = events.sparkSession
     cuts = spark.createDataFrame(
         [(u, t.replace(tzinfo=None)) for u, t in snapshots], "user_id string, snapshot_at timestamp"
     )
-    events = tables.read_spark("user_behaviors").select("user_id", "event_timestamp")
     newest = (
         cuts.join(events, "user_id")
         .where(F.col("event_timestamp") < F.col("snapshot_at"))

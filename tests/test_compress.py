@@ -51,7 +51,7 @@ def repr_table(key: str, n: int, encoder: str = "tiny-lm", dim: int = DIM, seed:
 def write_inputs(delta: Path) -> None:
     rng = np.random.default_rng(1)
     n = 600
-    ts = np.sort(rng.integers(0, 10**6, n)) * 1_000_000
+    ts = (946_684_800 + np.sort(rng.integers(0, 10**6, n))) * 1_000_000  # from 2000-01-01
     q8, q9 = np.quantile(ts, [0.8, 0.9])
     tables = {
         "users": pa.table({"user_id": [str(k) for k in range(N_USERS)]}),
@@ -66,6 +66,10 @@ def write_inputs(delta: Path) -> None:
             }
         ),
         "users_repr": repr_table("user_id", N_USERS),
+        # one demographics-only snapshot per user, before every interaction (the real job: at the first one)
+        "user_snapshots_repr": repr_table("snapshot_id", N_USERS).set_column(
+            0, "snapshot_id", pa.array([f"{k}@2000-01-01T00:00:00" for k in range(N_USERS) for _ in LAYERS])
+        ),
         "items_repr": repr_table("item_id", N_ITEMS, seed=1),
     }
     for name, table in tables.items():
@@ -130,8 +134,12 @@ def test_train_registers_both_compressors_with_alias_and_lineage(trained: Settin
 
 def test_compress_writes_feature_tables_with_lineage(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]
     summaries = compress(spark, trained)
-    assert [s.table for s in summaries] == ["user_features", "item_features"]
-    items = DeltaTable(str(Path(trained.data_dir, "delta", "item_features"))).to_pyarrow_table()
+    assert [s.table for s in summaries] == ["user_marc_features", "item_marc_features"]
+    users = DeltaTable(str(Path(trained.data_dir, "delta", "user_marc_features"))).to_pyarrow_table()
+    # a user snapshot is valid from its own time and keeps its user id
+    assert users.num_rows == N_USERS and set(users["user_id"].to_pylist()) == {str(k) for k in range(N_USERS)}
+    assert {t.year for t in users["event_timestamp"].to_pylist()} == {2000}
+    items = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).to_pyarrow_table()
     assert items.num_rows == N_ITEMS
     assert items.schema.field("vector").type == pa.list_(pa.int8())
     row = items.slice(0, 1).to_pylist()[0]
@@ -140,9 +148,13 @@ def test_compress_writes_feature_tables_with_lineage(spark, trained: Settings) -
     assert row["compressor_name"] == "test-marc-items" and row["compressor_version"] == "1"
     assert row["source_table"] == "items_repr" and row["source_version"] == 0
     # idempotent: a re-run with nothing changed commits nothing
-    version = DeltaTable(str(Path(trained.data_dir, "delta", "item_features"))).version()
+    # items: valid from their first interaction
+    first = DeltaTable(str(Path(trained.data_dir, "delta", "interactions"))).to_pandas()
+    first = first.groupby("item_id")["event_timestamp"].min()
+    assert {r["item_id"]: r["event_timestamp"] for r in items.to_pylist()} == first.to_dict()
+    version = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).version()
     compress(spark, trained, ["items"])
-    assert DeltaTable(str(Path(trained.data_dir, "delta", "item_features"))).version() == version
+    assert DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).version() == version
 
 
 def test_float16_output(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -205,9 +217,9 @@ def test_bad_input_names_key_and_table_and_writes_nothing(
     with pytest.raises(CompressError, match=message):
         compress(spark, trained)
     assert not Path(
-        trained.data_dir, "delta", "user_features"
+        trained.data_dir, "delta", "user_marc_features"
     ).exists()  # users were fine: still nothing written
-    assert not Path(trained.data_dir, "delta", "item_features").exists()
+    assert not Path(trained.data_dir, "delta", "item_marc_features").exists()
 
 
 def test_refuses_a_layer_other_than_the_compressors(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from llmfeat import registry
 from llmfeat.config import Settings, load_settings
 from llmfeat.registry import TrackingError, artifact_location, tracking_uri, use_tracking
 from llmfeat.runner import one_line
@@ -20,7 +21,20 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    for name in registry.ENV:
+        monkeypatch.setitem(registry.ENV, name, None)
     return load_settings("tiny", [f"data_dir={tmp_path / 'lake'}", "mlflow.experiment=from-config"])
+
+
+def started_with(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """As if the process had started with name=value (llmfeat reads the MLFLOW_* variables once, at import:
+    MLflow itself writes some of them when a job picks its store or experiment)."""
+    monkeypatch.setenv(name, value)
+    monkeypatch.setitem(registry.ENV, name, value)
+
+
+def started_with_store(monkeypatch: pytest.MonkeyPatch, uri: str) -> None:
+    started_with(monkeypatch, "MLFLOW_TRACKING_URI", uri)
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +54,7 @@ def test_tracking_uri_env_beats_config_beats_default(
         update={"mlflow": settings.mlflow.model_copy(update={"tracking_uri": "http://configured:5000"})}
     )
     assert tracking_uri(configured) == "http://configured:5000"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'env.db'}")
+    started_with_store(monkeypatch, f"sqlite:///{tmp_path / 'env.db'}")
     assert tracking_uri(configured) == f"sqlite:///{tmp_path / 'env.db'}"
     assert artifact_location(settings) is None  # that store decides
 
@@ -51,9 +65,9 @@ def test_a_run_opened_by_mlflow_run_is_resumed_in_its_own_experiment(
     store = f"sqlite:///{tmp_path / 'project.db'}"
     client = mlflow.MlflowClient(tracking_uri=store)
     opened = client.create_run(client.create_experiment("project")).info  # what `mlflow run` does
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    monkeypatch.setenv("MLFLOW_RUN_ID", opened.run_id)
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", opened.experiment_id)
+    started_with_store(monkeypatch, store)
+    started_with(monkeypatch, "MLFLOW_RUN_ID", opened.run_id)
+    started_with(monkeypatch, "MLFLOW_EXPERIMENT_ID", opened.experiment_id)
 
     assert use_tracking(settings) == opened.experiment_id  # not the configured "from-config"
     with mlflow.start_run(run_name="the job") as run:
@@ -64,7 +78,7 @@ def test_a_run_opened_by_mlflow_run_is_resumed_in_its_own_experiment(
 
 
 def test_experiment_name_from_the_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "from-env")
+    started_with(monkeypatch, "MLFLOW_EXPERIMENT_NAME", "from-env")
     exp_id = use_tracking(settings)
     assert mlflow.get_experiment(exp_id).name == "from-env"
 
@@ -72,7 +86,7 @@ def test_experiment_name_from_the_environment(settings: Settings, monkeypatch: p
 def test_an_unusable_store_is_one_line_that_says_what_to_do(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuch://store")
+    started_with_store(monkeypatch, "nosuch://store")
     with pytest.raises(TrackingError) as err:
         use_tracking(settings)
     line = str(err.value)
