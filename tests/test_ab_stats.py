@@ -57,8 +57,23 @@ def test_paired_intervals_cover_the_point_and_detect_a_real_difference() -> None
     strong = 1 / (1 + np.exp(-(1.5 * (2 * y - 1) + rng.normal(size=400))))
     diff = paired_differences(y, weak, strong, users, n_boot=200)
     assert diff["auc"].low > 0 and diff["gauc"].low > 0 and diff["logloss"].high < 0
-    for iv in diff.values():
-        assert iv.low <= iv.mean <= iv.high
+    assert diff["auc_p"].mean < 0.05  # the paired test over user resamples
+    for name in ("auc", "gauc", "logloss"):
+        assert diff[name].low <= diff[name].mean <= diff[name].high
+
+
+def test_intervals_resampling_users_are_wider_when_rows_of_a_user_move_together() -> None:
+    from llmfeat.models.evaluation.metrics import bootstrap_interval
+
+    rng = np.random.default_rng(3)
+    users = np.repeat(np.arange(30), 50)  # 30 users, 50 rows each
+    taste = rng.normal(size=30)[users]  # one user's rows share a click rate...
+    y = (rng.random(1500) < 1 / (1 + np.exp(-2 * taste))).astype(float)
+    offset = rng.normal(size=30)[users]  # ... and a score offset of the model
+    p = 1 / (1 + np.exp(-(0.5 * (2 * y - 1) + 1.5 * offset + 0.3 * rng.normal(size=1500))))
+    rows = bootstrap_interval(lambda i: auc(y[i], p[i]), 1500, 300)
+    clustered = bootstrap_interval(lambda i: auc(y[i], p[i]), 1500, 300, groups=users)
+    assert clustered.high - clustered.low > 1.2 * (rows.high - rows.low)
 
 
 def test_lift_interval_and_srm() -> None:
