@@ -138,6 +138,7 @@ def layer_arms(settings: Settings, rows: Rows, layer: int, users_too: bool) -> d
     marc = fit_marc(
         a, xu, xi, marc_config(cfg, xi.shape[1]), train_config(cfg),
         fit_rows=np.flatnonzero(fit), stop_rows=np.flatnonzero(periods["marc_stop"]),
+        max_fit_rows=cfg.max_fit_rows,
     )  # fmt: skip
     zi = int8_round_trip(compress(marc.compressor("items"), xi))[rows.item_idx]
     zu = int8_round_trip(compress(marc.compressor("users"), xu))[rows.snapshot_idx] if users_too else None

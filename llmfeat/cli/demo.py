@@ -1,7 +1,8 @@
 """`llmfeat demo`: the whole pipeline on the embedded defaults, in order, on one machine.
 
 On CPU the LLM is the slow part, so by default the demo encodes only the compressor's source layer and cuts
-user texts to their newest ~150 tokens (`DEMO_SAMPLE`); every other step runs on the full ML-100k tables.
+user texts to their newest ~55 tokens (`DEMO_SAMPLE`: 3,458 daily user snapshots on ML-100k, one per user and
+day with new behaviour, plus each user's first appearance); every other step runs on the full ML-100k tables.
 `llmfeat demo --full` (or `make demo FULL=1`) encodes every configured layer at full text length.
 """
 
@@ -16,8 +17,8 @@ if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 # What the CPU sample changes, and why: one tapped layer stops the forward pass half-way through SmolLM2,
-# and shorter user texts keep the users' encode within a few minutes on 2 cores.
-DEMO_SAMPLE = {"layers": "the compressor's source layer only (marc.layer)", "user_max_chars": 400}
+# and shorter user texts keep the encode of every user snapshot within a few minutes on 2 cores.
+DEMO_SAMPLE = {"layers": "the compressor's source layer only (marc.layer)", "user_max_chars": 200}
 
 
 def demo_settings(settings: Settings, full: bool) -> Settings:
