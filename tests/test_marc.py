@@ -223,3 +223,35 @@ def test_mlflow_project_entry_points_exist_and_mlflow_stays_the_library() -> Non
         assert (root / script).exists(), name
     spec = importlib.util.find_spec("mlflow")
     assert spec is not None and spec.origin is not None and "site-packages" in spec.origin
+
+
+def test_point_in_time_rows_take_the_newest_snapshot_at_or_before_them() -> None:
+    from llmfeat.models.ctr.data import CtrArrays, ReprError, point_in_time
+
+    a = CtrArrays(
+        user_keys=np.array(["u1", "u2"], dtype=object),
+        item_keys=np.array(["i"], dtype=object),
+        user_idx=np.array([0, 0, 0, 1]),
+        item_idx=np.zeros(4, dtype=np.int64),
+        label=np.ones(4, np.float32),
+        split=np.array(["train"] * 4, dtype=object),
+        timestamp=np.array([10, 20, 30, 15]),
+        dense=np.zeros((4, 0), np.float32),
+        warm=np.zeros(4, bool),
+    )
+    keys = np.array(["u1@a", "u1@b", "u2@a"], dtype=object)
+    pit = point_in_time(a, keys, np.array(["u1", "u1", "u2"], dtype=object), np.array([10, 25, 15]))
+    assert pit.user_idx.tolist() == [0, 0, 1, 2]  # at its own time, then the newer one; never a later one
+    with pytest.raises(ReprError, match="u1"):
+        point_in_time(a, keys[1:], np.array(["u1", "u2"], dtype=object), np.array([25, 15]))
+
+
+def test_marc_periods_fit_then_stop_then_the_ctr_rows() -> None:
+    from llmfeat.models.marc.train import marc_periods
+
+    ts = np.arange(100)
+    split = np.where(ts < 80, "train", "test")
+    p = marc_periods(ts, split, fit_frac=0.5, stop_frac=0.25)
+    fit, stop, after = (np.flatnonzero(p[k]) for k in ("marc_fit", "marc_stop", "after"))
+    assert fit.max() < stop.min() and stop.max() < after.min()  # stops on rows later than it fits
+    assert after.max() == 99 and not (p["marc_fit"] & p["after"]).any()
