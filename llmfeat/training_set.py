@@ -2,9 +2,10 @@
 its own event_timestamp (never a later one).
 
 Feast's file offline store silently drops entity rows that have no feature value in the TTL window (here: an
-interaction older than the first vector of its user or item). The guard numbers the rows before the join and
-joins each view's result back onto them, one view at a time, so such rows come back with that view's
-features null and the others filled, in their original order.
+interaction older than the first vector of its user or item). The guard joins one view at a time on
+the distinct (join keys, event_timestamp) pairs and merges each result back onto every row, so such rows come
+back with that view's features null and the others filled, in their original order (the store also collapses
+rows that share keys and time: two interactions of one user in one second).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 log = logging.getLogger(__name__)
-ROW = "_llmfeat_row"
 
 
 class TrainingSetError(UserError, ValueError):
@@ -31,32 +31,42 @@ class TrainingSetError(UserError, ValueError):
 def historical_features(store: FeatureStore, entity_df: pd.DataFrame, features: Any) -> pd.DataFrame:
     """entity_df (join keys, event_timestamp in UTC, labels...) -> the same rows plus the features.
 
-    `features`: a FeatureService, its name, or a list of "view:feature" references.
+    `features`: a FeatureService, its name, or a list of "view:feature" references. Feast's file store keeps
+    one row per (join keys, event_timestamp), so two interactions of one user in the same second would come
+    back as one: each view is joined on its distinct (keys, time) pairs and merged back onto every row.
     """
     if "event_timestamp" not in entity_df.columns:
         raise TrainingSetError(f"entity_df needs an event_timestamp column; found {list(entity_df.columns)}")
     rows = entity_df.reset_index(drop=True).copy()
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
-    rows[ROW] = np.arange(len(rows), dtype=np.int64)
     out = rows
     for refs in _refs_by_view(store, features):
-        # One join per view: the file store drops a row lacking any one view's value, so a shared join would
-        # also lose the values of the other views for that row.
-        joined = store.get_historical_features(entity_df=rows, features=refs).to_df()
-        if joined[ROW].duplicated().any():
-            raise TrainingSetError(
-                "the point-in-time join duplicated entity rows: duplicate keys in entity_df?"
-            )
+        keys = [*_join_keys(store, refs[0].split(":", 1)[0]), "event_timestamp"]
+        missing = [k for k in keys if k not in rows.columns]
+        if missing:
+            raise TrainingSetError(f"entity_df lacks {missing}, the join keys of {refs[0]}")
+        pairs = rows[keys].drop_duplicates().reset_index(drop=True)
+        joined = store.get_historical_features(entity_df=pairs, features=refs).to_df()
+        joined["event_timestamp"] = pd.to_datetime(joined["event_timestamp"], utc=True)
+        if joined.duplicated(keys).any():
+            raise TrainingSetError(f"the point-in-time join of {refs[0]} returned one (keys, time) twice")
         added = [c for c in joined.columns if c not in rows.columns]
-        out = out.merge(joined[[ROW, *added]], on=ROW, how="left", validate="one_to_one")
-        if len(joined) < len(rows):
+        out = out.merge(joined[[*keys, *added]], on=keys, how="left", validate="many_to_one")
+        if len(joined) < len(pairs):
             log.info(
-                "%s: %d of %d rows had no value at their time (kept, null)",
+                "%s: %d of %d (keys, time) pairs had no value at their time (kept, null)",
                 refs[0],
-                len(rows) - len(joined),
-                len(rows),
+                len(pairs) - len(joined),
+                len(pairs),
             )
-    return out.sort_values(ROW).drop(columns=ROW).reset_index(drop=True)
+    if len(out) != len(rows):
+        raise TrainingSetError(f"the point-in-time join returned {len(out)} rows for {len(rows)}")
+    return out
+
+
+def _join_keys(store: FeatureStore, view: str) -> list[str]:
+    fv = store.get_feature_view(view)
+    return [store.get_entity(e).join_key for e in fv.entities]
 
 
 def _refs_by_view(store: FeatureStore, features: Any) -> list[list[str]]:
