@@ -155,3 +155,15 @@ def test_unknown_alias_is_a_clear_error(lake: Settings, tmp_path: Path) -> None:
     settings = fresh_copy(lake, tmp_path)
     with pytest.raises(ModelNotFound, match="llmfeat-ctr@nope.*train-ctr"):
         compare(settings, RustDelta(settings.delta_root), open_store(settings), "champion", "nope")
+
+
+def test_two_interactions_in_one_second_both_get_their_features(lake: Settings) -> None:
+    """Feast's file store keeps one row per (keys, time): the join must not lose the second interaction."""
+    from llmfeat.training_set import historical_features
+
+    at = pd.Timestamp("2001-03-01 12:00:00", tz="UTC")
+    rows = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["3", "4"], "event_timestamp": [at, at]})
+    out = historical_features(open_store(lake), rows, ["user_marc_fv:user_vector", "item_marc_fv:item_vector"])
+    assert len(out) == 2 and out["user_vector"].notna().all() and out["item_vector"].notna().all()
+    assert out["item_id"].tolist() == ["3", "4"]
+    assert not np.array_equal(out["item_vector"][0], out["item_vector"][1])
