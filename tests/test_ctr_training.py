@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noqa: F401
@@ -163,7 +164,8 @@ def test_two_interactions_in_one_second_both_get_their_features(lake: Settings) 
 
     at = pd.Timestamp("2001-03-01 12:00:00", tz="UTC")
     rows = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["3", "4"], "event_timestamp": [at, at]})
-    out = historical_features(open_store(lake), rows, ["user_marc_fv:user_vector", "item_marc_fv:item_vector"])
+    refs = ["user_marc_fv:user_vector", "item_marc_fv:item_vector"]
+    out = historical_features(open_store(lake), rows, refs)
     assert len(out) == 2 and out["user_vector"].notna().all() and out["item_vector"].notna().all()
     assert out["item_id"].tolist() == ["3", "4"]
     assert not np.array_equal(out["item_vector"][0], out["item_vector"][1])
