@@ -223,10 +223,10 @@ def run(
         emb = champion.fields.item_emb.weight.detach().numpy()
         emb_index = np.array([encoder.item_ids.index(k) + 1 if k in encoder.item_ids else 0
                               for k in rows.item_keys])  # fmt: skip
-        arms = {
+        arms: dict[str, tuple[Any, Any]] = {
             "+ item (MARC)": (None, published[1]),
             "+ user (MARC)": (published[0], None),
-            "+ both (MARC)": published,
+            "+ both (MARC)": (published[0], published[1]),
         }
         arms |= history_arms(rows, emb, emb_index) | (curve if seed == 0 else {})
         for name, vectors in arms.items():

@@ -87,15 +87,16 @@ class LlmResidual(nn.Module):
         du, di = cfg.user_vec_dim, cfg.item_vec_dim
         self.cross = du == di and du > 0  # u * i: the user-item affinity a dot product would measure
         width = du + di + (du if self.cross else 0) + 2
+        out = nn.Linear(cfg.residual_width, 1)
+        nn.init.zeros_(out.weight)  # the model starts as the id model
+        nn.init.zeros_(out.bias)
         self.mlp = nn.Sequential(
             nn.Dropout(cfg.dropout),
             nn.Linear(width, cfg.residual_width),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.residual_width, 1),
+            out,
         )
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, x: CtrInputs) -> Tensor:
         parts = [x.user_vec, x.item_vec]  # (B, Du), (B, Di)
