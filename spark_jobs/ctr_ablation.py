@@ -233,7 +233,7 @@ def run(
             log.info("seed %d: %s", seed, name)
             preds.setdefault(name, []).append(fit_arm(settings, rows, vectors, seed, state))
         # written after every seed: a long run leaves its results so far
-        results = summarise(rows, {k: np.mean(v, axis=0) for k, v in preds.items()}, settings.ctr.n_boot)
+        results = summarise(rows, preds, settings.ctr.n_boot)
         results["seeds"] = {k: len(v) for k, v in preds.items()}
         results["seconds"] = time.monotonic() - started
         out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +242,10 @@ def run(
     return results
 
 
-def summarise(rows: Rows, p: dict[str, np.ndarray], n_boot: int) -> dict[str, Any]:
+def summarise(rows: Rows, preds: dict[str, list[np.ndarray]], n_boot: int) -> dict[str, Any]:
+    """Seed-mean predictions per arm; each arm's difference is taken against the id model averaged over the
+    same seeds (an arm trained with the first seed only is compared with the first seed's id model)."""
+    p = {k: np.mean(v, axis=0) for k, v in preds.items()}
     f = rows.frame
     y, users = f["label"].to_numpy(float), f["user_id"].to_numpy()
     out: dict[str, Any] = {"n_boot": n_boot, "arms": {}, "slices": {}}
@@ -259,7 +262,8 @@ def summarise(rows: Rows, p: dict[str, np.ndarray], n_boot: int) -> dict[str, An
             metrics = metric_intervals(y[sel], pred[sel], users[sel], n_boot)
             entry = {k: [v.mean, v.low, v.high] for k, v in metrics.items()}
             if name != "ids":
-                diff = paired_differences(y[sel], p["ids"][sel], pred[sel], users[sel], n_boot)
+                base = np.mean(preds["ids"][: len(preds[name])], axis=0)
+                diff = paired_differences(y[sel], base[sel], pred[sel], users[sel], n_boot)
                 entry |= {f"diff_{k}": [v.mean, v.low, v.high] for k, v in diff.items()}
             arm[slice_name] = entry
         valid = rows.masks["valid"]
