@@ -130,11 +130,10 @@ class ServiceFeatures:
         columns: dict[str, Any] = {}
         user_cold, item_cold = False, np.zeros(n, dtype=bool)
         for ((_, key), (_, fields)), found in zip(self._views.items(), rows, strict=True):
-            absent = np.ones(len(ids[key]), dtype=bool)
+            first = found[fields[0].name]  # a view's fields are written together: one tells presence
+            absent = np.array([v is None for v in first], dtype=bool)
             for f in fields:
-                values = found[f.name]
-                absent &= np.fromiter((v is None for v in values), bool, len(values))
-                columns[f.name] = self._decode(f, values, n)
+                columns[f.name] = self._decode(f, found[f.name], n)
             if key == "user_id":
                 user_cold |= bool(absent[0])
             else:

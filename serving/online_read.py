@@ -8,7 +8,10 @@ value into a protobuf; for 101 keys that is most of a 2-4 ms fetch. Here, for th
     whole request, a single command and round trip, one HMGET per entity over all its views);
   - values are decoded without protobuf objects: a `FloatList` of D floats always serialises to the same
     header followed by D little-endian floats, so the rows are joined and viewed as one [N, D] array. A value
-    with any other header (another dimension, another type) goes through the protobuf parser instead.
+    with any other header (another dimension, another type) goes through the protobuf parser instead;
+  - SQLite rows are remembered until the database changes (`PRAGMA data_version`, checked on every read,
+    moves with any other connection's commit): the candidates of one request are mostly the items of the
+    last ones, and a materialization empties the memory at once. Redis has no such signal: always read.
 Keys, table names and field hashes come from the store's own helpers, so the layout is Feast's; the tests read
 the same rows through Feast's `online_read` and compare. Other online stores use `online_read` itself.
 """
@@ -109,13 +112,21 @@ def _scalar(raw: bytes) -> Any:
 
 
 class SqliteRows:
-    def __init__(self, store: FeatureStore):
+    """Rows of the SQLite online store, remembered until the database changes: `PRAGMA data_version` moves
+    whenever another connection (a materialization) commits, and then everything remembered is dropped, so a
+    read never returns what the store no longer holds. At most `max_entries` (key, field) values are kept."""
+
+    def __init__(self, store: FeatureStore, max_entries: int = 1_000_000):
         from feast.infra.online_stores.sqlite import _quote_id, _table_id
 
         self.config = store.config
         self.online: Any = cast(Any, store._get_provider().online_store)  # connects on the first read
         versioned = store.config.registry.enable_online_feature_view_versioning
         self.table = lambda view: _quote_id(_table_id(store.config.project, view, versioned))
+        self.max_entries = max_entries
+        self._known: dict[tuple[str, str], dict[bytes, bytes | None]] = {}  # (table, field) -> key -> value
+        self._entries = 0
+        self._data_version: int | None = None
 
     def read(self, requests: Sequence[Request]) -> list[list[bytes | None]]:
         return single_fields(self, requests)
@@ -124,18 +135,44 @@ class SqliteRows:
         out = []
         version = self.config.entity_key_serialization_version
         conn = self.online._get_conn(self.config)
+        data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if data_version != self._data_version or self._entries > self.max_entries:
+            self._known.clear()
+            self._entries, self._data_version = 0, data_version
         for view, fields, join_key, ids in requests:
+            table = self.table(view)
+            known = [self._known.setdefault((table, f), {}) for f in fields]
             keys = [entity_key(join_key, i, version) for i in ids]
-            sql = (
-                f"SELECT entity_key, feature_name, value FROM {self.table(view)} "
-                f"WHERE feature_name IN ({','.join('?' * len(fields))}) "
-                f"AND entity_key IN ({','.join('?' * len(keys))})"
-            )
-            found: dict[str, dict[bytes, bytes]] = {f: {} for f in fields}
-            for key, name, value in conn.execute(sql, [*fields, *keys]):
-                found[name][key] = value
-            out.append({f: [found[f].get(k) for k in keys] for f in fields})
+            unknown = _not_in_all(keys, known)
+            if unknown:
+                self._select(conn, table, fields, list(unknown), known)
+            out.append({f: [values[k] for k in keys] for f, values in zip(fields, known, strict=True)})
         return out
+
+    def _select(
+        self,
+        conn: Any,
+        table: str,
+        fields: Sequence[str],
+        keys: list[bytes],
+        known: list[dict[bytes, bytes | None]],
+    ) -> None:
+        sql = (
+            f"SELECT entity_key, feature_name, value FROM {table} "
+            f"WHERE feature_name IN ({','.join('?' * len(fields))}) "
+            f"AND entity_key IN ({','.join('?' * len(keys))})"
+        )
+        for values in known:
+            values.update(dict.fromkeys(keys))  # None: not in the store
+        by_field = dict(zip(fields, known, strict=True))
+        for key, name, value in conn.execute(sql, [*fields, *keys]):
+            by_field[name][key] = value
+        self._entries += len(keys) * len(fields)
+
+
+def _not_in_all(keys: list[bytes], known: list[dict[bytes, bytes | None]]) -> set[bytes]:
+    wanted = set(keys)
+    return set().union(*(wanted.difference(values) for values in known))
 
 
 # Some fields of many hashes in one command: a pipeline of 101 HGETs costs ~1 ms in redis-py's per-command

@@ -227,7 +227,14 @@ def serve(settings: Settings) -> None:
         log_dir(settings),
     )
     if workers == 1:
-        uvicorn.run(build_app(settings), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+        uvicorn.run(
+            build_app(settings),
+            host=cfg.host,
+            port=cfg.port,
+            timeout_keep_alive=int(cfg.keep_alive_s),
+            log_level="warning",
+            access_log=False,
+        )
         return
     from llmfeat.registry import resolve, tracking_uri
 
@@ -244,6 +251,7 @@ def serve(settings: Settings) -> None:
             host=cfg.host,
             port=cfg.port,
             workers=workers,
+            timeout_keep_alive=int(cfg.keep_alive_s),
             log_level="warning",
             access_log=False,
         )

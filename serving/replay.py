@@ -156,6 +156,15 @@ def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float = 
     raise TimeoutError(f"the ranking service at {base_url} was not ready within {timeout_s:.0f} s")
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a child, with the MLflow variables as the process started with them:
+    mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI, and the child must use its own settings' store."""
+    from llmfeat.registry import ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ENV}
+    return env | {k: v for k, v in ENV.items() if v is not None} | {"PYTHONUNBUFFERED": "1"}
+
+
 @contextmanager
 def running_service(settings: Settings, port: int | None = None) -> Iterator[str]:
     """`llmfeat serve` in a child process on 127.0.0.1 and a free port, with these exact settings; yields its
@@ -167,7 +176,7 @@ def running_service(settings: Settings, port: int | None = None) -> Iterator[str
         doc["serving"] |= {"host": "127.0.0.1", "port": port}
         conf.write_text(yaml.safe_dump(doc))
         cmd = [sys.executable, "-m", "llmfeat.cli", "serve", "--config", str(conf)]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, env=child_env())
         base_url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base_url, proc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -123,7 +124,9 @@ def test_workers_serve_the_pinned_versions_and_follow_a_reload(lake: Settings, t
         moved = health_by_worker(
             url, until=lambda seen: len(seen) == 2 and all(versions_of(h) == moved_to for h in seen.values())
         )
-        assert len(moved) == 2 and all(versions_of(h) == moved_to for h in moved.values())
+        assert len(moved) == 2 and all(versions_of(h) == moved_to for h in moved.values()), {
+            pid: (h["models"], h["reload_errors"]) for pid, h in moved.items()
+        }
     client.set_registered_model_alias(name, "challenger", pinned["challenger"])
 
 
@@ -192,3 +195,35 @@ def test_redis_online_store_ranks_like_sqlite(lake: Settings, tmp_path: Path) ->
         np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]])
         assert (a["cold_user"], a["cold_items"]) == (b["cold_user"], b["cold_items"])
     assert got[-1]["cold_user"] and got[0]["cold_items"] == ["999"]
+
+
+def test_sqlite_reads_are_remembered_until_the_store_changes(lake: Settings, tmp_path: Path) -> None:
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from llmfeat.serving.online_read import entity_key
+
+    data = tmp_path / "data"  # the lake's registry and online store, copied: this test writes to it
+    shutil.copytree(Path(lake.data_dir) / "feast", data / "feast")
+    (data / "delta").symlink_to(Path(lake.data_dir) / "delta")
+    store = open_store(lake_settings(data))
+    fields = service_fields(store, CtrConf().llm_feature_service)
+    field = next(f for f in fields if f.key == "item_id" and not f.dim)  # a scalar item field
+    reader = rows_reader(store)
+    request = [(field.view, [field.name], "item_id", ["1", "nobody"])]
+    before = reader.read_fields(request)[0][field.name]
+    assert before[0] is not None and before[1] is None
+    remembered = reader._entries
+    assert reader.read_fields(request)[0][field.name] == before and reader._entries == remembered  # no SELECT
+    table = reader.table(field.view)
+    version = store.config.entity_key_serialization_version
+    changed = (Value(string_val="Changed") if field.text else Value(int64_val=1234)).SerializeToString()
+    with sqlite3.connect(data / "feast" / "online.db") as other:  # another writer, as a materialization is
+        other.execute(
+            f"UPDATE {table} SET value = ? WHERE entity_key = ? AND feature_name = ?",
+            [changed, entity_key("item_id", "1", version), field.name],
+        )
+        other.execute(
+            f"INSERT INTO {table} (entity_key, feature_name, value) VALUES (?, ?, ?)",
+            [entity_key("item_id", "nobody", version), field.name, changed],
+        )
+    assert reader.read_fields(request)[0][field.name] == [changed, changed]

@@ -98,7 +98,8 @@ class ArrayEncoder:
         self.users = {k: i + 1 for i, k in enumerate(encoder.user_ids)}
         self.items = {k: i + 1 for i, k in enumerate(encoder.item_ids)}
         self.genre_index = {g: i for i, g in enumerate(encoder.genres)}
-        self.genre_rows: dict[str, np.ndarray] = {}  # "A|B" -> (G,) multi-hot, memoised
+        self.genre_codes: dict[str, int] = {}  # "A|B" -> its row of genre_table; row 0: no genre
+        self.genre_table = np.zeros((1, len(encoder.genres)), dtype=np.float32)  # (rows, G) multi-hot
         self.moments = {
             c: (np.asarray(encoder.vec_mean[c], np.float32), np.asarray(encoder.vec_std[c], np.float32))
             for c in encoder.vec_mean
@@ -144,16 +145,19 @@ class ArrayEncoder:
         return np.nan_to_num(np.asarray(columns[name], dtype=np.float64), nan=0.0)
 
     def _genres(self, values: Any, b: int) -> np.ndarray:
-        out = np.zeros((b, len(self.genre_index)), dtype=np.float32)
-        for row, value in enumerate(values):
-            if isinstance(value, str):
-                hot = self.genre_rows.get(value)
-                if hot is None:
-                    hot = np.zeros(len(self.genre_index), dtype=np.float32)
-                    hot[[self.genre_index[g] for g in value.split("|") if g in self.genre_index]] = 1.0
-                    self.genre_rows[value] = hot
-                out[row] = hot
-        return out
+        if len(self.genre_codes) >= 10_000:  # bounded memory: start over (never within one request)
+            self.genre_codes.clear()
+            self.genre_table = self.genre_table[:1]
+        codes = self.genre_codes
+        rows = [codes.get(v) or self._genre_code(v) if isinstance(v, str) else 0 for v in values]
+        return self.genre_table[rows].reshape(b, -1)  # (B, G)
+
+    def _genre_code(self, value: str) -> int:
+        hot = np.zeros((1, self.genre_table.shape[1]), dtype=np.float32)
+        hot[0, [self.genre_index[g] for g in value.split("|") if g in self.genre_index]] = 1.0
+        self.genre_table = np.concatenate([self.genre_table, hot])
+        self.genre_codes[value] = len(self.genre_table) - 1
+        return self.genre_codes[value]
 
 
 def write_artifacts(model: CtrModel, encoder: FeatureEncoder, folder: Path) -> dict[str, str]:
