@@ -52,9 +52,7 @@ USERS, ITEMS, ROWS, DIM = 943, 1682, 100_000, 64
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Thriller", "Sci-Fi", "Children", "War", "Crime"]
 LINEAGE = {"source_version": 1, "encoder_id": "smollm2-135m", "layer": 15, "compressor_name": "marc"}
 START = datetime(1997, 9, 20, tzinfo=UTC)
-DEFAULT_PHASES = [
-    "100:200:60", "1000:10:30", "1000:20:30", "1000:40:30", "1000:60:30", "1000:80:30", "100:1000:20", "100:200:30"
-]  # fmt: skip
+DEFAULT_PHASES = ["100:200:60", *(f"1000:{r}:30" for r in (10, 20, 40, 60, 80)), "100:1000:20", "100:200:30"]
 
 
 # -- the lake ---------------------------------------------------------------------------------------------
