@@ -75,8 +75,6 @@ VECTOR_TABLES = (
         "behavior_features", "behavior_id", "feast_behavior_llm", "behavior_vector", "behavior_llm_fv"
     ),
 )
-# What makes two vectors comparable: a view holds exactly one value of each.
-REPRESENTATION = ("encoder_id", "layer", "compressor_name", "compressor_version")
 STATIC_VIEWS = {"item_meta_fv"}  # stamped at the epoch: always materialized in full
 
 
@@ -115,7 +113,6 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
             f"{spec.source}: vector length {got} but {spec.view} declares {dim} "
             f"(feature_repo/feature_views.py VECTOR_DIM); e.g. {spec.key} {_examples(table, spec.key, wrong)}"
         )
-    check_one_representation(table, spec)
     values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # [B, D]
     if pa.types.is_int8(vectors.type.value_type):
         if "scale" not in table.column_names:
@@ -145,20 +142,6 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
                 table["history_until"].cast(TIMESTAMP) if until else pa.nulls(table.num_rows, TIMESTAMP)
             )
     return pa.table(columns)
-
-
-def check_one_representation(table: pa.Table, spec: VectorTable) -> None:
-    """A view serves one representation: one encoder, layer and compressor version in the whole table."""
-    present = [c for c in REPRESENTATION if c in table.column_names]
-    if not present or table.num_rows == 0:
-        return
-    kinds = table.select(present).group_by(present).aggregate([])
-    if kinds.num_rows > 1:
-        found = "; ".join(", ".join(f"{c}={r[c]}" for c in present) for r in kinds.slice(0, 3).to_pylist())
-        raise FeatureTableError(
-            f"{spec.source} mixes {kinds.num_rows} representations ({found}) but {spec.view} serves one: "
-            "re-run `llmfeat compress` for every key with one compressor version"
-        )
 
 
 def item_meta(items: pa.Table) -> pa.Table:

@@ -74,7 +74,7 @@ def test_materialize_publishes_float32_vectors_with_lineage(lake: Settings) -> N
         open_store(lake)
         .get_online_features(
             features=[
-                "item_llm_lineage_fv:compressor_version",
+                "item_marc_lineage_fv:compressor_version",
                 "item_meta_fv:year",
                 "item_stats_fv:item_impressions",
             ],
