@@ -71,7 +71,10 @@ def build_lake(data_dir: Path, online: list[str]):  # type: ignore[no-untyped-de
     if not tables.exists("item_marc_features"):
         rng = np.random.default_rng(0)
         ts = datetime.now(UTC) - timedelta(hours=1)
-        for name, key, n in (("user_marc_features", "user_id", USERS), ("item_marc_features", "item_id", ITEMS)):
+        for name, key, n in (
+            ("user_marc_features", "user_id", USERS),
+            ("item_marc_features", "item_id", ITEMS),
+        ):
             vecs = rng.normal(size=(n, DIM)).astype(np.float16).astype(np.float32)
             cols = {
                 key: pa.array([str(i) for i in range(1, n + 1)]),
