@@ -116,7 +116,7 @@ class SqliteRows:
     whenever another connection (a materialization) commits, and then everything remembered is dropped, so a
     read never returns what the store no longer holds. At most `max_entries` (key, field) values are kept."""
 
-    def __init__(self, store: FeatureStore, max_entries: int = 1_000_000):
+    def __init__(self, store: FeatureStore, max_entries: int = 250_000):
         from feast.infra.online_stores.sqlite import _quote_id, _table_id
 
         self.config = store.config
