@@ -21,8 +21,9 @@ missing), zero counters, unknown year and genres, the unseen-id embedding. The r
 (`cold_user`, `cold_items`). Bad input gets 400 (no candidates, more than serving.max_candidates, repeated
 ids) or 422 (a malformed body). Overload gets 503 with Retry-After (serving/admission.py).
 
-Several workers (`serving.workers`): uvicorn's processes on one socket; the parent pins the versions before
-they start (serving/arms.py ModelPins). An alias that does not exist stops the start. A failed reload keeps
+Several workers (`serving.workers`, serving/server.py): processes with a socket each on one port
+(SO_REUSEPORT: the kernel spreads connections over them); the parent pins the versions before they start
+(serving/arms.py ModelPins). An alias that does not exist stops the start. A failed reload keeps
 the last good model of that arm and reports the error (in the reply and on /health).
 """
 
@@ -33,7 +34,6 @@ import gc
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
     from llmfeat.config import ServingConf, Settings
 
 log = logging.getLogger(__name__)
-SETTINGS_ENV = "LLMFEAT_SERVING_SETTINGS"  # a worker's settings (JSON), from `serve`
-PINS_ENV = "LLMFEAT_SERVING_PINS"  # the pin file the workers share
 
 
 class RankRequest(BaseModel):
@@ -210,54 +208,3 @@ def build_app(
     gc.collect()
     gc.freeze()
     return app
-
-
-def worker_app() -> Admission:
-    """uvicorn's app factory in each worker process of `serve`."""
-    from llmfeat.config import Settings
-
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    return build_app(settings, pins=ModelPins(Path(os.environ[PINS_ENV])))
-
-
-def serve(settings: Settings) -> None:
-    import uvicorn
-
-    cfg = settings.serving
-    workers = cfg.workers or max(1, min(4, (os.cpu_count() or 1)))
-    log.info(
-        "ranking service on http://%s:%d, %d worker(s), events in %s",
-        cfg.host,
-        cfg.port,
-        workers,
-        log_dir(settings),
-    )
-    if workers == 1:
-        uvicorn.run(
-            build_app(settings),
-            host=cfg.host,
-            port=cfg.port,
-            timeout_keep_alive=int(cfg.keep_alive_s),
-            log_level="warning",
-            access_log=False,
-        )
-        return
-    from llmfeat.registry import resolve, tracking_uri
-
-    uri, name = tracking_uri(settings), settings.ctr.registry_name
-    aliases = {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}
-    with tempfile.TemporaryDirectory(prefix="llmfeat-serve-") as tmp:
-        pins = ModelPins(Path(tmp) / "pins.json")  # every worker loads these versions
-        pins.write({arm: resolve(name, alias, uri).version for arm, alias in aliases.items()})
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        os.environ[PINS_ENV] = str(pins.path)
-        uvicorn.run(
-            "llmfeat.serving.ranking_service:worker_app",
-            factory=True,
-            host=cfg.host,
-            port=cfg.port,
-            workers=workers,
-            timeout_keep_alive=int(cfg.keep_alive_s),
-            log_level="warning",
-            access_log=False,
-        )

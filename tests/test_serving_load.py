@@ -111,6 +111,13 @@ def test_workers_serve_the_pinned_versions_and_follow_a_reload(lake: Settings, t
     with running_service(settings) as url:
         workers = health_by_worker(url, until=lambda seen: len(seen) == 2)
         assert len(workers) == 2, "two worker processes answer"
+        port = int(url.rsplit(":", 1)[1])
+        pool = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(16)]
+        for conn in pool:  # a caller's pool, opened at once: its connections spread over the workers
+            conn.request("GET", "/health")
+        assert len({json.loads(conn.getresponse().read())["worker"] for conn in pool}) == 2
+        for conn in pool:
+            conn.close()
         versions = {pid: h["models"]["challenger"]["version"] for pid, h in workers.items()}
         assert set(versions.values()) == {pinned["challenger"]}
         users = [str(u) for u in range(1, 25)]

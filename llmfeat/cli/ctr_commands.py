@@ -123,7 +123,7 @@ def run_promote(settings: Settings, champion: str, challenger: str) -> Any:
 
 
 def _serve(settings: Settings) -> None:
-    from llmfeat.serving.ranking_service import serve
+    from llmfeat.serving.server import serve
 
     serve(settings)
 
