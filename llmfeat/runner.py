@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,8 @@ def setup_logging(verbose: bool | None = None) -> None:
     for name in CHATTY:
         logging.getLogger(name).setLevel(level)
     if not _verbose:  # mlflow sets its logger's level when imported; variables a user set win
+        # libraries' deprecation notices about their own dependencies (SQLAlchemy under MLflow's store)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny download
 
@@ -122,7 +125,7 @@ def run_with_session(
 
     started = time.monotonic()
     try:
-        spark = build_session(settings.spark)
+        spark = build_session(settings.spark, settings.delta)
         log_session(name, spark)
         body(spark, settings)
     except (*USER_ERRORS, *errors, *mlflow_errors()) as err:

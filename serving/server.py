@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,7 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def worker(settings_json: str, pins_path: str) -> None:
     """One worker process: load, bind, serve until SIGTERM."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # SQLAlchemy's, under MLflow's store
     settings = Settings.model_validate_json(settings_json)
     cfg = settings.serving
     app = build_app(settings, pins=ModelPins(Path(pins_path)))
