@@ -98,16 +98,21 @@ def fit_model(
 
     y = frame["label"].to_numpy(np.float32)
     encoder = FeatureEncoder.fit(frame, y, masks["fit"], masks["train"], use_llm)
+    # Seeded before the model exists, and the id stage below never runs the branch (its dropout would draw
+    # random numbers): with and without LLM fields, the same seed gives the same id part.
+    torch.manual_seed(cfg.seed)
     model = CtrModel(model_config(cfg, encoder))
     x, y_t = encoder.transform(frame), torch.from_numpy(y)
     valid = np.flatnonzero(masks["valid"])
     x_valid = _rows(x, valid)
 
+    forward: Any = model.id_logit  # the id stage; then the whole model
+
     def loss(batch: np.ndarray) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(model(_rows(x, batch)), y_t[batch])
+        return nn.functional.binary_cross_entropy_with_logits(forward(_rows(x, batch)), y_t[batch])
 
     def score() -> float:
-        p = torch.sigmoid(model(x_valid)).numpy()
+        p = torch.sigmoid(forward(x_valid)).numpy()
         score.logloss = logloss(y[valid], p)  # type: ignore[attr-defined]
         return auc(y[valid], p)
 
@@ -122,7 +127,6 @@ def fit_model(
 
         return log_epoch
 
-    torch.manual_seed(cfg.seed)
     id_train = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs, cfg.patience, cfg.seed)
     fit = np.flatnonzero(masks["fit"])
     # The id part first: the same model, rows and seed as the model without LLM features.
@@ -131,6 +135,7 @@ def fit_model(
     else:
         model.load_state_dict(id_state, strict=False)
     if model.residual is not None:
+        forward = model
         for p in model.id_parameters():
             p.requires_grad_(False)
         rows = fit if residual_rows is None else np.intersect1d(fit, residual_rows)

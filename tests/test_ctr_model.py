@@ -104,3 +104,31 @@ def test_history_means_use_earlier_days_only() -> None:
     out = history_means(users, items, days, labels, vectors)  # (4, 6)
     assert (out[:2] == 0).all() and (out[3] == 0).all()  # first day: no history, even for same-day rows
     np.testing.assert_array_equal(out[2], [1, 0, 0, 0, 1, 0])  # liked item 0, disliked item 1, day before
+
+
+def test_same_seed_gives_the_same_id_part_with_and_without_llm_fields() -> None:
+    """The challenger is the champion's id model plus a branch: its id part must not differ by chance."""
+    from llmfeat.config import CtrConf
+    from llmfeat.spark_jobs.train_ctr import fit_model
+
+    rng = np.random.default_rng(0)
+    n = 600
+    base = frame().iloc[np.arange(n) % 4].reset_index(drop=True)
+    f = base.assign(
+        user_id=[f"u{k}" for k in rng.integers(0, 30, n)],
+        item_id=[f"i{k}" for k in rng.integers(0, 40, n)],
+        user_vector=list(rng.standard_normal((n, D)).astype(np.float32)),
+        item_vector=list(rng.standard_normal((n, D)).astype(np.float32)),
+    )
+    y = rng.random(n) < 0.5
+    f["label"] = y.astype(np.float32)
+    masks = {"fit": np.arange(n) < 400, "valid": (np.arange(n) >= 400) & (np.arange(n) < 500)}
+    masks |= {"test": np.arange(n) >= 500, "train": np.arange(n) < 400}
+    cfg = CtrConf(epochs=2, batch_size=64)
+    ids = f.drop(columns=["user_vector", "item_vector"])
+    champion, enc0 = fit_model(ids, masks, False, cfg, log_epochs=False)
+    challenger, enc1 = fit_model(f, masks, True, cfg, log_epochs=False)
+    with torch.no_grad():
+        a = champion.id_logit(enc0.transform(ids))
+        b = challenger.id_logit(enc1.transform(f))
+    torch.testing.assert_close(a, b)
