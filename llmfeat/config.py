@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmfeat.errors import UserError
 from llmfeat.paths import conf_dir
@@ -43,9 +43,17 @@ class SparkConf(Section):
     gpu: GpuConf = GpuConf()
 
 
+# Time travel the docs promise: every table version of the last 7 days stays readable (Delta's own default).
+MIN_RETENTION_HOURS = 168
+
+
 class DeltaConf(Section):
-    # delta-rs needs no JVM jars; delta-spark needs io.delta:delta-spark on the cluster's classpath.
+    # delta-rs needs no JVM jars; delta-spark needs io.delta:delta-spark on Spark's classpath: the session
+    # lists the jars the set-up resolved (python -m llmfeat.delta_jars) unless spark.jars(.packages) has them.
     backend: Literal["delta-rs", "delta-spark"] = "delta-rs"
+    jars: str | None = None  # a folder of delta-spark jars; None = the set-up's folder inside the environment
+    # `llmfeat maintain`: files older versions need are vacuumed after this many hours (never below 168)
+    retention_hours: int = Field(default=MIN_RETENTION_HOURS, ge=MIN_RETENTION_HOURS)
 
 
 class SourceFiles(Section):

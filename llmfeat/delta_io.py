@@ -1,25 +1,57 @@
 """Delta Lake I/O behind one small interface, with two backends that write ordinary Delta tables.
 
 - `RustDelta` (default, `delta.backend: delta-rs`): the `deltalake` package commits, MERGEs and time-travels
-  without JVM jars; Spark reads a pinned snapshot as the parquet files of that version.
-- `SparkDelta` (`delta.backend: delta-spark`): `format("delta")` through the JVM, for clusters whose classpath
-  holds io.delta:delta-spark. Without the jars it fails at start and says how to add them.
+  without JVM jars. A Spark DataFrame handed to it is first written as Parquet by the executors into a
+  staging folder; delta-rs then streams those files in bounded Arrow batches into its commit, so the driver
+  never holds a whole table. Spark reads a table through Spark's Delta reader when the session has the jars.
+- `SparkDelta` (`delta.backend: delta-spark`): `format("delta")` and MERGE run in Spark, on the executors.
+  Its jars are resolved by the set-up (`python -m llmfeat.delta_jars`); without them it stops at start and
+  says how to add them.
 
-Every write is one Delta commit: a failed job leaves the previous version current. `upsert` MERGEs by key and
-commits nothing when no row changed, so re-runs never duplicate rows nor add empty versions.
+`data` is a Spark DataFrame (the jobs), or a pyarrow Table or pandas DataFrame (small tables). Every write is
+one Delta commit: a failed write leaves the previous version current. `upsert` MERGEs by key and commits
+nothing when no row changed, so re-runs never duplicate rows nor add empty versions.
 """
 
 from __future__ import annotations
 
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
+from llmfeat.config import MIN_RETENTION_HOURS
+from llmfeat.delta_jars import maven_coordinate
+
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
     from llmfeat.config import Settings
+
+STAGING = ".staging"  # under the Delta root: Parquet the executors wrote, until delta-rs committed it
+BATCH_ROWS = 16_384  # rows per Arrow batch streamed from the staging files into a delta-rs commit
+
+
+@dataclass
+class Maintained:
+    """A table after `maintain`: files of the current version before and after compaction, files vacuumed."""
+
+    table: str
+    files_before: int
+    files_after: int
+    vacuumed: int
+    version: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.table}: {self.files_before} -> {self.files_after} files, {self.vacuumed} old files "
+            f"vacuumed, version {self.version}"
+        )
 
 
 class DeltaTables(Protocol):
@@ -37,9 +69,11 @@ class DeltaTables(Protocol):
         delete_missing: bool = False,
         compare: list[str] | None = None,
     ) -> int: ...
+    def delete_keys(self, name: str, data: Any, keys: list[str]) -> int: ...
     def read_spark(self, name: str, version: int | None = None) -> DataFrame: ...
     def read_arrow(self, name: str, version: int | None = None) -> pa.Table: ...
     def history(self, name: str) -> list[dict[str, Any]]: ...
+    def maintain(self, name: str, retention_hours: int = MIN_RETENTION_HOURS) -> Maintained: ...
 
 
 def merge_predicates(
@@ -59,8 +93,17 @@ def merge_predicates(
     return on, changed or "false"
 
 
+def check_retention(retention_hours: int) -> None:
+    """Vacuum never removes what time travel still promises (every version of the last 7 days)."""
+    if retention_hours < MIN_RETENTION_HOURS:
+        raise ValueError(
+            f"retention of {retention_hours} h is below {MIN_RETENTION_HOURS} h: every table version of the "
+            f"last {MIN_RETENTION_HOURS // 24} days stays readable (delta.retention_hours)"
+        )
+
+
 class RustDelta:
-    """delta-rs backend. `spark` is needed only to hand tables to Spark jobs."""
+    """delta-rs backend. `spark` is needed to take Spark DataFrames and to hand tables to Spark jobs."""
 
     def __init__(self, root: str | Path, spark: SparkSession | None = None):
         self.root = Path(root)
@@ -82,13 +125,28 @@ class RustDelta:
     def version(self, name: str) -> int | None:
         return self._table(name).version() if self.exists(name) else None
 
+    @contextmanager
+    def _source(self, data: Any) -> Iterator[pa.Table | pa.RecordBatchReader]:
+        """`data` as delta-rs reads it: an Arrow table as is; a Spark DataFrame written by the executors into
+        a staging folder, then streamed in batches of BATCH_ROWS (the folder is removed afterwards)."""
+        if not is_spark_frame(data):
+            yield _arrow(data)
+            return
+        staging = self.root / STAGING / uuid.uuid4().hex
+        try:
+            data.write.mode("overwrite").parquet(str(staging))
+            yield staged_reader(staging, arrow_schema(data))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def write(self, name: str, data: Any, mode: str = "overwrite") -> int:
         from deltalake import write_deltalake
 
-        if mode == "overwrite":
-            write_deltalake(self.path(name), _arrow(data), mode="overwrite", schema_mode="overwrite")
-        else:
-            write_deltalake(self.path(name), _arrow(data), mode="append")
+        with self._source(data) as source:
+            if mode == "overwrite":
+                write_deltalake(self.path(name), source, mode="overwrite", schema_mode="overwrite")
+            else:
+                write_deltalake(self.path(name), source, mode="append")
         return self._table(name).version()
 
     def upsert(
@@ -99,44 +157,101 @@ class RustDelta:
         delete_missing: bool = False,
         compare: list[str] | None = None,
     ) -> int:
-        table = _arrow(data)
         if not self.exists(name):
-            return self.write(name, table)
+            return self.write(name, data)
         target = self._table(name)
-        # Columns new to the table: added by schema evolution, and every matched row counts as changed.
-        known = set(target.schema().to_arrow().names)
-        new_cols = [c for c in table.column_names if c not in known]
-        on, changed = merge_predicates(keys, table.column_names, compare, "datafusion")
-        if new_cols:
-            changed = "true"
-        merge = target.merge(
-            table, predicate=on, source_alias="s", target_alias="t", merge_schema=bool(new_cols)
-        )
-        merge = merge.when_matched_update_all(predicate=changed).when_not_matched_insert_all()
-        if delete_missing:
-            merge = merge.when_not_matched_by_source_delete()
-        merge.execute()  # commits nothing when no row changed
+        with self._source(data) as source:
+            # Columns new to the table: added by schema evolution, and every matched row counts as changed.
+            names = source.schema.names
+            known = set(target.schema().to_arrow().names)
+            new_cols = [c for c in names if c not in known]
+            on, changed = merge_predicates(keys, names, compare, "datafusion")
+            if new_cols:
+                changed = "true"
+            merge = target.merge(
+                source, predicate=on, source_alias="s", target_alias="t", merge_schema=bool(new_cols)
+            )
+            merge = merge.when_matched_update_all(predicate=changed).when_not_matched_insert_all()
+            if delete_missing:
+                merge = merge.when_not_matched_by_source_delete()
+            merge.execute()  # commits nothing when no row changed
+        return self._table(name).version()
+
+    def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
+        """Delete the rows whose `keys` match a row of `data` (one commit; none when nothing matched)."""
+        if not self.exists(name):
+            return -1
+        with self._source(data) as source:
+            on, _ = merge_predicates(keys, keys, [], "datafusion")
+            merge = self._table(name).merge(source, predicate=on, source_alias="s", target_alias="t")
+            merge.when_matched_delete().execute()
         return self._table(name).version()
 
     def read_arrow(self, name: str, version: int | None = None) -> pa.Table:
         return self._table(name, version).to_pyarrow_table()
 
     def read_spark(self, name: str, version: int | None = None) -> DataFrame:
+        """The table (or a pinned version) as a Spark DataFrame, read on the executors.
+
+        With the Delta jars in the session: Spark's Delta reader (deletion vectors, column mapping and
+        partitions handled by Delta). Without them: the version's Parquet files when they are the table
+        exactly (reader protocol 1: no deletion vectors, no column mapping; no partition columns), else a
+        copy of that version written once in bounded batches by delta-rs under .staging/ and read from there.
+        """
         if self.spark is None:
             raise RuntimeError("RustDelta.read_spark needs the SparkSession it was built with")
         table = self._table(name, version)
+        if has_delta_jars(self.spark):
+            return (
+                self.spark.read.format("delta").option("versionAsOf", table.version()).load(self.path(name))
+            )
         uris = table.file_uris()
         if not uris:  # an empty snapshot has no files; keep its schema
-            return self.spark.createDataFrame(table.to_pyarrow_table().to_pandas())
-        # A pinned snapshot: exactly the files of this version (valid while deletion vectors are off).
-        return self.spark.read.parquet(*uris)
+            return self.spark.createDataFrame(table.to_pyarrow_table())
+        if table.protocol().min_reader_version == 1 and not table.metadata().partition_columns:
+            return self.spark.read.parquet(*uris)
+        return self.spark.read.parquet(str(self._snapshot_copy(name, table)))
+
+    def _snapshot_copy(self, name: str, table: Any) -> Path:
+        """One version of a table that plain Parquet readers cannot read right, as Parquet files under
+        .staging/<name>-v<version> (a version never changes: written once, removed by `maintain`)."""
+        import pyarrow.parquet as pq
+        from deltalake import QueryBuilder
+
+        folder = self.root / STAGING / f"{name}-v{table.version()}"
+        if (folder / "_SUCCESS").exists():
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        batches = pa.RecordBatchReader.from_stream(
+            QueryBuilder().register("t", table).execute("SELECT * FROM t")
+        )
+        with pq.ParquetWriter(folder / "part-00000.parquet", batches.schema) as writer:
+            for batch in batches:  # delta-rs applies deletion vectors and column mapping
+                writer.write_batch(batch)
+        (folder / "_SUCCESS").touch()
+        return folder
 
     def history(self, name: str) -> list[dict[str, Any]]:
         return list(self._table(name).history())
 
+    def maintain(self, name: str, retention_hours: int = MIN_RETENTION_HOURS) -> Maintained:
+        """Compact small files into larger ones (a new version with the same rows), then vacuum the files no
+        version of the last `retention_hours` needs."""
+        check_retention(retention_hours)
+        before = len(self._table(name).file_uris())
+        self._table(name).optimize.compact()
+        table = self._table(name)
+        # check_retention is the rule here, whatever a table's own deletedFileRetentionDuration says.
+        gone = table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False)
+        for copy in (self.root / STAGING).glob(f"{name}-v*"):
+            shutil.rmtree(copy, ignore_errors=True)
+        return Maintained(name, before, len(table.file_uris()), len(gone), table.version())
+
 
 class SparkDelta:
-    """JVM delta-spark backend: format("delta") reads and writes, MERGE INTO through the DeltaTable API."""
+    """JVM delta-spark backend: format("delta") reads and writes, MERGE INTO through the DeltaTable API, all
+    on the executors. A pyarrow or pandas table becomes a Spark DataFrame directly (small tables only)."""
 
     def __init__(self, root: str | Path, spark: SparkSession):
         self.root = Path(root)
@@ -157,15 +272,14 @@ class SparkDelta:
     def version(self, name: str) -> int | None:
         if not self.exists(name):
             return None
-        return int(self._api(name).history(1).collect()[0]["version"])
+        return int(self._api(name).history(1).select("version").head()[0])
 
     def _frame(self, data: Any) -> DataFrame:
-        return data if not isinstance(data, pa.Table) else self.spark.createDataFrame(data.to_pandas())
+        return data if is_spark_frame(data) else self.spark.createDataFrame(data)
 
     def write(self, name: str, data: Any, mode: str = "overwrite") -> int:
         writer = self._frame(data).write.format("delta").mode(mode)
-        if mode == "overwrite":
-            writer = writer.option("overwriteSchema", "true")
+        writer = writer.option("overwriteSchema", "true") if mode == "overwrite" else writer
         writer.save(self.path(name))
         return self.version(name) or 0
 
@@ -180,12 +294,45 @@ class SparkDelta:
         frame = self._frame(data)
         if not self.exists(name):
             return self.write(name, frame)
+        target = self._api(name)
+        new_cols = set(frame.columns) - set(target.toDF().columns)
         on, changed = merge_predicates(keys, frame.columns, compare, "spark")
-        merge = self._api(name).alias("t").merge(frame.alias("s"), on)
-        merge = merge.whenMatchedUpdateAll(condition=changed).whenNotMatchedInsertAll()
-        if delete_missing:
-            merge = merge.whenNotMatchedBySourceDelete()
-        merge.execute()
+        changed = "true" if new_cols else changed  # added by schema evolution: every matched row changes
+        frame = frame.persist()  # computed once for the check and the MERGE
+        try:
+            # Delta's MERGE commits a version even when no row changes: it runs only when one would.
+            if not self._changes(target.toDF(), frame, keys, on, changed, delete_missing):
+                return self.version(name) or 0
+            merge = target.alias("t").merge(frame.alias("s"), on)
+            merge = merge.withSchemaEvolution() if new_cols else merge
+            merge = merge.whenMatchedUpdateAll(condition=changed).whenNotMatchedInsertAll()
+            if delete_missing:
+                merge = merge.whenNotMatchedBySourceDelete()
+            merge.execute()
+        finally:
+            frame.unpersist()
+        return self.version(name) or 0
+
+    @staticmethod
+    def _changes(
+        target: DataFrame, frame: DataFrame, keys: list[str], on: str, changed: str, delete_missing: bool
+    ) -> bool:
+        """Whether a MERGE would insert, update or (with delete_missing) delete a row (small Spark jobs)."""
+        from pyspark.sql import functions as F
+
+        t, s = target.alias("t"), frame.alias("s")
+        first_key = F.col(f"t.`{keys[0]}`")
+        upserts = s.join(t, F.expr(on), "left").where(first_key.isNull() | F.expr(changed))
+        if upserts.limit(1).count():
+            return True
+        return delete_missing and bool(t.join(s, F.expr(on), "left_anti").limit(1).count())
+
+    def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
+        """Delete the rows whose `keys` match a row of `data` (a MERGE in Spark)."""
+        if not self.exists(name):
+            return -1
+        on, _ = merge_predicates(keys, keys, [], "spark")
+        self._api(name).alias("t").merge(self._frame(data).alias("s"), on).whenMatchedDelete().execute()
         return self.version(name) or 0
 
     def read_spark(self, name: str, version: int | None = None) -> DataFrame:
@@ -195,47 +342,111 @@ class SparkDelta:
         return reader.load(self.path(name))
 
     def read_arrow(self, name: str, version: int | None = None) -> pa.Table:
+        """The whole table on the driver: for small tables only (the jobs read with read_spark)."""
         return self.read_spark(name, version).toArrow()
 
     def history(self, name: str) -> list[dict[str, Any]]:
         return [row.asDict() for row in self._api(name).history().collect()]
 
+    def maintain(self, name: str, retention_hours: int = MIN_RETENTION_HOURS) -> Maintained:
+        """OPTIMIZE (compaction) and VACUUM in Spark; see RustDelta.maintain."""
+        check_retention(retention_hours)
+        files = lambda: int(self._api(name).detail().select("numFiles").head()[0])  # noqa: E731
+        before = files()
+        self._api(name).optimize().executeCompaction()
+        written = len(data_files(self.path(name)))
+        self._api(name).vacuum(float(retention_hours))
+        gone = written - len(data_files(self.path(name)))
+        return Maintained(name, before, files(), gone, self.version(name) or 0)
+
+
+def data_files(path: str) -> list[Path]:
+    """The Parquet files in a table's folder (current and old versions', not the log)."""
+    return [p for p in Path(path).rglob("*.parquet") if "_delta_log" not in p.parts]
+
+
+def has_delta_jars(spark: SparkSession) -> bool:
+    """Whether the session's JVM can load delta-spark (the class loader py4j uses sees spark.jars)."""
+    from py4j.java_gateway import JavaClass
+
+    try:
+        return isinstance(spark.sparkContext._jvm.io.delta.tables.DeltaTable, JavaClass)  # type: ignore[union-attr]
+    except Exception:
+        return False
+
 
 def check_delta_jars(spark: SparkSession) -> None:
-    jvm: Any = spark.sparkContext._jvm
-    try:
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
-    except Exception:
+    if not has_delta_jars(spark):
         raise RuntimeError(
-            "delta.backend is delta-spark but the Delta jars are not on Spark's classpath. Add them, e.g. "
-            "--packages io.delta:delta-spark_2.13:<version matching Spark> (or spark.jars to local jars) "
-            "with spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension and "
+            "delta.backend is delta-spark but the Delta jars are not on Spark's classpath. Run `make setup` "
+            f"(Maven resolves {maven_coordinate()} into the environment, the session lists the jars), or "
+            f"pass them yourself: --packages {maven_coordinate()} (or spark.jars to local jars) with "
+            "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension and "
             "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog; "
             "or use delta.backend: delta-rs, which needs no jars"
-        ) from None
+        )
+
+
+def is_spark_frame(data: Any) -> bool:
+    from pyspark.sql import DataFrame
+
+    return isinstance(data, DataFrame)
+
+
+def arrow_schema(frame: DataFrame) -> pa.Schema:
+    """The Arrow schema `frame.toArrow()` would give (UTC timestamps, Spark's list field names)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    large = frame.sparkSession._jconf.arrowUseLargeVarTypes()  # type: ignore[attr-defined]
+    return to_arrow_schema(
+        frame.schema, error_on_duplicated_field_names_in_struct=True, prefers_large_types=large
+    )
+
+
+def staged_reader(folder: Path, schema: pa.Schema) -> pa.RecordBatchReader:
+    """The Parquet files Spark wrote into `folder`, as a stream of batches of at most BATCH_ROWS rows."""
+    import pyarrow.dataset as ds
+
+    files = ds.dataset(str(folder), format="parquet")  # skips _SUCCESS and .crc files
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for batch in files.to_batches(columns=schema.names, batch_size=BATCH_ROWS):
+            yield batch.cast(schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def _arrow(data: Any) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
-    if hasattr(data, "toArrow"):  # a Spark DataFrame: collected on the driver for delta-rs
-        return data.toArrow()
     return pa.Table.from_pandas(data, preserve_index=False)
 
 
 def open_tables(settings: Settings, spark: SparkSession | None = None) -> DeltaTables:
-    """The backend named in config, rooted at <data_dir>/delta."""
-    if settings.delta.backend == "delta-spark":
-        if spark is None:
-            raise RuntimeError("delta.backend delta-spark needs a SparkSession")
+    """The backend named in config, rooted at <data_dir>/delta. A job that runs without Spark (torch on a
+    sample, an evaluation) reads and writes the same tables with delta-rs, whatever the backend."""
+    if settings.delta.backend == "delta-spark" and spark is not None:
         return SparkDelta(settings.delta_root, spark)
     return RustDelta(settings.delta_root, spark)
+
+
+def table_names(root: Path) -> list[str]:
+    """The Delta tables directly under `root`."""
+    return sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir()) if root.is_dir() else []
+
+
+def maintain_tables(
+    tables: DeltaTables, retention_hours: int, names: list[str] | None = None
+) -> list[Maintained]:
+    """Compact and vacuum every table under the root (or `names`), checking the retention before any."""
+    check_retention(retention_hours)
+    return [tables.maintain(n, retention_hours) for n in names or table_names(tables.root)]
 
 
 def tables_summary(settings: Settings) -> str:
     """Every Delta table under data_dir with its current version and row count (no Spark needed)."""
     root = settings.delta_root
-    names = sorted(p.name for p in root.iterdir() if (p / "_delta_log").is_dir()) if root.is_dir() else []
+    names = table_names(root)
     if not names:
         return f"no Delta tables under {root} yet: run `llmfeat ingest`"
     tables = RustDelta(root)

@@ -18,7 +18,8 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from llmfeat.config import GpuConf, SparkConf
+from llmfeat.config import DeltaConf, GpuConf, SparkConf
+from llmfeat.delta_jars import local_jars
 from llmfeat.errors import UserError
 from llmfeat.paths import conf_dir
 
@@ -33,6 +34,11 @@ SUBMIT_OWNS = ("spark.master", "spark.submit.deployMode", "spark.driver.memory",
 # What the jobs' output is correct only with (Feast reads UTC microsecond timestamps): set in any case.
 JOB_OWNS = ("spark.sql.session.timeZone", "spark.sql.parquet.outputTimestampType",
             "spark.sql.execution.arrow.pyspark.enabled")  # fmt: skip
+# delta-spark's SQL extension and catalog (MERGE, OPTIMIZE, VACUUM, time travel in SQL).
+DELTA_SQL = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
 
 
 class JavaNotFound(UserError, RuntimeError):
@@ -64,10 +70,13 @@ def require_java() -> None:
         )
 
 
-def session_conf(cfg: SparkConf, submitted: Mapping[str, str] | None = None) -> dict[str, str]:
+def session_conf(
+    cfg: SparkConf, submitted: Mapping[str, str] | None = None, delta: DeltaConf | None = None
+) -> dict[str, str]:
     """Every spark.* setting the session gets from config: master, loopback, UTC, microsecond timestamps,
-    GPUs. `submitted`: spark-submit's conf, when it started the job; then only what it leaves unset, and
-    nothing in SUBMIT_OWNS (JOB_OWNS always)."""
+    GPUs, and with `delta` the delta-spark jars and SQL settings its backend needs. `submitted`:
+    spark-submit's conf, when it started the job; then only what it leaves unset, and nothing in SUBMIT_OWNS
+    (JOB_OWNS always)."""
     conf = {
         "spark.master": cfg.master,
         "spark.app.name": cfg.app_name,
@@ -88,8 +97,30 @@ def session_conf(cfg: SparkConf, submitted: Mapping[str, str] | None = None) -> 
         if gpu.discovery_script:
             conf["spark.executor.resource.gpu.discoveryScript"] = discovery_script(gpu)
     conf.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra.items()})
+    if delta is not None:
+        conf.update(delta_conf(delta, {**conf, **(submitted or {})}))
     if submitted is not None:
         conf = {k: v for k, v in conf.items() if k in JOB_OWNS or k not in (*SUBMIT_OWNS, *submitted)}
+    return conf
+
+
+def delta_conf(delta: DeltaConf, given: Mapping[str, str]) -> dict[str, str]:
+    """What delta-spark needs, for delta.backend delta-spark: the jars the set-up resolved in spark.jars
+    (after any the profile lists), the Delta SQL extension and catalog. Jars named already in spark.jars or
+    spark.jars.packages (the profile's, or spark-submit's --jars / --packages) are left as they are. Without
+    jars nothing is added: SparkDelta then stops with what to do."""
+    if delta.backend != "delta-spark":
+        return {}
+    named = any("delta-spark" in given.get(k, "") for k in ("spark.jars", "spark.jars.packages"))
+    jars = [] if named else local_jars(delta.jars)
+    if not named and not jars:
+        return {}
+    conf = {k: given.get(k, v) for k, v in DELTA_SQL.items()}
+    extensions = conf["spark.sql.extensions"].split(",")
+    if DELTA_SQL["spark.sql.extensions"] not in extensions:  # the profile's own extensions, and Delta's
+        conf["spark.sql.extensions"] = ",".join([*extensions, DELTA_SQL["spark.sql.extensions"]])
+    if jars:
+        conf["spark.jars"] = ",".join([j for j in given.get("spark.jars", "").split(",") if j] + jars)
     return conf
 
 
@@ -113,7 +144,8 @@ def submitted_conf() -> dict[str, str] | None:
     return dict(conf.getAll()) if conf.contains("spark.master") else None
 
 
-def build_session(cfg: SparkConf) -> SparkSession:
+def build_session(cfg: SparkConf, delta: DeltaConf | None = None) -> SparkSession:
+    """The session for a job; with `delta` (settings.delta) it carries what that Delta backend needs."""
     require_java()
     submitted = submitted_conf()
     if submitted is None and cfg.master.startswith("local"):
@@ -125,7 +157,7 @@ def build_session(cfg: SparkConf) -> SparkSession:
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder
-    for key, value in session_conf(cfg, submitted).items():
+    for key, value in session_conf(cfg, submitted, delta).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

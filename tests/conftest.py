@@ -37,9 +37,11 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 
 @pytest.fixture(scope="session")
 def spark():  # type: ignore[no-untyped-def]
+    from llmfeat.config import DeltaConf
     from llmfeat.session import build_session
 
-    session = build_session(load_settings("tiny").spark)
+    # With the delta-spark jars the set-up resolved, so that both Delta backends run in this one session.
+    session = build_session(load_settings("tiny").spark, DeltaConf(backend="delta-spark"))
     yield session
     session.stop()
 

@@ -1,7 +1,16 @@
+"""Both Delta backends on the one test session (which carries the delta-spark jars the set-up resolved):
+Spark DataFrames and Arrow tables in, MERGE semantics, failed writes, time travel, upkeep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
-from llmfeat.delta_io import RustDelta, SparkDelta, merge_predicates
+from llmfeat import delta_io
+from llmfeat.config import ConfigError, load_settings
+from llmfeat.delta_io import DeltaTables, RustDelta, SparkDelta, has_delta_jars, merge_predicates
 
 pytestmark = pytest.mark.spark
 
@@ -10,40 +19,155 @@ def _table(rows: dict[str, str]) -> pa.Table:
     return pa.table({"k": list(rows), "v": list(rows.values())})
 
 
-def test_upsert_is_idempotent_and_versions_only_changes(tmp_path, spark) -> None:
+@pytest.fixture(params=["delta-rs", "delta-spark"])
+def backend(request, spark, tmp_path: Path) -> DeltaTables:  # type: ignore[no-untyped-def]
+    if request.param == "delta-rs":
+        return RustDelta(tmp_path, spark)
+    assert has_delta_jars(spark), "the test session has no delta-spark jars: run `make setup`"
+    return SparkDelta(tmp_path, spark)
+
+
+def _rows(tables: DeltaTables, name: str = "t", version: int | None = None) -> list[tuple[str, str]]:
+    return sorted((r["k"], r["v"]) for r in tables.read_spark(name, version).collect())
+
+
+def test_upsert_is_idempotent_and_versions_only_changes(backend: DeltaTables) -> None:
+    assert backend.upsert("t", _table({"a": "1", "b": "2"}), ["k"]) == 0
+    assert backend.upsert("t", _table({"a": "1", "b": "2"}), ["k"]) == 0  # nothing changed: no commit
+    assert backend.upsert("t", _table({"a": "1", "b": "3", "c": "4"}), ["k"]) == 1
+    assert _rows(backend) == [("a", "1"), ("b", "3"), ("c", "4")]
+    assert _rows(backend, version=0) == [("a", "1"), ("b", "2")]  # time travel
+    assert [h["operation"] for h in backend.history("t")][0] == "MERGE"
+
+
+def test_spark_frames_write_and_merge_without_duplicates(spark, backend: DeltaTables) -> None:  # type: ignore[no-untyped-def]
+    frame = spark.createDataFrame([(f"k{i}", str(i)) for i in range(50)], "k string, v string").repartition(3)
+    backend.write("t", frame)
+    changed = frame.selectExpr("k", "IF(k = 'k7', 'seven', v) AS v")
+    backend.upsert("t", changed, ["k"])
+    backend.upsert("t", changed, ["k"])  # a re-run: MERGE by key, never a duplicate
+    rows = dict(_rows(backend))
+    assert len(rows) == 50 and rows["k7"] == "seven" and rows["k8"] == "8"
+    assert backend.read_arrow("t").num_rows == 50
+
+
+def test_delete_missing_mirrors_a_snapshot_and_delete_keys(spark, backend: DeltaTables) -> None:  # type: ignore[no-untyped-def]
+    backend.upsert("t", _table({"a": "1", "b": "2", "c": "3"}), ["k"])
+    backend.upsert("t", _table({"b": "2", "c": "3"}), ["k"], delete_missing=True)
+    assert _rows(backend) == [("b", "2"), ("c", "3")]
+    backend.delete_keys("t", spark.createDataFrame([("c",)], "k string"), ["k"])
+    assert _rows(backend) == [("b", "2")]
+
+
+def test_upsert_adds_new_columns_and_stays_idempotent(backend: DeltaTables) -> None:
+    backend.upsert("t", _table({"a": "1", "b": "2"}), ["k"])
+    wider = pa.table({"k": ["a", "c"], "v": ["1", "3"], "flag": [True, False]})
+    backend.upsert("t", wider, ["k"], delete_missing=True)
+    rows = sorted(backend.read_arrow("t").to_pylist(), key=lambda r: r["k"])
+    assert rows == [{"k": "a", "v": "1", "flag": True}, {"k": "c", "v": "3", "flag": False}]
+
+
+def test_a_failed_write_keeps_the_previous_version(spark, backend: DeltaTables, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pyspark.sql import functions as F
+
+    backend.write("t", _table({"a": "1"}))
+    version = backend.version("t")
+    # The third partition's rows fail after the others were written: nothing may be committed.
+    boom = F.udf(lambda k: k if k != "k90" else 1 / 0, "string")
+    frame = spark.range(100).select(F.concat(F.lit("k"), F.col("id")).alias("k")).repartition(3, "k")
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        backend.upsert("t", frame.select(boom("k").alias("k"), F.lit("x").alias("v")), ["k"])
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        backend.write("t", frame.select(boom("k").alias("k"), F.lit("x").alias("v")))
+    assert backend.version("t") == version and _rows(backend) == [("a", "1")]
+    assert not any((tmp_path / delta_io.STAGING).glob("*"))  # no staging left behind
+
+
+def test_delta_rs_streams_a_spark_frame_in_bounded_batches(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    sizes: list[int] = []
+    real = delta_io.staged_reader
+
+    def counting(folder: Path, schema: pa.Schema) -> pa.RecordBatchReader:
+        reader = real(folder, schema)
+
+        def batches():  # type: ignore[no-untyped-def]
+            for batch in reader:
+                sizes.append(batch.num_rows)
+                yield batch
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    monkeypatch.setattr(delta_io, "BATCH_ROWS", 1000)
+    monkeypatch.setattr(delta_io, "staged_reader", counting)
     tables = RustDelta(tmp_path, spark)
-    assert tables.upsert("t", _table({"a": "1", "b": "2"}), ["k"]) == 0
-    assert tables.upsert("t", _table({"a": "1", "b": "2"}), ["k"]) == 0  # nothing changed: no commit
-    assert tables.upsert("t", _table({"a": "1", "b": "3", "c": "4"}), ["k"]) == 1
-    rows = sorted(tables.read_arrow("t").to_pylist(), key=lambda r: r["k"])
-    assert rows == [{"k": "a", "v": "1"}, {"k": "b", "v": "3"}, {"k": "c", "v": "4"}]
+    frame = spark.range(5000).selectExpr("CAST(id AS STRING) AS k", "array(CAST(id AS FLOAT)) AS v")
+    tables.write("t", frame)
+    tables.upsert("t", frame.where("k < '2'"), ["k"])
+    assert sum(sizes) == 5000 + frame.where("k < '2'").count() and max(sizes) <= 1000
+    table = tables.read_arrow("t")
+    assert table.num_rows == 5000 and table.schema.field("v").type.value_type == pa.float32()
 
 
-def test_upsert_delete_missing_mirrors_a_snapshot(tmp_path, spark) -> None:
+def test_spark_reads_a_delta_rs_table_with_deletion_vectors(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A table delta-rs wrote, then a row deleted by Spark with deletion vectors on: its Parquet files still
+    hold the row. read_spark reads 2 rows through the Delta reader, and without the jars through a copy."""
     tables = RustDelta(tmp_path, spark)
-    tables.upsert("t", _table({"a": "1", "b": "2"}), ["k"])
-    tables.upsert("t", _table({"b": "2"}), ["k"], delete_missing=True)
-    assert tables.read_arrow("t").column("k").to_pylist() == ["b"]
+    tables.write("t", _table({"a": "1", "b": "2", "c": "3"}))
+    path = tables.path("t")
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = true)")
+    spark.sql(f"DELETE FROM delta.`{path}` WHERE k = 'b'")
+    assert spark.read.parquet(*tables._table("t").file_uris()).count() == 3  # what a plain file read sees
+    assert _rows(tables) == [("a", "1"), ("c", "3")]
+    assert _rows(tables, version=0) == [("a", "1"), ("b", "2"), ("c", "3")]
+    monkeypatch.setattr(delta_io, "has_delta_jars", lambda spark: False)
+    assert _rows(tables) == [("a", "1"), ("c", "3")]  # a copy of that version, written once by delta-rs
+    assert (tmp_path / delta_io.STAGING / f"t-v{tables.version('t')}").is_dir()
+    assert _rows(tables, version=0) == [("a", "1"), ("b", "2"), ("c", "3")]  # protocol 1: its own files
 
 
-def test_spark_reads_a_pinned_snapshot(tmp_path, spark) -> None:
-    tables = RustDelta(tmp_path, spark)
-    tables.write("t", _table({"a": "1"}))
-    tables.write("t", _table({"b": "2", "c": "3"}), mode="append")
-    assert tables.read_spark("t", version=0).count() == 1
-    assert tables.read_spark("t").count() == 3
-    assert [h["operation"] for h in tables.history("t")] == ["WRITE", "WRITE"]
-    assert tables.read_arrow("t", version=0).num_rows == 1
+def test_maintain_compacts_vacuums_and_keeps_time_travel(spark, backend: DeltaTables, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    for i in range(4):
+        backend.write("t", _table({f"k{i}": str(i)}), mode="append")
+    done = backend.maintain("t")
+    assert (done.files_before, done.files_after, done.vacuumed) == (4, 1, 0)
+    assert len(_rows(backend)) == 4 and len(_rows(backend, version=0)) == 1  # within retention: kept
+    with pytest.raises(ValueError, match="below 168 h"):
+        backend.maintain("t", retention_hours=24)
+    # With no retention at all, the files only older versions need go (and with them that time travel).
+    monkeypatch.setattr(delta_io, "MIN_RETENTION_HOURS", 0)
+    spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+    try:
+        assert backend.maintain("t", retention_hours=0).vacuumed == 4
+    finally:
+        spark.conf.unset("spark.databricks.delta.retentionDurationCheck.enabled")
+    assert len(_rows(backend)) == 4
 
 
-def test_missing_table_is_named(tmp_path, spark) -> None:
+def test_maintain_command_refuses_a_short_retention(spark, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from llmfeat.cli import main
+
+    RustDelta(tmp_path / "delta").write("items", _table({"a": "1"}))
+    RustDelta(tmp_path / "delta").write("items", _table({"b": "2"}), mode="append")
+    assert main(["maintain", "--config", "tiny", "--set", f"data_dir={tmp_path}"]) == 0
+    assert "items: 2 -> 1 files, 0 old files vacuumed, version 2" in capsys.readouterr().out
+    assert main(["maintain", "--config", "tiny", "--set", f"data_dir={tmp_path}",
+                 "--set", "delta.retention_hours=24"]) == 2  # fmt: skip
+    assert "delta.retention_hours" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="greater than or equal to 168"):
+        load_settings("tiny", ["delta.retention_hours=100"])
+
+
+def test_missing_table_is_named(tmp_path: Path, spark) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(FileNotFoundError, match="'nope' not found"):
         RustDelta(tmp_path, spark).read_arrow("nope")
     assert RustDelta(tmp_path).version("nope") is None
 
 
-def test_delta_spark_without_jars_says_how_to_add_them(tmp_path, spark) -> None:
-    with pytest.raises(RuntimeError, match=r"--packages io\.delta:delta-spark_2\.13.*delta-rs"):
+def test_delta_spark_without_jars_says_how_to_add_them(tmp_path: Path, spark, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(delta_io, "has_delta_jars", lambda spark: False)
+    with pytest.raises(
+        RuntimeError, match=r"make setup.*--packages io\.delta:delta-spark_4\.1_2\.13:.*delta-rs"
+    ):
         SparkDelta(tmp_path, spark)
 
 
@@ -56,11 +180,36 @@ def test_merge_predicates_are_null_safe_in_both_dialects() -> None:
     assert (on, changed) == ("t.`k` = s.`k`", "NOT (t.`n` <=> s.`n`)")
 
 
-def test_upsert_adds_new_columns_and_stays_idempotent(tmp_path, spark) -> None:
-    tables = RustDelta(tmp_path, spark)
-    tables.upsert("t", _table({"a": "1", "b": "2"}), ["k"])
-    wider = pa.table({"k": ["a", "c"], "v": ["1", "3"], "flag": [True, False]})
-    assert tables.upsert("t", wider, ["k"], delete_missing=True) == 1
-    rows = sorted(tables.read_arrow("t").to_pylist(), key=lambda r: r["k"])
-    assert rows == [{"k": "a", "v": "1", "flag": True}, {"k": "c", "v": "3", "flag": False}]
-    assert tables.upsert("t", wider, ["k"], delete_missing=True) == 1
+@pytest.mark.unit
+def test_session_lists_the_resolved_jars_only_for_delta_spark(tmp_path: Path) -> None:
+    from llmfeat.config import DeltaConf, SparkConf
+    from llmfeat.session import session_conf
+
+    (tmp_path / "delta-spark_4.1_2.13-4.4.0.jar").touch()
+    (tmp_path / "delta-storage-4.4.0.jar").touch()
+    delta = DeltaConf(backend="delta-spark", jars=str(tmp_path))
+    conf = session_conf(SparkConf(extra={"spark.jars": "/opt/other.jar"}), delta=delta)
+    jars = conf["spark.jars"].split(",")
+    assert (
+        jars[0] == "/opt/other.jar" and jars[1].endswith("delta-spark_4.1_2.13-4.4.0.jar") and len(jars) == 3
+    )
+    assert conf["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+    assert "spark.jars" not in session_conf(
+        SparkConf(), delta=DeltaConf(backend="delta-rs", jars=str(tmp_path))
+    )
+    # spark-submit's --packages (or the profile's spark.jars.packages) already bring delta-spark: left alone
+    submitted = {"spark.master": "yarn", "spark.jars.packages": "io.delta:delta-spark_4.1_2.13:4.4.0"}
+    assert "spark.jars" not in session_conf(SparkConf(), submitted, delta)
+
+
+@pytest.mark.unit
+def test_jar_coordinates_follow_the_installed_packages_and_the_cluster_profile() -> None:
+    from importlib.metadata import version
+
+    from llmfeat.delta_jars import _artifact_name, maven_coordinate
+
+    spark = ".".join(version("pyspark").split(".")[:2])
+    assert maven_coordinate() == f"io.delta:delta-spark_{spark}_2.13:{version('delta-spark')}"
+    assert load_settings("cluster").spark.extra["spark.jars.packages"] == maven_coordinate()
+    assert _artifact_name("zstd-jni-1.5.7-3.jar") == "zstd-jni"
+    assert _artifact_name("delta-spark_4.1_2.13-4.4.0.jar") == "delta-spark_4.1_2.13"

@@ -21,6 +21,7 @@ BASE = {
     "errors",
     "session",
     "delta_io",
+    "delta_jars",
     "feast_repo",
     "training_set",
     "registry",

@@ -3,9 +3,10 @@
 llmfeat ingest [--config local|PATH] [--set key=value ...]
 llmfeat encode [--entity items,users,behaviors|all]  # LLM layer states -> <entity>_repr
 llmfeat train-compressor               # MARC on <entity>_repr -> MLflow registry, alias champion
-llmfeat compress [--entity users,items]  # registered compressor -> user_features, item_features
+llmfeat compress [--entity users,items]  # registered compressor version N -> user_marc_v<N>_features, ...
 llmfeat eval-compression               # layer sweep and compression baselines -> docs/marc_*.{md,png}
 llmfeat tables                         # what is published, where, at which version
+llmfeat maintain [--table NAME ...]    # compact (OPTIMIZE) and vacuum the Delta tables, keeping 7+ days
 llmfeat features [apply|init DIR]      # Feast: publish, apply, materialize-incremental; or register only
 llmfeat refresh                        # the daily refresh: encode, compress, materialize the new day
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
@@ -100,6 +101,20 @@ def features_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def maintain_command(args: argparse.Namespace) -> int:
+    """Compact and vacuum the Delta tables with the configured backend; versions of the last
+    delta.retention_hours (at least 7 days) stay readable."""
+
+    def body(spark: SparkSession, settings: Settings) -> None:
+        from llmfeat.delta_io import maintain_tables, open_tables
+
+        tables = open_tables(settings, spark)
+        for done in maintain_tables(tables, settings.delta.retention_hours, args.table or None):
+            print(done, flush=True)
+
+    return run_job("maintain", args.config, args.overrides, body)
+
+
 def marc_command(args: argparse.Namespace) -> int:
     """train-compressor, compress and eval-compression."""
     if args.command == "train-compressor":
@@ -125,7 +140,9 @@ def marc_parsers(sub: Any) -> None:
     from llmfeat.spark_jobs.compress import entity_args
 
     config_args(sub.add_parser("train-compressor", help="MARC compressor -> MLflow registry under an alias"))
-    compress = sub.add_parser("compress", help="<entity>_repr -> user_features / item_features, by alias")
+    compress = sub.add_parser(
+        "compress", help="<entity>_repr -> <side>_marc_v<N>_features (N: version at the alias)"
+    )
     config_args(compress)
     entity_args(compress)
     ev = sub.add_parser("eval-compression", help="layer sweep and compression baselines, table and plots")
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         ("tables", "list the Delta tables, their versions and row counts"),
     ):
         config_args(sub.add_parser(name, help=help_))
+    maintain = sub.add_parser("maintain", help="compact and vacuum the Delta tables (delta.retention_hours)")
+    config_args(maintain)
+    maintain.add_argument("--table", action="append", default=[], help="only this table (repeatable)")
     encode_parser = sub.add_parser("encode", help="entity texts -> <entity>_repr tables of LLM layer states")
     config_args(encode_parser)
     encode_parser.add_argument(
@@ -204,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmfeat.spark_jobs.refresh import run as refresh
 
         return run_job("refresh", args.config, args.overrides, refresh)
+    if args.command == "maintain":
+        return maintain_command(args)
     if args.command == "env":
         print(environment())
         return 0
