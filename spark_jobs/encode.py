@@ -10,7 +10,8 @@ Tables (under <data_dir>/delta), one row per (key, layer):
 
 `vector` holds float16 values (Delta has no half-precision type, so they are stored as float32 numbers that
 are exactly representable in float16). All layers of a text come from one forward pass on an executor
-(mapInArrow), on the GPU Spark assigned to the task when there is one.
+(mapInArrow), on the GPU Spark assigned to the task when there is one. The encoded rows stay on the executors:
+each chunk is kept there (memory, then disk) while its gate and its MERGE read it; the driver sees counts.
 
 Incremental: a text is encoded only when no complete set of rows exists for its content hash under the same
 encoder, weights, pooling and max length. Rows are MERGEd by (key, layer), in commits of `commit_rows` texts:
@@ -186,23 +187,34 @@ def stale_texts(good: DataFrame, existing: DataFrame | None, key: str, lineage: 
     return good.join(complete.select(key, "content_hash"), [key, "content_hash"], "left_anti")
 
 
-def repr_rows(encoded: pa.Table, key: str, lineage: Lineage, encoded_at: datetime) -> pa.Table:
-    """Executor output -> the published schema (lineage constants added, diagnostics dropped)."""
-    n = encoded.num_rows
-    at = pa.array([encoded_at] * n, type=pa.timestamp("us", tz="UTC"))
-    return pa.table(
-        {
-            key: encoded[key],
-            "layer": encoded["layer"],
-            "vector": encoded["vector"],
-            "encoder_id": pa.array([lineage.encoder_id] * n, pa.string()),
-            "weights_hash": pa.array([lineage.weights_hash] * n, pa.string()),
-            "pooling": pa.array([lineage.pooling] * n, pa.string()),
-            "max_length": pa.array([lineage.max_length] * n, pa.int32()),
-            "content_hash": encoded["content_hash"],
-            "encoded_at": at,
-        }
+def repr_rows(encoded: Any, key: str, lineage: Lineage, encoded_at: datetime) -> Any:
+    """Executor output -> the published schema (lineage constants added, diagnostics dropped).
+
+    `encoded` is the Spark frame of `PartitionEncoder` (the job) or an Arrow table of the same columns."""
+    if isinstance(encoded, pa.Table):
+        n = encoded.num_rows
+        constant = {c: pa.array([v] * n, t) for c, (v, t, _) in _lineage_values(lineage, encoded_at).items()}
+        return pa.table({key: encoded[key], "layer": encoded["layer"], "vector": encoded["vector"],
+                         **{c: constant[c] for c in LINEAGE}, "content_hash": encoded["content_hash"],
+                         "encoded_at": constant["encoded_at"]})  # fmt: skip
+    from pyspark.sql import functions as F
+
+    values = _lineage_values(lineage, encoded_at)
+    constant = {c: F.lit(v).cast(t).alias(c) for c, (v, _, t) in values.items()}
+    return encoded.select(
+        key, "layer", "vector", *[constant[c] for c in LINEAGE], "content_hash", constant["encoded_at"]
     )
+
+
+def _lineage_values(lineage: Lineage, encoded_at: datetime) -> dict[str, tuple[Any, pa.DataType, str]]:
+    """column -> (value, Arrow type, Spark type) of the constant lineage columns."""
+    return {
+        "encoder_id": (lineage.encoder_id, pa.string(), "string"),
+        "weights_hash": (lineage.weights_hash, pa.string(), "string"),
+        "pooling": (lineage.pooling, pa.string(), "string"),
+        "max_length": (lineage.max_length, pa.int32(), "int"),
+        "encoded_at": (encoded_at, pa.timestamp("us", tz="UTC"), "timestamp"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- executors
@@ -286,6 +298,7 @@ class PartitionEncoder:
 def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | None = None) -> EncodeSummary:
     """Encode the entity's new or changed texts; `only` (a frame with the key column) restricts the run to
     those keys, e.g. a sample, and then nothing is deleted."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from llmfeat.delta_io import open_tables
@@ -329,17 +342,19 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     bar = tqdm(total=n_todo, desc=name, unit="text", disable=None, mininterval=1.0)  # none without a TTY
     for chunk in range(n_chunks if n_todo else 0):
         part = todo if n_chunks == 1 else todo.where(F.pmod(F.xxhash64(key), F.lit(n_chunks)) == chunk)
-        encoded = part.repartition(parts).mapInArrow(encode_fn, output_schema(key), profile=gpus).toArrow()
-        first = pc_equal(encoded, "layer", cfg.layers[0])
-        bar.update(first.num_rows)
-        summary.encoded += first.num_rows
-        summary.truncated += int(np.sum(first["truncated"].to_numpy(zero_copy_only=False)))
-        summary.tokens += int(np.sum(first["tokens"].to_numpy()))
-        summary.devices = sorted(set(summary.devices) | set(encoded["device"].unique().to_pylist()))
-        rows = repr_rows(encoded, key, lineage, datetime.now(UTC))
-        # The gate runs before each commit: a failing chunk is quarantined and earlier chunks stay committed.
-        gate(rows, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
-        summary.version = tables.upsert(name, rows, [key, "layer"], compare=["content_hash", "encoded_at"])
+        encoded = part.repartition(parts).mapInArrow(encode_fn, output_schema(key), profile=gpus)
+        # Kept on the executors (memory, then disk): the gate and the commit read it; the LLM runs once.
+        encoded = encoded.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            count_chunk(encoded, cfg.layers[0], summary, bar)
+            rows = repr_rows(encoded, key, lineage, datetime.now(UTC))
+            # The gate runs before each commit: a failing chunk is quarantined, earlier chunks stay committed.
+            gate(rows, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
+            summary.version = tables.upsert(
+                name, rows, [key, "layer"], compare=["content_hash", "encoded_at"]
+            )
+        finally:
+            encoded.unpersist()
         log.info("%s: chunk %d/%d committed, version %s", name, chunk + 1, n_chunks, summary.version)
     bar.close()
     summary.seconds = time.monotonic() - started
@@ -350,32 +365,74 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     return summary
 
 
-def pc_equal(table: pa.Table, column: str, value: int) -> pa.Table:
-    import pyarrow.compute as pc
+def count_chunk(encoded: DataFrame, first_layer: int, summary: EncodeSummary, bar: Any) -> None:
+    """Adds a chunk's texts, truncations and tokens (one Spark aggregation) and the tasks' device lines."""
+    from pyspark.sql import functions as F
 
-    return table.filter(pc.equal(table[column], value))
+    first = encoded.where(F.col("layer") == first_layer)  # one row per text
+    texts, truncated, tokens = first.agg(
+        F.count("*"), F.sum(F.col("truncated").cast("long")), F.sum("tokens")
+    ).first() or (0, 0, 0)
+    bar.update(texts)
+    summary.encoded += texts
+    summary.truncated += int(truncated or 0)
+    summary.tokens += int(tokens or 0)
+    devices = [r["device"] for r in encoded.select("device").distinct().collect()]  # one line per task
+    summary.devices = sorted(set(summary.devices) | set(devices))
 
 
 def delete_vanished(
     tables: DeltaTables, name: str, key: str, good: DataFrame, existing: DataFrame | None
 ) -> int:
-    """Delete the rows of keys no longer in the source (or whose text became unusable): one commit."""
+    """Delete the rows of keys no longer in the source (or whose text became unusable): one commit, a MERGE
+    against the vanished keys (an anti-join on the executors; no key list is built on the driver)."""
     if existing is None:
         return 0
-    gone = [
-        r[key] for r in existing.select(key).distinct().join(good.select(key), key, "left_anti").collect()
-    ]
-    if not gone:
-        return 0
-    values = ", ".join("'" + str(k).replace("'", "''") + "'" for k in gone)
-    if hasattr(tables, "_api"):  # delta-spark
-        tables._api(name).delete(f"`{key}` IN ({values})")
-    else:
-        from deltalake import DeltaTable
+    from pyspark import StorageLevel
 
-        DeltaTable(tables.path(name)).delete(f'"{key}" IN ({values})')
-    log.info("%s: deleted the rows of %d vanished keys", name, len(gone))
-    return len(gone)
+    gone = existing.select(key).distinct().join(good.select(key), key, "left_anti")
+    gone = gone.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n_gone = gone.count()
+        if n_gone:
+            delete_keys(tables, name, key, gone)
+            log.info("%s: deleted the rows of %d vanished keys", name, n_gone)
+    finally:
+        gone.unpersist()
+    return n_gone
+
+
+def delete_keys(tables: DeltaTables, name: str, key: str, keys: DataFrame) -> None:
+    """MERGE ... WHEN MATCHED DELETE with `keys` (one column) as the source: in Spark on delta-spark; with
+    delta-rs, the keys reach it as a stream of bounded Arrow batches."""
+    if hasattr(tables, "_api"):  # delta-spark: the merge runs on the executors
+        tables._api(name).alias("t").merge(
+            keys.alias("s"), f"t.`{key}` = s.`{key}`"
+        ).whenMatchedDelete().execute()
+        return
+    from deltalake import DeltaTable
+
+    source = arrow_stream(keys)
+    merge = DeltaTable(tables.path(name)).merge(
+        source, predicate=f't."{key}" = s."{key}"', source_alias="s", target_alias="t", streamed_exec=True
+    )
+    merge.when_matched_delete().execute()
+
+
+def arrow_stream(frame: DataFrame, batch_rows: int = 65536) -> pa.RecordBatchReader:
+    """A Spark frame as Arrow batches of at most `batch_rows` rows, one partition at a time on the driver."""
+    from itertools import islice
+
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = to_arrow_schema(frame.schema)
+    rows = frame.toLocalIterator(prefetchPartitions=False)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        while chunk := list(islice(rows, batch_rows)):
+            yield pa.RecordBatch.from_pylist([r.asDict() for r in chunk], schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def parse_entities(value: str) -> list[str]:

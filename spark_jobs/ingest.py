@@ -326,7 +326,7 @@ def build_tables(
     """Read and check every source, then derive the five tables; raises IngestError before any write.
     Also returns the texts cut per table and column (see `limit_texts`).
 
-    The three sources are cached for the checks; `run` drops the cache once they are collected.
+    The three sources are cached for the checks; `run` drops the cache once the tables are committed.
     """
     from pyspark.sql import functions as F
 
@@ -355,29 +355,35 @@ def build_tables(
 
 
 def run(spark: SparkSession, settings: Settings) -> list[TableSummary]:
+    """Build, gate and MERGE the five tables. The tables stay on the executors (cached, spilling to disk);
+    only counts and example rows reach the driver."""
+    from pyspark import StorageLevel
+
     from llmfeat.delta_io import open_tables
 
     try:
         frames, cut = build_tables(spark, settings.ingest)
-        arrows = {name: df.toArrow() for name, df in frames.items()}  # all computed before the first commit
+        # Computed once, before the first commit: the gates and the MERGEs read the same rows.
+        frames = {name: df.persist(StorageLevel.MEMORY_AND_DISK) for name, df in frames.items()}
+        rows = {name: df.count() for name, df in frames.items()}
+        tables = open_tables(settings, spark)
+        check_tables(frames, tables, settings)
+        out = []
+        for name, data in frames.items():
+            version = tables.upsert(name, data, TABLE_KEYS[name], delete_missing=True)
+            out.append(TableSummary(name, tables.path(name), version, rows[name], cut.get(name, {})))
+        return out
     finally:
         # Spark caches by plan, not by file content: a stale cache would hide an edited input on re-run.
         spark.catalog.clearCache()
-    tables = open_tables(settings, spark)
-    check_tables(arrows, tables, settings)
-    out = []
-    for name, data in arrows.items():
-        version = tables.upsert(name, data, TABLE_KEYS[name], delete_missing=True)
-        out.append(TableSummary(name, tables.path(name), version, data.num_rows, cut.get(name, {})))
-    return out
 
 
-def check_tables(arrows: dict[str, Any], tables: DeltaTables, settings: Settings) -> None:
+def check_tables(frames: dict[str, Any], tables: DeltaTables, settings: Settings) -> None:
     """Every table passes its great-expectations gate before the first commit (raises GateFailed)."""
     from llmfeat.validation import gate, new_run_id, raw_suite
 
     run_id, conf = new_run_id("ingest"), settings.validation
-    for name, data in arrows.items():
+    for name, data in frames.items():
         gate(data, raw_suite(name, conf), table=name, tables=tables, run_id=run_id, conf=conf)
 
 

@@ -7,6 +7,10 @@
 writes the failing rows with their reasons to the quarantine table, renders the run's Data Docs page and
 raises `GateFailed`, whose message names each failed expectation with example rows; the caller's commit is
 never reached, so the previous table version stays current, and `llmfeat` exits non-zero.
+
+A Spark frame is validated on the executors (great-expectations' Spark batch): the driver gets counts,
+observed values and, on failure, the failing rows' ids and a few example rows; the quarantined rows go from
+the executors to the quarantine table.
 """
 
 from __future__ import annotations
@@ -173,10 +177,11 @@ def _quarantine(
             table_reasons.append(f"{f.expectation}: {f.detail}")
     meta = {"run_id": report.run_id, "table": report.table, "suite": report.suite}
     records = quarantine_rows(batch, suite.keys, row_reasons, table_reasons, meta)
-    if records.num_rows:
+    n = records.count() if is_spark(records) else records.num_rows  # Spark: the rows stay on the executors
+    if n:
         tables.write(conf.quarantine_table, records, mode="append")
-    log.warning("%s: %d row(s) quarantined in %s", report.table, records.num_rows, conf.quarantine_table)
-    return records.num_rows
+    log.warning("%s: %d row(s) quarantined in %s", report.table, n, conf.quarantine_table)
+    return n
 
 
 def _replace(report: GateReport, **changes: Any) -> GateReport:

@@ -41,11 +41,12 @@ def quarantine_rows(
     row_reasons: dict[int, list[str]],
     table_reasons: list[str],
     meta: dict[str, str],
-) -> pa.Table:
-    """The rejected rows of a validated batch (it carries ROW_ID) as quarantine records."""
-    rows = _spark_rows(batch, row_reasons, table_reasons) if is_spark(batch) else batch
-    if not is_spark(batch) and not table_reasons:
-        rows = batch[batch[ROW_ID].isin(list(row_reasons))]
+) -> Any:
+    """The rejected rows of a validated batch (it carries ROW_ID) as quarantine records: an Arrow table, or
+    for a Spark batch a Spark frame of the same schema (the rows never leave the executors)."""
+    if is_spark(batch):
+        return _spark_records(batch, keys, row_reasons, table_reasons, meta)
+    rows = batch if table_reasons else batch[batch[ROW_ID].isin(list(row_reasons))]
     columns = [c for c in rows.columns if not is_derived(c)]
     records = rows[columns + [ROW_ID]].to_dict(orient="records")
     now = dt.datetime.now(dt.UTC)
@@ -61,14 +62,33 @@ def quarantine_rows(
     return pa.Table.from_pydict(out, schema=SCHEMA)
 
 
-def _spark_rows(batch: Any, row_reasons: dict[int, list[str]], table_reasons: list[str]) -> pd.DataFrame:
-    """Only the rejected rows leave the executors (all of them for a table-level failure)."""
-    if table_reasons:
-        return batch.toPandas()
+def _spark_records(
+    batch: Any,
+    keys: tuple[str, ...],
+    row_reasons: dict[int, list[str]],
+    table_reasons: list[str],
+    meta: dict[str, str],
+) -> Any:
+    """Spark twin of the records: the failing rows (all of them for a table-level failure) joined with their
+    reasons, as JSON written by Spark. Only the failing rows' ids, which the gate reported, come from here."""
     from pyspark.sql import functions as F
 
-    ids = batch.sparkSession.createDataFrame([(i,) for i in row_reasons], f"{ROW_ID} long")
-    return batch.join(F.broadcast(ids), ROW_ID, "inner").toPandas()
+    spark = batch.sparkSession
+    reasons = spark.createDataFrame(
+        [(i, "; ".join(r)) for i, r in row_reasons.items()], f"{ROW_ID} long, row_reasons string"
+    )
+    rows = batch.join(F.broadcast(reasons), ROW_ID, "left" if table_reasons else "inner")
+    columns = [c for c in batch.columns if not is_derived(c)]
+    as_json = {"ignoreNullFields": "false"}
+    return rows.select(
+        F.lit(dt.datetime.now(dt.UTC)).cast("timestamp").alias("quarantined_at"),
+        *[F.lit(meta[name]).alias(name) for name in ("run_id", "table", "suite")],
+        F.concat_ws("; ", "row_reasons", F.lit("; ".join(table_reasons) or None).cast("string")).alias(
+            "reasons"
+        ),
+        F.to_json(F.struct(*[F.col(k) for k in keys if k in columns]), as_json).alias("row_key"),
+        F.to_json(F.struct(*[F.col(c) for c in columns]), as_json).alias("row"),
+    )
 
 
 def _json_value(value: Any) -> Any:
