@@ -1,9 +1,14 @@
-"""Compress job: `<entity>_repr` at the compressor's layer -> user_features / item_features Delta tables.
+"""Compress job: `<entity>_repr` at the compressor's layer -> one feature table per compressor version.
 
     spark-submit spark_jobs/compress.py --entity users,items [--config local|PATH] [--set key=value ...]
     llmfeat compress [--entity items] [--set mlflow.alias=challenger] [--set marc.output_dtype=float16]
 
-The compressor is loaded from the MLflow registry by alias (<registry_name>-<entity>@<alias>). Output, one row
+The compressor is loaded from the MLflow registry by alias (<registry_name>-<entity>@<alias>). Its registry
+version N names the output: user snapshots -> user_marc_v<N>_features, items -> item_marc_v<N>_features, the
+whole history compressed by that version, next to the tables of older versions (which stay, for the models
+pinned to them); static users -> user_features. A version is published only when the Feast repository
+declares its views (feature_repo/feature_views.py); else the job stops before any work, naming the line to
+add. Output, one row
 per key: key, vector (float16 values, or int8 codes with a per-row float32 `scale`: vector * scale ~ the
 compressed vector), event_timestamp (when the source representation was encoded), and lineage: source_table,
 source_version, encoder_id, weights_hash, pooling, layer, content_hash, compressor_name, compressor_version,
@@ -20,7 +25,6 @@ import argparse
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,6 +32,7 @@ import pyarrow as pa
 
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
+from llmfeat.feast_repo import MarcView
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -40,11 +45,7 @@ if TYPE_CHECKING:
 # user_snapshots (the point-in-time user series) is compressed by the users' compressor; users (one static
 # vector per user) only when asked for by name.
 ENTITY_KEYS = {"user_snapshots": "snapshot_id", "items": "item_id", "users": "user_id"}
-FEATURE_TABLES = {
-    "user_snapshots": "user_marc_features",
-    "items": "item_marc_features",
-    "users": "user_features",
-}
+MARC_SIDES = {"user_snapshots": "user", "items": "item"}  # the entities published as MARC feature views
 COMPRESSOR_OF = {"user_snapshots": "users", "items": "items", "users": "users"}
 DEFAULT_ENTITIES = ("user_snapshots", "items")
 PASSED_THROUGH = ("encoder_id", "weights_hash", "pooling", "content_hash")
@@ -97,6 +98,29 @@ def check_lineage(reprs: DataFrame, name: str, reg: RegisteredCompressor, config
             f"{name} layer {reg.layer} was encoded by {other} (e.g. key {example[0][0]!r}) but {reg.name} "
             f"version {reg.version} was trained on encoder {reg.encoder_id!r}, layer {reg.layer}: re-encode "
             f"with that encoder or train a compressor on this one"
+        )
+
+
+def feature_table(entity: str, reg: RegisteredCompressor) -> str:
+    """The table `entity` is compressed into by this compressor version (see the module docstring)."""
+    side = MARC_SIDES.get(entity)
+    return MarcView(side, reg.version).features_table if side else "user_features"
+
+
+def check_declared(entity: str, reg: RegisteredCompressor) -> None:
+    """A compressor version is published next to the older ones, into views the repository declares; never
+    over an older version's table, whose models would then be served vectors of another space."""
+    from llmfeat.feast_repo import feature_views
+    from llmfeat.paths import feature_repo_dir
+
+    side = MARC_SIDES.get(entity)
+    view = MarcView(side, reg.version) if side else None
+    if view is not None and view.name not in feature_views():
+        raise CompressError(
+            f"{reg.name} version {reg.version} (@{reg.alias}) has no feature view {view.name}: to publish it "
+            f"next to the older versions, add `{view.declaration}` to "
+            f"{feature_repo_dir() / 'feature_views.py'} (and a feature service naming it), or compress with "
+            f"an alias whose version is declared"
         )
 
 
@@ -205,14 +229,17 @@ def output_schema(key: str, dtype: str) -> str:
 
 def compress_entity(
     spark: SparkSession, settings: Settings, tables: DeltaTables, entity: str
-) -> tuple[pa.Table, RegisteredCompressor]:
-    """Checks, then the compressed rows with lineage, as Arrow (nothing written yet)."""
+) -> tuple[DataFrame, RegisteredCompressor]:
+    """Checks, then the compressed rows with lineage as a Spark frame kept on the executors (nothing written
+    yet; the caller unpersists it)."""
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from llmfeat.registry import model_uri, resolve_alias, tracking_uri
 
     key, name = ENTITY_KEYS[entity], f"{entity}_repr"
     reg = resolve_alias(settings, COMPRESSOR_OF[entity])
+    check_declared(entity, reg)
     version = tables.version(name)
     if version is None:
         raise CompressError(
@@ -221,86 +248,94 @@ def compress_entity(
     reprs = tables.read_spark(name, version)
     check_lineage(reprs, name, reg, settings.marc.layer)
     at = reprs.where(F.col("layer") == reg.layer).cache()
-    expected = (
-        at.select(key).distinct() if entity == "user_snapshots" else tables.read_spark(entity).select(key)
-    )
-    check_rows(at, expected, key, name, reg.layer, reg.in_dim)
-    fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, settings.marc.output_dtype)
-    cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
-    out = at.select(*cols).mapInArrow(fn, output_schema(key, settings.marc.output_dtype)).toArrow()
-    at.unpersist()
-    n = out.num_rows
-    lineage = {
-        "source_table": pa.array([name] * n, pa.string()),
-        "source_version": pa.array([version] * n, pa.int64()),
-        "layer": pa.array([reg.layer] * n, pa.int64()),
-        "compressor_name": pa.array([reg.name] * n, pa.string()),
-        "compressor_version": pa.array([reg.version] * n, pa.string()),
-        "dtype": pa.array([settings.marc.output_dtype] * n, pa.string()),
-    }
-    out = out.set_column(
-        out.schema.get_field_index("event_timestamp"),
-        "event_timestamp",
-        out.column("event_timestamp").cast(pa.timestamp("us", tz="UTC")),
-    )
-    for col, arr in lineage.items():
-        out = out.append_column(col, arr)
-    return valid_from(out, entity, tables).sort_by(key), reg
+    try:
+        expected = (
+            at.select(key).distinct() if entity == "user_snapshots" else tables.read_spark(entity).select(key)
+        )
+        check_rows(at, expected, key, name, reg.layer, reg.in_dim)
+        dtype = settings.marc.output_dtype
+        fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, dtype)
+        cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
+        out = at.select(*cols).mapInArrow(fn, output_schema(key, dtype))
+        lineage = {
+            "source_table": F.lit(name),
+            "source_version": F.lit(version).cast("long"),
+            "layer": F.lit(reg.layer).cast("long"),
+            "compressor_name": F.lit(reg.name),
+            "compressor_version": F.lit(reg.version).cast("string"),
+            "dtype": F.lit(dtype),
+        }
+        out = out.select(*out.columns, *[col.alias(c) for c, col in lineage.items()])
+        # Computed once on the executors: the gate and the MERGE read the cached rows.
+        rows = valid_from(out, entity, tables).orderBy(key).persist(StorageLevel.MEMORY_AND_DISK)
+        rows.count()
+    finally:
+        at.unpersist()
+    return rows, reg
 
 
-def history_until(tables: DeltaTables, snapshots: list[tuple[str, datetime]]) -> pa.Array:
-    """Per snapshot, the newest behaviour strictly before its time (what its text can hold; null: none)."""
+def history_until(tables: DeltaTables, snapshots: DataFrame) -> DataFrame:
+    """Distinct snapshots(user_id, snapshot_at) -> the same with `history_until`: the newest behaviour
+    strictly before the snapshot's time (what its text can hold; null: none). A running max over each user's
+    events and snapshots in time order (a snapshot sorts before an event at the same time)."""
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    events = tables.read_spark("interactions").select("user_id", "event_timestamp")  # one behaviour each
-    spark = events.sparkSession
-    cuts = spark.createDataFrame(
-        [(u, t.replace(tzinfo=None)) for u, t in snapshots], "user_id string, snapshot_at timestamp"
+    events = tables.read_spark("interactions").select(  # one behaviour each
+        "user_id",
+        F.col("event_timestamp").alias("at"),
+        F.lit(1).alias("kind"),
+        F.lit(None).cast("timestamp").alias("snap"),
     )
-    newest = (
-        cuts.join(events, "user_id")
-        .where(F.col("event_timestamp") < F.col("snapshot_at"))
-        .groupBy("user_id", "snapshot_at")
-        .agg(F.max("event_timestamp").alias("t"))
+    snaps = snapshots.select(
+        "user_id",
+        F.col("snapshot_at").alias("at"),
+        F.lit(0).alias("kind"),
+        F.col("snapshot_at").alias("snap"),
     )
-    found = {(r["user_id"], r["snapshot_at"]): r["t"] for r in newest.collect()}  # one row per snapshot
-    out = [found.get((u, t.replace(tzinfo=None))) for u, t in snapshots]
-    return pa.array([x.replace(tzinfo=UTC) if x else None for x in out], TIMESTAMP)
+    before = Window.partitionBy("user_id").orderBy("at", "kind").rowsBetween(Window.unboundedPreceding, 0)
+    newest = F.max(F.when(F.col("kind") == 1, F.col("at"))).over(before)
+    both = events.unionByName(snaps).select("user_id", "kind", "snap", newest.alias("history_until"))
+    return both.where(F.col("kind") == 0).select(
+        "user_id", F.col("snap").alias("snapshot_at"), "history_until"
+    )
 
 
-def valid_from(rows: pa.Table, entity: str, tables: DeltaTables) -> pa.Table:
+def valid_from(rows: DataFrame, entity: str, tables: DeltaTables) -> DataFrame:
     """event_timestamp = from when a vector may be used: a user snapshot from its own time (its text holds
     only earlier behaviour; user_id added), an item from its first availability (its first interaction, or
     the encode time for an item nobody has seen yet): every interaction then finds a vector."""
     from pyspark.sql import functions as F
 
-    from llmfeat.spark_jobs.user_text import parse_snapshot_id
-
-    i = rows.schema.get_field_index("event_timestamp")
     if entity == "user_snapshots":
-        parsed = [parse_snapshot_id(k) for k in rows["snapshot_id"].to_pylist()]
-        rows = rows.set_column(i, "event_timestamp", pa.array([t for _, t in parsed], TIMESTAMP))
-        rows = rows.append_column("user_id", pa.array([u for u, _ in parsed], pa.string()))
-        return rows.append_column("history_until", history_until(tables, parsed))
+        # snapshot_id = "<user_id>@<UTC time to the second>" (user_text.snapshot_id)
+        at = F.substring_index("snapshot_id", "@", -1)
+        user = F.regexp_extract("snapshot_id", r"^(.*)@[^@]*$", 1)
+        rows = rows.withColumn("event_timestamp", F.to_timestamp(at, "yyyy-MM-dd'T'HH:mm:ss"))
+        rows = rows.withColumn("user_id", user)
+        cuts = rows.select("user_id", F.col("event_timestamp").alias("snapshot_at")).distinct()
+        until = history_until(tables, cuts).withColumnRenamed("snapshot_at", "event_timestamp")
+        return rows.join(until, ["user_id", "event_timestamp"], "left").select(*rows.columns, "history_until")
     if entity != "items":
         return rows
-    first = tables.read_spark("interactions").groupBy("item_id").agg(F.min("event_timestamp").alias("t"))
-    seen = {r["item_id"]: r["t"].replace(tzinfo=UTC) for r in first.collect()}  # one per item; Spark: UTC
-    encoded = rows["event_timestamp"].to_pylist()
-    stamps = [seen.get(k, t) for k, t in zip(rows["item_id"].to_pylist(), encoded, strict=True)]
-    stamps = [min(s, t) for s, t in zip(stamps, encoded, strict=True)]
-    return rows.set_column(i, "event_timestamp", pa.array(stamps, TIMESTAMP))
+    first = tables.read_spark("interactions").groupBy("item_id").agg(F.min("event_timestamp").alias("seen"))
+    stamp = F.least(F.coalesce("seen", "event_timestamp"), F.col("event_timestamp"))
+    joined = rows.join(first, "item_id", "left")
+    return joined.select(*[stamp.alias(c) if c == "event_timestamp" else F.col(c) for c in rows.columns])
 
 
 def check_feature_tables(results: list[Any], tables: Any, settings: Settings) -> None:
     """Every feature table passes its great-expectations gate before the first commit (raises GateFailed)."""
+    from pyspark.sql import functions as F
+
     from llmfeat.validation.gating import gate, new_run_id
     from llmfeat.validation.suites import feature_suite
 
     run_id = new_run_id("compress")
-    for entity, rows, _reg in results:
-        table = FEATURE_TABLES[entity]
-        dim = len(rows.column("vector")[0]) if rows.num_rows else settings.marc.out_dim
+    for entity, rows, reg in results:
+        table = feature_table(entity, reg)
+        first = rows.select(F.size("vector").alias("n")).first()
+        dim = first["n"] if first is not None else settings.marc.out_dim
         suite = feature_suite(
             table, ENTITY_KEYS[entity], dim, settings.marc.output_dtype, conf=settings.validation
         )
@@ -313,26 +348,32 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
     from llmfeat.models.marc.baselines import bytes_per_vector
 
     tables = open_tables(settings, spark)
-    results = [(e, *compress_entity(spark, settings, tables, e)) for e in entities or list(DEFAULT_ENTITIES)]
-    check_feature_tables(results, tables, settings)
-    summaries = []
-    for entity, rows, reg in results:
-        table = FEATURE_TABLES[entity]
-        version = tables.upsert(table, rows, [ENTITY_KEYS[entity]], delete_missing=True)
-        dtype = settings.marc.output_dtype
-        summaries.append(
-            CompressSummary(
-                entity,
-                table,
-                rows.num_rows,
-                version,
-                f"{reg.name} v{reg.version} @{reg.alias}",
-                reg.layer,
-                dtype,
-                bytes_per_vector(reg.out_dim, dtype),
-            )  # fmt: skip
-        )
-    return summaries
+    results: list[tuple[str, DataFrame, RegisteredCompressor]] = []
+    try:
+        for e in entities or list(DEFAULT_ENTITIES):
+            results.append((e, *compress_entity(spark, settings, tables, e)))
+        check_feature_tables(results, tables, settings)
+        summaries = []
+        for entity, rows, reg in results:
+            table = feature_table(entity, reg)
+            version = tables.upsert(table, rows, [ENTITY_KEYS[entity]], delete_missing=True)
+            dtype = settings.marc.output_dtype
+            summaries.append(
+                CompressSummary(
+                    entity,
+                    table,
+                    rows.count(),
+                    version,
+                    f"{reg.name} v{reg.version} @{reg.alias}",
+                    reg.layer,
+                    dtype,
+                    bytes_per_vector(reg.out_dim, dtype),
+                )  # fmt: skip
+            )
+        return summaries
+    finally:
+        for _entity, rows, _reg in results:
+            rows.unpersist()
 
 
 def parse_entities(value: str) -> list[str]:
@@ -380,6 +421,7 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Demo: train a compressor for a few epochs on the representation tables, register it, compress both
     tables. Skipped, with a note, when the representation tables are not there yet."""
     from llmfeat.delta_io import open_tables
+    from llmfeat.registry import resolve_alias
     from llmfeat.spark_jobs.train_compressor import run as train
 
     tables = open_tables(settings, spark)
@@ -388,12 +430,19 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
     if missing:
         print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity user_snapshots,items`")
         return
-    # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
-    # `llmfeat train-compressor`.
-    quick = settings.marc.model_copy(
-        update={"max_epochs": min(settings.marc.max_epochs, 2), "max_fit_rows": 20000}
-    )
-    print(train(spark, settings.model_copy(update={"marc": quick})))
+    try:
+        registered: RegisteredCompressor | None = resolve_alias(settings, "users")
+    except LookupError:
+        registered = None
+    if registered is None:
+        # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
+        # `llmfeat train-compressor`.
+        quick = settings.marc.model_copy(
+            update={"max_epochs": min(settings.marc.max_epochs, 2), "max_fit_rows": 20000}
+        )
+        print(train(spark, settings.model_copy(update={"marc": quick})))
+    else:  # a re-run: the compressor the first run registered (`llmfeat train-compressor` makes a new one)
+        print(f"{registered.name} v{registered.version} @{registered.alias}: registered earlier, reused")
     for summary in run(spark, settings):
         print(summary)
     print(
