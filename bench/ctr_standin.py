@@ -64,7 +64,7 @@ def build(out: Path, source: Path) -> None:
     item_v = x @ vt[:DIM].T
     item_v /= item_v.std()
     encoder = str(reprs["encoder_id"][0])
-    tables.write("item_marc_features", vectors_table("item_id", items, item_v, encoder))
+    tables.write("item_marc_v1_features", vectors_table("item_id", items, item_v, encoder))
     inter = tables.read_arrow("interactions").to_pandas()
     cut = inter.loc[inter["split"] == "valid", "event_timestamp"].min()
     before = inter[inter["event_timestamp"] < cut]
@@ -72,7 +72,7 @@ def build(out: Path, source: Path) -> None:
     users = tables.read_arrow("users")["user_id"].to_pylist()
     history = before.groupby("user_id")["item_id"].apply(list).to_dict()
     user_v = np.stack([item_v[[pos[i] for i in history.get(u, items)]].mean(0) for u in users])
-    tables.write("user_marc_features", vectors_table("user_id", users, user_v, encoder))
+    tables.write("user_marc_v1_features", vectors_table("user_id", users, user_v, encoder))
 
 
 def main() -> None:

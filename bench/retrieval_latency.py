@@ -68,12 +68,12 @@ def build_lake(data_dir: Path, online: list[str]):  # type: ignore[no-untyped-de
 
     settings = load_settings("tiny", [f"data_dir={data_dir}", *online])
     tables = RustDelta(settings.delta_root)
-    if not tables.exists("item_marc_features"):
+    if not tables.exists("item_marc_v1_features"):
         rng = np.random.default_rng(0)
         ts = datetime.now(UTC) - timedelta(hours=1)
         for name, key, n in (
-            ("user_marc_features", "user_id", USERS),
-            ("item_marc_features", "item_id", ITEMS),
+            ("user_marc_v1_features", "user_id", USERS),
+            ("item_marc_v1_features", "item_id", ITEMS),
         ):
             vecs = rng.normal(size=(n, DIM)).astype(np.float16).astype(np.float32)
             cols = {

@@ -119,10 +119,10 @@ def write_tables(settings: Any) -> None:
     users = [str(n + 1) for n in range(USERS)]
     snaps = vector_table("user_id", users, u_lat @ proj / 8, [START + timedelta(days=d) for d in first])
     tables.write(
-        "user_marc_features",
+        "user_marc_v1_features",
         snaps.append_column("history_until", pa.nulls(USERS, pa.timestamp("us", tz="UTC"))),
     )
-    tables.write("item_marc_features", vector_table("item_id", items, i_lat @ proj / 8, [START] * ITEMS))
+    tables.write("item_marc_v1_features", vector_table("item_id", items, i_lat @ proj / 8, [START] * ITEMS))
     for key, prefix in (("user_id", "user"), ("item_id", "item")):
         tables.write(f"feast_{prefix}_stats", daily_counters(inter, key, prefix))
 

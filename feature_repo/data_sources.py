@@ -3,10 +3,15 @@
 The compress job stores vectors as float16 (or int8 with a per-row scale) to save bytes; Feast serves
 Array(Float32), so the publish step decodes them once into `feast_*` tables with a checked, fixed dimension.
 
+MARC vectors have one table per compressor version (`marc_source`): feast_user_marc_v<N> and
+feast_item_marc_v<N> hold what version N made of the whole history, so a new version never overwrites the
+vectors an older model was trained on.
+
 Where the tables are: <data dir>/delta/<table>. The data dir is $LLMFEAT_DATA_DIR, else ../data/local: the
 embedded default of a checkout, relative to this folder (Feast resolves relative paths against the repo).
 Clusters (offline_store: spark): the SparkSource twins read the same tables by name from the metastore
-(register them once: CREATE TABLE feast_item_marc USING DELTA LOCATION '<data dir>/delta/feast_item_marc').
+(register each once, e.g. CREATE TABLE feast_item_marc_v1 USING DELTA
+LOCATION '<data dir>/delta/feast_item_marc_v1').
 """
 
 import os
@@ -33,10 +38,6 @@ def _spark(name: str, table: str, description: str) -> SparkSource:
     return SparkSource(name=name, table=table, timestamp_field=TIMESTAMP, description=description)
 
 
-user_marc_source = _file(
-    "user_marc_source", "feast_user_marc", "MARC-compressed LLM user snapshots (a time series), float32."
-)
-item_marc_source = _file("item_marc_source", "feast_item_marc", "MARC-compressed LLM item vectors, float32.")
 user_bahe_source = _file("user_bahe_source", "feast_user_bahe", "BAHE user vectors, float32.")
 behavior_llm_source = _file(
     "behavior_llm_source", "feast_behavior_llm", "Compressed LLM behaviour vectors, float32."
@@ -51,8 +52,6 @@ SPARK_SOURCES = {
         src.name.replace("_source", "_spark_source"), src.path.rsplit("/", 1)[-1], src.description
     )
     for src in (
-        user_marc_source,
-        item_marc_source,
         user_bahe_source,
         behavior_llm_source,
         item_meta_source,
@@ -60,3 +59,18 @@ SPARK_SOURCES = {
         item_stats_source,
     )
 }
+
+
+def marc_source(side: str, version: int) -> FileSource:
+    """feast_<side>_marc_v<version> (side: user or item): MARC compressor version N's vectors, float32, and
+    its SparkSource twin."""
+    what = "user snapshots (a time series)" if side == "user" else "item vectors"
+    source = _file(
+        f"{side}_marc_v{version}_source",
+        f"feast_{side}_marc_v{version}",
+        f"LLM {what} compressed by MARC compressor version {version}, float32.",
+    )
+    SPARK_SOURCES[source.name] = _spark(
+        f"{side}_marc_v{version}_spark_source", f"feast_{side}_marc_v{version}", source.description
+    )
+    return source

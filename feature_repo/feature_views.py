@@ -1,7 +1,14 @@
 """Feature views: one per representation (MARC users, MARC items, BAHE users, behaviours), never mixed: the
-publish step refuses a table holding two encoders, layers or compressor versions. Each view's `version` tag is
-bumped when what it means changes. Vectors are Array(Float32) of exactly VECTOR_DIM values (checked before
-materialization).
+publish step refuses a table holding two encoders, layers or compressor versions. Vectors are Array(Float32)
+of exactly VECTOR_DIM values (checked before materialization).
+
+MARC views are versioned by their compressor: user_marc_v<N>_fv and item_marc_v<N>_fv serve what version N of
+the registered compressor (<mlflow.registry_name>-users / -items) made of the whole history. A new version is
+published next to the old ones: add its two lines below (and a feature service naming its views) and run
+`llmfeat compress` and `llmfeat features`; an older version's lines stay while a model's feature service pins
+them, and its vectors keep being materialized and served. (Separate views rather than Feast's
+FeatureView(version=...): Feast keeps one active version per view name, so an old one could not stay served.)
+The BAHE views' `version` tag is bumped when what they mean changes.
 
 TTL 0 means a value never expires: a vector or a cumulative counter stays valid until a newer row replaces it.
 Lineage columns are served too (the *_lineage_fv views), so a model can log which encoder, layer and
@@ -12,11 +19,10 @@ from datetime import timedelta
 
 from data_sources import (
     behavior_llm_source,
-    item_marc_source,
     item_meta_source,
     item_stats_source,
+    marc_source,
     user_bahe_source,
-    user_marc_source,
     user_stats_source,
 )
 from entities import behavior, item, user
@@ -82,24 +88,37 @@ def _vectors(  # type: ignore[no-untyped-def]
     return [vector, lineage]
 
 
-user_marc_fv, user_marc_lineage_fv = _vectors(
-    "user_marc_fv",
-    user,
-    user_marc_source,
-    "user_vector",
-    "MARC-compressed LLM user snapshot: valid from its time, its text holds only earlier behaviour",
-    {"representation": "marc", "version": "2"},
-    _times("user_valid_from", "user_history_until"),
-)
-item_marc_fv, item_marc_lineage_fv = _vectors(
-    "item_marc_fv",
-    item,
-    item_marc_source,
-    "item_vector",
-    "MARC-compressed LLM item vector, valid from the item's first availability",
-    {"representation": "marc", "version": "2"},
-    _times("item_valid_from"),
-)
+def user_marc_views(version: int) -> list[FeatureView]:
+    """user_marc_v<N>_fv and its lineage twin: the user snapshots of MARC compressor version N."""
+    return _vectors(
+        f"user_marc_v{version}_fv",
+        user,
+        marc_source("user", version),
+        "user_vector",
+        "MARC-compressed LLM user snapshot: valid from its time, its text holds only earlier behaviour",
+        {"representation": "marc", "compressor_version": str(version)},
+        _times("user_valid_from", "user_history_until"),
+    )
+
+
+def item_marc_views(version: int) -> list[FeatureView]:
+    """item_marc_v<N>_fv and its lineage twin: the item vectors of MARC compressor version N."""
+    return _vectors(
+        f"item_marc_v{version}_fv",
+        item,
+        marc_source("item", version),
+        "item_vector",
+        "MARC-compressed LLM item vector, valid from the item's first availability",
+        {"representation": "marc", "compressor_version": str(version)},
+        _times("item_valid_from"),
+    )
+
+
+# One pair of lines per published MARC compressor version (its registry version, the same for the user and the
+# item compressor that one `llmfeat train-compressor` registers).
+user_marc_v1_fv, user_marc_v1_lineage_fv = user_marc_views(1)
+item_marc_v1_fv, item_marc_v1_lineage_fv = item_marc_views(1)
+
 user_bahe_fv, user_bahe_lineage_fv = _vectors(
     "user_bahe_fv",
     user,

@@ -7,14 +7,22 @@
 `llmfeat` opens the same repository with the same file, adjusted to the profile: the registry and online store
 under the profile's data_dir, Redis or SQLite, the file or Spark offline store, and $LLMFEAT_DATA_DIR set to
 data_dir so that the declarations' data sources read that lake. Nothing is ever written into feature_repo/.
+$LLMFEAT_FEATURE_REPO points `llmfeat` at another repository (`llmfeat features init DIR`, then edited).
+
+MARC vectors are published per compressor version (`MarcView`): version N of the registered compressor writes
+<side>_marc_v<N>_features (compress), published as feast_<side>_marc_v<N> and served by <side>_marc_v<N>_fv,
+next to every older version still declared.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +30,7 @@ import yaml
 
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
-from llmfeat.paths import feature_repo_dir
+from llmfeat.paths import feature_repo_dir, package_data_dir
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -34,6 +42,55 @@ DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_ser
 
 class FeatureStoreError(UserError, RuntimeError):
     """A feature store that is not set up for the request: the message says which command fixes it."""
+
+
+@dataclass(frozen=True)
+class MarcView:
+    """The names of one MARC compressor version's publication on one side (user snapshots or items); the
+    declarations (feature_repo/feature_views.py: user_marc_views, item_marc_views) use the same."""
+
+    side: str  # "user" or "item"
+    version: str  # the compressor's registry version
+
+    @property
+    def name(self) -> str:
+        """The feature view, e.g. user_marc_v1_fv."""
+        return f"{self.side}_marc_v{self.version}_fv"
+
+    @property
+    def lineage(self) -> str:
+        return f"{self.side}_marc_v{self.version}_lineage_fv"
+
+    @property
+    def features_table(self) -> str:
+        """What the compress job writes, e.g. user_marc_v1_features."""
+        return f"{self.side}_marc_v{self.version}_features"
+
+    @property
+    def feast_table(self) -> str:
+        """Its Feast-facing copy (float32), e.g. feast_user_marc_v1."""
+        return f"feast_{self.side}_marc_v{self.version}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.side}_id"
+
+    @property
+    def declaration(self) -> str:
+        """The line of feature_repo/feature_views.py that declares it."""
+        return f"{self.name}, {self.lineage} = {self.side}_marc_views({self.version})"
+
+    @classmethod
+    def parse(cls, view: str) -> MarcView | None:
+        """user_marc_v3_fv -> MarcView("user", "3"); None for any other view."""
+        found = re.fullmatch(r"(user|item)_marc_v(\d+)_fv", view)
+        return cls(found[1], found[2]) if found else None
+
+
+def marc_views_in(views: Any) -> list[MarcView]:
+    """The MARC views among these views (or view names), in order."""
+    names = [v if isinstance(v, str) else v.name for v in views]
+    return [m for m in map(MarcView.parse, names) if m is not None]
 
 
 def store_dir(settings: Settings) -> Path:
@@ -80,21 +137,29 @@ def store_config(settings: Settings) -> dict[str, Any]:
 
 
 def declarations() -> dict[str, Any]:
-    """Every Feast object declared in feature_repo/, by variable name (the modules are imported, not run)."""
+    """Every Feast object declared in the repository (feature_repo_dir()), by variable name (the modules are
+    imported, not run)."""
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
-    folder = str(feature_repo_dir())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    folder = feature_repo_dir()
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     kinds = (Entity, DataSource, FeatureView, FeatureService)
     found: dict[str, Any] = {}
+    loaded_from = (str(folder), os.environ.get(DATA_DIR_ENV))
     for name in DECLARATION_MODULES:
         module = sys.modules.get(name)
-        # Imported again when the data dir changed: the sources' paths are read at import time.
-        if module is None or getattr(module, "_llmfeat_data_dir", None) != os.environ.get(DATA_DIR_ENV):
-            module = importlib.reload(module) if module else importlib.import_module(name)
-            module._llmfeat_data_dir = os.environ.get(DATA_DIR_ENV)  # type: ignore[attr-defined]
+        # Imported again from this folder when the repository or the data dir changed (the sources' paths are
+        # read at import time); by file location, so that another repository on sys.path cannot answer.
+        if module is None or getattr(module, "_llmfeat_loaded_from", None) != loaded_from:
+            spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+            if spec is None or spec.loader is None:
+                raise FeatureStoreError(f"{folder / name}.py is missing: the repository is incomplete")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # the later modules import the earlier ones by name
+            spec.loader.exec_module(module)
+            module._llmfeat_loaded_from = loaded_from  # type: ignore[attr-defined]
         found.update({k: v for k, v in vars(module).items() if isinstance(v, kinds)})
     return found
 
@@ -123,6 +188,16 @@ def feature_views() -> dict[str, FeatureView]:
     return {v.name: v for v in declarations().values() if isinstance(v, FeatureView)}
 
 
+def service_marc_views(service: str) -> list[MarcView]:
+    """The MARC views (one compressor version's) that a declared feature service names."""
+    from feast import FeatureService
+
+    found = [s for s in declarations().values() if isinstance(s, FeatureService) and s.name == service]
+    if not found:
+        raise FeatureStoreError(f"feature service {service!r} is not declared in {feature_repo_dir()}")
+    return marc_views_in(p.name for p in found[0].feature_view_projections)
+
+
 def vector_dim(view: FeatureView) -> int:
     """The declared length of a view's Array(Float32) vector field."""
     lengths = [f.vector_length for f in view.schema if f.name.endswith("_vector")]
@@ -136,7 +211,7 @@ def init_repo(target: Path) -> Path:
     for a pip user without a checkout; its feature_store.yaml then points at ../data/local beside it."""
     import shutil
 
-    source = feature_repo_dir()
+    source = package_data_dir("feature_repo")
     if target.exists() and any(target.iterdir()):
         raise FeatureStoreError(f"{target} exists and is not empty: choose a new folder")
     target.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 Both travel as package data (`llmfeat.conf`, `llmfeat.feature_repo`): inside site-packages after a wheel
 install, mapped onto the checkout's conf/ and feature_repo/ by an editable install. They are found through the
 import system, never by guessing where a repository root is; LLMFEAT_CONF_DIR points at another profile
-folder.
+folder, LLMFEAT_FEATURE_REPO at another Feast repository (one written by `llmfeat features init DIR` and
+edited, e.g. to declare the views of a new compressor version).
 """
 
 from __future__ import annotations
@@ -37,5 +38,14 @@ def conf_dir() -> Path:
 
 
 def feature_repo_dir() -> Path:
-    """The Feast repository shipped with the package (declarations and feature_store.yaml)."""
+    """The Feast repository (declarations and feature_store.yaml): $LLMFEAT_FEATURE_REPO, else the one
+    shipped with the package."""
+    env = os.environ.get("LLMFEAT_FEATURE_REPO")
+    if env:
+        path = Path(env)
+        if not (path / "feature_store.yaml").is_file():
+            raise FileNotFoundError(
+                f"LLMFEAT_FEATURE_REPO={env} has no feature_store.yaml: see `llmfeat features init DIR`"
+            )
+        return path.resolve()
     return package_data_dir("feature_repo")

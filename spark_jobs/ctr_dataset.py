@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.errors import UserError
+from llmfeat.feast_repo import MarcView, marc_views_in
 from llmfeat.training_set import TrainingSetError, _refs_by_view, historical_features
 
 if TYPE_CHECKING:
@@ -33,27 +34,14 @@ if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
     from llmfeat.validation.gating import GateReport
 
-VECTOR_TABLES = ("feast_user_marc", "feast_item_marc")
 LINEAGE_COLUMNS = ("encoder_id", "layer", "compressor_name", "compressor_version", "source_version")
-VERSIONED_TABLES = (
-    "interactions",
-    "items",
-    *VECTOR_TABLES,
-    "feast_item_meta",
-    "user_marc_features",
-    "item_marc_features",
-    "feast_user_stats",
-    "feast_item_stats",
-)
+# Pinned for every training set; the MARC tables of the compressor version its services name are added.
+VERSIONED_TABLES = ("interactions", "items", "feast_item_meta", "feast_user_stats", "feast_item_stats")
 
 
-# The lineage fields the gate reads, per vector view: when the vector became valid, and for user snapshots the
-# newest behaviour its text holds (both must precede the row).
-TIME_FIELDS = {
-    "user_marc_fv": ("user_marc_lineage_fv", ("user_valid_from", "user_history_until")),
-    "item_marc_fv": ("item_marc_lineage_fv", ("item_valid_from",)),
-}
-STRICTLY_BEFORE = ("user_marc_fv_user_history_until",)
+# The lineage fields the gate reads, per side of a MARC view: when the vector became valid, and for user
+# snapshots the newest behaviour its text holds (which must precede the row strictly).
+TIME_FIELDS = {"user": ("user_valid_from", "user_history_until"), "item": ("item_valid_from",)}
 
 
 class SnapshotChanged(UserError, RuntimeError):
@@ -85,32 +73,30 @@ class Snapshot:
         return out | {f"lineage.{k}": v for k, v in self.lineage.items()}
 
 
-def delta_versions(tables: DeltaTables) -> dict[str, int]:
-    return {t: int(v) for t in VERSIONED_TABLES if tables.exists(t) and (v := tables.version(t)) is not None}
+def delta_versions(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, int]:
+    names = [*VERSIONED_TABLES, *(t for m in marcs for t in (m.feast_table, m.features_table))]
+    return {t: int(v) for t in names if tables.exists(t) and (v := tables.version(t)) is not None}
 
 
-def vector_lineage(tables: DeltaTables) -> dict[str, str]:
+def vector_lineage(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, str]:
     """Distinct lineage values of the published vectors, e.g. {"user.layer": "15", ...}."""
     out: dict[str, str] = {}
-    for t, who in zip(VECTOR_TABLES, ("user", "item"), strict=True):
-        if not tables.exists(t):
+    for m in marcs:
+        if not tables.exists(m.feast_table):
             continue
-        data = tables.read_arrow(t)
+        data = tables.read_arrow(m.feast_table)
         for col in LINEAGE_COLUMNS:
             if col in data.column_names:
                 values = sorted({str(v) for v in data[col].to_pylist()})
-                out[f"{who}.{col}"] = ",".join(values)
+                out[f"{m.side}.{col}"] = ",".join(values)
     return out
 
 
 def time_refs(store: FeatureStore, views: dict[str, tuple[str, ...]]) -> list[str]:
-    """The lineage time fields of the vector views in `views` that the repository declares."""
+    """The lineage time fields of the MARC views in `views` that the repository declares."""
     declared = {v.name for v in store.list_feature_views()}
     return [
-        f"{lineage}:{f}"
-        for view, (lineage, fields) in TIME_FIELDS.items()
-        if view in views and lineage in declared
-        for f in fields
+        f"{m.lineage}:{f}" for m in marc_views_in(views) if m.lineage in declared for f in TIME_FIELDS[m.side]
     ]
 
 
@@ -122,13 +108,6 @@ def build_frame(
     split: str | None = None,
 ) -> tuple[pd.DataFrame, Snapshot]:
     """Interactions (optionally one split) + the services' features, each as of the row's own time."""
-    versions = delta_versions(tables)
-    rows = tables.read_arrow("interactions", version=versions["interactions"]).to_pandas()
-    as_of = pd.Timestamp(rows["event_timestamp"].max()).to_pydatetime()
-    if split is not None:
-        rows = rows[rows["split"] == split]
-    rows = rows[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)
-    rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
     refs = [r for name in services for group in _refs_by_view(store, name) for r in group]
     refs = list(dict.fromkeys(refs))
     views: dict[str, set[str]] = {}
@@ -136,14 +115,22 @@ def build_frame(
         view, feature = r.split(":", 1)
         views.setdefault(view, set()).add(feature)
     features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
+    marcs = marc_views_in(features)
+    versions = delta_versions(tables, marcs)
+    rows = tables.read_arrow("interactions", version=versions["interactions"]).to_pandas()
+    as_of = pd.Timestamp(rows["event_timestamp"].max()).to_pydatetime()
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    rows = rows[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)
+    rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
     frame = historical_features(store, rows, refs + time_refs(store, features))
     if len(frame) != len(rows):
         raise TrainingSetError(
             f"the point-in-time join returned {len(frame)} of {len(rows)} interaction rows"
         )
-    if delta_versions(tables) != versions:
+    if delta_versions(tables, marcs) != versions:
         raise SnapshotChanged(f"Delta tables changed while the training set was built: {versions}")
-    snapshot = Snapshot(as_of, versions, tuple(services), features, vector_lineage(tables))
+    snapshot = Snapshot(as_of, versions, tuple(services), features, vector_lineage(tables, marcs))
     return frame, snapshot
 
 
@@ -153,13 +140,11 @@ def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataF
     out = frame[["user_id", "item_id", "event_timestamp", "label"]].copy()
     out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
     columns = []
-    for view, (_lineage, fields) in TIME_FIELDS.items():
-        if view not in snapshot.features:
-            continue
-        for f in fields:
+    for m in marc_views_in(snapshot.features):
+        for f in TIME_FIELDS[m.side]:
             if f not in frame.columns:
-                raise TrainingSetError(f"the training set lacks {f} of {view}: re-run `llmfeat features`")
-            column = f"{view}_{f}"
+                raise TrainingSetError(f"the training set lacks {f} of {m.name}: re-run `llmfeat features`")
+            column = f"{m.name}_{f}"
             out[column] = pd.to_datetime(frame[f], utc=True)
             columns.append(column)
     return out, columns
@@ -173,7 +158,8 @@ def check_training_set(
     from llmfeat.validation import gate, new_run_id, training_set_suite
 
     data, times = information_times(frame, snapshot)
-    suite = training_set_suite(times, name=name, conf=settings.validation, strictly_before=STRICTLY_BEFORE)
+    strictly_before = [c for c in times if c.endswith("_history_until")]  # the row's own event is not in it
+    suite = training_set_suite(times, name=name, conf=settings.validation, strictly_before=strictly_before)
     run_id = new_run_id("train-ctr")
     return gate(data, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
 

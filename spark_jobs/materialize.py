@@ -3,10 +3,12 @@
     spark-submit spark_jobs/materialize.py --config conf/local.yaml [--set key=value ...] [--full]
     llmfeat features materialize [--profile local] [--full]
 
-1. Publish (the only place float16/int8 become float32): each compressed table (user_features,
-   item_features, behavior_features) is decoded into a `feast_*` Delta table with an Array(Float32) column of
-   the dimension the feature view declares. A wrong dimension, a null or a non-finite vector stops the job
-   before anything is written or materialized. Lineage columns are copied as they are.
+1. Publish (the only place float16/int8 become float32): each compressed table (<side>_marc_v<N>_features
+   of every MARC compressor version the repository declares, user_bahe_features, behavior_features) is
+   decoded into a `feast_*` Delta table with an Array(Float32) column of the dimension the feature view
+   declares; an older compressor version's tables keep being published and materialized next to the newest.
+   A wrong dimension, a null or a non-finite vector stops the job before anything is written or
+   materialized. Lineage columns are copied as they are.
    Item metadata and daily cumulative counters are derived from items and interactions.
    Every table then passes its great-expectations gate (validation/) before the first write.
 2. Apply the repo (feature_repo/ under this profile's feature_store.yaml).
@@ -29,8 +31,11 @@ import pyarrow.compute as pc
 
 from llmfeat.config import Settings, ValidationConf
 from llmfeat.errors import UserError
+from llmfeat.feast_repo import MarcView, marc_views_in
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from feast import FeatureStore, FeatureView
     from pyspark.sql import DataFrame, SparkSession
 
@@ -64,17 +69,31 @@ class VectorTable:
     column: str  # the vector field in the feature view
     view: str
     times: str = ""  # prefix of the lineage time fields (<p>valid_from, <p>history_until); "" = none
+    compressor_version: str | None = None  # a table of one MARC compressor version holds its rows only
+
+    @classmethod
+    def marc(cls, view: MarcView) -> VectorTable:
+        """One MARC compressor version's tables, e.g. user_marc_v1_features -> feast_user_marc_v1."""
+        side = view.side
+        tables = (view.features_table, view.key, view.feast_table)
+        return cls(*tables, f"{side}_vector", view.name, f"{side}_", view.version)
 
 
-# One Feast-facing table and view per representation: two encoders, layers or compressors never share one.
-VECTOR_TABLES = (
-    VectorTable("user_marc_features", "user_id", "feast_user_marc", "user_vector", "user_marc_fv", "user_"),
-    VectorTable("item_marc_features", "item_id", "feast_item_marc", "item_vector", "item_marc_fv", "item_"),
+# One Feast-facing table and view per representation, and for MARC per compressor version: two encoders,
+# layers or compressors never share one.
+BAHE_TABLES = (
     VectorTable("user_bahe_features", "user_id", "feast_user_bahe", "user_vector", "user_bahe_fv"),
     VectorTable(
         "behavior_features", "behavior_id", "feast_behavior_llm", "behavior_vector", "behavior_llm_fv"
     ),
 )
+
+
+def vector_tables(views: Iterable[str]) -> list[VectorTable]:
+    """The vector tables of these declared views: one pair per MARC compressor version, then BAHE's."""
+    return [*(VectorTable.marc(m) for m in marc_views_in(views)), *BAHE_TABLES]
+
+
 STATIC_VIEWS = {"item_meta_fv"}  # stamped at the epoch: always materialized in full
 
 
@@ -186,7 +205,7 @@ def publish(
     views = feature_views()
     staged: list[tuple[str, str, pa.Table, list[str], list[str], bool]] = []  # ..., keys, compare, delete
     skipped: list[Published] = []
-    for spec in VECTOR_TABLES:
+    for spec in vector_tables(views):
         if not tables.exists(spec.source):
             skipped.append(Published(spec.target, spec.view, 0, -1, f"no {spec.source} table yet"))
             continue
@@ -230,10 +249,20 @@ def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
         return item_meta_suite(conf)
     if table.endswith("_stats"):
         return counters_suite(table.removeprefix("feast_").removesuffix("_stats"), key, conf)
-    spec = next(v for v in VECTOR_TABLES if v.target == table)
+    from llmfeat.feast_repo import feature_views
+
+    spec = next(v for v in vector_tables(feature_views()) if v.target == table)
     dim = len(data[spec.column][0]) if data.num_rows else 0  # decode_vectors checked it against the view
     return feature_suite(
-        table, key, dim, "float32", spec.column, conf=conf, stored_dtype=False, time_key=True
+        table,
+        key,
+        dim,
+        "float32",
+        spec.column,
+        conf=conf,
+        stored_dtype=False,
+        time_key=True,
+        compressor_version=spec.compressor_version,
     )
 
 
@@ -291,14 +320,15 @@ def format_published(published: list[Published]) -> str:
 def demo_step(spark: SparkSession, settings: Settings) -> None:
     """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
     from llmfeat.delta_io import open_tables
-    from llmfeat.feast_repo import open_store, store_dir
+    from llmfeat.feast_repo import open_store, service_marc_views, store_dir
     from llmfeat.serving.features import OnlineFeatures
 
     where = f"stores in {store_dir(settings)}, online {settings.feast.online_store}"
     print(f"\n== features (Feast repository feature_repo/, {where})")
     published = run(spark, settings)
     print(format_published(published))
-    if not all(p.version >= 0 for p in published if p.view in ("user_marc_fv", "item_marc_fv")):
+    pinned = {m.name for m in service_marc_views(settings.ctr.llm_feature_service)}
+    if not all(p.version >= 0 for p in published if p.view in pinned):
         print(
             "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
         )

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from llmfeat.feast_repo import marc_views_in
 from llmfeat.models.ctr.features import FeatureEncoder
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
 from llmfeat.models.evaluation.ctr_eval import calibration_figure, flat_metrics, metric_intervals, roc_figure
@@ -207,7 +208,8 @@ def train_and_register(
     tags = run_tags(snapshot, cfg, use_llm)
     with mlflow.start_run(run_name=f"train-{label}", tags=tags) as run:
         link_to_mlflow(mlflow.MlflowClient(), run.info.run_id, checked)
-        inputs = ["interactions", "feast_user_marc", "feast_item_marc", "feast_item_meta"]
+        marc_tables = [m.feast_table for m in marc_views_in(snapshot.views)]
+        inputs = ["interactions", *marc_tables, "feast_item_meta"]
         link_inputs(mlflow.MlflowClient(), run.info.run_id, locations(settings)[0].parent, inputs)
         mlflow.log_params({f"ctr.{k}": v for k, v in cfg.model_dump().items()} | describe(frame))
         model, encoder = fit_model(frame, masks, use_llm, cfg, residual_rows=after_marc(settings, frame))

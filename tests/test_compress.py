@@ -134,12 +134,12 @@ def test_train_registers_both_compressors_with_alias_and_lineage(trained: Settin
 
 def test_compress_writes_feature_tables_with_lineage(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]
     summaries = compress(spark, trained)
-    assert [s.table for s in summaries] == ["user_marc_features", "item_marc_features"]
-    users = DeltaTable(str(Path(trained.data_dir, "delta", "user_marc_features"))).to_pyarrow_table()
+    assert [s.table for s in summaries] == ["user_marc_v1_features", "item_marc_v1_features"]
+    users = DeltaTable(str(Path(trained.data_dir, "delta", "user_marc_v1_features"))).to_pyarrow_table()
     # a user snapshot is valid from its own time and keeps its user id
     assert users.num_rows == N_USERS and set(users["user_id"].to_pylist()) == {str(k) for k in range(N_USERS)}
     assert {t.year for t in users["event_timestamp"].to_pylist()} == {2000}
-    items = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).to_pyarrow_table()
+    items = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_v1_features"))).to_pyarrow_table()
     assert items.num_rows == N_ITEMS
     assert items.schema.field("vector").type == pa.list_(pa.int8())
     row = items.slice(0, 1).to_pylist()[0]
@@ -152,9 +152,9 @@ def test_compress_writes_feature_tables_with_lineage(spark, trained: Settings) -
     first = DeltaTable(str(Path(trained.data_dir, "delta", "interactions"))).to_pandas()
     first = first.groupby("item_id")["event_timestamp"].min()
     assert {r["item_id"]: r["event_timestamp"] for r in items.to_pylist()} == first.to_dict()
-    version = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).version()
+    version = DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_v1_features"))).version()
     compress(spark, trained, ["items"])
-    assert DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_features"))).version() == version
+    assert DeltaTable(str(Path(trained.data_dir, "delta", "item_marc_v1_features"))).version() == version
 
 
 def test_float16_output(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -217,9 +217,9 @@ def test_bad_input_names_key_and_table_and_writes_nothing(
     with pytest.raises(CompressError, match=message):
         compress(spark, trained)
     assert not Path(
-        trained.data_dir, "delta", "user_marc_features"
+        trained.data_dir, "delta", "user_marc_v1_features"
     ).exists()  # users were fine: still nothing written
-    assert not Path(trained.data_dir, "delta", "item_marc_features").exists()
+    assert not Path(trained.data_dir, "delta", "item_marc_v1_features").exists()
 
 
 def test_refuses_a_layer_other_than_the_compressors(spark, trained: Settings) -> None:  # type: ignore[no-untyped-def]

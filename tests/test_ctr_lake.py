@@ -95,8 +95,8 @@ def build_lake(tmp: Path, *overrides: str) -> Settings:
     first = [START + timedelta(days=u) for u in range(N_USERS)]
     snaps = feature_table("user_id", users, u_lat @ proj / 4, first)
     snaps = snaps.append_column("history_until", pa.nulls(N_USERS, pa.timestamp("us", tz="UTC")))
-    tables.write("user_marc_features", snaps)
-    tables.write("item_marc_features", feature_table("item_id", items, i_lat @ proj / 4, START, "int8"))
+    tables.write("user_marc_v1_features", snaps)
+    tables.write("item_marc_v1_features", feature_table("item_id", items, i_lat @ proj / 4, START, "int8"))
     for key, prefix in (("user_id", "user"), ("item_id", "item")):
         tables.write(f"feast_{prefix}_stats", counters(tables.read_arrow("interactions"), key, prefix))
     materialize.run(None, settings)
@@ -175,20 +175,20 @@ def test_refresh_serves_online_what_the_point_in_time_join_gives_a_row_stamped_n
 
     settings = build_lake(tmp_path)
     tables = RustDelta(settings.delta_root)
-    old = tables.read_arrow("user_marc_features").to_pandas()
+    old = tables.read_arrow("user_marc_v1_features").to_pandas()
     newer_at = datetime.now(UTC)  # the new day's snapshot, after the last materialization
     row = old[old["user_id"] == "1"].copy()
     row["event_timestamp"] = newer_at
     row["vector"] = [np.asarray(v)[::-1].copy() for v in row["vector"]]
-    schema = tables.read_arrow("user_marc_features").schema
+    schema = tables.read_arrow("user_marc_v1_features").schema
     newer = pa.Table.from_pandas(row, preserve_index=False).cast(schema)
-    tables.upsert("user_marc_features", newer, ["user_id", "event_timestamp"])
+    tables.upsert("user_marc_v1_features", newer, ["user_id", "event_timestamp"])
     materialize.run(None, settings)
     store = open_store(settings)
-    online = store.get_online_features(["user_marc_fv:user_vector"], [{"user_id": "1"}]).to_dict()
+    online = store.get_online_features(["user_marc_v1_fv:user_vector"], [{"user_id": "1"}]).to_dict()
     now = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["1", "1"],
                         "event_timestamp": [datetime.now(UTC), newer_at - timedelta(seconds=1)]})  # fmt: skip
-    offline = historical_features(store, now, ["user_marc_fv:user_vector"])
+    offline = historical_features(store, now, ["user_marc_v1_fv:user_vector"])
     dim = len(online["user_vector"][0])
     at_now, _ = vector_matrix(offline.iloc[:1], "user_vector", dim)
     before, _ = vector_matrix(offline.iloc[1:], "user_vector", dim)

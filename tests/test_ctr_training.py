@@ -61,10 +61,10 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     challenger = c.get_model_version_by_alias("llmfeat-ctr", "challenger")
     assert champion.tags["ctr.uses_llm"] == "false" and challenger.tags["ctr.uses_llm"] == "true"
     assert challenger.tags["feast.feature_service"] == "ctr_marc_v2"
-    assert {"user_marc_fv", "item_marc_fv", "item_meta_fv", "user_stats_fv"} <= set(
+    assert {"user_marc_v1_fv", "item_marc_v1_fv", "item_meta_fv", "user_stats_fv"} <= set(
         challenger.tags["feast.feature_views"].split(",")
     )
-    for key in ("delta.interactions.version", "delta.feast_item_marc.version", "lineage.item.layer",
+    for key in ("delta.interactions.version", "delta.feast_item_marc_v1.version", "lineage.item.layer",
                 "lineage.user.encoder_id", "lineage.item.compressor_version", "snapshot.as_of"):  # fmt: skip
         assert key in challenger.tags, key
     run = c.get_run(challenger.run_id)
@@ -80,10 +80,10 @@ def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Setting
     # the training set passed its gate, and the run links that gate's Data Docs page
     assert run.data.tags["validation.training_set_deepfm_llm"].startswith("passed (training_set_deepfm_llm")
     page = Path(run.data.tags["data_docs.training_set_deepfm_llm"].removeprefix("file://"))
-    assert page.is_file() and "user_marc_fv_user_history_until" in page.read_text()
+    assert page.is_file() and "user_marc_v1_fv_user_history_until" in page.read_text()
     # and the newest gate pages of the Feast tables it read (gated by materialize)
-    assert run.data.tags["validation.input.feast_item_marc"].startswith("passed (run materialize-")
-    assert Path(run.data.tags["data_docs.input.feast_user_marc"].removeprefix("file://")).is_file()
+    assert run.data.tags["validation.input.feast_item_marc_v1"].startswith("passed (run materialize-")
+    assert Path(run.data.tags["data_docs.input.feast_user_marc_v1"].removeprefix("file://")).is_file()
 
 
 def test_training_set_gate_stops_future_vectors_own_labels_and_collapsed_labels(
@@ -95,7 +95,7 @@ def test_training_set_gate_stops_future_vectors_own_labels_and_collapsed_labels(
     ts = pd.to_datetime(frame["event_timestamp"], utc=True)
     # a vector stamped after its row
     future = frame.assign(user_valid_from=ts.where(frame.index >= 3, ts + pd.Timedelta(hours=1)))
-    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_valid_from") as failed:
+    with pytest.raises(GateFailed, match="column_B=user_marc_v1_fv_user_valid_from") as failed:
         check_training_set(lake, scratch, future, snap, "training_set")
     assert failed.value.report.quarantined == 3 and failed.value.report.version is None
     quarantined = scratch.read_arrow("quarantine").to_pandas()
@@ -103,7 +103,7 @@ def test_training_set_gate_stops_future_vectors_own_labels_and_collapsed_labels(
     assert {k["user_id"] for k in keys} == set(frame.loc[:2, "user_id"])
     # a vector whose text holds the row's own event (its label)
     own = frame.assign(user_history_until=ts.where(frame.index >= 2, ts))
-    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_history_until"):
+    with pytest.raises(GateFailed, match="column_B=user_marc_v1_fv_user_history_until"):
         check_training_set(lake, scratch, own, snap, "training_set")
     with pytest.raises(GateFailed, match="expect_column_mean_to_be_between.column=label"):
         check_training_set(lake, scratch, frame.assign(label=0), snap, "training_set")
@@ -164,7 +164,7 @@ def test_two_interactions_in_one_second_both_get_their_features(lake: Settings) 
 
     at = pd.Timestamp("2001-03-01 12:00:00", tz="UTC")
     rows = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["3", "4"], "event_timestamp": [at, at]})
-    refs = ["user_marc_fv:user_vector", "item_marc_fv:item_vector"]
+    refs = ["user_marc_v1_fv:user_vector", "item_marc_v1_fv:item_vector"]
     out = historical_features(open_store(lake), rows, refs)
     assert len(out) == 2 and out["user_vector"].notna().all() and out["item_vector"].notna().all()
     assert out["item_id"].tolist() == ["3", "4"]

@@ -49,10 +49,10 @@ def tiny_lake(tables: RustDelta) -> None:
             }
         ),
     )
-    tables.write("user_marc_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
+    tables.write("user_marc_v1_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
     item_ts = [PAST, PAST, FUTURE]
     items = feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), item_ts, "int8")
-    tables.write("item_marc_features", items)
+    tables.write("item_marc_v1_features", items)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def lake(spark, tmp_path_factory: pytest.TempPathFactory) -> Settings:  # type: 
 
 def test_materialize_publishes_float32_vectors_with_lineage(lake: Settings) -> None:
     tables = RustDelta(lake.delta_root)
-    items = tables.read_arrow("feast_item_marc").sort_by("item_id")
+    items = tables.read_arrow("feast_item_marc_v1").sort_by("item_id")
     assert items.schema.field("item_vector").type == pa.list_(pa.float32())
     assert items["compressor_name"].to_pylist() == ["marc"] * 3 and items["dtype"].to_pylist() == ["int8"] * 3
     stats = tables.read_arrow("feast_user_stats").to_pandas().sort_values("event_timestamp")
@@ -74,7 +74,7 @@ def test_materialize_publishes_float32_vectors_with_lineage(lake: Settings) -> N
         open_store(lake)
         .get_online_features(
             features=[
-                "item_marc_lineage_fv:compressor_version",
+                "item_marc_v1_lineage_fv:compressor_version",
                 "item_meta_fv:year",
                 "item_stats_fv:item_impressions",
             ],
@@ -135,7 +135,7 @@ def test_incremental_materialize_publishes_new_vector_and_keeps_history(spark, l
     tables = RustDelta(lake.delta_root)
     fresh = datetime.now(UTC)
     new = vectors_for(["10"], 9)
-    tables.upsert("item_marc_features", feature_table("item_id", ["10"], new, fresh, "int8"), ["item_id"])
+    tables.upsert("item_marc_v1_features", feature_table("item_id", ["10"], new, fresh, "int8"), ["item_id"])
     materialize.run(spark, lake)
     np.testing.assert_allclose(
         OnlineFeatures(open_store(lake)).fetch("1", ["10"]).items[0], new[0], atol=0.05
@@ -149,15 +149,15 @@ def test_incremental_materialize_publishes_new_vector_and_keeps_history(spark, l
 
 def test_wrong_dimension_is_stopped_before_anything_is_written(spark, lake: Settings) -> None:  # type: ignore[no-untyped-def]
     tables = RustDelta(lake.delta_root)
-    version = tables.version("feast_user_marc")
+    version = tables.version("feast_user_marc_v1")
     bad = feature_table("user_id", ["3"], vectors_for(["3"], dim=DIM + 1), datetime.now(UTC))
-    tables.upsert("user_marc_features", bad, ["user_id"])
+    tables.upsert("user_marc_v1_features", bad, ["user_id"])
     try:
         with pytest.raises(materialize.FeatureTableError, match="declares 64"):
             materialize.run(spark, lake)
-        assert tables.version("feast_user_marc") == version
+        assert tables.version("feast_user_marc_v1") == version
     finally:
-        tables.write("user_marc_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
+        tables.write("user_marc_v1_features", feature_table("user_id", USERS, vectors_for(USERS, 1), PAST))
 
 
 def test_missing_online_table_says_to_materialize(tmp_path: Path, lake: Settings) -> None:

@@ -16,10 +16,10 @@ from llmfeat import feast_repo
 from llmfeat.config import Settings, load_settings
 from llmfeat.paths import feature_repo_dir
 from llmfeat.serving.features import parse_response
-from llmfeat.spark_jobs.materialize import VECTOR_TABLES, FeatureTableError, decode_vectors
+from llmfeat.spark_jobs.materialize import FeatureTableError, VectorTable, decode_vectors
 
 DIM = 64
-USER_SPEC, ITEM_SPEC = VECTOR_TABLES[0], VECTOR_TABLES[1]
+USER_SPEC, ITEM_SPEC = (VectorTable.marc(feast_repo.MarcView(side, "1")) for side in ("user", "item"))
 LINEAGE = {
     "source_version": 3,
     "encoder_id": "smollm2-135m",
@@ -36,7 +36,12 @@ def vectors_for(keys: list[str], seed: int = 0, dim: int = DIM) -> np.ndarray:
 
 
 def feature_table(
-    key: str, keys: list[str], vectors: np.ndarray, ts: datetime | list[datetime], dtype: str = "float16"
+    key: str,
+    keys: list[str],
+    vectors: np.ndarray,
+    ts: datetime | list[datetime],
+    dtype: str = "float16",
+    compressor_version: str = "1",
 ) -> pa.Table:
     """A compress-job output table: key, vector (float16, or int8 + scale), event_timestamp, lineage."""
     stamps = ts if isinstance(ts, list) else [ts] * len(keys)
@@ -51,7 +56,7 @@ def feature_table(
         cols["vector"] = pa.array(list(vectors.astype(np.float16).astype(np.float32)), pa.list_(pa.float32()))
         cols["scale"] = pa.nulls(len(keys), pa.float32())
     cols["event_timestamp"] = pa.array(stamps, pa.timestamp("us", tz="UTC"))
-    for name, value in {**LINEAGE, "dtype": dtype}.items():
+    for name, value in {**LINEAGE, "compressor_version": compressor_version, "dtype": dtype}.items():
         cols[name] = pa.array([value] * len(keys))
     return pa.table(cols)
 
@@ -66,9 +71,11 @@ def test_declarations_import_without_side_effects(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], cwd=feature_repo_dir().parent, check=True)
     found = feast_repo.declarations()
     views = feast_repo.feature_views()
-    assert {"user_marc_fv", "item_marc_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(views)
+    assert {"user_marc_v1_fv", "item_marc_v1_fv", "behavior_llm_fv", "item_meta_fv", "user_stats_fv"} <= set(
+        views
+    )
     assert {"ctr_marc_v2", "ctr_id_v2", "user", "item", "behavior"} <= set(found)
-    assert feast_repo.vector_dim(views["item_marc_fv"]) == DIM
+    assert feast_repo.vector_dim(views["item_marc_v1_fv"]) == DIM
     assert not list(feature_repo_dir().glob("*.db"))  # importing wrote nothing
 
 
@@ -87,8 +94,8 @@ def test_store_config_per_profile(tmp_path: Path) -> None:
     assert cluster["offline_store"]["type"] == "spark"
     assert cluster["batch_engine"]["type"] == "spark.engine"
     spark_objects = feast_repo.repo_objects(load_settings("cluster"))
-    item_fv = next(o for o in spark_objects if getattr(o, "name", "") == "item_marc_fv")
-    assert item_fv.batch_source.name == "item_marc_spark_source"
+    item_fv = next(o for o in spark_objects if getattr(o, "name", "") == "item_marc_v1_fv")
+    assert item_fv.batch_source.name == "item_marc_v1_spark_source"
     with pytest.raises(feast_repo.FeatureStoreError, match="offline_store spark"):
         feast_repo.store_config(tiny_settings(tmp_path, "feast.batch_engine=spark"))
 
@@ -146,23 +153,25 @@ def test_publish_gates_every_feast_table_before_the_first_write(tmp_path: Path) 
     tables = RustDelta(tmp_path / "delta")
     ts = datetime.now(UTC) - timedelta(days=1)
     users = ["1", "2", "3"]
-    tables.write("user_marc_features", feature_table("user_id", users, vectors_for(users), ts))
+    tables.write("user_marc_v1_features", feature_table("user_id", users, vectors_for(users), ts))
     two_encoders = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
     encoders = pa.array(["smollm2-135m", "other-llm"])
     two_encoders = two_encoders.set_column(
         two_encoders.column_names.index("encoder_id"), "encoder_id", encoders
     )
-    tables.write("item_marc_features", two_encoders)
+    tables.write("item_marc_v1_features", two_encoders)
     with pytest.raises(GateFailed) as failed:
         publish(None, tables)
     report = failed.value.report
-    assert report.table == "feast_item_marc" and "encoder_id" in str(failed.value)
-    assert not tables.exists("feast_user_marc") and not tables.exists("feast_item_marc")  # nothing written
+    assert report.table == "feast_item_marc_v1" and "encoder_id" in str(failed.value)
+    assert not tables.exists("feast_user_marc_v1") and not tables.exists(
+        "feast_item_marc_v1"
+    )  # nothing written
     assert tables.read_arrow("quarantine").num_rows == 2  # a table-level failure: the whole batch
     one_encoder = feature_table("item_id", ["7", "8"], vectors_for(["7", "8"]), ts)
-    tables.upsert("item_marc_features", one_encoder, ["item_id"], delete_missing=True)
+    tables.upsert("item_marc_v1_features", one_encoder, ["item_id"], delete_missing=True)
     published = {p.table: p for p in publish(None, tables)}
-    assert published["feast_user_marc"].rows == 3 and published["feast_item_marc"].rows == 2
+    assert published["feast_user_marc_v1"].rows == 3 and published["feast_item_marc_v1"].rows == 2
 
 
 @pytest.mark.unit
@@ -193,4 +202,5 @@ def test_feast_cli_plans_in_feature_repo_with_no_variable_set(tmp_path: Path) ->
     feast = str(Path(sys.executable).with_name("feast"))
     out = subprocess.run([feast, "plan"], cwd=target, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "user_marc_fv" in out.stdout and not list(target.glob("*.db"))
+    assert "user_marc_v1_fv" in out.stdout and not list(target.glob("*.db"))
+

@@ -83,8 +83,8 @@ def test_train_compressor_and_compress(project: Project, tmp_path: Path) -> None
     assert items.run_id == trained.info.run_id
 
     _, out = project.run("compress", config, entity="items")
-    assert "item_marc_features" in out
-    assert RustDelta(tmp_path / "marc" / "delta").read_arrow("item_marc_features").num_rows > 0
+    assert "item_marc_v1_features" in out
+    assert RustDelta(tmp_path / "marc" / "delta").read_arrow("item_marc_v1_features").num_rows > 0
 
 
 def test_ctr_entry_points_train_compare_promote_and_abtest(project: Project, tmp_path: Path) -> None:

@@ -30,8 +30,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "features.md"
 def build_store(settings: Settings) -> None:
     tables = RustDelta(settings.delta_root)
     ts = datetime.now(UTC) - timedelta(days=1)
-    tables.write("user_marc_features", feature_table("user_id", USERS, vectors_for(USERS, 1), ts))
-    tables.write("item_marc_features", feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), ts))
+    tables.write("user_marc_v1_features", feature_table("user_id", USERS, vectors_for(USERS, 1), ts))
+    tables.write("item_marc_v1_features", feature_table("item_id", ITEMS, vectors_for(ITEMS, 2), ts))
     published = publish(None, tables)
     materialize(apply_repo(settings), views_on([p.table for p in published if p.version >= 0]))
 
@@ -70,8 +70,8 @@ def same_rows_as_feast(store, kind) -> None:  # type: ignore[no-untyped-def]
     reader = rows_reader(store)
     assert isinstance(reader, kind)
     requests = [
-        (store.get_feature_view("user_marc_fv"), "user_vector", "user_id", ["22", "nobody", "196"]),
-        (store.get_feature_view("item_marc_fv"), "item_vector", "item_id", [*ITEMS, "unknown"]),
+        (store.get_feature_view("user_marc_v1_fv"), "user_vector", "user_id", ["22", "nobody", "196"]),
+        (store.get_feature_view("item_marc_v1_fv"), "item_vector", "item_id", [*ITEMS, "unknown"]),
     ]
     got, feast = reader.read(requests), FeastRows(store).read(requests)
     assert got == feast and got[0][1] is None and got[1][-1] is None

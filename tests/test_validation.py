@@ -303,11 +303,11 @@ def test_training_set_gate_reads_when_each_vector_became_valid_and_what_it_holds
             "item_valid_from": events,  # valid from the item's first availability: the same instant is fine
         }
     )
-    views = {"user_marc_fv": ("user_vector",), "item_marc_fv": ("item_vector",)}
+    views = {"user_marc_v1_fv": ("user_vector",), "item_marc_v1_fv": ("item_vector",)}
     snap = Snapshot(as_of, {}, ("svc",), views)
     assert check_training_set(settings, tables, frame, snap, "training_set").success
     same_instant = frame.assign(user_history_until=events)  # the text holds the row's own event
-    with pytest.raises(GateFailed, match="column_B=user_marc_fv_user_history_until.*4 of 4 rows"):
+    with pytest.raises(GateFailed, match="column_B=user_marc_v1_fv_user_history_until.*4 of 4 rows"):
         check_training_set(settings, tables, same_instant, snap, "training_set")
 
 

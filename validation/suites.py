@@ -206,9 +206,11 @@ def feature_suite(
     conf: ValidationConf = DEFAULTS,
     stored_dtype: bool = True,
     time_key: bool = False,
+    compressor_version: str | None = None,
 ) -> Suite:
     """Compressed feature tables: dimension, finite values, int8 codes in range with a positive scale,
-    lineage columns present and single-valued (one encoder, layer and compressor per publication).
+    lineage columns present and single-valued (one encoder, layer and compressor per publication), and, for a
+    table of one compressor version (feast_user_marc_v<N>), that version's rows only.
 
     The Feast-facing copies (feast_user_llm, ...) use it too, with dtype float32 and `stored_dtype=False`:
     their `dtype` lineage column names how the source table stored the vectors, not their own dtype. A time
@@ -232,6 +234,10 @@ def feature_suite(
         ]
     if "dtype" in lineage and stored_dtype:
         checks.append(gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=[dtype]))
+    if compressor_version is not None:
+        checks.append(
+            gxe.ExpectColumnValuesToBeInSet(column="compressor_version", value_set=[compressor_version])
+        )
     return Suite(name, tuple(keys), tuple(checks), derived=tuple(derived))
 
 

@@ -177,10 +177,11 @@ def online_ab(settings: Settings) -> None:
 def demo_step(settings: Settings) -> None:
     """Train with and without LLM features, compare offline, run the online A/B, promote through the gate."""
     from llmfeat.delta_io import RustDelta
-    from llmfeat.spark_jobs.ctr_dataset import VECTOR_TABLES
+    from llmfeat.feast_repo import service_marc_views
 
     tables = RustDelta(settings.delta_root)
-    if not all(tables.exists(t) for t in VECTOR_TABLES):
+    pinned = service_marc_views(settings.ctr.llm_feature_service)
+    if not all(tables.exists(m.feast_table) for m in pinned):
         print(
             "\n== CTR models: skipped, no published LLM vectors yet (llmfeat compress; features materialize)"
         )
