@@ -204,3 +204,43 @@ def test_feast_cli_plans_in_feature_repo_with_no_variable_set(tmp_path: Path) ->
     assert out.returncode == 0, out.stderr[-2000:]
     assert "user_marc_v1_fv" in out.stdout and not list(target.glob("*.db"))
 
+
+@pytest.mark.unit
+def test_cluster_file_takes_registry_and_redis_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both files through Feast's own loader: the default with no variable, the cluster one with its four."""
+    from feast.repo_config import load_repo_config
+
+    repo = feature_repo_dir()
+    for name in ("LLMFEAT_REGISTRY", "LLMFEAT_REDIS", "LLMFEAT_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    local = load_repo_config(repo, repo / "feature_store.yaml")
+    assert local.registry.registry_type == "file" and local.registry.path == "../data/local/feast/registry.db"
+    assert local.online_store.type == "sqlite" and local.online_store.path == "../data/local/feast/online.db"
+    url = "postgresql+psycopg://feast:secret@db.internal:5432/feast"
+    monkeypatch.setenv("LLMFEAT_REGISTRY", url)
+    monkeypatch.setenv("LLMFEAT_REDIS", "redis.internal:6379")
+    cluster = load_repo_config(repo, repo / "feature_store.cluster.yaml")
+    assert cluster.registry.registry_type == "sql" and cluster.registry.path == url
+    assert cluster.online_store.type == "redis"
+    assert cluster.online_store.connection_string == "redis.internal:6379"
+    assert cluster.offline_store.type == "spark"
+
+
+@pytest.mark.unit
+def test_why_one_file_cannot_serve_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reasons README gives for the second file, as Feast 0.67 has them."""
+    from feast.errors import FeastRegistryTypeInvalidError
+    from feast.infra.registry.registry import get_registry_store_class_from_scheme
+    from feast.repo_config import RegistryConfig, get_registry_config_from_type, load_repo_config
+
+    repo = feature_repo_dir()
+    monkeypatch.delenv("LLMFEAT_REGISTRY", raising=False)
+    monkeypatch.setenv("LLMFEAT_REDIS", "redis.internal:6379")
+    unset = load_repo_config(repo, repo / "feature_store.cluster.yaml")
+    assert unset.registry.path == "${LLMFEAT_REGISTRY}"  # an unset variable stays as literal text
+    with pytest.raises(FeastRegistryTypeInvalidError):  # the registry type cannot be a variable either
+        get_registry_config_from_type("${LLMFEAT_REGISTRY_TYPE}")
+    url = "postgresql+psycopg://feast:secret@db.internal:5432/feast"
+    assert RegistryConfig(path=url).registry_type == "file"  # a database URL alone: the file registry,
+    with pytest.raises(Exception, match="unsupported scheme"):  # which cannot store in a database
+        get_registry_store_class_from_scheme(url)
