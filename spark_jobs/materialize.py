@@ -14,6 +14,11 @@
 2. Apply the repo (feature_repo/ under this profile's feature_store.yaml).
 3. Materialize: incremental from the last materialized end time; a view never materialized, a static view and
    `--full` take the whole history. Tables that do not exist yet (compress not run) are skipped, with a note.
+
+Steps 1 and 2 run on the executors: the Feast-facing tables stay Spark frames from read to MERGE, and only
+counts and example keys reach the driver. Step 3 is Feast's: with the embedded default (file offline store,
+local engine) Feast reads each view's rows for the window into this process; `feast.batch_engine: spark`
+(with the Spark offline store) materializes on the executors instead.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -193,56 +199,184 @@ def daily_counters(interactions: DataFrame, key: str, prefix: str) -> DataFrame:
     )
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A Feast-facing table computed, not yet written: a Spark frame (or an Arrow table without a session)."""
+
+    table: str
+    view: str
+    data: Any
+    keys: list[str]
+    dim: int = 0  # vector tables: the dimension the view declares
+    compare: list[str] | None = None  # None: every non-key column
+
+
 def publish(
     spark: SparkSession | None, tables: DeltaTables, conf: ValidationConf = DEFAULTS
 ) -> list[Published]:
     """Write every Feast-facing table whose input exists; all checks and every table's great-expectations
-    gate run before the first write. Counters need Spark (they aggregate interactions); without a session
-    only vectors and metadata publish."""
-    from llmfeat.feast_repo import feature_views, vector_dim
+    gate run before the first write. With a session the tables stay Spark frames on the executors, cached for
+    the gate and the MERGE; without one (small lakes, tools) they are Arrow tables in this process, and the
+    counters, which aggregate interactions, are left out."""
     from llmfeat.validation.gating import gate, new_run_id
 
+    staged, skipped = stage_spark(spark, tables) if spark is not None else stage_arrow(tables)
+    try:
+        run_id = new_run_id("materialize")
+        for st in staged:
+            suite = _suite(st.table, st.keys[0], st.dim, conf)
+            gate(st.data, suite, table=st.table, tables=tables, run_id=run_id, conf=conf)
+        out = []
+        for st in staged:
+            version = tables.upsert(st.table, st.data, st.keys, delete_missing=True, compare=st.compare)
+            rows = st.data.num_rows if isinstance(st.data, pa.Table) else st.data.count()
+            out.append(Published(st.table, st.view, rows, version))
+        return out + skipped
+    finally:
+        for st in staged:
+            if not isinstance(st.data, pa.Table):
+                st.data.unpersist()
+
+
+def _vector_specs(tables: DeltaTables) -> tuple[list[tuple[VectorTable, int]], list[Published]]:
+    """(spec, declared dimension) of each vector table whose source exists; a note for each that does not."""
+    from llmfeat.feast_repo import feature_views, vector_dim
+
     views = feature_views()
-    staged: list[tuple[str, str, pa.Table, list[str], list[str], bool]] = []  # ..., keys, compare, delete
-    skipped: list[Published] = []
+    found, skipped = [], []
     for spec in vector_tables(views):
-        if not tables.exists(spec.source):
+        if tables.exists(spec.source):
+            found.append((spec, vector_dim(views[spec.view])))
+        else:
             skipped.append(Published(spec.target, spec.view, 0, -1, f"no {spec.source} table yet"))
-            continue
-        data = decode_vectors(tables.read_arrow(spec.source), spec, vector_dim(views[spec.view]))
-        # Keyed by (key, valid-from time): a training set joins the vector that was current at each
-        # interaction, the online store gets the latest; the table mirrors its source (one representation).
-        staged.append((spec.target, spec.view, data, [spec.key, "event_timestamp"], [*LINEAGE], True))
+    return found, skipped
+
+
+# Vector tables are keyed by (key, valid-from time): a training set joins the vector that was current at each
+# interaction, the online store gets the latest; the table mirrors its source (one representation).
+
+
+def stage_arrow(tables: DeltaTables) -> tuple[list[Staged], list[Published]]:
+    """Without a session: vectors and item metadata as Arrow tables, read whole into this process."""
+    specs, skipped = _vector_specs(tables)
+    staged = [
+        Staged(spec.target, spec.view, decode_vectors(tables.read_arrow(spec.source), spec, dim),
+               [spec.key, "event_timestamp"], dim, [*LINEAGE])
+        for spec, dim in specs
+    ]  # fmt: skip
     if tables.exists("items"):
         staged.append(
-            ("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"], [], True)
+            Staged("feast_item_meta", "item_meta_fv", item_meta(tables.read_arrow("items")), ["item_id"])
         )
-    if spark is not None and tables.exists("interactions"):
+    return staged, skipped
+
+
+def stage_spark(spark: SparkSession, tables: DeltaTables) -> tuple[list[Staged], list[Published]]:
+    """Every Feast-facing table as a Spark frame, checked (FeatureTableError) and cached on the executors."""
+    from pyspark import StorageLevel
+
+    specs, skipped = _vector_specs(tables)
+    staged = []
+    for spec, dim in specs:
+        frame = decode_vectors_spark(tables.read_spark(spec.source), spec, dim)
+        staged.append(Staged(spec.target, spec.view, frame, [spec.key, "event_timestamp"], dim, [*LINEAGE]))
+    if tables.exists("items"):
+        meta = item_meta_spark(tables.read_spark("items"))
+        staged.append(Staged("feast_item_meta", "item_meta_fv", meta, ["item_id"]))
+    if tables.exists("interactions"):
         inter = tables.read_spark("interactions")
         for key, prefix in (("user_id", "user"), ("item_id", "item")):
-            counts = _utc(daily_counters(inter, key, prefix).toArrow())
+            counts = daily_counters(inter, key, prefix)
             compare = [f"{prefix}_impressions", f"{prefix}_clicks"]
             staged.append(
-                (
+                Staged(
                     f"feast_{prefix}_stats",
                     f"{prefix}_stats_fv",
                     counts,
                     [key, "event_timestamp"],
+                    0,
                     compare,
-                    True,
                 )
             )
-    run_id = new_run_id("materialize")
-    for name, _view, data, keys, *_ in staged:
-        gate(data, _suite(name, keys[0], data, conf), table=name, tables=tables, run_id=run_id, conf=conf)
-    out = []
-    for name, view, data, keys, compare, delete in staged:
-        version = tables.upsert(name, data, keys, delete_missing=delete, compare=compare or None)
-        out.append(Published(name, view, data.num_rows, version))
-    return out + skipped
+    return [replace(st, data=st.data.persist(StorageLevel.MEMORY_AND_DISK)) for st in staged], skipped
 
 
-def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
+def decode_vectors_spark(frame: DataFrame, spec: VectorTable, dim: int) -> DataFrame:
+    """Spark twin of `decode_vectors`: the same checks and errors (on the executors; only example keys reach
+    the driver), then the same rows, decoded batch by batch by `decode_vectors` itself (mapInArrow)."""
+    from pyspark.sql import functions as F
+
+    for col in (spec.key, "vector", "event_timestamp"):
+        if col not in frame.columns:
+            raise FeatureTableError(f"{spec.source}: missing column {col!r}; found {frame.columns}")
+    int8 = frame.schema["vector"].dataType.elementType.typeName() == "byte"
+    if int8 and "scale" not in frame.columns:
+        raise FeatureTableError(f"{spec.source}: int8 vectors need a float32 `scale` column")
+
+    def examples(bad: Any) -> list[str]:
+        return [str(r[0]) for r in frame.where(bad).select(spec.key).limit(3).collect()]
+
+    vector = F.col("vector")
+    if null := examples(vector.isNull()):
+        raise FeatureTableError(f"{spec.source}: null vector for {spec.key} {null}")
+    wrong = F.size(vector) != dim
+    if got := sorted(r[0] for r in frame.where(wrong).select(F.size(vector)).distinct().limit(3).collect()):
+        raise FeatureTableError(
+            f"{spec.source}: vector length {got} but {spec.view} declares {dim} "
+            f"(feature_repo/feature_views.py VECTOR_DIM); e.g. {spec.key} {examples(wrong)}"
+        )
+    scale = F.col("scale").cast("float") if int8 else F.lit(1.0).cast("float")
+
+    def value(x: Any) -> Any:  # float32 values, times the row's int8 scale
+        return x.cast("float") * scale
+
+    nonfinite = F.exists(vector, lambda x: F.isnan(value(x)) | (F.abs(value(x)) == float("inf")))
+    if bad := examples(nonfinite | (scale.isNull() if int8 else F.lit(False))):
+        raise FeatureTableError(f"{spec.source}: non-finite vector for {spec.key} {bad}")
+    columns = [c for c in (spec.key, "vector", "scale", "event_timestamp", "history_until", *LINEAGE)
+               if c in frame.columns]  # fmt: skip
+    return frame.select(*columns).mapInArrow(ArrowDecoder(spec, dim), decoded_schema(spec))
+
+
+@dataclass(frozen=True)
+class ArrowDecoder:
+    """mapInArrow body: `decode_vectors` on each batch (plain data, so Spark can ship it)."""
+
+    spec: VectorTable
+    dim: int
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows:
+                yield from decode_vectors(pa.Table.from_batches([batch]), self.spec, self.dim).to_batches()
+
+
+def decoded_schema(spec: VectorTable) -> str:
+    """The Spark schema of `decode_vectors`' output."""
+    spark_type = {pa.int64(): "bigint", pa.string(): "string"}
+    cols = [f"`{spec.key}` string", f"`{spec.column}` array<float>", "event_timestamp timestamp"]
+    cols += [f"`{name}` {spark_type[t]}" for name, t in LINEAGE.items()]
+    if spec.times:
+        cols.append(f"`{spec.times}valid_from` timestamp")
+        if spec.key == "user_id":
+            cols.append(f"`{spec.times}history_until` timestamp")
+    return ", ".join(cols)
+
+
+def item_meta_spark(items: DataFrame) -> DataFrame:
+    """Spark twin of `item_meta`."""
+    from pyspark.sql import functions as F
+
+    return items.select(
+        F.col("item_id").cast("string").alias("item_id"),
+        F.col("title").cast("string").alias("title"),
+        F.col("year").cast("bigint").alias("year"),
+        F.col("genres").cast("string").alias("genres"),
+        F.lit(EPOCH).cast("timestamp").alias("event_timestamp"),
+    )
+
+
+def _suite(table: str, key: str, dim: int, conf: ValidationConf) -> Suite:
     from llmfeat.validation.suites import counters_suite, feature_suite, item_meta_suite
 
     if table == "feast_item_meta":
@@ -252,7 +386,6 @@ def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
     from llmfeat.feast_repo import feature_views
 
     spec = next(v for v in vector_tables(feature_views()) if v.target == table)
-    dim = len(data[spec.column][0]) if data.num_rows else 0  # decode_vectors checked it against the view
     return feature_suite(
         table,
         key,
@@ -264,11 +397,6 @@ def _suite(table: str, key: str, data: pa.Table, conf: ValidationConf) -> Suite:
         time_key=True,
         compressor_version=spec.compressor_version,
     )
-
-
-def _utc(table: pa.Table) -> pa.Table:
-    i = table.column_names.index("event_timestamp")
-    return table.set_column(i, "event_timestamp", table["event_timestamp"].cast(TIMESTAMP))
 
 
 def materialize(store: FeatureStore, views: list[str], full: bool = False) -> None:
@@ -333,7 +461,9 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
             "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
         )
         return
-    items = open_tables(settings, spark).read_arrow("items")["item_id"].to_pylist()[:100]
+    items = [
+        r[0] for r in open_tables(settings, spark).read_spark("items").select("item_id").limit(100).collect()
+    ]
     batch = OnlineFeatures(open_store(settings)).fetch("1", items)
     print(
         f"ranking request: user 1 x {len(items)} items -> user {batch.user.shape}, items {batch.items.shape} "
