@@ -28,8 +28,9 @@ def joined_versions(new: Any, previous: Any, key: str, vector: str, changed_belo
         both = with_derived(new.select(key, vector).join(old, key, "inner"), (cosine,))
         both = both.withColumnRenamed(cosine.name, COSINE)
         return both.withColumn(CHANGED, (F.col(COSINE) < changed_below).cast("int"))
-    if is_spark(previous):
-        previous = previous.select(key, vector).toPandas()
+    if is_spark(previous):  # only the keys of the (in-process) new batch leave the executors
+        keys = previous.sparkSession.createDataFrame(pd.DataFrame({key: pd.DataFrame(new)[key]}))
+        previous = previous.select(key, vector).join(keys.distinct(), key, "left_semi").toPandas()
     old = pd.DataFrame(previous)[[key, vector]].rename(columns={vector: prev_vector})
     both = with_derived(pd.DataFrame(new)[[key, vector]].merge(old, on=key, how="inner"), (cosine,))
     both = both.rename(columns={cosine.name: COSINE})
