@@ -121,7 +121,7 @@ def store_config(settings: Settings) -> dict[str, Any]:
         if feast.online_store == "redis"
         else {"type": "sqlite", "path": str(folder / "online.db")}
     )
-    spark_conf = {"spark.master": settings.spark.master, **session_conf(settings.spark)}
+    spark_conf = {"spark.master": settings.spark.master, **session_conf(settings.spark, delta=settings.delta)}
     doc["offline_store"] = (
         {"type": "spark", "spark_conf": spark_conf} if feast.offline_store == "spark" else {"type": "file"}
     )

@@ -119,6 +119,7 @@ def test_spark_reads_a_delta_rs_table_with_deletion_vectors(spark, tmp_path: Pat
     assert spark.read.parquet(*tables._table("t").file_uris()).count() == 3  # what a plain file read sees
     assert _rows(tables) == [("a", "1"), ("c", "3")]
     assert _rows(tables, version=0) == [("a", "1"), ("b", "2"), ("c", "3")]
+    assert delta_io.count_rows(tables._table("t")) == 2  # `llmfeat tables` counts the same way
     monkeypatch.setattr(delta_io, "has_delta_jars", lambda spark: False)
     assert _rows(tables) == [("a", "1"), ("c", "3")]  # a copy of that version, written once by delta-rs
     assert (tmp_path / delta_io.STAGING / f"t-v{tables.version('t')}").is_dir()
@@ -213,3 +214,12 @@ def test_jar_coordinates_follow_the_installed_packages_and_the_cluster_profile()
     assert load_settings("cluster").spark.extra["spark.jars.packages"] == maven_coordinate()
     assert _artifact_name("zstd-jni-1.5.7-3.jar") == "zstd-jni"
     assert _artifact_name("delta-spark_4.1_2.13-4.4.0.jar") == "delta-spark_4.1_2.13"
+
+
+@pytest.mark.unit
+def test_feasts_spark_offline_store_session_gets_delta_too() -> None:
+    from llmfeat.feast_repo import store_config
+
+    conf = store_config(load_settings("cluster"))["offline_store"]["spark_conf"]
+    assert conf["spark.jars.packages"].startswith("io.delta:delta-spark_4.1_2.13:")
+    assert conf["spark.sql.catalog.spark_catalog"] == "org.apache.spark.sql.delta.catalog.DeltaCatalog"
