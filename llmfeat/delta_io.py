@@ -367,7 +367,7 @@ def data_files(path: str) -> list[Path]:
 
 def has_delta_jars(spark: SparkSession) -> bool:
     """Whether the session's JVM can load delta-spark (the class loader py4j uses sees spark.jars)."""
-    from py4j.java_gateway import JavaClass
+    from py4j.java_gateway import JavaClass  # type: ignore[import-untyped]
 
     try:
         return isinstance(spark.sparkContext._jvm.io.delta.tables.DeltaTable, JavaClass)  # type: ignore[union-attr]
