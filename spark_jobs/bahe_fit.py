@@ -69,10 +69,8 @@ def sample_users(spark: SparkSession, tables: DeltaTables, conf: BaheConf, n: in
 
     cut = cut_time(spark, tables, conf.history_cut)
     ub = tables.read_spark("user_behaviors").where(F.col("event_timestamp") < F.lit(cut))
-    counts = ub.groupBy("user_id").count().collect()
-    return [
-        r["user_id"] for r in sorted(counts, key=lambda r: (r["count"], len(r["user_id"]), r["user_id"]))[:n]
-    ]
+    fewest = ub.groupBy("user_id").count().orderBy("count", F.length("user_id"), "user_id").limit(n)
+    return [r["user_id"] for r in fewest.collect()]  # n rows
 
 
 def sample_behaviors(spark: SparkSession, tables: DeltaTables, conf: BaheConf, users: list[str]) -> DataFrame:

@@ -395,44 +395,11 @@ def delete_vanished(
     try:
         n_gone = gone.count()
         if n_gone:
-            delete_keys(tables, name, key, gone)
+            tables.delete_keys(name, gone, [key])  # a MERGE ... WHEN MATCHED DELETE with the keys as source
             log.info("%s: deleted the rows of %d vanished keys", name, n_gone)
     finally:
         gone.unpersist()
     return n_gone
-
-
-def delete_keys(tables: DeltaTables, name: str, key: str, keys: DataFrame) -> None:
-    """MERGE ... WHEN MATCHED DELETE with `keys` (one column) as the source: in Spark on delta-spark; with
-    delta-rs, the keys reach it as a stream of bounded Arrow batches."""
-    if hasattr(tables, "_api"):  # delta-spark: the merge runs on the executors
-        tables._api(name).alias("t").merge(
-            keys.alias("s"), f"t.`{key}` = s.`{key}`"
-        ).whenMatchedDelete().execute()
-        return
-    from deltalake import DeltaTable
-
-    source = arrow_stream(keys)
-    merge = DeltaTable(tables.path(name)).merge(
-        source, predicate=f't."{key}" = s."{key}"', source_alias="s", target_alias="t", streamed_exec=True
-    )
-    merge.when_matched_delete().execute()
-
-
-def arrow_stream(frame: DataFrame, batch_rows: int = 65536) -> pa.RecordBatchReader:
-    """A Spark frame as Arrow batches of at most `batch_rows` rows, one partition at a time on the driver."""
-    from itertools import islice
-
-    from pyspark.sql.pandas.types import to_arrow_schema
-
-    schema = to_arrow_schema(frame.schema)
-    rows = frame.toLocalIterator(prefetchPartitions=False)
-
-    def batches() -> Iterator[pa.RecordBatch]:
-        while chunk := list(islice(rows, batch_rows)):
-            yield pa.RecordBatch.from_pylist([r.asDict() for r in chunk], schema=schema)
-
-    return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def parse_entities(value: str) -> list[str]:
