@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +77,19 @@ def setup_logging(verbose: bool | None = None) -> None:
     level = logging.INFO if _verbose else logging.WARNING
     for name in CHATTY:
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("py.warnings").setLevel(logging.WARNING)
     if not _verbose:  # mlflow sets its logger's level when imported; variables a user set win
-        # libraries' deprecation notices about their own dependencies (SQLAlchemy under MLflow's store)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        quiet_warnings()
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny download
+
+
+def quiet_warnings() -> None:
+    """Python warnings go through logging ("py.warnings"), shown only with -v: libraries' notices about their
+    own dependencies (SQLAlchemy under MLflow's store) are not for the person running a job. A filter would
+    not do: libraries imported later put their own DeprecationWarning filters in front of it."""
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def one_line(err: BaseException, settings: Settings) -> str:

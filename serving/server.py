@@ -20,7 +20,6 @@ import signal
 import socket
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ import uvicorn
 
 from llmfeat.config import Settings
 from llmfeat.registry import resolve, tracking_uri
+from llmfeat.runner import quiet_warnings
 from llmfeat.serving.arms import ModelPins
 from llmfeat.serving.ranking_service import build_app, log_dir
 
@@ -75,7 +75,7 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 def worker(settings_json: str, pins_path: str) -> None:
     """One worker process: load, bind, serve until SIGTERM."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # SQLAlchemy's, under MLflow's store
+    quiet_warnings()  # a spawned process starts with Python's defaults
     settings = Settings.model_validate_json(settings_json)
     cfg = settings.serving
     app = build_app(settings, pins=ModelPins(Path(pins_path)))
