@@ -223,3 +223,15 @@ def test_feasts_spark_offline_store_session_gets_delta_too() -> None:
     conf = store_config(load_settings("cluster"))["offline_store"]["spark_conf"]
     assert conf["spark.jars.packages"].startswith("io.delta:delta-spark_4.1_2.13:")
     assert conf["spark.sql.catalog.spark_catalog"] == "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def test_the_set_up_resolved_the_jars_once(capsys) -> None:  # type: ignore[no-untyped-def]
+    from llmfeat import delta_jars
+
+    if not delta_jars.local_jars():
+        pytest.fail(f"no delta-spark jars in {delta_jars.jar_dir()}: run `make setup`")
+    assert delta_jars.main([]) == 0  # cached: Maven is not asked again
+    assert delta_jars.main(["--list"]) == 0
+    jars = capsys.readouterr().out.splitlines()[-1].split(",")
+    assert Path(jars[0]).name == f"{'-'.join(delta_jars.coordinates())}.jar"
+    assert any(Path(j).name.startswith("delta-storage-") for j in jars)
