@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import MarcConf, Settings
-from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_matrix
+from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_layers, repr_matrix
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -88,38 +88,121 @@ def load_inputs(
     spark: SparkSession | None, settings: Settings
 ) -> tuple[CtrArrays, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Point-in-time arrays (user side = snapshots), the layer's states per entity (S, D) / (I, D), and each
-    table's lineage."""
+    table's lineage.
+
+    Torch fits in this one process, so its rows are read into it: the interactions (with a session and
+    `marc.max_fit_rows` set, a seeded sample whose fit period holds about twice that many rows; set it on a
+    large lake), and only the layer `marc.layer` of the users and items those rows touch. Without a session
+    (small lakes) delta-rs reads the tables, the layer filtered as it reads."""
     from llmfeat.delta_io import open_tables
     from llmfeat.models.ctr.data import point_in_time
     from llmfeat.spark_jobs.user_text import parse_snapshot_id
 
     tables = open_tables(settings, spark)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
-    layer = settings.marc.layer
     name = "user_snapshots_repr"
     if not tables.exists(name):
         raise ReprError(f"{name} not found: run `llmfeat encode --entity user_snapshots` first")
-    snapshots = tables.read_arrow(name)
+    layer = settings.marc.layer
+    versions = {t: tables.version(t) for t in (name, "items_repr")}
+    source = (
+        SparkSample(spark, tables, settings.marc, versions)
+        if spark is not None
+        else RustSource(tables, versions)
+    )
+    for table_name in versions:
+        if layer not in (present := source.layers(table_name)):
+            raise ReprError(f"{table_name}: layer {layer} not present (layers in the table: {present})")
+    interactions, users, items = source.entities()
+    a = ctr_arrays(interactions, users, items)
+    snapshots = source.layer(name, "snapshot_id", layer, users)
     keys = np.array(sorted(set(snapshots.column("snapshot_id").to_pylist())), dtype=object)
     parsed = [parse_snapshot_id(k) for k in keys]
-    users = np.array([u for u, _ in parsed], dtype=object)
+    snapshot_users = np.array([u for u, _ in parsed], dtype=object)
     micros = np.array([int(t.timestamp() * 1_000_000) for _, t in parsed], dtype=np.int64)
-    a = point_in_time(a, keys, users, micros)
+    a = point_in_time(a, keys, snapshot_users, micros)
     states, lineage = {}, {}
     for entity, table_name, repr_entity, entity_keys in (
         ("users", name, "user_snapshots", keys),
         ("items", "items_repr", "items", a.item_keys),
     ):
-        table = snapshots if table_name == name else tables.read_arrow(table_name)
+        table = snapshots if table_name == name else source.layer(table_name, "item_id", layer, items)
         states[entity] = repr_matrix(table, repr_entity, layer, entity_keys, table_name)
         lineage[entity] = layer_lineage(table, table_name, layer) | {
             "entity": entity,
             "source_table": table_name,
             "in_dim": states[entity].shape[1],
             "out_dim": settings.marc.out_dim,
-            "source_version": tables.version(table_name),
+            "source_version": versions[table_name],
         }
     return a, states, lineage
+
+
+REPR_COLUMNS = ("layer", "vector", *LINEAGE_COLUMNS)
+
+
+class RustSource:
+    """Without a session: whole key tables, one layer of each representation (filtered by delta-rs)."""
+
+    def __init__(self, tables: Any, versions: dict[str, int | None]):
+        self.tables, self.versions = tables, versions
+
+    def entities(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        read = self.tables.read_arrow
+        return read("interactions"), read("users").select(["user_id"]), read("items").select(["item_id"])
+
+    def layers(self, name: str) -> list[int]:
+        return repr_layers(self._table(name).to_pyarrow_dataset().to_table(columns=["layer"]))
+
+    def layer(self, name: str, key: str, layer: int, _entities: pa.Table) -> pa.Table:
+        import pyarrow.dataset as ds
+
+        table = self._table(name)
+        columns = [key, *[c for c in REPR_COLUMNS if c in table.schema().to_arrow().names]]
+        return table.to_pyarrow_dataset().to_table(columns=columns, filter=ds.field("layer") == layer)
+
+    def _table(self, name: str) -> Any:
+        from deltalake import DeltaTable
+
+        return DeltaTable(self.tables.path(name), version=self.versions[name])
+
+
+class SparkSample:
+    """With a session: the training sample is chosen and filtered on the executors; only it is collected."""
+
+    def __init__(self, spark: SparkSession, tables: Any, cfg: MarcConf, versions: dict[str, int | None]):
+        self.spark, self.tables, self.cfg, self.versions = spark, tables, cfg, versions
+
+    def entities(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        from pyspark.sql import functions as F
+
+        inter = self.tables.read_spark("interactions")
+        if self.cfg.max_fit_rows > 0:
+            fit = inter.where(F.col("split") == "train").count() * self.cfg.fit_frac
+            fraction = min(1.0, 2 * self.cfg.max_fit_rows / max(fit, 1.0))
+            if fraction < 1.0:
+                inter = inter.sample(fraction=fraction, seed=self.cfg.seed)
+                log.info("MARC: a %.4f sample of the interactions (marc.max_fit_rows)", fraction)
+        inter = inter.select("user_id", "item_id", "label", "event_timestamp", "split").cache()
+        users = inter.select("user_id").distinct().orderBy("user_id")
+        items = inter.select("item_id").distinct().orderBy("item_id")
+        out = inter.toArrow(), users.toArrow(), items.toArrow()  # the sample: bounded by max_fit_rows
+        inter.unpersist()
+        return out
+
+    def layers(self, name: str) -> list[int]:
+        frame = self.tables.read_spark(name, self.versions[name])
+        return sorted(r["layer"] for r in frame.select("layer").distinct().collect())  # a few values
+
+    def layer(self, name: str, key: str, layer: int, entities: pa.Table) -> pa.Table:
+        from pyspark.sql import functions as F
+
+        frame = self.tables.read_spark(name, self.versions[name])
+        at = frame.where(F.col("layer") == layer)
+        wanted = self.spark.createDataFrame(entities)  # the sample's users or items
+        if key == "snapshot_id":
+            at = at.withColumn("user_id", F.regexp_extract(key, r"^(.*)@[^@]*$", 1))
+        at = at.join(wanted, wanted.columns[0], "left_semi")
+        return at.select(key, *[c for c in REPR_COLUMNS if c in frame.columns]).toArrow()  # the sample's
 
 
 def log_fit(
