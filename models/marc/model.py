@@ -42,7 +42,7 @@ class MarcConfig:
     task_dim: int = 64  # T
     dropout: float = 0.1
     keep_weight: float = 0.1  # weight of -nHSIC(x, z): keep the input's information
-    indep_weight: float = 0.1  # weight of +nHSIC(z, t): decouple compressor and task module
+    indep_weight: float = 0.0  # weight of +nHSIC(z, t); off by default: no measured gain (docs/marc.md)
     kernel_scale: float = 1.0  # RBF width = kernel_scale * median pairwise distance
 
 
