@@ -16,6 +16,7 @@ nothing when no row changed, so re-runs never duplicate rows nor add empty versi
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -438,9 +439,14 @@ def table_names(root: Path) -> list[str]:
 def maintain_tables(
     tables: DeltaTables, retention_hours: int, names: list[str] | None = None
 ) -> list[Maintained]:
-    """Compact and vacuum every table under the root (or `names`), checking the retention before any."""
+    """Compact and vacuum every table under the root (or `names`), checking the retention before any; remove
+    staging folders a failed write left (Spark tasks of a failed job may still write after it failed)."""
     check_retention(retention_hours)
-    return [tables.maintain(n, retention_hours) for n in names or table_names(tables.root)]
+    done = [tables.maintain(n, retention_hours) for n in names or table_names(tables.root)]
+    for folder in (tables.root / STAGING).glob("*"):
+        if len(folder.name) == 32 and time.time() - folder.stat().st_mtime > 3600:  # a write's, an hour old
+            shutil.rmtree(folder, ignore_errors=True)
+    return done
 
 
 def tables_summary(settings: Settings) -> str:
