@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -309,7 +309,8 @@ def decode_vectors_spark(frame: DataFrame, spec: VectorTable, dim: int) -> DataF
     for col in (spec.key, "vector", "event_timestamp"):
         if col not in frame.columns:
             raise FeatureTableError(f"{spec.source}: missing column {col!r}; found {frame.columns}")
-    int8 = frame.schema["vector"].dataType.elementType.typeName() == "byte"
+    vector_type: Any = frame.schema["vector"].dataType  # an ArrayType
+    int8 = vector_type.elementType.typeName() == "byte"
     if int8 and "scale" not in frame.columns:
         raise FeatureTableError(f"{spec.source}: int8 vectors need a float32 `scale` column")
 
@@ -345,7 +346,7 @@ class ArrowDecoder:
     spec: VectorTable
     dim: int
 
-    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def __call__(self, batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             if batch.num_rows:
                 yield from decode_vectors(pa.Table.from_batches([batch]), self.spec, self.dim).to_batches()
