@@ -14,8 +14,9 @@ are exactly representable in float16). All layers of a text come from one forwar
 each chunk is kept there (memory, then disk) while its gate and its MERGE read it; the driver sees counts.
 
 Incremental: a text is encoded only when no complete set of rows exists for its content hash under the same
-encoder, weights, pooling and max length. Rows are MERGEd by (key, layer), in commits of `commit_rows` texts:
-a run that fails midway keeps the finished commits, and a re-run does only the rest, without duplicates.
+encoder, weights, pooling and max length. Rows are committed in chunks of `commit_rows` texts: the rows of
+keys new to the table are appended, the others MERGEd by (key, layer); a run that fails midway keeps the
+finished commits, and a re-run does only the rest, without duplicates.
 Keys that vanished from the source (or whose text became empty) are deleted.
 """
 
@@ -328,6 +329,7 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     good = texts.where(F.col("problem").isNull()).select(key, "text", "content_hash")
     existing = tables.read_spark(name) if tables.exists(name) else None
     todo = stale_texts(good, existing, key, lineage, list(cfg.layers)).cache()
+    known = existing.select(key).distinct().cache() if existing is not None else None  # keys held already
     n_todo, n_good = todo.count(), good.count()
     summary.unchanged = n_good - n_todo
     log.info("%s: %d texts to encode, %d unchanged (%s, layers %s)", name, n_todo, summary.unchanged,
@@ -350,9 +352,7 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
             rows = repr_rows(encoded, key, lineage, datetime.now(UTC))
             # The gate runs before each commit: a failing chunk is quarantined, earlier chunks stay committed.
             gate(rows, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
-            summary.version = tables.upsert(
-                name, rows, [key, "layer"], compare=["content_hash", "encoded_at"]
-            )
+            summary.version = commit_chunk(tables, name, key, rows, known)
         finally:
             encoded.unpersist()
         log.info("%s: chunk %d/%d committed, version %s", name, chunk + 1, n_chunks, summary.version)
@@ -360,9 +360,26 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     summary.seconds = time.monotonic() - started
     summary.deleted = delete_vanished(tables, name, key, good, existing) if only is None else 0
     summary.version = tables.version(name)
-    texts.unpersist()
-    todo.unpersist()
+    for frame in (texts, todo, known):
+        if frame is not None:
+            frame.unpersist()
     return summary
+
+
+def commit_chunk(
+    tables: DeltaTables, name: str, key: str, rows: DataFrame, known: DataFrame | None
+) -> int | None:
+    """Rows of keys the table did not hold when the run started are appended (a streamed write, no MERGE);
+    the others, re-encoded texts, MERGE by (key, layer). A failure between the two commits leaves the
+    appended keys current: a re-run encodes only the rest."""
+    fresh, changed = (rows, None) if known is None else (
+        rows.join(known, key, "left_anti"), rows.join(known, key, "left_semi")
+    )  # fmt: skip
+    if not fresh.isEmpty():
+        tables.write(name, fresh, mode="append")
+    if changed is not None and not changed.isEmpty():
+        tables.upsert(name, changed, [key, "layer"], compare=["content_hash", "encoded_at"])
+    return tables.version(name)
 
 
 def count_chunk(encoded: DataFrame, first_layer: int, summary: EncodeSummary, bar: Any) -> None:
