@@ -56,6 +56,13 @@ class DeltaConf(Section):
     retention_hours: int = Field(default=MIN_RETENTION_HOURS, ge=MIN_RETENTION_HOURS)
 
 
+class SampleConf(Section):
+    """The jobs that hold their rows in one process (torch training, evaluations, replay) read a sample."""
+
+    max_users: int = Field(default=50_000, ge=1)  # every user up to this many; else a fixed hash sample
+    max_rows: int = Field(default=20_000_000, ge=1)  # a sampled read past this many rows stops
+
+
 class SourceFiles(Section):
     """The user's own logs: file paths plus a mapping from llmfeat's column names to theirs."""
 
@@ -204,6 +211,8 @@ class ValidationConf(Section):
     docs_dir: str = "data_docs"  # Data Docs site, under data_dir unless absolute
     quarantine_table: str = "quarantine"  # Delta table under <data_dir>/delta for rows a gate rejected
     examples: int = 5  # example rows named per failed expectation in the error message
+    # failing row ids a gate brings to the driver per expectation; past it the batch is quarantined whole
+    max_failing_ids: int = Field(default=10_000, ge=1)
     earliest_timestamp: dt.datetime = dt.datetime(1990, 1, 1, tzinfo=dt.UTC)
     max_clock_skew_s: float = 300.0  # event times may lead the validating clock by this much
     rating_range: tuple[float, float] = (1.0, 5.0)
@@ -318,6 +327,7 @@ class Settings(Section):
     data_dir: str = "data/local"  # Delta tables live under <data_dir>/delta/<table>
     spark: SparkConf = SparkConf()
     delta: DeltaConf = DeltaConf()
+    sample: SampleConf = SampleConf()
     ingest: IngestConf = IngestConf()
     encode: EncodeConf = EncodeConf()
     feast: FeastConf = FeastConf()

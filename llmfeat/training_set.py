@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.errors import UserError
+from llmfeat.sample import Sample, SampleConf
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -93,9 +94,13 @@ def vector_matrix(frame: pd.DataFrame, column: str, dim: int) -> tuple[np.ndarra
     return out, missing
 
 
-def interactions_entity_df(tables: Any, split: str | None = None) -> pd.DataFrame:
-    """The interactions Delta table as an entity frame: user_id, item_id, event_timestamp, label[, split]."""
-    df = tables.read_arrow("interactions").to_pandas()
+def interactions_entity_df(
+    tables: Any, split: str | None = None, sample: SampleConf | None = None
+) -> pd.DataFrame:
+    """The interactions Delta table as an entity frame: user_id, item_id, event_timestamp, label, split (the
+    rows of the sampled users: every user up to `sample.max_users`, see llmfeat/sample.py)."""
+    columns = ["user_id", "item_id", "event_timestamp", "label", "split"]
+    df = Sample(tables, sample or SampleConf()).read("interactions", columns).to_pandas()
     if split is not None:
         df = df[df["split"] == split]
     return df[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from llmfeat.config import SampleConf
+from llmfeat.sample import Sample
 from llmfeat.serving.local_servers import stop_process
 
 if TYPE_CHECKING:
@@ -67,12 +69,14 @@ class ReplaySummary:
         )
 
 
-def held_out_requests(tables: DeltaTables, n: int, candidates: int, seed: int = 0) -> list[ReplayRequest]:
-    """`n` requests from the test split (see the module docstring); deterministic for a seed."""
-    rows = tables.read_arrow("interactions").to_pandas()
-    test = rows[rows["split"] == "test"][["user_id", "item_id", "label"]].astype(
-        {"user_id": str, "item_id": str}
-    )
+def held_out_requests(
+    tables: DeltaTables, n: int, candidates: int, seed: int = 0, sample: SampleConf | None = None
+) -> list[ReplayRequest]:
+    """`n` requests from the test split (see the module docstring) of the sampled users (llmfeat/sample.py);
+    deterministic for a seed."""
+    columns = ["user_id", "item_id", "label"]
+    rows = Sample(tables, sample or SampleConf()).read("interactions", columns, split=["test"]).to_pandas()
+    test = rows.astype({"user_id": str, "item_id": str})
     groups = {u: g for u, g in test.groupby("user_id") if len(g) >= 2}
     if not groups:
         raise ValueError("the test split has no user with two or more rows to replay")

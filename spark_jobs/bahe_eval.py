@@ -271,10 +271,8 @@ def user_day_stats(tables: Any, settings: Any, model_dir: str, max_length: int) 
 
     from llmfeat.spark_jobs.user_text import user_text
 
-    users = {r["user_id"]: r for r in tables.read_arrow("users").to_pylist()}
-    texts = dict(zip(*[tables.read_arrow("behaviors")[c].to_pylist() for c in ("behavior_id", "text")],
-                     strict=True))  # fmt: skip
-    ub = tables.read_arrow("user_behaviors").to_pylist()
+    users, texts, ub_table = sampled_histories(tables, settings)
+    ub = ub_table.to_pylist()
     history: dict[str, list[tuple[Any, str]]] = {}
     first_seen: dict[str, Any] = {}
     for r in sorted(ub, key=lambda r: r["event_timestamp"]):
@@ -309,17 +307,25 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def sampled_histories(tables: Any, settings: Any) -> tuple[dict[Any, dict], dict[Any, str], Any]:
+    """The sampled users (llmfeat/sample.py) by id, their behaviours' texts by id, their behaviour rows."""
+    from llmfeat.sample import Sample
+
+    sample = Sample(tables, settings.sample)
+    ub = sample.read("user_behaviors")
+    seen = {} if sample.users is None else {"behavior_id": ub.column("behavior_id").unique()}
+    behaviours = sample.read("behaviors", ["behavior_id", "text"], **seen)
+    texts = dict(zip(*[behaviours[c].to_pylist() for c in ("behavior_id", "text")], strict=True))
+    return {r["user_id"]: r for r in sample.read("users").to_pylist()}, texts, ub
+
+
 def user_texts_py(tables: Any, settings: Any, cut: Any, user_keys: np.ndarray) -> list[str]:
     """The baseline's user texts in user order, built as the encode job builds them (spark_jobs/user_text)."""
     import pyarrow.compute as pc
 
     from llmfeat.spark_jobs.user_text import user_text
 
-    users = {r["user_id"]: r for r in tables.read_arrow("users").to_pylist()}
-    ub = tables.read_arrow("user_behaviors")
-    texts = dict(
-        zip(*[tables.read_arrow("behaviors")[c].to_pylist() for c in ("behavior_id", "text")], strict=True)
-    )
+    users, texts, ub = sampled_histories(tables, settings)
     ub = ub.filter(pc.less(ub["event_timestamp"], cut))
     history: dict[str, list[tuple[Any, str]]] = {}
     for u, b, t in zip(
@@ -362,12 +368,13 @@ def evaluate(
     from llmfeat.models.ctr.data import ctr_arrays
     from llmfeat.models.encoder import resolve_model
     from llmfeat.models.evaluation.probe_eval import ProtocolConfig, fit_id_model
+    from llmfeat.sample import Sample
     from llmfeat.spark_jobs.bahe_fit import cut_time
 
     cfg = settings.bahe
     cache = Path(settings.data_dir) / "bahe_eval"
     tables = open_tables(settings)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
+    a = ctr_arrays(*Sample(tables, settings.sample).ctr_tables())
     cut = cut_time(None, tables, cfg.history_cut)
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
     path, layer, max_len = str(source.path), cfg.baseline_layer, 512
@@ -382,7 +389,7 @@ def evaluate(
         return in_process(encode_texts, path, layer, [texts[u] for u in scope_users], max_len)
 
     base, base_s, base_mb = cached(cache / f"baseline-{scope}-l{layer}.pkl", fresh, baseline)
-    b_texts = tables.read_arrow("behaviors")["text"].to_pylist()
+    b_texts = list(sampled_histories(tables, settings)[1].values())
     b_tokens = count_tokens(path, b_texts, max_len)
     sample = sorted(np.random.default_rng(0).choice(len(b_texts), min(behavior_sample, len(b_texts)), False))
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from llmfeat.config import BaheConf, Settings
 from llmfeat.models.bahe.data import BehaviorSequences, behavior_matrix, behavior_sequences
 from llmfeat.models.ctr.data import CtrArrays, ctr_arrays
+from llmfeat.sample import Sample, scalar
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -55,8 +56,7 @@ def cut_time(spark: SparkSession | None, tables: DeltaTables, cut: str) -> datet
         return history_cut(tables.read_spark("interactions"), cut)
     if cut not in ("valid", "test"):
         return datetime.fromisoformat(cut)
-    inter = tables.read_arrow("interactions")
-    first = pc.min(inter.filter(pc.equal(inter["split"], cut))["event_timestamp"]).as_py()
+    first = scalar(tables, "interactions", f"SELECT MIN(event_timestamp) FROM t WHERE split = '{cut}'")
     if first is None:
         raise ValueError(f"bahe.history_cut {cut!r}: the interactions table has no {cut!r} rows")
     return first  # type: ignore[no-any-return]
@@ -112,16 +112,18 @@ def load_inputs(spark: SparkSession | None, settings: Settings, n_sample: int = 
 
     conf = settings.bahe
     tables = open_tables(settings, spark)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
     if not tables.exists(BEHAVIOR_TABLE):
         raise FileNotFoundError(f"{BEHAVIOR_TABLE} not found under {tables.root}: run `llmfeat bahe encode`")
     version = tables.version(BEHAVIOR_TABLE)
-    table = tables.read_arrow(BEHAVIOR_TABLE, version)
+    sample = Sample(tables, settings.sample, {BEHAVIOR_TABLE: version})  # llmfeat/sample.py
+    a = ctr_arrays(*sample.ctr_tables())
+    ub = sample.read("user_behaviors")
+    seen = {} if sample.users is None else {"behavior_id": pc.unique(ub.column("behavior_id"))}
+    table = sample.read(BEHAVIOR_TABLE, **seen)  # every layer: a missing one is named with those present
     keys, vectors = behavior_matrix(table, conf.split_layer)
     encoded_at = table.filter(pc.equal(table["layer"], conf.split_layer))["encoded_at"].combine_chunks()
     lineage = layer_lineage(table, BEHAVIOR_TABLE, conf.split_layer) | {"source_version": version}
     cut = cut_time(spark, tables, conf.history_cut)
-    ub = tables.read_arrow("user_behaviors")
     users = np.arange(len(a.user_keys))
     if n_sample:
         if spark is None:

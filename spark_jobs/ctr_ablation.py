@@ -37,6 +37,7 @@ import pandas as pd
 from llmfeat.config import Settings
 from llmfeat.models.evaluation.ab_stats import paired_differences
 from llmfeat.models.evaluation.ctr_eval import metric_intervals
+from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -70,12 +71,16 @@ def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
     tables = open_tables(settings, spark)
     frame, _ = build_frame(settings, tables, open_store(settings), [settings.ctr.llm_feature_service])
     masks = split_masks(frame, settings.ctr.stop_frac)
-    inter = tables.read_arrow("interactions")
-    a = ctr_arrays(inter, tables.read_arrow("users"), tables.read_arrow("items"))
-    keys = np.array(sorted(set(tables.read_arrow("user_snapshots_repr")["snapshot_id"].to_pylist())), object)
-    parsed = [parse_snapshot_id(k) for k in keys]
-    users = np.array([u for u, _ in parsed], dtype=object)
-    micros = np.array([int(t.timestamp() * 1_000_000) for _, t in parsed], dtype=np.int64)
+    sample = Sample(tables, settings.sample)  # the same users as build_frame's
+    inter, users_table, items = sample.ctr_tables()
+    a = ctr_arrays(inter, users_table, items)
+    snapshot_ids = set(sample.read("user_snapshots_repr", ["snapshot_id"])["snapshot_id"].to_pylist())
+    sampled = {str(u) for u in a.user_keys}
+    parsed = [(k, *parse_snapshot_id(k)) for k in sorted(snapshot_ids)]
+    parsed = [p for p in parsed if p[1] in sampled]  # the snapshots of the sampled users
+    keys = np.array([k for k, _, _ in parsed], dtype=object)
+    users = np.array([u for _, u, _ in parsed], dtype=object)
+    micros = np.array([int(t.timestamp() * 1_000_000) for _, _, t in parsed], dtype=np.int64)
     pit = point_in_time(a, keys, users, micros)
     # the interactions table and the frame hold the same rows; align by (user, item, time)
     order = _align(frame, inter.to_pandas())
@@ -113,10 +118,11 @@ def layer_arms(settings: Settings, rows: Rows, layer: int, users_too: bool) -> d
     from llmfeat.models.marc.train import compress, fit_marc, marc_periods
     from llmfeat.spark_jobs.train_compressor import marc_config, train_config
 
-    tables = open_tables(settings)
-    xi = repr_matrix(tables.read_arrow("items_repr"), "items", layer, rows.item_keys)
+    sample = Sample(open_tables(settings), settings.sample)
+    xi = repr_matrix(sample.read("items_repr", item_id=rows.item_keys), "items", layer, rows.item_keys)
+    snapshots = sample.read("user_snapshots_repr", snapshot_id=rows.snapshot_keys) if users_too else None
     xu = (
-        repr_matrix(tables.read_arrow("user_snapshots_repr"), "user_snapshots", layer, rows.snapshot_keys)
+        repr_matrix(snapshots, "user_snapshots", layer, rows.snapshot_keys)
         if users_too
         else np.zeros((len(rows.snapshot_keys), xi.shape[1]), np.float32)
     )

@@ -25,6 +25,7 @@ import pandas as pd
 
 from llmfeat.errors import UserError
 from llmfeat.feast_repo import MarcView, marc_views_in
+from llmfeat.sample import Sample, distinct_values
 from llmfeat.training_set import TrainingSetError, _refs_by_view, historical_features
 
 if TYPE_CHECKING:
@@ -84,11 +85,8 @@ def vector_lineage(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, str]
     for m in marcs:
         if not tables.exists(m.feast_table):
             continue
-        data = tables.read_arrow(m.feast_table)
-        for col in LINEAGE_COLUMNS:
-            if col in data.column_names:
-                values = sorted({str(v) for v in data[col].to_pylist()})
-                out[f"{m.side}.{col}"] = ",".join(values)
+        for col, values in distinct_values(tables, m.feast_table, LINEAGE_COLUMNS).items():
+            out[f"{m.side}.{col}"] = ",".join(sorted(str(v) for v in values))
     return out
 
 
@@ -117,11 +115,13 @@ def build_frame(
     features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
     marcs = marc_views_in(features)
     versions = delta_versions(tables, marcs)
-    rows = tables.read_arrow("interactions", version=versions["interactions"]).to_pandas()
+    columns = ["user_id", "item_id", "event_timestamp", "label", "split"]
+    sample = Sample(tables, settings.sample, {"interactions": versions["interactions"]})
+    rows = sample.read("interactions", columns).to_pandas()  # the sampled users' rows (llmfeat/sample.py)
     as_of = pd.Timestamp(rows["event_timestamp"].max()).to_pydatetime()
     if split is not None:
         rows = rows[rows["split"] == split]
-    rows = rows[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)
+    rows = rows.reset_index(drop=True)
     rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
     frame = historical_features(store, rows, refs + time_refs(store, features))
     if len(frame) != len(rows):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from llmfeat.models.encoder import EncoderConfig, LayerEncoder, pad_to, resolve_model, weights_hash
@@ -104,23 +105,25 @@ def text_tokens(settings: Settings) -> int:
 def distillation_texts(settings: Settings) -> DistilTexts:
     """Sampled item, user and behaviour texts from the Delta tables (delta-rs)."""
     from llmfeat.delta_io import RustDelta
+    from llmfeat.sample import Sample, scalar
     from llmfeat.spark_jobs.user_text import user_text
 
     cfg, tables = settings.slmrec, RustDelta(settings.delta_root)
-    inter = tables.read_arrow("interactions")
-    valid_times = [t for t, s in zip(inter["event_timestamp"].to_pylist(), inter["split"].to_pylist(),
-                                     strict=True) if s != "train"]  # fmt: skip
-    cut = min(valid_times) if valid_times else datetime.max.replace(tzinfo=UTC)
-    behaviors = {r["behavior_id"]: r["text"] for r in tables.read_arrow("behaviors").to_pylist()}
+    sample = Sample(tables, settings.sample)  # llmfeat/sample.py
+    first = scalar(tables, "interactions", "SELECT MIN(event_timestamp) FROM t WHERE split <> 'train'")
+    cut = first if first is not None else datetime.max.replace(tzinfo=UTC)
+    ub = sample.read("user_behaviors")
+    seen = {} if sample.users is None else {"behavior_id": pc.unique(ub.column("behavior_id"))}
+    behaviors = {r["behavior_id"]: r["text"] for r in sample.read("behaviors", **seen).to_pylist()}
     per_user: dict[str, list[tuple[datetime, str]]] = {}
-    for r in tables.read_arrow("user_behaviors").to_pylist():
+    for r in ub.to_pylist():
         per_user.setdefault(r["user_id"], []).append((r["event_timestamp"], behaviors[r["behavior_id"]]))
     users = [
         user_text(u["age"], u["gender"], u["occupation"], per_user.get(u["user_id"], []), cut,
                   settings.encode.user_max_behaviors, settings.encode.user_max_chars)
-        for u in tables.read_arrow("users").to_pylist()
+        for u in sample.read("users").to_pylist()
     ]  # fmt: skip
-    pools = {"items": tables.read_arrow("items")["text"].to_pylist(), "users": users,
+    pools = {"items": sample.ctr_tables()[2]["text"].to_pylist(), "users": users,
              "behaviors": list(behaviors.values())}  # fmt: skip
     rng = np.random.default_rng(cfg.seed)
     texts: list[str] = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from llmfeat.models.ctr.data import ctr_arrays, repr_layers, repr_matrix
 from llmfeat.models.marc.sweep import Entry, SweepConfig, SweepResult, Vectors, run_sweep
+from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
     from llmfeat.config import Settings
@@ -27,9 +28,9 @@ def load(settings: Settings):  # type: ignore[no-untyped-def]
     """Arrays, a cached states(layer) function and the layers present in both representation tables."""
     from llmfeat.delta_io import open_tables
 
-    tables = open_tables(settings)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
-    reprs = {e: tables.read_arrow(f"{e}_repr") for e in ("users", "items")}
+    sample = Sample(open_tables(settings), settings.sample)
+    a = ctr_arrays(*sample.ctr_tables())
+    reprs = {"users": sample.read("users_repr"), "items": sample.read("items_repr", item_id=a.item_keys)}
     layers = sorted(set(repr_layers(reprs["users"])) & set(repr_layers(reprs["items"])))
     cache: dict[int, Vectors] = {}
 

@@ -82,8 +82,9 @@ def item_vectors(delta_root: Path, layer: int, keys: np.ndarray, encoder_id: str
 
     from llmfeat.delta_io import RustDelta
     from llmfeat.models.ctr.data import repr_matrix
+    from llmfeat.sample import Sample, SampleConf
 
-    table = RustDelta(delta_root).read_arrow("items_repr")
+    table = Sample(RustDelta(delta_root), SampleConf()).read("items_repr", item_id=keys)
     if encoder_id is not None:
         table = table.filter(pc.equal(table["encoder_id"], encoder_id))
     return repr_matrix(table, "items", layer, keys, name=f"{delta_root}/items_repr")
@@ -125,9 +126,9 @@ def probe_table(
     from llmfeat.models.evaluation.probe_eval import fit_id_model
     from llmfeat.models.marc.baselines import pca
     from llmfeat.models.marc.sweep import Evaluator, SweepConfig
+    from llmfeat.sample import Sample
 
-    tables = RustDelta(settings.delta_root)
-    a = ctr_arrays(tables.read_arrow("interactions"), tables.read_arrow("users"), tables.read_arrow("items"))
+    a = ctr_arrays(*Sample(RustDelta(settings.delta_root), settings.sample).ctr_tables())
     meta = json.loads((student / "slmrec.json").read_text())
     n, m = meta["student"]["student_layers"], meta["student"]["teacher_layer"]
     no_users = np.zeros((len(a.user_keys), 0), np.float32)

@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmfeat.config import MarcConf, Settings
-from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_layers, repr_matrix
+from llmfeat.config import MarcConf, SampleConf, Settings
+from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_matrix
+from llmfeat.sample import Sample, SampleTooLarge, distinct_values, spark_user_sample
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -105,9 +106,9 @@ def load_inputs(
     layer = settings.marc.layer
     versions = {t: tables.version(t) for t in (name, "items_repr")}
     source = (
-        SparkSample(spark, tables, settings.marc, versions)
+        SparkSample(spark, tables, settings, versions)
         if spark is not None
-        else RustSource(tables, versions)
+        else RustSource(tables, settings.sample, versions)
     )
     for table_name in versions:
         if layer not in (present := source.layers(table_name)):
@@ -141,24 +142,28 @@ REPR_COLUMNS = ("layer", "vector", *LINEAGE_COLUMNS)
 
 
 class RustSource:
-    """Without a session: whole key tables, one layer of each representation (filtered by delta-rs)."""
+    """Without a session: the sampled users' rows (llmfeat/sample.py), one layer of each representation."""
 
-    def __init__(self, tables: Any, versions: dict[str, int | None]):
+    def __init__(self, tables: Any, conf: SampleConf, versions: dict[str, int | None]):
         self.tables, self.versions = tables, versions
+        self.sample = Sample(tables, conf, versions)
 
     def entities(self) -> tuple[pa.Table, pa.Table, pa.Table]:
-        read = self.tables.read_arrow
-        return read("interactions"), read("users").select(["user_id"]), read("items").select(["item_id"])
+        inter, users, items = self.sample.ctr_tables()
+        return inter, users.select(["user_id"]), items.select(["item_id"])
 
     def layers(self, name: str) -> list[int]:
-        return repr_layers(self._table(name).to_pyarrow_dataset().to_table(columns=["layer"]))
+        return sorted(distinct_values(self.tables, name, ["layer"], self.versions[name]).get("layer", []))
 
-    def layer(self, name: str, key: str, layer: int, _entities: pa.Table) -> pa.Table:
-        import pyarrow.dataset as ds
-
-        table = self._table(name)
-        columns = [key, *[c for c in REPR_COLUMNS if c in table.schema().to_arrow().names]]
-        return table.to_pyarrow_dataset().to_table(columns=columns, filter=ds.field("layer") == layer)
+    def layer(self, name: str, key: str, layer: int, entities: pa.Table) -> pa.Table:
+        """`layer`'s rows of the sample's users (snapshots) or items, read with that filter pushed down."""
+        names = pa.schema(self._table(name).schema().to_arrow()).names
+        columns = [key, *[c for c in REPR_COLUMNS if c in names]]
+        if key != "snapshot_id":
+            return self.sample.read(name, columns, layer=[layer], **{key: entities.column(key)})
+        at = self.sample.read(name, columns, layer=[layer])
+        users = pc.replace_substring_regex(at.column(key), r"@[^@]*$", "")  # snapshot ids are user@time
+        return at.filter(pc.is_in(users, value_set=entities.column("user_id").cast(pa.string())))
 
     def _table(self, name: str) -> Any:
         from deltalake import DeltaTable
@@ -169,13 +174,17 @@ class RustSource:
 class SparkSample:
     """With a session: the training sample is chosen and filtered on the executors; only it is collected."""
 
-    def __init__(self, spark: SparkSession, tables: Any, cfg: MarcConf, versions: dict[str, int | None]):
-        self.spark, self.tables, self.cfg, self.versions = spark, tables, cfg, versions
+    def __init__(self, spark: SparkSession, tables: Any, settings: Settings, versions: dict[str, int | None]):
+        self.spark, self.tables, self.versions = spark, tables, versions
+        self.cfg, self.limits = settings.marc, settings.sample
 
     def entities(self) -> tuple[pa.Table, pa.Table, pa.Table]:
         from pyspark.sql import functions as F
 
         inter = self.tables.read_spark("interactions")
+        users = self.tables.read_spark("users").select("user_id")
+        if users.count() > self.limits.max_users:  # the users every in-process job samples
+            inter = inter.join(spark_user_sample(users, self.limits.max_users), "user_id", "left_semi")
         if self.cfg.max_fit_rows > 0:
             fit = inter.where(F.col("split") == "train").count() * self.cfg.fit_frac
             fraction = min(1.0, 2 * self.cfg.max_fit_rows / max(fit, 1.0))
@@ -183,9 +192,15 @@ class SparkSample:
                 inter = inter.sample(fraction=fraction, seed=self.cfg.seed)
                 log.info("MARC: a %.4f sample of the interactions (marc.max_fit_rows)", fraction)
         inter = inter.select("user_id", "item_id", "label", "event_timestamp", "split").cache()
+        if (rows := inter.count()) > self.limits.max_rows:
+            inter.unpersist()
+            raise SampleTooLarge(
+                f"MARC's sample has {rows:,} interactions, above sample.max_rows="
+                f"{self.limits.max_rows:,}: set marc.max_fit_rows or lower sample.max_users"
+            )
         users = inter.select("user_id").distinct().orderBy("user_id")
         items = inter.select("item_id").distinct().orderBy("item_id")
-        out = inter.toArrow(), users.toArrow(), items.toArrow()  # the sample: bounded by max_fit_rows
+        out = inter.toArrow(), users.toArrow(), items.toArrow()  # the sample: at most sample.max_rows
         inter.unpersist()
         return out
 

@@ -99,6 +99,7 @@ def load_lite_data(settings: Settings) -> LiteData:
     """The event log, windows, queries and the item vectors of `lite.item_layer` (delta-rs reads)."""
     from llmfeat.delta_io import RustDelta
     from llmfeat.models.ctr.data import repr_matrix
+    from llmfeat.sample import Sample
     from llmfeat.spark_jobs.train_compressor import layer_lineage
 
     cfg, tables = settings.lite, RustDelta(settings.delta_root)
@@ -106,8 +107,9 @@ def load_lite_data(settings: Settings) -> LiteData:
         raise FileNotFoundError(
             f"no items_repr table under {settings.delta_root}: run `llmfeat encode --entity items` first"
         )
-    items, repr_table = tables.read_arrow("items"), tables.read_arrow("items_repr")
-    ev = event_log(tables.read_arrow("interactions"), items)
+    inter, _, items = Sample(tables, settings.sample).ctr_tables()  # llmfeat/sample.py
+    ev = event_log(inter, items)
+    repr_table = Sample(tables, settings.sample).read("items_repr", item_id=ev.item_keys)
     vectors = repr_matrix(repr_table, "items", cfg.item_layer, ev.item_keys)
     lineage = layer_lineage(repr_table, "items_repr", cfg.item_layer)
     lineage["items_repr_version"] = tables.version("items_repr")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llmfeat.config import ValidationConf
 from llmfeat.delta_io import RustDelta
 from llmfeat.spark_jobs.ingest import main as ingest_main
 from llmfeat.spark_jobs.ingest import run as ingest
@@ -46,6 +47,21 @@ def test_spark_repr_batch_with_nan_wrong_dim_and_duplicate(spark, tmp_path: Path
     q = tables.read_arrow("quarantine").to_pandas().sort_values("row_key")
     assert [json.loads(k)["item_id"] for k in q["row_key"]] == ["1", "2", "3", "3"]
     assert "spark-items_repr.html" in (err.value.report.docs_page or "")
+
+
+def test_more_failing_rows_than_the_driver_takes_quarantine_the_batch_whole(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Past validation.max_failing_ids the gate does not bring every failing row id to the driver: it names
+    the count and quarantines the whole batch, written by the executors (nothing is lost)."""
+    tables = RustDelta(tmp_path / "delta", spark)
+    ids = [str(i) for i in range(6)]
+    rows = _repr_rows([[float("nan"), 0.0, 0.0]] * 4 + [[1.0, 0.0, 0.0]] * 2, ids)
+    conf = ValidationConf(max_failing_ids=3)
+    with pytest.raises(GateFailed, match=r"4 of 6 rows \(more than validation.max_failing_ids=3"):
+        gate(spark.createDataFrame(rows, REPR_SCHEMA), repr_suite("items", "item_id", width=3),
+             table="items_repr", tables=tables, run_id="encode-1", conf=conf)  # fmt: skip
+    q = tables.read_arrow("quarantine").to_pandas()
+    assert sorted(json.loads(k)["item_id"] for k in q["row_key"]) == ids
+    assert q["reasons"].str.contains("vector__finite").all()
 
 
 def test_spark_training_set_point_in_time(spark, tmp_path: Path) -> None:

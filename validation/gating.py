@@ -103,8 +103,11 @@ def _validate(
             name=f"{table}_gate",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[SITE])],
+            # SUMMARY: at most max_failing_ids failing rows per expectation reach this process (COMPLETE
+            # would collect every failing row's ids from the executors)
             result_format={
-                "result_format": "COMPLETE",
+                "result_format": "SUMMARY",
+                "partial_unexpected_count": conf.max_failing_ids,
                 "unexpected_index_column_names": [ROW_ID, *suite.keys],
             },
         )
@@ -113,7 +116,7 @@ def _validate(
     (identifier, validation), *_ = result.run_results.items()
     urls = context.get_docs_sites_urls(resource_identifier=identifier, site_name=SITE)
     rows = batch.count() if is_spark(batch) else len(batch)  # cached: no recomputation
-    failures = tuple(_failure(r, suite.keys, conf.examples) for r in validation.results if not r.success)
+    failures = tuple(_failure(r, suite.keys, conf) for r in validation.results if not r.success)
     report = GateReport(
         table=table,
         suite=suite.name,
@@ -133,7 +136,7 @@ def _validate(
     raise GateFailed(_replace(report, quarantine=tables.path(conf.quarantine_table), quarantined=quarantined))
 
 
-def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], examples: int) -> Failure:
+def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], conf: ValidationConf) -> Failure:
     config = r.expectation_config
     assert config is not None
     shown = {k: _plain(v) for k, v in config.kwargs.items() if k in SHOWN_KWARGS and v is not None}
@@ -141,11 +144,15 @@ def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], examples: in
     if error := _exception(r.exception_info or {}):  # e.g. a column the suite expects is missing
         return Failure(name, f"could not be evaluated: {error}")
     res = r.result or {}
-    index = res.get("unexpected_index_list") or []
+    index = res.get("partial_unexpected_index_list") or []
     if "unexpected_count" in res and index:
         ids = tuple(int(i[ROW_ID]) for i in index)
-        shown_rows = tuple(_example(i, keys) for i in index[:examples])
-        return Failure(name, f"{res['unexpected_count']} of {res.get('element_count')} rows", ids, shown_rows)
+        shown_rows = tuple(_example(i, keys) for i in index[: conf.examples])
+        detail = f"{res['unexpected_count']} of {res.get('element_count')} rows"
+        if res["unexpected_count"] > len(ids):  # not every failing row is known here: the batch is implicated
+            detail += f" (more than validation.max_failing_ids={conf.max_failing_ids:,}: quarantined whole)"
+            ids = ()
+        return Failure(name, detail, ids, shown_rows)
     return Failure(name, f"observed {_plain(res.get('observed_value'))}")
 
 

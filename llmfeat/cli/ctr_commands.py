@@ -145,7 +145,8 @@ def replay_against(settings: Settings, url: str) -> Any:
     from llmfeat.serving.replay import held_out_requests, replay
 
     cfg = settings.abtest
-    requests = held_out_requests(RustDelta(settings.delta_root), cfg.requests, cfg.candidates, cfg.seed)
+    tables = RustDelta(settings.delta_root)
+    requests = held_out_requests(tables, cfg.requests, cfg.candidates, cfg.seed, settings.sample)
     return replay(url, requests)
 
 

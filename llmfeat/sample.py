@@ -1,0 +1,167 @@
+"""The rows of the jobs that hold their data in one process: torch training, the evaluations, the replay.
+
+Such a job reads a bounded sample, never a whole table: every user while the users table has at most
+`sample.max_users` rows, else that many users chosen by a hash of their id (the same users in every job and on
+every run, on Spark or off it). Of each table it reads only the columns it uses and the rows of the sampled
+users (or of the items and layers it names), streamed from the Delta files in batches and filtered on the way.
+A read that would still pass `sample.max_rows` rows stops with an error naming the settings.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmfeat.config import SampleConf
+
+__all__ = [
+    "Sample",
+    "SampleConf",
+    "SampleTooLarge",
+    "distinct_values",
+    "scalar",
+    "spark_user_sample",
+    "user_rank",
+]
+
+
+class SampleTooLarge(ValueError):
+    """A sampled read passed `sample.max_rows`."""
+
+
+def user_rank(user_id: Any) -> tuple[int, str]:
+    """A user's place in the sample order: CRC-32 of the id's text, then the text (as F.crc32 on Spark)."""
+    text = str(user_id)
+    return zlib.crc32(text.encode()), text
+
+
+def spark_user_sample(users: Any, max_users: int) -> Any:
+    """The users `Sample` picks, chosen on the executors: a one-column frame of at most max_users ids."""
+    from pyspark.sql import functions as F
+
+    text = F.col("user_id").cast("string")
+    ranked = users.select("user_id").distinct().orderBy(F.crc32(text), text)
+    return ranked.limit(max_users)
+
+
+class Sample:
+    """Bounded reads from a lake (any backend: delta-rs reads what delta-spark wrote)."""
+
+    def __init__(self, tables: Any, conf: SampleConf, versions: dict[str, int | None] | None = None):
+        self.tables, self.conf, self.versions = tables, conf, versions or {}
+        self.users = self._users()  # None: every user
+
+    def _users(self) -> pa.Array | None:
+        if not self.tables.exists("users"):
+            return None
+        ids = self._stream("users", ["user_id"], {})
+        column = ids.column("user_id")
+        if len(column) <= self.conf.max_users:
+            return None
+        ranked = sorted(column.to_pylist(), key=user_rank)[: self.conf.max_users]
+        return pa.array(ranked, type=column.type)
+
+    def read(self, name: str, columns: list[str] | None = None, **where: Collection[Any]) -> pa.Table:
+        """`columns` of the table's rows (at its pinned version) whose column values are in `where`, and whose
+        user is in the sample when the table has a user_id column."""
+        filters = dict(where)
+        if self.users is not None and "user_id" not in filters and "user_id" in self._names(name):
+            filters["user_id"] = self.users
+        return self._stream(name, columns, filters)
+
+    def _names(self, name: str) -> list[str]:
+        return list(pa.schema(self._table(name).schema().to_arrow()).names)
+
+    def _table(self, name: str) -> Any:
+        from deltalake import DeltaTable
+
+        if not self.tables.exists(name):
+            raise FileNotFoundError(f"Delta table {name!r} not found at {self.tables.path(name)}")
+        return DeltaTable(self.tables.path(name), version=self.versions.get(name))
+
+    def _stream(self, name: str, columns: list[str] | None, filters: dict[str, Any]) -> pa.Table:
+        table = self._table(name)
+        schema = pa.schema(table.schema().to_arrow())
+        wanted = columns or list(schema.names)
+        if missing := [c for c in [*wanted, *filters] if c not in schema.names]:
+            raise KeyError(f"{name}: no column {missing[0]!r} (columns: {schema.names})")
+        sets = {c: _values(v).cast(schema.field(c).type) for c, v in filters.items()}
+        kept, rows = [], 0
+        for batch in _batches(table, list(dict.fromkeys([*wanted, *sets])), sets):
+            rows += batch.num_rows
+            if rows > self.conf.max_rows:
+                raise SampleTooLarge(
+                    f"{name}: the sample passed sample.max_rows={self.conf.max_rows:,} rows; lower "
+                    f"sample.max_users (now {self.conf.max_users:,}) or raise sample.max_rows"
+                )
+            kept.append(batch.select(wanted))
+        if kept:
+            return pa.Table.from_batches(kept)
+        return pa.schema([schema.field(c) for c in wanted]).empty_table()
+
+    def ctr_tables(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """(interactions, users, items) of the sampled users, the items as the ones those rows touch (all
+        items while every user is in)."""
+        inter = self.read("interactions")
+        users = self.read("users")
+        if self.users is None:
+            return inter, users, self.read("items")
+        return inter, users, self.read("items", item_id=pc.unique(inter.column("item_id")))
+
+
+def distinct_values(
+    tables: Any, name: str, columns: Collection[str], version: int | None = None
+) -> dict[str, list[Any]]:
+    """The distinct values of those `columns` the table has (lineage: a few), aggregated by delta-rs."""
+    from deltalake import DeltaTable, QueryBuilder
+
+    table = DeltaTable(tables.path(name), version=version)
+    present = [c for c in columns if c in pa.schema(table.schema().to_arrow()).names]
+    out = {}
+    for c in present:
+        sql = f'SELECT DISTINCT "{c}" AS v FROM t'
+        result = pa.RecordBatchReader.from_stream(QueryBuilder().register("t", table).execute(sql)).read_all()
+        out[c] = result.column("v").to_pylist()
+    return out
+
+
+def scalar(tables: Any, name: str, sql: str) -> Any:
+    """One value a SQL aggregate over the table (as `t`) gives, computed by delta-rs as it scans."""
+    from deltalake import DeltaTable, QueryBuilder
+
+    query = QueryBuilder().register("t", DeltaTable(tables.path(name))).execute(sql)
+    return pa.RecordBatchReader.from_stream(query).read_all().column(0)[0].as_py()
+
+
+def _values(v: Collection[Any]) -> pa.Array:
+    if isinstance(v, pa.ChunkedArray):
+        return v.combine_chunks()
+    return v if isinstance(v, pa.Array) else pa.array(list(v))
+
+
+def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Iterator[pa.RecordBatch]:
+    """The table's rows in file order, filtered: a pyarrow scan with the filter pushed down (files and row
+    groups pruned by their statistics), or delta-rs's own scan where deletion vectors or column mapping make
+    the Parquet files differ from the table."""
+    import pyarrow.dataset as ds
+    from deltalake import QueryBuilder
+    from deltalake.exceptions import DeltaProtocolError
+
+    try:
+        dataset = table.to_pyarrow_dataset()
+    except DeltaProtocolError:
+        sql = "SELECT " + ", ".join(f'"{c}"' for c in columns) + " FROM t"
+        for batch in pa.RecordBatchReader.from_stream(QueryBuilder().register("t", table).execute(sql)):
+            for c, values in sets.items():
+                batch = batch.filter(pc.is_in(batch.column(c), value_set=values))
+            yield batch
+        return
+    expr = None
+    for c, values in sets.items():
+        term = ds.field(c).isin(values)
+        expr = term if expr is None else expr & term
+    yield from dataset.to_batches(columns=columns, filter=expr)
