@@ -107,10 +107,13 @@ class Sample:
         """(interactions, users, items) of the sampled users, the items as the ones those rows touch (all
         items while every user is in)."""
         inter = self.read("interactions")
-        users = self.read("users")
+        return inter, self.read("users"), self.items_of(inter)
+
+    def items_of(self, inter: pa.Table) -> pa.Table:
+        """The items the sampled rows touch (every item while every user is in)."""
         if self.users is None:
-            return inter, users, self.read("items")
-        return inter, users, self.read("items", item_id=pc.unique(inter.column("item_id")))
+            return self.read("items")
+        return self.read("items", item_id=pc.unique(inter.column("item_id")))
 
 
 def distinct_values(

@@ -107,9 +107,10 @@ def load_lite_data(settings: Settings) -> LiteData:
         raise FileNotFoundError(
             f"no items_repr table under {settings.delta_root}: run `llmfeat encode --entity items` first"
         )
-    inter, _, items = Sample(tables, settings.sample).ctr_tables()  # llmfeat/sample.py
-    ev = event_log(inter, items)
-    repr_table = Sample(tables, settings.sample).read("items_repr", item_id=ev.item_keys)
+    sample = Sample(tables, settings.sample)  # llmfeat/sample.py
+    inter = sample.read("interactions")
+    ev = event_log(inter, sample.items_of(inter))
+    repr_table = sample.read("items_repr", item_id=ev.item_keys)
     vectors = repr_matrix(repr_table, "items", cfg.item_layer, ev.item_keys)
     lineage = layer_lineage(repr_table, "items_repr", cfg.item_layer)
     lineage["items_repr_version"] = tables.version("items_repr")

@@ -24,6 +24,7 @@ BASE = {
     "delta_jars",
     "feast_repo",
     "training_set",
+    "sample",
     "registry",
     "runner",
 }
