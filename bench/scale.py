@@ -1,6 +1,8 @@
 """Scale benchmark: the pipeline on MovieLens-100k tiled 1x, 10x and 50x, stage by stage.
 
     .venv/bin/python bench/scale.py --scales 1,10,50 --work /tmp/llmfeat-scale --out docs/scale_results.json
+    .venv/bin/python bench/scale.py --backend delta-spark --scales 1,10 --work /tmp/llmfeat-scale-ds \
+        --out docs/scale_results_delta_spark.json
 
 Data: ML-100k (from the installed recbole package) copied `scale` times: copy k renumbers its users and items
 and suffixes its titles with k, so every table (users, items, interactions, behaviours, user snapshots) grows
@@ -109,10 +111,11 @@ def make_encoder(path: Path) -> Path:
     return path
 
 
-def overrides(work: Path, scale: int) -> list[str]:
+def overrides(work: Path, scale: int, backend: str = "delta-rs") -> list[str]:
     src = work / f"source-{scale}x"
     return [
         f"data_dir={work / f'lake-{scale}x'}",
+        f"delta.backend={backend}",
         "spark.master=local[2]",
         "spark.driver_memory=6g",
         "spark.shuffle_partitions=8",
@@ -169,21 +172,21 @@ def peak_rss(pid: int) -> int:
     return int(next(x for x in status if x.startswith("VmHWM")).split()[1]) * 1024
 
 
-def run_stage(stage: str, work: Path, scale: int) -> dict[str, Any]:
+def run_stage(stage: str, work: Path, scale: int, backend: str = "delta-rs") -> dict[str, Any]:
     """One stage in this process (the driver): its wall time, its rows, and the peak memories."""
     from llmfeat.config import load_settings
     from llmfeat.session import build_session
 
-    settings = load_settings("local", overrides(work, scale))
-    spark = build_session(settings.spark)
+    settings = load_settings("local", overrides(work, scale, backend))
+    spark = build_session(settings.spark, settings.delta)
     watch = Watch()
     before = peak_rss(os.getpid())
     started = time.monotonic()
     rows = STAGE_FN[stage](spark, settings)
     seconds = time.monotonic() - started
     peak = peak_rss(os.getpid())
-    out = {"stage": stage, "scale": scale, "seconds": seconds, "rows": rows, "driver_peak_bytes": peak,
-           "driver_before_bytes": before, **watch.stop()}  # fmt: skip
+    out = {"stage": stage, "scale": scale, "backend": backend, "seconds": seconds, "rows": rows,
+           "driver_peak_bytes": peak, "driver_before_bytes": before, **watch.stop()}  # fmt: skip
     spark.stop()
     return out
 
@@ -257,11 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmfeat-scale"))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "scale_results.json")
+    parser.add_argument("--backend", choices=["delta-rs", "delta-spark"], default="delta-rs")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # the child: one stage, one scale
     parser.add_argument("--scale", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.stage:
-        print(json.dumps(run_stage(args.stage, args.work, args.scale)), flush=True)
+        print(json.dumps(run_stage(args.stage, args.work, args.scale, args.backend)), flush=True)
         return 0
     make_encoder(args.work / "tiny-llama")
     results = json.loads(args.out.read_text()) if args.out.exists() else {"machine": machine(), "runs": []}
@@ -281,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(scale),
                 "--work",
                 str(args.work),
+                "--backend",
+                args.backend,
             ]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
