@@ -78,7 +78,8 @@ def make_settings(tmp_path: Path, source_dir: Path) -> Iterator[Callable[..., Se
 
 
 # The longest test files (minutes each on 2 cores) go first: `make test` runs two workers that take whole
-# files in collection order (--no-loadscope-reorder), so a long file collected late would run alone at the end.
+# files in collection order (--no-loadscope-reorder), so a long file collected late would run alone at the
+# end.
 LONGEST_FIRST = (
     "test_delta_spark_pipeline.py",
     "test_install.py",
