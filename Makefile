@@ -57,10 +57,9 @@ demo: setup
 	$(VENV)/bin/llmfeat demo $(if $(FULL),--full,)
 
 # Two workers, one test file each at a time (a file's tests share its fixtures): the Spark tests spend much of
-# their time waiting on the JVM, so two files in flight keep both cores busy. Files go out in collection order
-# (tests/conftest.py puts the longest first), not xdist's default of most tests first.
+# their time waiting on the JVM, so two files in flight keep both cores busy.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "unit"

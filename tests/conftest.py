@@ -76,22 +76,3 @@ def make_settings(tmp_path: Path, source_dir: Path) -> Iterator[Callable[..., Se
 
     yield make
 
-
-# The longest test files (minutes each on 2 cores) go first: `make test` runs two workers that take whole
-# files in collection order (--no-loadscope-reorder), so a long file collected late would run alone at the
-# end.
-LONGEST_FIRST = (
-    "test_delta_spark_pipeline.py",
-    "test_install.py",
-    "test_mlflow_project.py",
-    "test_compress.py",
-    "test_encode_job.py",
-    "test_delta_io.py",
-    "test_bahe_job.py",
-    "test_ingest.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise kept
