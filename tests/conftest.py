@@ -75,4 +75,3 @@ def make_settings(tmp_path: Path, source_dir: Path) -> Iterator[Callable[..., Se
         )
 
     yield make
-
