@@ -53,7 +53,8 @@ class Sample:
 
     def __init__(self, tables: Any, conf: SampleConf, versions: dict[str, int | None] | None = None):
         self.tables, self.conf, self.versions = tables, conf, versions or {}
-        self.users = self._users()  # None: every user
+        self.users: pa.Array | None = None  # None: every user
+        self.users = self._users()
 
     def _users(self) -> pa.Array | None:
         if not self.tables.exists("users"):
@@ -68,13 +69,7 @@ class Sample:
     def read(self, name: str, columns: list[str] | None = None, **where: Collection[Any]) -> pa.Table:
         """`columns` of the table's rows (at its pinned version) whose column values are in `where`, and whose
         user is in the sample when the table has a user_id column."""
-        filters = dict(where)
-        if self.users is not None and "user_id" not in filters and "user_id" in self._names(name):
-            filters["user_id"] = self.users
-        return self._stream(name, columns, filters)
-
-    def _names(self, name: str) -> list[str]:
-        return list(pa.schema(self._table(name).schema().to_arrow()).names)
+        return self._stream(name, columns, dict(where))
 
     def _table(self, name: str) -> Any:
         from deltalake import DeltaTable
@@ -87,6 +82,8 @@ class Sample:
         table = self._table(name)
         schema = pa.schema(table.schema().to_arrow())
         wanted = columns or list(schema.names)
+        if self.users is not None and "user_id" in schema.names:
+            filters.setdefault("user_id", self.users)
         if missing := [c for c in [*wanted, *filters] if c not in schema.names]:
             raise KeyError(f"{name}: no column {missing[0]!r} (columns: {schema.names})")
         sets = {c: _values(v).cast(schema.field(c).type) for c, v in filters.items()}
