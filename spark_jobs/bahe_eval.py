@@ -29,7 +29,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -263,7 +263,7 @@ def daily_projection(
     } | {f"rate_{k}": v for k, v in asdict(tp).items()}
 
 
-def user_day_stats(tables: Any, settings: Any, model_dir: str, max_length: int) -> UserDays:
+def user_day_stats(histories: Histories, settings: Any, model_dir: str, max_length: int) -> UserDays:
     """Changed user-days of the whole log: their count, records, the baseline's text at the end of each day
     (spark_jobs/user_text.py, as the encode job's snapshots), the behaviour texts first seen that day and the
     length of the user's behaviour sequence (at most bahe.max_behaviors)."""
@@ -271,7 +271,7 @@ def user_day_stats(tables: Any, settings: Any, model_dir: str, max_length: int) 
 
     from llmfeat.spark_jobs.user_text import user_text
 
-    users, texts, ub_table = sampled_histories(tables, settings)
+    users, texts, ub_table = histories
     ub = ub_table.to_pylist()
     history: dict[str, list[tuple[Any, str]]] = {}
     first_seen: dict[str, Any] = {}
@@ -307,8 +307,16 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def sampled_histories(tables: Any, settings: Any) -> tuple[dict[Any, dict], dict[Any, str], Any]:
+class Histories(NamedTuple):
     """The sampled users (llmfeat/sample.py) by id, their behaviours' texts by id, their behaviour rows."""
+
+    users: dict[Any, dict]
+    texts: dict[Any, str]
+    rows: Any  # pyarrow.Table of user_behaviors
+
+
+def sampled_histories(tables: Any, settings: Any) -> Histories:
+    """Read once per evaluation: the baseline texts, the behaviour texts and the user-day counts share it."""
     from llmfeat.sample import Sample
 
     sample = Sample(tables, settings.sample)
@@ -316,16 +324,16 @@ def sampled_histories(tables: Any, settings: Any) -> tuple[dict[Any, dict], dict
     seen = {} if sample.users is None else {"behavior_id": ub.column("behavior_id").unique()}
     behaviours = sample.read("behaviors", ["behavior_id", "text"], **seen)
     texts = dict(zip(*[behaviours[c].to_pylist() for c in ("behavior_id", "text")], strict=True))
-    return {r["user_id"]: r for r in sample.read("users").to_pylist()}, texts, ub
+    return Histories({r["user_id"]: r for r in sample.read("users").to_pylist()}, texts, ub)
 
 
-def user_texts_py(tables: Any, settings: Any, cut: Any, user_keys: np.ndarray) -> list[str]:
+def user_texts_py(histories: Histories, settings: Any, cut: Any, user_keys: np.ndarray) -> list[str]:
     """The baseline's user texts in user order, built as the encode job builds them (spark_jobs/user_text)."""
     import pyarrow.compute as pc
 
     from llmfeat.spark_jobs.user_text import user_text
 
-    users, texts, ub = sampled_histories(tables, settings)
+    users, texts, ub = histories
     ub = ub.filter(pc.less(ub["event_timestamp"], cut))
     history: dict[str, list[tuple[Any, str]]] = {}
     for u, b, t in zip(
@@ -379,7 +387,8 @@ def evaluate(
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
     path, layer, max_len = str(source.path), cfg.baseline_layer, 512
     split, deep = cfg.split_layer, cfg.deep_layers
-    texts = user_texts_py(tables, settings, cut, a.user_keys)
+    histories = sampled_histories(tables, settings)
+    texts = user_texts_py(histories, settings, cut, a.user_keys)
     user_tokens = count_tokens(path, texts, max_len)  # (U,)
     in_eval = np.zeros(len(a.user_keys), bool)
     in_eval[a.user_idx[a.split != "train"]] = True
@@ -389,7 +398,7 @@ def evaluate(
         return in_process(encode_texts, path, layer, [texts[u] for u in scope_users], max_len)
 
     base, base_s, base_mb = cached(cache / f"baseline-{scope}-l{layer}.pkl", fresh, baseline)
-    b_texts = list(sampled_histories(tables, settings)[1].values())
+    b_texts = list(histories.texts.values())
     b_tokens = count_tokens(path, b_texts, max_len)
     sample = sorted(np.random.default_rng(0).choice(len(b_texts), min(behavior_sample, len(b_texts)), False))
 
@@ -442,7 +451,7 @@ def evaluate(
              train_bahe_mb),
         Cost("train_bahe_run", 0, 0, deep, train_s, train_mb),
     ]  # fmt: skip
-    days = user_day_stats(tables, settings, path, max_len)
+    days = user_day_stats(histories, settings, path, max_len)
     return {
         "scope": scope,
         "seeds": seeds,
