@@ -152,12 +152,12 @@ def _with_row_ids(
         "unexpected_index_column_names": [ROW_ID, *suite.keys],
     }
     by_id = {e.id: e for e in gx_suite.expectations}
-    return [
-        r
-        if _exception(r.exception_info or {})
-        else batch.validate(by_id[r.expectation_config.id], result_format=fmt)
-        for r in failed
-    ]
+    again = []
+    for r in failed:
+        config = r.expectation_config
+        evaluated = config is not None and not _exception(r.exception_info or {})
+        again.append(batch.validate(by_id[config.id], result_format=fmt) if config and evaluated else r)
+    return again
 
 
 def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], conf: ValidationConf) -> Failure:
