@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 # Feast imports repo files as top-level modules of their directory; so do we, in dependency order.
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
+FILE_STORE = "llmfeat.feast_delta.DeltaFileOfflineStore"  # feast.offline_store file: Delta read by its log
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services", "candidate_views")
 
 
@@ -123,7 +124,9 @@ def store_config(settings: Settings) -> dict[str, Any]:
     )
     spark_conf = {"spark.master": settings.spark.master, **session_conf(settings.spark, delta=settings.delta)}
     doc["offline_store"] = (
-        {"type": "spark", "spark_conf": spark_conf} if feast.offline_store == "spark" else {"type": "file"}
+        {"type": "spark", "spark_conf": spark_conf}
+        if feast.offline_store == "spark"
+        else {"type": FILE_STORE}
     )
     if feast.batch_engine == "spark":
         if feast.offline_store != "spark":

@@ -209,6 +209,7 @@ class Staged:
     keys: list[str]
     dim: int = 0  # vector tables: the dimension the view declares
     compare: list[str] | None = None  # None: every non-key column
+    history: bool = False  # True: rows are only added or updated (vectors); False: mirrors its source
 
 
 def publish(
@@ -228,7 +229,9 @@ def publish(
             gate(st.data, suite, table=st.table, tables=tables, run_id=run_id, conf=conf)
         out = []
         for st in staged:
-            version = tables.upsert(st.table, st.data, st.keys, delete_missing=True, compare=st.compare)
+            version = tables.upsert(
+                st.table, st.data, st.keys, delete_missing=not st.history, compare=st.compare
+            )
             rows = st.data.num_rows if isinstance(st.data, pa.Table) else st.data.count()
             out.append(Published(st.table, st.view, rows, version))
         return out + skipped
@@ -252,8 +255,9 @@ def _vector_specs(tables: DeltaTables) -> tuple[list[tuple[VectorTable, int]], l
     return found, skipped
 
 
-# Vector tables are keyed by (key, valid-from time): a training set joins the vector that was current at each
-# interaction, the online store gets the latest; the table mirrors its source (one representation).
+# Vector tables are keyed by (key, valid-from time) and never deleted from: a vector its source replaced (an
+# item re-encoded) stays as history, so a training set joins the vector that was current at each interaction;
+# the online store gets the latest. One table per representation (per compressor version) keeps them unmixed.
 
 
 def stage_arrow(tables: DeltaTables) -> tuple[list[Staged], list[Published]]:
@@ -261,7 +265,7 @@ def stage_arrow(tables: DeltaTables) -> tuple[list[Staged], list[Published]]:
     specs, skipped = _vector_specs(tables)
     staged = [
         Staged(spec.target, spec.view, decode_vectors(tables.read_arrow(spec.source), spec, dim),
-               [spec.key, "event_timestamp"], dim, [*LINEAGE])
+               [spec.key, "event_timestamp"], dim, [*LINEAGE], history=True)
         for spec, dim in specs
     ]  # fmt: skip
     if tables.exists("items"):
@@ -279,7 +283,8 @@ def stage_spark(spark: SparkSession, tables: DeltaTables) -> tuple[list[Staged],
     staged = []
     for spec, dim in specs:
         frame = decode_vectors_spark(tables.read_spark(spec.source), spec, dim)
-        staged.append(Staged(spec.target, spec.view, frame, [spec.key, "event_timestamp"], dim, [*LINEAGE]))
+        keys = [spec.key, "event_timestamp"]
+        staged.append(Staged(spec.target, spec.view, frame, keys, dim, [*LINEAGE], history=True))
     if tables.exists("items"):
         meta = item_meta_spark(tables.read_spark("items"))
         staged.append(Staged("feast_item_meta", "item_meta_fv", meta, ["item_id"]))

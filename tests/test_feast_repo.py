@@ -88,7 +88,10 @@ def test_store_config_per_profile(tmp_path: Path) -> None:
         "path": str(tmp_path.resolve() / "feast" / "online.db"),
     }
     assert local["registry"] == str(tmp_path.resolve() / "feast" / "registry.db")
-    assert local["offline_store"] == {"type": "file"} and local["project"] == "llmfeat"
+    assert (
+        local["offline_store"] == {"type": "llmfeat.feast_delta.DeltaFileOfflineStore"}
+        and local["project"] == "llmfeat"
+    )
     cluster = feast_repo.store_config(load_settings("cluster"))
     assert cluster["online_store"]["type"] == "redis"
     assert cluster["offline_store"]["type"] == "spark"

@@ -23,6 +23,7 @@ BASE = {
     "delta_io",
     "delta_jars",
     "feast_repo",
+    "feast_delta",
     "training_set",
     "sample",
     "registry",
