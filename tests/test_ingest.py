@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,13 +90,30 @@ BAD_INPUT = [
 ]
 
 
+@pytest.fixture(scope="module")
+def ingested(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """The tiny CSVs (conftest) ingested once: each bad-input case starts from a copy of this lake."""
+    from conftest import INTERACTIONS, ITEMS, USERS
+
+    from llmfeat.config import load_settings
+
+    root = tmp_path_factory.mktemp("ingested")
+    files = {"items": ITEMS, "users": USERS, "interactions": INTERACTIONS}
+    for name, text in files.items():
+        (root / f"{name}.csv").write_text(text)
+    overrides = [f"ingest.files.{name}={root / name}.csv" for name in files]
+    run(spark, load_settings("tiny", [f"data_dir={root / 'lake'}", "ingest.source=files", *overrides]))
+    return root / "lake"
+
+
 @pytest.mark.parametrize(("name", "old", "new", "message"), BAD_INPUT)
 def test_bad_input_fails_naming_file_column_row_and_keeps_tables(
-    spark, make_settings, source_dir, name, old, new, message
+    spark, make_settings, source_dir, ingested, name, old, new, message
 ) -> None:
     settings = make_settings()
-    run(spark, settings)
+    shutil.copytree(ingested, settings.data_dir)  # the same tables the same CSVs would give
     before = _versions(settings)
+    assert before["interactions"] is not None
     _corrupt(source_dir, name, old, new)
     with pytest.raises(IngestError, match=message):
         run(spark, settings)
