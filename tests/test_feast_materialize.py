@@ -171,7 +171,7 @@ def test_missing_online_table_says_to_materialize(tmp_path: Path, lake: Settings
         features.fetch("1", ["10"])
 
 
-def test_history_reads_each_table_as_its_current_version(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_history_reads_each_table_as_its_current_version(tmp_path: Path) -> None:
     """A re-publish MERGEs the feast_* tables: the replaced Parquet files stay on disk for time travel, yet
     the point-in-time join sees only the current version (a changed year, and no row for a deleted item)."""
     from deltalake import DeltaTable
@@ -179,11 +179,11 @@ def test_history_reads_each_table_as_its_current_version(spark, tmp_path: Path) 
     settings = tiny_settings(tmp_path)
     tables = RustDelta(settings.delta_root)
     tiny_lake(tables)
-    materialize.run(spark, settings)
+    materialize.publish(None, tables)
     kept = tables.read_arrow("items").slice(0, 2)  # item 12 leaves the catalogue
     tables.upsert("items", kept.set_column(2, "year", pa.array([1999, 2001], pa.int64())), ["item_id"],
                   delete_missing=True)  # fmt: skip
-    materialize.run(spark, settings)
+    materialize.publish(None, tables)
     meta = settings.delta_root / "feast_item_meta"
     assert len(list(meta.glob("*.parquet"))) > len(DeltaTable(str(meta)).file_uris())  # replaced files remain
     rows = pd.DataFrame(
@@ -194,5 +194,5 @@ def test_history_reads_each_table_as_its_current_version(spark, tmp_path: Path) 
             "label": [1, 0, 1],
         }
     )
-    out = historical_features(open_store(settings), rows, ["item_meta_fv:year"])
+    out = historical_features(apply_repo(settings), rows, ["item_meta_fv:year"])
     assert out["year"].iloc[:2].tolist() == [1999, 2001] and pd.isna(out["year"].iloc[2])
