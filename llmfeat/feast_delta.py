@@ -22,7 +22,8 @@ import feast.infra.offline_stores.dask as feast_dask
 from feast.data_format import DeltaFormat
 from feast.infra.offline_stores.file_source import FileSource
 
-STORE = "llmfeat.feast_delta.DeltaFileOfflineStore"
+from llmfeat.feast_repo import FILE_STORE
+
 _feast_read = feast_dask._read_datasource
 
 
@@ -46,7 +47,7 @@ feast_dask._read_datasource = read_snapshot
 
 
 class DeltaFileOfflineStoreConfig(feast_dask.DaskOfflineStoreConfig):
-    type: Literal["llmfeat.feast_delta.DeltaFileOfflineStore"] = STORE  # type: ignore[assignment]
+    type: Literal["llmfeat.feast_delta.DeltaFileOfflineStore"] = FILE_STORE  # type: ignore[assignment]
 
 
 class DeltaFileOfflineStore(feast_dask.DaskOfflineStore):

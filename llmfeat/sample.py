@@ -53,7 +53,7 @@ class Sample:
 
     def __init__(self, tables: Any, conf: SampleConf, versions: dict[str, int | None] | None = None):
         self.tables, self.conf, self.versions = tables, conf, versions or {}
-        self.users: pa.Array | None = None  # None: every user
+        self.users: pa.Array | None = None  # None: every user (also while _users reads the users table)
         self.users = self._users()
 
     def _users(self) -> pa.Array | None:

@@ -72,7 +72,7 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for name, cmd in (("master", master_cmd), ("worker", worker_cmd)):
             log = (work / f"{name}.log").open("w")
             procs.append(subprocess.Popen(cmd, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT))
-        wait_for_worker(ui, work)
+        wait_for_workers(ui, 1, work)
         yield url
     finally:
         for p in reversed(procs):
@@ -83,18 +83,19 @@ def standalone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 p.kill()
 
 
-def wait_for_worker(ui: int, work: Path, timeout: float = 120) -> None:
+def wait_for_workers(ui: int, n: int, work: Path, timeout: float = 120) -> None:
+    """Until the master at web UI port `ui` lists `n` ALIVE workers; else fail with the daemons' logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2))
-            if any(w["state"] == "ALIVE" for w in state.get("workers", [])):
+            if sum(w["state"] == "ALIVE" for w in state.get("workers", [])) >= n:
                 return
         except OSError:
             pass
         time.sleep(1)
     logs = "\n".join(p.read_text()[-2000:] for p in work.glob("*.log"))
-    raise AssertionError(f"the standalone worker did not register within {timeout} s:\n{logs}")
+    raise AssertionError(f"{n} standalone worker(s) did not register within {timeout} s:\n{logs}")
 
 
 def test_each_task_gets_its_own_gpu_address(

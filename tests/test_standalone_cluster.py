@@ -99,7 +99,7 @@ class Cluster:
 
 def start_cluster(work: Path, env: dict[str, str]) -> Cluster:
     """A master and two workers (1 core, 1 GB each) on 127.0.0.1, from pyspark's bin/spark-class."""
-    from test_gpu_cluster import SPARK_CLASS, free_port
+    from test_gpu_cluster import SPARK_CLASS, free_port, wait_for_workers
 
     work.mkdir(parents=True)
     port, ui = free_port(), free_port()
@@ -115,26 +115,8 @@ def start_cluster(work: Path, env: dict[str, str]) -> Cluster:
         for i, cmd in enumerate(cmds):
             log = (work / f"daemon{i}.log").open("w")
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        wait_for_workers(ui, 2, work)
+        wait_for_workers(ui, 2, work, timeout=90)
     except BaseException:
         Cluster(url, procs).stop()
         raise
     return Cluster(url, procs)
-
-
-def wait_for_workers(ui: int, n: int, work: Path, timeout: float = 90) -> None:
-    import json
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = json.load(urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2))
-            if sum(w["state"] == "ALIVE" for w in state.get("workers", [])) >= n:
-                return
-        except OSError:
-            pass
-        time.sleep(1)
-    logs = "\n".join(p.read_text()[-2000:] for p in work.glob("*.log"))
-    raise AssertionError(f"{n} standalone workers did not register within {timeout} s:\n{logs}")
