@@ -217,7 +217,6 @@ class ValidationConf(Section):
     max_clock_skew_s: float = 300.0  # event times may lead the validating clock by this much
     rating_range: tuple[float, float] = (1.0, 5.0)
     label_rate: tuple[float, float] = (0.01, 0.99)  # a collapsed label (all 0 or all 1) stops publication
-    norm_slack: float = 2.0  # repr norm bounds: reference quantiles widened by this factor
     drift_min_mean_cosine: float = 0.9
     drift_changed_below: float = 0.999  # a row whose cosine to its previous vector is below this changed
     drift_max_changed_share: float = 0.5
