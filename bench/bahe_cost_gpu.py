@@ -66,7 +66,7 @@ def make_lengths(out: Path, overrides: list[str]) -> None:
     from llmfeat.models.encoder import resolve_model
     from llmfeat.spark_jobs.bahe_eval import count_tokens
     from llmfeat.spark_jobs.bahe_fit import cut_time
-    from llmfeat.spark_jobs.user_text import HISTORY, SEP, user_text
+    from llmfeat.user_text import HISTORY, SEP, user_text
 
     settings = load_settings("local", overrides)
     tables, enc, cfg, max_len = open_tables(settings), settings.encode, settings.bahe, 512

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from llmfeat.config import load_settings
 from llmfeat.delta_io import RustDelta
-from llmfeat.models.ctr.data import repr_matrix
+from llmfeat.reprs import layer_matrix, repr_table
 from llmfeat.spark_jobs import materialize
 
 DIM, LAYER = 64, 15
@@ -57,8 +57,8 @@ def build(out: Path, source: Path) -> None:
         shutil.copytree(source / name, out / "delta" / name)
     src = RustDelta(source)
     items = tables.read_arrow("items")["item_id"].to_pylist()
-    reprs = src.read_arrow("items_repr")
-    x = repr_matrix(reprs, "items", LAYER, np.asarray(items, dtype=object))
+    reprs = src.read_arrow(repr_table("items"))
+    x = layer_matrix(reprs, "items", LAYER, np.asarray(items, dtype=object))
     x = x - x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     item_v = x @ vt[:DIM].T

@@ -76,7 +76,7 @@ def make_texts(out: Path, data_dir: str) -> None:
 
     from deltalake import DeltaTable
 
-    from llmfeat.spark_jobs.user_text import user_text
+    from llmfeat.user_text import user_text
 
     resolve_model = encoder_module().resolve_model
 

@@ -27,11 +27,12 @@ import pandas as pd
 import torch
 
 from llmfeat.config import Settings, load_settings
-from llmfeat.models.ctr.data import CtrArrays, repr_matrix
+from llmfeat.models.ctr.data import CtrArrays
 from llmfeat.models.evaluation.ab_stats import paired_differences
 from llmfeat.models.evaluation.ctr_eval import metric_intervals
 from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.models.marc.train import compress, fit_marc, marc_periods
+from llmfeat.reprs import layer_matrix, repr_table
 from llmfeat.spark_jobs.ctr_ablation import DIM, Rows, fit_arm, int8_round_trip, load_rows
 from llmfeat.spark_jobs.train_compressor import marc_config, train_config
 from llmfeat.spark_jobs.train_ctr import fit_model, predict
@@ -82,8 +83,10 @@ def run(data_dir: str, seeds: int, out: Path, overrides: list[str]) -> dict[str,
     rows = load_rows(settings, None)
     tables = open_tables(settings)
     layer = settings.marc.layer
-    xi = repr_matrix(tables.read_arrow("items_repr"), "items", layer, rows.item_keys)
-    xu = repr_matrix(tables.read_arrow("user_snapshots_repr"), "user_snapshots", layer, rows.snapshot_keys)
+    xi = layer_matrix(tables.read_arrow(repr_table("items")), "items", layer, rows.item_keys)
+    xu = layer_matrix(
+        tables.read_arrow(repr_table("user_snapshots")), "user_snapshots", layer, rows.snapshot_keys
+    )
     f = rows.frame
     test = rows.masks["test"]
     y, users = f["label"].to_numpy(float), f["user_id"].to_numpy()

@@ -20,9 +20,7 @@ import copy
 import importlib
 import importlib.util
 import os
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +29,7 @@ import yaml
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
 from llmfeat.paths import feature_repo_dir, package_data_dir
+from llmfeat.reprs import MarcView, marc_views_in
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -43,55 +42,6 @@ DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_ser
 
 class FeatureStoreError(UserError, RuntimeError):
     """A feature store that is not set up for the request: the message says which command fixes it."""
-
-
-@dataclass(frozen=True)
-class MarcView:
-    """The names of one MARC compressor version's publication on one side (user snapshots or items); the
-    declarations (feature_repo/feature_views.py: user_marc_views, item_marc_views) use the same."""
-
-    side: str  # "user" or "item"
-    version: str  # the compressor's registry version
-
-    @property
-    def name(self) -> str:
-        """The feature view, e.g. user_marc_v1_fv."""
-        return f"{self.side}_marc_v{self.version}_fv"
-
-    @property
-    def lineage(self) -> str:
-        return f"{self.side}_marc_v{self.version}_lineage_fv"
-
-    @property
-    def features_table(self) -> str:
-        """What the compress job writes, e.g. user_marc_v1_features."""
-        return f"{self.side}_marc_v{self.version}_features"
-
-    @property
-    def feast_table(self) -> str:
-        """Its Feast-facing copy (float32), e.g. feast_user_marc_v1."""
-        return f"feast_{self.side}_marc_v{self.version}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.side}_id"
-
-    @property
-    def declaration(self) -> str:
-        """The line of feature_repo/feature_views.py that declares it."""
-        return f"{self.name}, {self.lineage} = {self.side}_marc_views({self.version})"
-
-    @classmethod
-    def parse(cls, view: str) -> MarcView | None:
-        """user_marc_v3_fv -> MarcView("user", "3"); None for any other view."""
-        found = re.fullmatch(r"(user|item)_marc_v(\d+)_fv", view)
-        return cls(found[1], found[2]) if found else None
-
-
-def marc_views_in(views: Any) -> list[MarcView]:
-    """The MARC views among these views (or view names), in order."""
-    names = [v if isinstance(v, str) else v.name for v in views]
-    return [m for m in map(MarcView.parse, names) if m is not None]
 
 
 def store_dir(settings: Settings) -> Path:

@@ -2,7 +2,7 @@
 
     llmfeat bahe evaluate [--scope eval|all] [--seeds 3] [--out PATH]
 
-Baseline: each user's whole text (demographics + behaviours before the cut, spark_jobs/user_text.py) encoded
+Baseline: each user's whole text (demographics + behaviours before the cut, llmfeat/user_text.py) encoded
 by the LLM up to `bahe.baseline_layer` (15) and no further: the encoder taps that layer only and drops every
 block above it (`baseline_encoder_config`). BAHE: the published user vector at the same cut. Both go through
 the same protocol (models/evaluation/probe_eval.py): the ID model on train, the fixed probe on valid (user
@@ -265,11 +265,11 @@ def daily_projection(
 
 def user_day_stats(histories: Histories, settings: Any, model_dir: str, max_length: int) -> UserDays:
     """Changed user-days of the whole log: their count, records, the baseline's text at the end of each day
-    (spark_jobs/user_text.py, as the encode job's snapshots), the behaviour texts first seen that day and the
+    (llmfeat/user_text.py, as the encode job's snapshots), the behaviour texts first seen that day and the
     length of the user's behaviour sequence (at most bahe.max_behaviors)."""
     from datetime import UTC, datetime, timedelta
 
-    from llmfeat.spark_jobs.user_text import user_text
+    from llmfeat.user_text import user_text
 
     users, texts, ub_table = histories
     ub = ub_table.to_pylist()
@@ -331,7 +331,7 @@ def user_texts_py(histories: Histories, settings: Any, cut: Any, user_keys: np.n
     """The baseline's user texts in user order, built as the encode job builds them (spark_jobs/user_text)."""
     import pyarrow.compute as pc
 
-    from llmfeat.spark_jobs.user_text import user_text
+    from llmfeat.user_text import user_text
 
     users, texts, ub = histories
     ub = ub.filter(pc.less(ub["event_timestamp"], cut))

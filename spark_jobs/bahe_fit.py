@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from llmfeat.config import BaheConf, Settings
 from llmfeat.models.bahe.data import BehaviorSequences, behavior_matrix, behavior_sequences
 from llmfeat.models.ctr.data import CtrArrays, ctr_arrays
+from llmfeat.reprs import layer_lineage, repr_table
 from llmfeat.sample import Sample, scalar
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from llmfeat.spark_jobs.encode import EncodeSummary
 
 log = logging.getLogger("llmfeat.bahe")
-BEHAVIOR_TABLE = "behaviors_repr"
+BEHAVIOR_TABLE = repr_table("behaviors")
 
 
 @dataclass
@@ -50,7 +51,7 @@ def behavior_settings(settings: Settings) -> Settings:
 
 def cut_time(spark: SparkSession | None, tables: DeltaTables, cut: str) -> datetime:
     """bahe.history_cut as a time: the first event of a split ("valid") or an ISO time; Spark is optional."""
-    from llmfeat.spark_jobs.user_text import history_cut
+    from llmfeat.user_text import history_cut
 
     if spark is not None:
         return history_cut(tables.read_spark("interactions"), cut)
@@ -108,7 +109,6 @@ def subset_rows(a: CtrArrays, keep: np.ndarray) -> CtrArrays:
 
 def load_inputs(spark: SparkSession | None, settings: Settings, n_sample: int = 0) -> BaheInputs:
     from llmfeat.delta_io import open_tables
-    from llmfeat.spark_jobs.train_compressor import layer_lineage
 
     conf = settings.bahe
     tables = open_tables(settings, spark)

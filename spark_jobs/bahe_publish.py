@@ -12,12 +12,13 @@ import pyarrow as pa
 
 from llmfeat.config import Settings
 from llmfeat.models.bahe.data import BehaviorSequences
+from llmfeat.reprs import ENCODER_LINEAGE, repr_table, vector_rows
 
 if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
     from llmfeat.spark_jobs.bahe_fit import BaheInputs
 
-BEHAVIOR_TABLE = "behaviors_repr"
+BEHAVIOR_TABLE = repr_table("behaviors")
 
 
 def sequence_hash(seqs: BehaviorSequences, keys: np.ndarray, u: int) -> str:
@@ -26,12 +27,10 @@ def sequence_hash(seqs: BehaviorSequences, keys: np.ndarray, u: int) -> str:
     return hashlib.sha256(ids.encode()).hexdigest()[:16]
 
 
-def vector_rows(
+def feature_rows(
     key: str, ids: list[str], z: np.ndarray, at: datetime | pa.Array, lineage: dict[str, Any], dtype: str
 ) -> pa.Table:
     """(n, d) vectors -> the feature-table schema the compress job writes (spark_jobs/compress.py)."""
-    from llmfeat.spark_jobs.compress import encode_rows
-
     n = len(ids)
     batch = pa.RecordBatch.from_pydict(
         {
@@ -39,14 +38,11 @@ def vector_rows(
             "encoded_at": at
             if isinstance(at, pa.Array)
             else pa.array([at] * n, pa.timestamp("us", tz="UTC")),
-            **{
-                c: pa.array([str(lineage[c])] * n, pa.string())
-                for c in ("encoder_id", "weights_hash", "pooling")
-            },
+            **{c: pa.array([str(lineage[c])] * n, pa.string()) for c in ENCODER_LINEAGE},
             "content_hash": pa.array(lineage["content_hash"], pa.string()),
         }
     )
-    out = pa.Table.from_batches([encode_rows(batch, key, z, dtype)])
+    out = pa.Table.from_batches([vector_rows(batch, key, z, dtype)])
     for col, value, type_ in (
         ("source_table", BEHAVIOR_TABLE, pa.string()),
         ("source_version", lineage["source_version"], pa.int64()),
@@ -81,7 +77,7 @@ def publish_users(
         "content_hash": [sequence_hash(seqs, inputs.behavior_keys, int(u)) for u in users],
     }
     ids = [str(k) for k in inputs.a.user_keys[users]]
-    rows = vector_rows("user_id", ids, vectors[users], inputs.cut, lineage, settings.marc.output_dtype)
+    rows = feature_rows("user_id", ids, vectors[users], inputs.cut, lineage, settings.marc.output_dtype)
     rows = rows.append_column("no_history", pa.array(seqs.no_history[users]))
     return rows.append_column("missing_behaviors", pa.array(seqs.missing_per_user[users]))
 
@@ -100,4 +96,4 @@ def behavior_rows(settings: Settings, inputs: BaheInputs) -> pa.Table:
     }
     keys = [str(k) for k in inputs.behavior_keys]
     at = inputs.behavior_encoded_at.cast(pa.timestamp("us", tz="UTC"))
-    return vector_rows("behavior_id", keys, z, at, lineage, settings.marc.output_dtype)
+    return feature_rows("behavior_id", keys, z, at, lineage, settings.marc.output_dtype)

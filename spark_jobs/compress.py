@@ -32,9 +32,14 @@ import pyarrow as pa
 
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
-from llmfeat.feast_repo import MarcView
-
-TIMESTAMP = pa.timestamp("us", tz="UTC")
+from llmfeat.reprs import (
+    PASSED_THROUGH,
+    MarcView,
+    entity_key,
+    repr_table,
+    snapshot_parts_columns,
+    vector_rows,
+)
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -44,11 +49,10 @@ if TYPE_CHECKING:
 
 # user_snapshots (the point-in-time user series) is compressed by the users' compressor; users (one static
 # vector per user) only when asked for by name.
-ENTITY_KEYS = {"user_snapshots": "snapshot_id", "items": "item_id", "users": "user_id"}
+COMPRESSIBLE = ("user_snapshots", "items", "users")
 MARC_SIDES = {"user_snapshots": "user", "items": "item"}  # the entities published as MARC feature views
 COMPRESSOR_OF = {"user_snapshots": "users", "items": "items", "users": "users"}
 DEFAULT_ENTITIES = ("user_snapshots", "items")
-PASSED_THROUGH = ("encoder_id", "weights_hash", "pooling", "content_hash")
 
 
 class CompressError(UserError, ValueError):
@@ -195,30 +199,7 @@ class PartitionCompressor:
             )
             with torch.no_grad():
                 z = compressor(torch.from_numpy(x)).numpy()  # (B, d)
-            yield encode_rows(batch, self.key, z, self.dtype)
-
-
-def encode_rows(batch: pa.RecordBatch, key: str, z: np.ndarray, dtype: str) -> pa.RecordBatch:
-    """(B, d) compressed vectors -> key, vector, scale, event_timestamp and pass-through lineage."""
-    from llmfeat.models.marc.baselines import quantise_int8
-
-    n, d = z.shape
-    if dtype == "int8":
-        q, scale = quantise_int8(z)
-        values: pa.Array = pa.array(q.reshape(-1), pa.int8())
-        scales = pa.array(scale, pa.float32())
-    else:
-        values = pa.array(z.astype(np.float16).astype(np.float32).reshape(-1), pa.float32())
-        scales = pa.nulls(n, pa.float32())
-    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
-    cols = {
-        key: batch.column(key),
-        "vector": pa.ListArray.from_arrays(offsets, values),
-        "scale": scales,
-        "event_timestamp": batch.column("encoded_at"),
-    }
-    cols |= {c: batch.column(c) for c in PASSED_THROUGH}
-    return pa.RecordBatch.from_pydict(cols)
+            yield vector_rows(batch, self.key, z, self.dtype)
 
 
 def output_schema(key: str, dtype: str) -> str:
@@ -237,7 +218,7 @@ def compress_entity(
 
     from llmfeat.registry import model_uri, resolve_alias, tracking_uri
 
-    key, name = ENTITY_KEYS[entity], f"{entity}_repr"
+    key, name = entity_key(entity), repr_table(entity)
     reg = resolve_alias(settings, COMPRESSOR_OF[entity])
     check_declared(entity, reg)
     version = tables.version(name)
@@ -308,10 +289,8 @@ def valid_from(rows: DataFrame, entity: str, tables: DeltaTables) -> DataFrame:
     from pyspark.sql import functions as F
 
     if entity == "user_snapshots":
-        # snapshot_id = "<user_id>@<UTC time to the second>" (user_text.snapshot_id)
-        at = F.substring_index("snapshot_id", "@", -1)
-        user = F.regexp_extract("snapshot_id", r"^(.*)@[^@]*$", 1)
-        rows = rows.withColumn("event_timestamp", F.to_timestamp(at, "yyyy-MM-dd'T'HH:mm:ss"))
+        user, at = snapshot_parts_columns("snapshot_id")
+        rows = rows.withColumn("event_timestamp", at)
         rows = rows.withColumn("user_id", user)
         cuts = rows.select("user_id", F.col("event_timestamp").alias("snapshot_at")).distinct()
         until = history_until(tables, cuts).withColumnRenamed("snapshot_at", "event_timestamp")
@@ -337,7 +316,7 @@ def check_feature_tables(results: list[Any], tables: Any, settings: Settings) ->
         first = rows.select(F.size("vector").alias("n")).first()
         dim = first["n"] if first is not None else settings.marc.out_dim
         suite = feature_suite(
-            table, ENTITY_KEYS[entity], dim, settings.marc.output_dtype, conf=settings.validation
+            table, entity_key(entity), dim, settings.marc.output_dtype, conf=settings.validation
         )
         gate(rows, suite, table=table, tables=tables, run_id=run_id, conf=settings.validation)
 
@@ -356,7 +335,7 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
         summaries = []
         for entity, rows, reg in results:
             table = feature_table(entity, reg)
-            version = tables.upsert(table, rows, [ENTITY_KEYS[entity]], delete_missing=True)
+            version = tables.upsert(table, rows, [entity_key(entity)], delete_missing=True)
             dtype = settings.marc.output_dtype
             summaries.append(
                 CompressSummary(
@@ -378,7 +357,7 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
 
 def parse_entities(value: str) -> list[str]:
     names = list(DEFAULT_ENTITIES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ENTITY_KEYS]
+    unknown = [n for n in names if n not in COMPRESSIBLE]
     if unknown:
         raise argparse.ArgumentTypeError(
             f"unknown entity {unknown}; expected user_snapshots, items, users or all (user_snapshots, items)"
@@ -425,7 +404,7 @@ def demo_step(spark: SparkSession, settings: Settings) -> None:
     from llmfeat.spark_jobs.train_compressor import run as train
 
     tables = open_tables(settings, spark)
-    missing = [f"{e}_repr" for e in DEFAULT_ENTITIES if not tables.exists(f"{e}_repr")]
+    missing = [repr_table(e) for e in DEFAULT_ENTITIES if not tables.exists(repr_table(e))]
     print("\n== MARC compressor (train a few epochs -> MLflow registry @alias -> compress to feature tables)")
     if missing:
         print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity user_snapshots,items`")

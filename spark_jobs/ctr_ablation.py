@@ -37,6 +37,7 @@ import pandas as pd
 from llmfeat.config import Settings
 from llmfeat.models.evaluation.ab_stats import paired_differences
 from llmfeat.models.evaluation.ctr_eval import metric_intervals
+from llmfeat.reprs import dequantise_int8, layer_matrix, parse_snapshot_id, quantise_int8, repr_table
 from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
@@ -66,7 +67,6 @@ def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
     from llmfeat.models.ctr.data import ctr_arrays, point_in_time
     from llmfeat.spark_jobs.ctr_dataset import build_frame, split_masks
     from llmfeat.spark_jobs.train_ctr import after_marc
-    from llmfeat.spark_jobs.user_text import parse_snapshot_id
 
     tables = open_tables(settings, spark)
     frame, _ = build_frame(settings, tables, open_store(settings), [settings.ctr.llm_feature_service])
@@ -74,7 +74,7 @@ def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
     sample = Sample(tables, settings.sample)  # the same users as build_frame's
     inter, users_table, items = sample.ctr_tables()
     a = ctr_arrays(inter, users_table, items)
-    snapshot_ids = set(sample.read("user_snapshots_repr", ["snapshot_id"])["snapshot_id"].to_pylist())
+    snapshot_ids = set(sample.read(repr_table("user_snapshots"), ["snapshot_id"])["snapshot_id"].to_pylist())
     sampled = {str(u) for u in a.user_keys}
     parsed = [(k, *parse_snapshot_id(k)) for k in sorted(snapshot_ids)]
     parsed = [p for p in parsed if p[1] in sampled]  # the snapshots of the sampled users
@@ -105,7 +105,6 @@ def _align(frame: pd.DataFrame, inter: pd.DataFrame) -> np.ndarray:
 
 
 def int8_round_trip(z: np.ndarray) -> np.ndarray:
-    from llmfeat.models.marc.baselines import dequantise_int8, quantise_int8
 
     return dequantise_int8(*quantise_int8(z.astype(np.float32)))
 
@@ -113,16 +112,20 @@ def int8_round_trip(z: np.ndarray) -> np.ndarray:
 def layer_arms(settings: Settings, rows: Rows, layer: int, users_too: bool) -> dict[str, tuple[Any, Any]]:
     """PCA and MARC at one tapped layer: (user vectors (N, 64) or None, item vectors (N, 64)) per arm."""
     from llmfeat.delta_io import open_tables
-    from llmfeat.models.ctr.data import CtrArrays, repr_matrix
+    from llmfeat.models.ctr.data import CtrArrays
     from llmfeat.models.marc.baselines import pca
     from llmfeat.models.marc.train import compress, fit_marc, marc_periods
     from llmfeat.spark_jobs.train_compressor import marc_config, train_config
 
     sample = Sample(open_tables(settings), settings.sample)
-    xi = repr_matrix(sample.read("items_repr", item_id=rows.item_keys), "items", layer, rows.item_keys)
-    snapshots = sample.read("user_snapshots_repr", snapshot_id=rows.snapshot_keys) if users_too else None
+    xi = layer_matrix(
+        sample.read(repr_table("items"), item_id=rows.item_keys), "items", layer, rows.item_keys
+    )
+    snapshots = (
+        sample.read(repr_table("user_snapshots"), snapshot_id=rows.snapshot_keys) if users_too else None
+    )
     xu = (
-        repr_matrix(snapshots, "user_snapshots", layer, rows.snapshot_keys)
+        layer_matrix(snapshots, "user_snapshots", layer, rows.snapshot_keys)
         if users_too
         else np.zeros((len(rows.snapshot_keys), xi.shape[1]), np.float32)
     )

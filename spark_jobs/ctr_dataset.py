@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.errors import UserError
-from llmfeat.feast_repo import MarcView, marc_views_in
+from llmfeat.reprs import FEATURE_LINEAGE, MarcView, marc_views_in
 from llmfeat.sample import Sample, distinct_values
 from llmfeat.training_set import TrainingSetError, _refs_by_view, historical_features
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
     from llmfeat.validation.gating import GateReport
 
-LINEAGE_COLUMNS = ("encoder_id", "layer", "compressor_name", "compressor_version", "source_version")
 # Pinned for every training set; the MARC tables of the compressor version its services name are added.
 VERSIONED_TABLES = ("interactions", "items", "feast_item_meta", "feast_user_stats", "feast_item_stats")
 
@@ -85,7 +84,7 @@ def vector_lineage(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, str]
     for m in marcs:
         if not tables.exists(m.feast_table):
             continue
-        for col, values in distinct_values(tables, m.feast_table, LINEAGE_COLUMNS).items():
+        for col, values in distinct_values(tables, m.feast_table, list(FEATURE_LINEAGE)).items():
             out[f"{m.side}.{col}"] = ",".join(sorted(str(v) for v in values))
     return out
 

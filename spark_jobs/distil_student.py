@@ -106,7 +106,7 @@ def distillation_texts(settings: Settings) -> DistilTexts:
     """Sampled item, user and behaviour texts from the Delta tables (delta-rs)."""
     from llmfeat.delta_io import RustDelta
     from llmfeat.sample import Sample, scalar
-    from llmfeat.spark_jobs.user_text import user_text
+    from llmfeat.user_text import user_text
 
     cfg, tables = settings.slmrec, RustDelta(settings.delta_root)
     sample = Sample(tables, settings.sample)  # llmfeat/sample.py

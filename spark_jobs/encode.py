@@ -46,6 +46,7 @@ from llmfeat.models.encoder import (
     resolve_model,
     weights_hash,
 )
+from llmfeat.reprs import ENTITY_KEYS, REPR_SINGLE_VALUED, entity_key, repr_table
 from llmfeat.session import gpu_profile
 
 if TYPE_CHECKING:
@@ -55,16 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmfeat.encode")
 
-# user_snapshots: the time series the CTR features use, one text per user and period with new behaviour
-# (spark_jobs/user_text.py); users: one text per user at encode.history_cut, for the static probes.
-ENTITY_KEYS = {
-    "items": "item_id",
-    "user_snapshots": "snapshot_id",
-    "behaviors": "behavior_id",
-    "users": "user_id",
-}
 ALL_ENTITIES = ("items", "user_snapshots", "behaviors")
-LINEAGE = ["encoder_id", "weights_hash", "pooling", "max_length"]
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -122,7 +114,7 @@ def encoder_config(cfg: EncodeConf) -> EncoderConfig:
 
 def entity_texts(tables: DeltaTables, entity: str, cfg: EncodeConf) -> DataFrame:
     """(key, text) for an entity, read from the ingest tables."""
-    from llmfeat.spark_jobs.user_text import history_cut, user_snapshot_texts, user_texts
+    from llmfeat.user_text import history_cut, user_snapshot_texts, user_texts
 
     if entity == "items":
         return tables.read_spark("items").select("item_id", "text")
@@ -195,15 +187,21 @@ def repr_rows(encoded: Any, key: str, lineage: Lineage, encoded_at: datetime) ->
     if isinstance(encoded, pa.Table):
         n = encoded.num_rows
         constant = {c: pa.array([v] * n, t) for c, (v, t, _) in _lineage_values(lineage, encoded_at).items()}
+        lineage_cols = {c: constant[c] for c in REPR_SINGLE_VALUED}
         return pa.table({key: encoded[key], "layer": encoded["layer"], "vector": encoded["vector"],
-                         **{c: constant[c] for c in LINEAGE}, "content_hash": encoded["content_hash"],
+                         **lineage_cols, "content_hash": encoded["content_hash"],
                          "encoded_at": constant["encoded_at"]})  # fmt: skip
     from pyspark.sql import functions as F
 
     values = _lineage_values(lineage, encoded_at)
     constant = {c: F.lit(v).cast(t).alias(c) for c, (v, _, t) in values.items()}
     return encoded.select(
-        key, "layer", "vector", *[constant[c] for c in LINEAGE], "content_hash", constant["encoded_at"]
+        key,
+        "layer",
+        "vector",
+        *[constant[c] for c in REPR_SINGLE_VALUED],
+        "content_hash",
+        constant["encoded_at"],
     )
 
 
@@ -306,9 +304,7 @@ def run(spark: SparkSession, settings: Settings, entity: str, only: DataFrame | 
     from llmfeat.validation.gating import gate, new_run_id
     from llmfeat.validation.suites import repr_suite
 
-    if entity not in ENTITY_KEYS:
-        raise EncoderError(f"unknown entity {entity!r}; expected one of {', '.join(ENTITY_KEYS)}")
-    cfg, key, name = settings.encode, ENTITY_KEYS[entity], f"{entity}_repr"
+    cfg, key, name = settings.encode, entity_key(entity), repr_table(entity)
     enc_cfg = encoder_config(cfg)
     source = resolve_model(cfg.model, cfg.cache_dir)  # a GGUF is converted here, once, before any task
     check_layers(enc_cfg.layers, model_depth(source.path), source.encoder_id)

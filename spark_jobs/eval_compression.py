@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmfeat.models.ctr.data import ctr_arrays, repr_layers, repr_matrix
+from llmfeat.models.ctr.data import ctr_arrays
 from llmfeat.models.marc.sweep import Entry, SweepConfig, SweepResult, Vectors, run_sweep
+from llmfeat.reprs import layer_matrix, repr_layers, repr_table
 from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
@@ -30,15 +31,18 @@ def load(settings: Settings):  # type: ignore[no-untyped-def]
 
     sample = Sample(open_tables(settings), settings.sample)
     a = ctr_arrays(*sample.ctr_tables())
-    reprs = {"users": sample.read("users_repr"), "items": sample.read("items_repr", item_id=a.item_keys)}
+    reprs = {
+        "users": sample.read(repr_table("users")),
+        "items": sample.read(repr_table("items"), item_id=a.item_keys),
+    }
     layers = sorted(set(repr_layers(reprs["users"])) & set(repr_layers(reprs["items"])))
     cache: dict[int, Vectors] = {}
 
     def states(layer: int) -> Vectors:
         if layer not in cache:
             cache[layer] = (
-                repr_matrix(reprs["users"], "users", layer, a.user_keys),
-                repr_matrix(reprs["items"], "items", layer, a.item_keys),
+                layer_matrix(reprs["users"], "users", layer, a.user_keys),
+                layer_matrix(reprs["items"], "items", layer, a.item_keys),
             )
         return cache[layer]
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from llmfeat.models.encoder import EncoderConfig, load_encoder, resolve_model
+from llmfeat.reprs import ReprError, layer_matrix, repr_table
 
 if TYPE_CHECKING:
     from llmfeat.config import Settings
@@ -81,13 +82,12 @@ def item_vectors(delta_root: Path, layer: int, keys: np.ndarray, encoder_id: str
     import pyarrow.compute as pc
 
     from llmfeat.delta_io import RustDelta
-    from llmfeat.models.ctr.data import repr_matrix
     from llmfeat.sample import Sample, SampleConf
 
-    table = Sample(RustDelta(delta_root), SampleConf()).read("items_repr", item_id=keys)
+    table = Sample(RustDelta(delta_root), SampleConf()).read(repr_table("items"), item_id=keys)
     if encoder_id is not None:
         table = table.filter(pc.equal(table["encoder_id"], encoder_id))
-    return repr_matrix(table, "items", layer, keys, name=f"{delta_root}/items_repr")
+    return layer_matrix(table, "items", layer, keys, name=f"{delta_root}/{repr_table('items')}")
 
 
 def user_resamples(users: np.ndarray, n_boot: int, seed: int = 0) -> list[np.ndarray]:
@@ -122,7 +122,7 @@ def probe_table(
 ) -> dict[str, Any]:
     """Probe test AUC (all / warm / cold, intervals) for ID only, teacher layers and the student."""
     from llmfeat.delta_io import RustDelta
-    from llmfeat.models.ctr.data import ReprError, ctr_arrays
+    from llmfeat.models.ctr.data import ctr_arrays
     from llmfeat.models.evaluation.probe_eval import fit_id_model
     from llmfeat.models.marc.baselines import pca
     from llmfeat.models.marc.sweep import Evaluator, SweepConfig

@@ -37,7 +37,8 @@ import pyarrow.compute as pc
 
 from llmfeat.config import Settings, ValidationConf
 from llmfeat.errors import UserError
-from llmfeat.feast_repo import MarcView, marc_views_in
+from llmfeat.reprs import FEATURE_LINEAGE, MarcView, marc_views_in
+from llmfeat.reprs import decode_vectors as decode_stored
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -51,14 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-LINEAGE = {
-    "source_version": pa.int64(),
-    "encoder_id": pa.string(),
-    "layer": pa.int64(),
-    "compressor_name": pa.string(),
-    "compressor_version": pa.string(),
-    "dtype": pa.string(),
-}
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 DEFAULTS = ValidationConf()
 
@@ -138,11 +131,10 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
             f"{spec.source}: vector length {got} but {spec.view} declares {dim} "
             f"(feature_repo/feature_views.py VECTOR_DIM); e.g. {spec.key} {_examples(table, spec.key, wrong)}"
         )
-    values = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)  # [B, D]
-    if pa.types.is_int8(vectors.type.value_type):
-        if "scale" not in table.column_names:
-            raise FeatureTableError(f"{spec.source}: int8 vectors need a float32 `scale` column")
-        values = values * table["scale"].to_numpy(zero_copy_only=False).astype(np.float32)[:, None]
+    if pa.types.is_int8(vectors.type.value_type) and "scale" not in table.column_names:
+        raise FeatureTableError(f"{spec.source}: int8 vectors need a float32 `scale` column")
+    scale = table["scale"].combine_chunks() if "scale" in table.column_names else None
+    values = decode_stored(vectors, scale, dim)  # [B, D] float32
     bad = ~np.isfinite(values).all(axis=1)
     if bad.any():
         raise FeatureTableError(
@@ -156,7 +148,7 @@ def decode_vectors(table: pa.Table, spec: VectorTable, dim: int) -> pa.Table:
         ),
         "event_timestamp": table["event_timestamp"].cast(TIMESTAMP),
     }
-    for name, type_ in LINEAGE.items():
+    for name, type_ in FEATURE_LINEAGE.items():
         present = name in table.column_names
         columns[name] = table[name].cast(type_) if present else pa.nulls(table.num_rows, type_)
     if spec.times:
@@ -265,7 +257,7 @@ def stage_arrow(tables: DeltaTables) -> tuple[list[Staged], list[Published]]:
     specs, skipped = _vector_specs(tables)
     staged = [
         Staged(spec.target, spec.view, decode_vectors(tables.read_arrow(spec.source), spec, dim),
-               [spec.key, "event_timestamp"], dim, [*LINEAGE], history=True)
+               [spec.key, "event_timestamp"], dim, [*FEATURE_LINEAGE], history=True)
         for spec, dim in specs
     ]  # fmt: skip
     if tables.exists("items"):
@@ -284,7 +276,7 @@ def stage_spark(spark: SparkSession, tables: DeltaTables) -> tuple[list[Staged],
     for spec, dim in specs:
         frame = decode_vectors_spark(tables.read_spark(spec.source), spec, dim)
         keys = [spec.key, "event_timestamp"]
-        staged.append(Staged(spec.target, spec.view, frame, keys, dim, [*LINEAGE], history=True))
+        staged.append(Staged(spec.target, spec.view, frame, keys, dim, [*FEATURE_LINEAGE], history=True))
     if tables.exists("items"):
         meta = item_meta_spark(tables.read_spark("items"))
         staged.append(Staged("feast_item_meta", "item_meta_fv", meta, ["item_id"]))
@@ -339,7 +331,7 @@ def decode_vectors_spark(frame: DataFrame, spec: VectorTable, dim: int) -> DataF
     nonfinite = F.exists(vector, lambda x: F.isnan(value(x)) | (F.abs(value(x)) == float("inf")))
     if bad := examples(nonfinite | (scale.isNull() if int8 else F.lit(False))):
         raise FeatureTableError(f"{spec.source}: non-finite vector for {spec.key} {bad}")
-    columns = [c for c in (spec.key, "vector", "scale", "event_timestamp", "history_until", *LINEAGE)
+    columns = [c for c in (spec.key, "vector", "scale", "event_timestamp", "history_until", *FEATURE_LINEAGE)
                if c in frame.columns]  # fmt: skip
     return frame.select(*columns).mapInArrow(ArrowDecoder(spec, dim), decoded_schema(spec))
 
@@ -361,7 +353,7 @@ def decoded_schema(spec: VectorTable) -> str:
     """The Spark schema of `decode_vectors`' output."""
     spark_type = {pa.int64(): "bigint", pa.string(): "string"}
     cols = [f"`{spec.key}` string", f"`{spec.column}` array<float>", "event_timestamp timestamp"]
-    cols += [f"`{name}` {spark_type[t]}" for name, t in LINEAGE.items()]
+    cols += [f"`{name}` {spark_type[t]}" for name, t in FEATURE_LINEAGE.items()]
     if spec.times:
         cols.append(f"`{spec.times}valid_from` timestamp")
         if spec.key == "user_id":

@@ -25,7 +25,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import MarcConf, SampleConf, Settings
-from llmfeat.models.ctr.data import CtrArrays, ReprError, ctr_arrays, repr_matrix
+from llmfeat.models.ctr.data import CtrArrays, ctr_arrays
+from llmfeat.reprs import (
+    ENCODER_LINEAGE,
+    ReprError,
+    layer_lineage,
+    layer_matrix,
+    parse_snapshot_id,
+    repr_table,
+    snapshot_users,
+)
 from llmfeat.sample import Sample, SampleTooLarge, distinct_values, spark_user_sample
 
 if TYPE_CHECKING:
@@ -35,7 +44,6 @@ if TYPE_CHECKING:
     from llmfeat.registry import RegisteredCompressor
 
 log = logging.getLogger(__name__)
-LINEAGE_COLUMNS = ("encoder_id", "weights_hash", "pooling")
 
 
 @dataclass(frozen=True)
@@ -56,18 +64,6 @@ class TrainSummary:
                 f"encoder {r.encoder_id}"
             )
         return "\n".join(lines)
-
-
-def layer_lineage(table: pa.Table, name: str, layer: int) -> dict[str, Any]:
-    """The single encoder_id / weights_hash / pooling of one layer's rows; mixed values are an error."""
-    rows = table.filter(pc.equal(table.column("layer"), layer))
-    out: dict[str, Any] = {"layer": layer}
-    for col in LINEAGE_COLUMNS:
-        values = sorted(set(rows.column(col).to_pylist())) if col in rows.column_names else ["unknown"]
-        if len(values) != 1:
-            raise ReprError(f"{name}: layer {layer} mixes {col} values {values}: re-encode the table first")
-        out[col] = values[0]
-    return out
 
 
 def marc_config(cfg: MarcConf, in_dim: int) -> Any:
@@ -97,14 +93,13 @@ def load_inputs(
     (small lakes) delta-rs reads the tables, the layer filtered as it reads."""
     from llmfeat.delta_io import open_tables
     from llmfeat.models.ctr.data import point_in_time
-    from llmfeat.spark_jobs.user_text import parse_snapshot_id
 
     tables = open_tables(settings, spark)
-    name = "user_snapshots_repr"
+    name = repr_table("user_snapshots")
     if not tables.exists(name):
         raise ReprError(f"{name} not found: run `llmfeat encode --entity user_snapshots` first")
     layer = settings.marc.layer
-    versions = {t: tables.version(t) for t in (name, "items_repr")}
+    versions = {t: tables.version(t) for t in (name, repr_table("items"))}
     source = (
         SparkSample(spark, tables, settings, versions)
         if spark is not None
@@ -124,10 +119,10 @@ def load_inputs(
     states, lineage = {}, {}
     for entity, table_name, repr_entity, entity_keys in (
         ("users", name, "user_snapshots", keys),
-        ("items", "items_repr", "items", a.item_keys),
+        ("items", repr_table("items"), "items", a.item_keys),
     ):
         table = snapshots if table_name == name else source.layer(table_name, "item_id", layer, items)
-        states[entity] = repr_matrix(table, repr_entity, layer, entity_keys, table_name)
+        states[entity] = layer_matrix(table, repr_entity, layer, entity_keys, table_name)
         lineage[entity] = layer_lineage(table, table_name, layer) | {
             "entity": entity,
             "source_table": table_name,
@@ -138,7 +133,7 @@ def load_inputs(
     return a, states, lineage
 
 
-REPR_COLUMNS = ("layer", "vector", *LINEAGE_COLUMNS)
+REPR_COLUMNS = ("layer", "vector", *ENCODER_LINEAGE)
 
 
 class RustSource:
@@ -162,7 +157,7 @@ class RustSource:
         if key != "snapshot_id":
             return self.sample.read(name, columns, layer=[layer], **{key: entities.column(key)})
         at = self.sample.read(name, columns, layer=[layer])
-        users = pc.replace_substring_regex(at.column(key), r"@[^@]*$", "")  # snapshot ids are user@time
+        users = snapshot_users(at.column(key))
         return at.filter(pc.is_in(users, value_set=entities.column("user_id").cast(pa.string())))
 
     def _table(self, name: str) -> Any:
@@ -265,7 +260,11 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
     use_tracking(settings)
     with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
         mlflow.set_tags({"kind": "marc-compressor", "marc_config": str(asdict(fit.model.cfg))})
-        inputs = ["items_repr", "user_snapshots_repr", "interactions"]  # gated when they were published
+        inputs = [
+            repr_table("items"),
+            repr_table("user_snapshots"),
+            "interactions",
+        ]  # gated when they were published
         link_inputs(mlflow.MlflowClient(), active.info.run_id, locations(settings)[0].parent, inputs)
         registered = log_fit(fit, settings, lineage)
     return TrainSummary(active.info.run_id, fit.history.best_score, fit.history.best_epoch, registered)

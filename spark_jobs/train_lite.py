@@ -40,6 +40,7 @@ from llmfeat.models.lite_llm4rec.data import (
     train_windows,
 )
 from llmfeat.models.trainer import TrainConfig, TrainHistory, train_early_stopping
+from llmfeat.reprs import layer_lineage, layer_matrix, repr_table
 
 if TYPE_CHECKING:
     from llmfeat.config import LiteConf, Settings
@@ -98,22 +99,20 @@ class LiteSummary:
 def load_lite_data(settings: Settings) -> LiteData:
     """The event log, windows, queries and the item vectors of `lite.item_layer` (delta-rs reads)."""
     from llmfeat.delta_io import RustDelta
-    from llmfeat.models.ctr.data import repr_matrix
     from llmfeat.sample import Sample
-    from llmfeat.spark_jobs.train_compressor import layer_lineage
 
     cfg, tables = settings.lite, RustDelta(settings.delta_root)
-    if not tables.exists("items_repr"):
+    if not tables.exists(repr_table("items")):
         raise FileNotFoundError(
             f"no items_repr table under {settings.delta_root}: run `llmfeat encode --entity items` first"
         )
     sample = Sample(tables, settings.sample)  # llmfeat/sample.py
     inter = sample.read("interactions")
     ev = event_log(inter, sample.items_of(inter))
-    repr_table = sample.read("items_repr", item_id=ev.item_keys)
-    vectors = repr_matrix(repr_table, "items", cfg.item_layer, ev.item_keys)
-    lineage = layer_lineage(repr_table, "items_repr", cfg.item_layer)
-    lineage["items_repr_version"] = tables.version("items_repr")
+    item_reprs = sample.read(repr_table("items"), item_id=ev.item_keys)
+    vectors = layer_matrix(item_reprs, "items", cfg.item_layer, ev.item_keys)
+    lineage = layer_lineage(item_reprs, repr_table("items"), cfg.item_layer)
+    lineage["items_repr_version"] = tables.version(repr_table("items"))
     lineage["interactions_version"] = tables.version("interactions")
     return LiteData(
         ev,

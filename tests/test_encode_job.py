@@ -16,7 +16,7 @@ from llmfeat.delta_io import RustDelta
 from llmfeat.models.encoder import EncoderError
 from llmfeat.spark_jobs import encode
 from llmfeat.spark_jobs.ingest import run as ingest
-from llmfeat.spark_jobs.user_text import user_text, user_texts
+from llmfeat.user_text import user_text, user_texts
 
 pytestmark = pytest.mark.spark
 REPR_COLUMNS = [
@@ -165,7 +165,7 @@ def test_user_snapshots_are_a_point_in_time_series(
     """One snapshot at each user's first appearance (demographics only), then one at the start of each day
     after a day with behaviour; a text never holds a behaviour at or after its snapshot time; a re-run encodes
     nothing."""
-    from llmfeat.spark_jobs.user_text import parse_snapshot_id
+    from llmfeat.reprs import parse_snapshot_id
 
     settings = make_settings(f"encode.model={tiny_model}", "encode.layers=[1]")
     ingest(spark, settings)

@@ -15,11 +15,12 @@ import pytest
 from llmfeat import feast_repo
 from llmfeat.config import Settings, load_settings
 from llmfeat.paths import feature_repo_dir
+from llmfeat.reprs import MarcView
 from llmfeat.serving.features import parse_response
 from llmfeat.spark_jobs.materialize import FeatureTableError, VectorTable, decode_vectors
 
 DIM = 64
-USER_SPEC, ITEM_SPEC = (VectorTable.marc(feast_repo.MarcView(side, "1")) for side in ("user", "item"))
+USER_SPEC, ITEM_SPEC = (VectorTable.marc(MarcView(side, "1")) for side in ("user", "item"))
 LINEAGE = {
     "source_version": 3,
     "encoder_id": "smollm2-135m",

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from llmfeat.models.ctr.data import ReprError, ctr_arrays, repr_matrix
+from llmfeat.models.ctr.data import ctr_arrays
 from llmfeat.models.evaluation.metrics import (
     auc,
     bootstrap_interval,
@@ -36,6 +36,7 @@ from llmfeat.models.marc.model import (
 )
 from llmfeat.models.marc.train import compress, fit_marc
 from llmfeat.models.trainer import TrainConfig
+from llmfeat.reprs import ReprError, layer_matrix
 
 pytestmark = pytest.mark.unit
 
@@ -174,13 +175,13 @@ def test_repr_matrix_errors_name_key_and_table() -> None:
         }
     )
     keys = np.array(["1"], dtype=object)
-    assert repr_matrix(table, "items", 3, keys).shape == (1, 2)
+    assert layer_matrix(table, "items", 3, keys).shape == (1, 2)
     with pytest.raises(ReprError, match="item_id='2'.*NaN"):
-        repr_matrix(table, "items", 3, np.array(["1", "2"], dtype=object))
+        layer_matrix(table, "items", 3, np.array(["1", "2"], dtype=object))
     with pytest.raises(ReprError, match="layer 7 not present"):
-        repr_matrix(table, "items", 7, keys)
+        layer_matrix(table, "items", 7, keys)
     with pytest.raises(ReprError, match="item_id='9'"):
-        repr_matrix(table, "items", 5, np.array(["9"], dtype=object))
+        layer_matrix(table, "items", 5, np.array(["9"], dtype=object))
 
 
 def test_sweep_and_report_on_a_tiny_bundle(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -226,7 +227,7 @@ def test_mlflow_project_entry_points_exist_and_mlflow_stays_the_library() -> Non
 
 
 def test_point_in_time_rows_take_the_newest_snapshot_at_or_before_them() -> None:
-    from llmfeat.models.ctr.data import CtrArrays, ReprError, point_in_time
+    from llmfeat.models.ctr.data import CtrArrays, point_in_time
 
     a = CtrArrays(
         user_keys=np.array(["u1", "u2"], dtype=object),

@@ -26,12 +26,9 @@ import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column
 
 from llmfeat.config import ValidationConf
+from llmfeat.reprs import FEATURE_LINEAGE, REPR_LINEAGE, REPR_SINGLE_VALUED
 from llmfeat.validation.derived import Derived
 
-REPR_LINEAGE = ("encoder_id", "weights_hash", "pooling", "max_length", "content_hash", "encoded_at")
-# One value per published batch: a batch mixing encoders or compressors is a bug upstream.
-REPR_SINGLE_VALUED = ("encoder_id", "weights_hash", "pooling", "max_length")
-FEATURE_LINEAGE = ("source_version", "encoder_id", "layer", "compressor_name", "compressor_version", "dtype")
 DEFAULTS = ValidationConf()
 INT8_CODES = (-127, 127)  # symmetric quantisation: -128 is never produced
 
@@ -202,7 +199,7 @@ def feature_suite(
     dim: int,
     dtype: str = "float16",
     vector: str = "vector",
-    lineage: Sequence[str] = FEATURE_LINEAGE,
+    lineage: Sequence[str] = tuple(FEATURE_LINEAGE),
     conf: ValidationConf = DEFAULTS,
     stored_dtype: bool = True,
     time_key: bool = False,

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmfeat.models.ctr.data import CtrArrays, ReprError
+from llmfeat.models.ctr.data import CtrArrays
+from llmfeat.reprs import ReprError
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 Notation: N interaction rows, U users, I items, D representation width, F dense ID-side features.
 
-Leakage rule (METHODS.md): the user representation is encoded from the user's history before the train cut,
-so it contains the labels of the train rows. The downstream probe is therefore fitted only on rows after that
-cut (the valid split) and tested on the test split; the ID side is learned from the train split alone.
+Leakage rule (docs/methods.md): the user representation is encoded from the user's history before the train
+cut, so it contains the labels of the train rows. The downstream probe is therefore fitted only on rows after
+that cut (the valid split) and tested on the test split; the ID side is learned from the train split alone.
 """
 
 from __future__ import annotations
@@ -15,13 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from llmfeat.errors import UserError
-
-KEY_COLUMN = {"users": "user_id", "items": "item_id", "user_snapshots": "snapshot_id"}
-
-
-class ReprError(UserError, ValueError):
-    """A representation table that cannot be used: missing layer or key, bad values, wrong width."""
+from llmfeat.reprs import ReprError
 
 
 @dataclass(frozen=True)
@@ -38,9 +32,6 @@ class CtrArrays:
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
-
-
-DENSE_FEATURES = ("log_item_count", "item_ctr", "log_user_count", "user_ctr", "warm")
 
 
 def ctr_arrays(interactions: pa.Table, users: pa.Table, items: pa.Table, prior: float = 10.0) -> CtrArrays:
@@ -91,38 +82,3 @@ def point_in_time(
             raise ReprError(f"user_id={u!r}: no snapshot at or before its interaction at {t} (epoch us)")
         idx[r] = order[j]
     return replace(a, user_keys=snapshot_keys, user_idx=idx)
-
-
-def repr_matrix(table: pa.Table, entity: str, layer: int, keys: np.ndarray, name: str = "") -> np.ndarray:
-    """The (len(keys), D) float32 states of `layer`, in the order of `keys`; ReprError names key and table."""
-    name = name or f"{entity}_repr"
-    key_col = KEY_COLUMN[entity]
-    layers = sorted(set(table.column("layer").to_pylist()))
-    if layer not in layers:
-        raise ReprError(f"{name}: layer {layer} not present (layers in the table: {layers})")
-    rows = table.filter(pc.equal(table.column("layer"), layer))
-    found = rows.column(key_col).to_pylist()
-    pos = {k: i for i, k in enumerate(found)}
-    missing = [k for k in keys if k not in pos]
-    if missing:
-        raise ReprError(
-            f"{name}: no layer-{layer} vector for {key_col}={missing[0]!r} ({len(missing)} missing)"
-        )
-    vectors = rows.column("vector").combine_chunks()
-    lengths = pc.list_value_length(vectors).to_numpy(zero_copy_only=False)
-    width = int(np.bincount(lengths).argmax())
-    if (lengths != width).any():
-        bad = found[int(np.flatnonzero(lengths != width)[0])]
-        raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: vector width differs from {width}")
-    flat = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    order = [pos[k] for k in keys]
-    matrix = flat.reshape(len(found), width)[order]
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        bad = keys[int(np.flatnonzero(~finite)[0])]
-        raise ReprError(f"{name}: {key_col}={bad!r} layer {layer}: NaN or inf in the vector")
-    return matrix
-
-
-def repr_layers(table: pa.Table) -> list[int]:
-    return sorted(set(table.column("layer").to_pylist()))

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmfeat.reprs import SCALE_BYTES, dequantise_int8, quantise_int8
+
 Projection = Callable[[np.ndarray], np.ndarray]  # (N, D) -> (N, d)
-SCALE_BYTES = 4  # one float32 scale per int8 row
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,6 @@ BASELINES: dict[str, Callable[[np.ndarray, int], Projection]] = {
     "random_projection": random_projection,
     "truncation": truncation,
 }
-
-
-def quantise_int8(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise symmetric int8: z (N, d) -> q (N, d) int8 and scale (N,) float32 with z ~= q * scale."""
-    scale = (np.abs(z).max(axis=1) / 127.0).astype(np.float32)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(z / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale
-
-
-def dequantise_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * scale[:, None]
 
 
 def as_dtype(z: np.ndarray, dtype: str) -> np.ndarray:

@@ -12,8 +12,10 @@ dropped first, so the demographics and the most recent behaviours always survive
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING
+
+from llmfeat.reprs import snapshot_id_column
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame
@@ -84,16 +86,6 @@ def _demographics_col() -> Column:
     return F.concat(F.upper(F.substring(text, 1, 1)), F.substring(text, 2, 1 << 20), F.lit("."))
 
 
-def snapshot_id(user_id: str, at: datetime) -> str:
-    """The key of one user snapshot: "<user_id>@<UTC time to the second>" (user_snapshots_repr)."""
-    return f"{user_id}@{at.strftime('%Y-%m-%dT%H:%M:%S')}"
-
-
-def parse_snapshot_id(key: str) -> tuple[str, datetime]:
-    user_id, _, at = key.rpartition("@")
-    return user_id, datetime.fromisoformat(at).replace(tzinfo=UTC)
-
-
 def snapshot_times(user_behaviors: DataFrame, every_days: int = 1) -> DataFrame:
     """(user_id, snapshot_at): each user's first appearance (a demographics-only text), then the start of the
     period after each period of `every_days` days in which the user had behaviour. A snapshot's text holds
@@ -133,12 +125,10 @@ def user_snapshot_texts(
     max_chars: int = 1500,
 ) -> DataFrame:
     """The user time series: (snapshot_id, text) for every snapshot of `snapshot_times`."""
-    from pyspark.sql import functions as F
 
     cuts = snapshot_times(user_behaviors, every_days)
     texts = user_texts_at(users, user_behaviors, behaviors, cuts, max_behaviors, max_chars)
-    key = F.concat_ws("@", "user_id", F.date_format("snapshot_at", "yyyy-MM-dd'T'HH:mm:ss"))
-    return texts.select(key.alias("snapshot_id"), "text")
+    return texts.select(snapshot_id_column("user_id", "snapshot_at").alias("snapshot_id"), "text")
 
 
 def user_texts_at(
