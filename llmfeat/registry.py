@@ -189,16 +189,6 @@ def model_uri(registered: RegisteredCompressor) -> str:
     return f"models:/{registered.name}/{registered.version}"
 
 
-def load_compressor(settings: Settings, registered: RegisteredCompressor) -> nn.Module:
-    """The logged torch.export program (pt2) of the compressor, exported in eval mode (no dropout)."""
-    import mlflow
-
-    mlflow.set_registry_uri(registry_uri(settings))
-    mlflow.set_tracking_uri(tracking_uri(settings))
-    model: nn.Module = mlflow.pytorch.load_model(model_uri(registered))
-    return model
-
-
 class ModelNotFound(UserError, LookupError):
     """An alias or version that the registry does not have."""
 

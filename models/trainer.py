@@ -26,7 +26,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-5
     batch_size: int = 512
-    max_epochs: int = 40
+    max_epochs: int = 30  # as MarcConf.max_epochs (llmfeat/config.py), the compressor it was written for
     patience: int = 4
     seed: int = 0
 

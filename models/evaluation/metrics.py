@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-Metric = Callable[[np.ndarray, np.ndarray], float]
-
 
 def auc(y: np.ndarray, p: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U, ties get the average rank); nan when one class is missing."""
