@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmfeat")
 
-# Besides UserError: no model under the alias (LookupError), a missing input file.
+# The one list of errors a command reports as one line instead of a traceback: every UserError (bad config,
+# model path or layers, feature store, registry alias, input table, a failed gate, ...), plus the library
+# errors that mean the same: no model under the alias (LookupError), a missing input file.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, LookupError, FileNotFoundError)
 # Libraries that narrate their internals at INFO (Feast: "Registry cache expired, so refreshing" on every
 # read): WARNING and above unless -v.

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import SampleConf
+from llmfeat.errors import UserError
 
 __all__ = [
     "Sample",
@@ -29,8 +30,8 @@ __all__ = [
 ]
 
 
-class SampleTooLarge(ValueError):
-    """A sampled read passed `sample.max_rows`."""
+class SampleTooLarge(UserError, ValueError):
+    """A sampled read passed `sample.max_rows`; the message names the settings to change."""
 
 
 def user_rank(user_id: Any) -> tuple[int, str]:

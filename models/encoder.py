@@ -41,6 +41,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from llmfeat.errors import UserError
+
 log = logging.getLogger("llmfeat.encoder")
 
 Pooling = Literal["mean", "last"]
@@ -53,7 +55,7 @@ GRAPH_MIN_TOKENS = 8192  # smaller packs run without a CUDA graph (capturing cos
 MAX_GRAPHS = 16  # captured pack shapes kept per encoder, least recently used dropped first
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """A bad model path, layer list or input text; the message names the setting or the row."""
 
 
@@ -474,9 +476,6 @@ class LayerEncoder:
             i = int(empty[0])
             raise EncoderError(f"text #{offset + i} tokenises to nothing: {texts[i][:80]!r}")
 
-    def _hidden(self, parts: list[tuple[np.ndarray, torch.Tensor]]) -> int:
-        return int(parts[0][1].shape[-1]) if parts else 0
-
     def _run(self, host: torch.Tensor, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """A pack's inputs (pack_inputs) -> ([S, L, H] pooled states of its S text slots, [S] the chunk row
         each goes to), both on the device. A bucketed shape seen before runs as a CUDA graph."""
@@ -653,10 +652,6 @@ def _plain_rust_tokenizer(tokenizer: Any) -> Any:
     plain.no_truncation()
     plain.no_padding()
     return plain
-
-
-def _to(x: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
 
 
 def pad_to(length: int, multiple: int = 8) -> int:

@@ -149,6 +149,10 @@ def test_layer_beyond_depth_is_a_clear_error() -> None:
 
 @pytest.mark.unit
 def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    from llmfeat.runner import USER_ERRORS
+
+    with pytest.raises(USER_ERRORS):  # every command reports it as one line, not a traceback
+        resolve_model(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(EncoderError, match="not a Hugging Face model folder"):
         resolve_model(str(tmp_path / "nope"), tmp_path)
     with pytest.raises(EncoderError, match="GGUF file not found"):
