@@ -1,4 +1,5 @@
-"""BAHE: behaviour aggregated hierarchical encoding (METHODS.md, arXiv 2403.19347): the deep, trainable part.
+"""BAHE (docs/methods.md, arXiv 2403.19347): the deep, trainable part of behaviour aggregated hierarchical
+encoding.
 
 Notation: B users in a batch, T behaviour positions, D behaviour-vector width (the LLM's width at the split
 layer), d published user-vector width, R CTR rows, I items, E head width.

@@ -1,7 +1,7 @@
 """Metrics with 95% bootstrap intervals for one CTR model, and its ROC and calibration plots.
 
 Every metric comes from models/evaluation/metrics.py (AUC, GAUC, LogLoss, bootstrap_interval); subsets: all
-rows, warm users (train-period history) and cold users, as METHODS.md asks.
+rows, warm users (train-period history) and cold users, as docs/methods.md asks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""MARC: modular representation compression of middle-layer LLM states (METHODS.md, arXiv 2604.18146).
+"""MARC: modular representation compression of middle-layer LLM states (docs/methods.md, arXiv 2604.18146).
 
 Notation: B batch, D input dimension (the tapped layer's width, 576 for SmolLM2-135M), d compressed dimension,
 H hidden width, T task-adaptation width.
