@@ -99,10 +99,10 @@ def request_ids(rng: np.random.Generator, n_items: int) -> tuple[str, list[str]]
     return str(rng.integers(1, USERS + 1)), [str(i) for i in items]
 
 
-def in_process(store, n_items: int, seconds: float) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+def in_process(store, online_store: str, n_items: int, seconds: float) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
     from llmfeat.serving.features import OnlineFeatures
 
-    features, rng = OnlineFeatures(store), np.random.default_rng(1)
+    features, rng = OnlineFeatures(store, online_store=online_store), np.random.default_rng(1)
 
     def fetch() -> object:
         return features.fetch(*request_ids(rng, n_items))
@@ -193,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = Path(tmp)
         settings, store = build_lake(data_dir, [])
         if not args.http_only:
-            for name, stats in in_process(store, args.items, args.seconds).items():
+            for name, stats in in_process(store, "sqlite", args.items, args.seconds).items():
                 results[f"in-process SQLite, {name}"] = stats
             with redis_server() as conn:
                 _, redis_store = build_lake(data_dir, ["feast.online_store=redis", f"feast.redis={conn}"])
-                for name, stats in in_process(redis_store, args.items, args.seconds).items():
+                for name, stats in in_process(redis_store, "redis", args.items, args.seconds).items():
                     results[f"in-process Redis, {name}"] = stats
             settings, _ = build_lake(data_dir, ["feast.online_store=sqlite"])
         for rate in args.rate:

@@ -153,9 +153,12 @@ class ServingModels:
         aliases: dict[str, str],
         loader: Loader,
         store: FeatureStore,
+        online_store: str,
         pins: ModelPins | None = None,
     ):
+        """`online_store`: the setting feast.online_store (sqlite or redis) that `store` was built with."""
         self.aliases, self.loader, self.store, self.pins = aliases, loader, store, pins
+        self.online_store = online_store
         self.models: dict[str, ServedModel] = {}
         self.reload_errors: dict[str, str] = {}
         self._features: dict[str, ServiceFeatures] = {}
@@ -172,7 +175,8 @@ class ServingModels:
     def _serve(self, ref: ModelRef, ranker: CtrRanker) -> ServedModel:
         features = self._features.get(ref.feature_service)
         if features is None:
-            features = self._features[ref.feature_service] = ServiceFeatures(self.store, ref.feature_service)
+            features = ServiceFeatures(self.store, ref.feature_service, self.online_store)
+            self._features[ref.feature_service] = features
         return ServedModel(ref, ranker, features, Scorer(ranker, probe_columns(features)))
 
     def reload(self) -> dict[str, Any]:

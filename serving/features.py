@@ -1,12 +1,13 @@
 """Online features for one ranking request: 1 user + N candidate items, in one call, as arrays.
 
-    features = ServiceFeatures(store, "ctr_marc_v2")         # every field of a model's feature service
+    store, kind = open_store(settings), settings.feast.online_store  # kind: sqlite or redis
+    features = ServiceFeatures(store, "ctr_marc_v2", kind)   # every field of a model's feature service
     row = features.fetch("196", ["242", "302", ...])         # OnlineColumns
     row.columns    {"year": [N] float64 (NaN = null), "genres": [N] object (None = null),
                     "user_vector": [N, D] float32 (NaN rows = missing), ...}   (user fields repeated N times)
     row.user_cold  bool   row.item_cold  [N] bool   (an entity absent from one of its views)
 
-    features = OnlineFeatures(open_store(settings))          # the user and item vectors only
+    features = OnlineFeatures(store, online_store=kind)      # the user and item vectors only
     batch = features.fetch("196", ["242", "302", ...])       # RankingFeatures
     batch.user     [D] float32     batch.user_missing  bool
     batch.items    [N, D] float32  batch.item_missing  [N] bool   (unknown ids: zeros + flag)
@@ -16,8 +17,9 @@ Which views and fields are read comes from a feature service (the one a register
 `feast.feature_service` tag; `OnlineFeatures` defaults to `ctr.llm_feature_service`), resolved once through
 Feast's registry, so renamed or versioned views need no change here. The rows are read with cached entity
 keys, in one SQLite query per view or one Redis script call per request, and decoded straight into arrays
-(serving/online_read.py); Feast's generic `get_online_features` returns the same values as Python lists
-(bench/retrieval_latency.py measures both).
+(serving/online_read.py). Which of the two is the setting `feast.online_store`, passed in with the store that
+Feast built from the same settings; a store of another kind fails at start. Feast's generic
+`get_online_features` returns the same values as Python lists (bench/retrieval_latency.py measures both).
 `HttpFeatures` fetches the same arrays from `feast serve` (POST /get-online-features).
 """
 
@@ -33,7 +35,13 @@ import numpy as np
 
 from llmfeat.config import CtrConf
 from llmfeat.feast_repo import FeatureStoreError
-from llmfeat.serving.online_read import FieldsRequest, ScalarDecoder, decode_vectors, rows_reader
+from llmfeat.serving.online_read import (
+    FieldsRequest,
+    ScalarDecoder,
+    configured_online_store,
+    decode_vectors,
+    rows_reader,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -100,13 +108,14 @@ class OnlineColumns:
 
 
 class ServiceFeatures:
-    """Every field of one feature service for 1 user + N items, through the fast in-process read."""
+    """Every field of one feature service for 1 user + N items, through the fast in-process read of the
+    online store that `online_store` (the setting feast.online_store: sqlite or redis) names."""
 
-    def __init__(self, store: FeatureStore, service: str):
+    def __init__(self, store: FeatureStore, service: str, online_store: str):
         self.service = service
         self.fields = service_fields(store, service)
         check_materialized(store, self.fields)
-        self._rows = rows_reader(store)
+        self._rows = rows_reader(store, online_store)
         self._scalars = ScalarDecoder()
         self._views: dict[tuple[str, str], tuple[FeatureView, list[ServedField]]] = {}
         for f in self.fields:
@@ -169,10 +178,11 @@ class RankingFeatures:
 
 
 class OnlineFeatures:
-    """In-process retrieval of the user and item vectors of a feature service from the configured online store
-    (SQLite or Redis); the service defaults to the LLM CTR model's (`ctr.llm_feature_service`)."""
+    """In-process retrieval of the user and item vectors of a feature service from the online store that
+    `online_store` (the setting feast.online_store: sqlite or redis) names, else the kind the store's own
+    config names; the service defaults to the LLM CTR model's (`ctr.llm_feature_service`)."""
 
-    def __init__(self, store: FeatureStore, service: str | None = None):
+    def __init__(self, store: FeatureStore, service: str | None = None, online_store: str | None = None):
         self.store = store
         self.service = service or CtrConf().llm_feature_service
         vectors = {f.key: f for f in service_fields(store, self.service) if f.dim}
@@ -182,7 +192,7 @@ class OnlineFeatures:
         self.user_view, self.user_field = vectors["user_id"].view, vectors["user_id"].name
         self.item_view, self.item_field = vectors["item_id"].view, vectors["item_id"].name
         self.dim = vectors["item_id"].dim
-        self._rows = rows_reader(store)
+        self._rows = rows_reader(store, online_store or configured_online_store(store))
 
     def fetch(self, user_id: str, item_ids: list[str]) -> RankingFeatures:
         requests = [

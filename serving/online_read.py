@@ -12,8 +12,10 @@ value into a protobuf; for 101 keys that is most of a 2-4 ms fetch. Here, for th
   - SQLite rows are remembered until the database changes (`PRAGMA data_version`, checked on every read,
     moves with any other connection's commit): the candidates of one request are mostly the items of the
     last ones, and a materialization empties the memory at once. Redis has no such signal: always read.
-Keys, table names and field hashes come from the store's own helpers, so the layout is Feast's; the tests read
-the same rows through Feast's `online_read` and compare. Other online stores use `online_read` itself.
+Which reader is the setting `feast.online_store` (sqlite or redis), checked against the online store Feast
+built. Keys, table names and field hashes come from the store's own helpers, so the layout is Feast's; the
+tests read the same rows through Feast's `online_read` and compare. A Redis cluster or sentinel goes through
+`online_read` itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+from llmfeat.feast_repo import FeatureStoreError
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
@@ -242,7 +246,8 @@ class RedisRows:
 
 
 class FeastRows:
-    """Any other online store: its own `online_read`, values re-serialised for the shared decoder."""
+    """Feast's own `online_read` (a Redis cluster or sentinel; the tests' reference), values re-serialised for
+    the shared decoder."""
 
     def __init__(self, store: FeatureStore):
         self.store = store
@@ -275,15 +280,42 @@ def single_fields(reader: Any, requests: Sequence[Request]) -> list[list[bytes |
     return [r[field] for r, (_, field, *_) in zip(rows, requests, strict=True)]
 
 
-def rows_reader(store: FeatureStore) -> Any:
-    """The fastest reader for the store's online store type."""
-    online = store._get_provider().online_store
-    kind = type(online).__name__
-    if kind == "SqliteOnlineStore":
+def rows_reader(store: FeatureStore, online_store: str) -> SqliteRows | RedisRows | FeastRows:
+    """The fastest reader for the online store that the settings name (`feast.online_store`: sqlite or redis).
+    The store must be the one Feast built from those settings (feast_repo.open_store): a store of another
+    kind fails here, naming the setting, rather than being read with the wrong reader."""
+    check_online_store(store, online_store)
+    if online_store == "sqlite":
         return SqliteRows(store)
     cfg = store.config.online_store
-    client = getattr(getattr(cfg, "client", None), "value", "redis")
-    single = getattr(getattr(cfg, "redis_type", None), "value", "redis") == "redis"
-    if kind == "RedisOnlineStore" and single and client != "glide":  # GLIDE batches off the GIL already
+    if cfg.redis_type.value == "redis" and cfg.client.value != "glide":  # GLIDE batches off the GIL already
         return RedisRows(store)
-    return FeastRows(store)
+    return FeastRows(store)  # a Redis cluster or sentinel (one request's keys in many slots), or GLIDE
+
+
+def check_online_store(store: FeatureStore, online_store: str) -> None:
+    """Fails unless Feast built the online store that `feast.online_store` names."""
+    expected: type
+    if online_store == "sqlite":
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore
+
+        expected = SqliteOnlineStore
+    elif online_store == "redis":
+        from feast.infra.online_stores.redis import RedisOnlineStore
+
+        expected = RedisOnlineStore
+    else:
+        raise FeatureStoreError(f"feast.online_store is {online_store!r}; expected sqlite or redis")
+    built = store._get_provider().online_store
+    if not isinstance(built, expected):
+        raise FeatureStoreError(
+            f"feast.online_store is {online_store!r}, but the feature store was built with "
+            f"{type(built).__name__} (online_store type {store.config.online_store.type!r}): open the store "
+            "from the same settings (llmfeat.feast_repo.open_store), or set feast.online_store to match it"
+        )
+
+
+def configured_online_store(store: FeatureStore) -> str:
+    """sqlite or redis, as the store's own config names it: for a caller with a store but no settings."""
+    kind = str(store.config.online_store.type)
+    return {"feast.infra.online_stores.sqlite.SqliteOnlineStore": "sqlite"}.get(kind, kind)

@@ -189,7 +189,7 @@ def build_app(
     settings: Settings, store: FeatureStore | None = None, pins: ModelPins | None = None
 ) -> Admission:
     """Load both arms (the pinned versions, else the aliases) and open the feature store: a missing alias or
-    feature service fails here."""
+    feature service, or a `store` whose online store is not the one feast.online_store names, fails here."""
     import torch
 
     from llmfeat.feast_repo import open_store
@@ -197,7 +197,8 @@ def build_app(
     torch.set_num_threads(1)  # small per-request batches: threads cost more than they give
     cfg = settings.serving
     aliases = {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}
-    models = ServingModels(aliases, registry_loader(settings), store or open_store(settings), pins)
+    store = store or open_store(settings)
+    models = ServingModels(aliases, registry_loader(settings), store, settings.feast.online_store, pins)
     models.load()
     events = EventLog(
         log_dir(settings), cfg.flush_every, cfg.flush_interval_s, cfg.segment_mb << 20, cfg.segment_s

@@ -15,7 +15,7 @@ from test_feast_repo import DIM, feature_table, tiny_settings, vectors_for
 
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
-from llmfeat.feast_repo import apply_repo, open_store
+from llmfeat.feast_repo import FeatureStoreError, apply_repo, open_store
 from llmfeat.serving.features import HttpFeatures, OnlineFeatures
 from llmfeat.serving.local_servers import feast_serve, redis_server
 from llmfeat.serving.online_read import FeastRows, RedisRows, SqliteRows, rows_reader
@@ -57,17 +57,31 @@ def test_ranking_request_on_redis(tmp_path: Path) -> None:
     with redis_server() as conn:
         settings = tiny_settings(tmp_path, "feast.online_store=redis", f"feast.redis={conn}")
         build_store(settings)
-        check_batch(OnlineFeatures(open_store(settings)).fetch("196", ["242", "302", "unknown", "377"]))
-        same_rows_as_feast(open_store(settings), RedisRows)
+        features = OnlineFeatures(open_store(settings), online_store="redis")
+        check_batch(features.fetch("196", ["242", "302", "unknown", "377"]))
+        same_rows_as_feast(settings, RedisRows)
+        with pytest.raises(FeatureStoreError, match=r"feast.online_store is 'sqlite'.*RedisOnlineStore"):
+            rows_reader(open_store(settings), "sqlite")
 
 
 def test_sqlite_reader_reads_the_rows_feast_reads(sqlite_store: Settings) -> None:
-    same_rows_as_feast(open_store(sqlite_store), SqliteRows)
+    same_rows_as_feast(sqlite_store, SqliteRows)
 
 
-def same_rows_as_feast(store, kind) -> None:  # type: ignore[no-untyped-def]
+def test_reader_refuses_a_store_the_setting_does_not_name(sqlite_store: Settings) -> None:
+    """The reader follows feast.online_store; a store Feast built otherwise fails, naming the setting."""
+    store = open_store(sqlite_store)
+    with pytest.raises(FeatureStoreError, match=r"feast.online_store is 'redis'.*SqliteOnlineStore"):
+        rows_reader(store, "redis")
+    with pytest.raises(FeatureStoreError, match="feast.online_store is 'dynamodb'; expected sqlite or redis"):
+        rows_reader(store, "dynamodb")
+    assert isinstance(OnlineFeatures(store)._rows, SqliteRows)  # without the setting: the store's own kind
+
+
+def same_rows_as_feast(settings: Settings, kind) -> None:  # type: ignore[no-untyped-def]
     """The direct reader returns byte for byte what Feast's own online_read gives, unknown ids as None."""
-    reader = rows_reader(store)
+    store = open_store(settings)
+    reader = rows_reader(store, settings.feast.online_store)
     assert isinstance(reader, kind)
     requests = [
         (store.get_feature_view("user_marc_v1_fv"), "user_vector", "user_id", ["22", "nobody", "196"]),

@@ -152,15 +152,17 @@ def health_by_worker(url: str, until: Any, timeout_s: float = 120) -> dict[int, 
     return seen
 
 
-def same_rows_as_feast(store: Any) -> None:
+def same_rows_as_feast(settings: Settings) -> None:
     """The direct reader gives, field by field, the bytes Feast's own online_read gives (None if unknown), for
     every view of the LLM model's feature service."""
+    store = open_store(settings)
     ids = {"user_id": ["3", "nobody", "1"], "item_id": ["2", "999", "1"]}
     views: dict[str, tuple[Any, str, list[str]]] = {}
     for f in service_fields(store, CtrConf().llm_feature_service):
         views.setdefault(f.view.name, (f.view, f.key, []))[2].append(f.name)
     requests = [(view, fields, key, ids[key]) for view, key, fields in views.values()]
-    got, feast = rows_reader(store).read_fields(requests), FeastRows(store).read_fields(requests)
+    reader = rows_reader(store, settings.feast.online_store)
+    got, feast = reader.read_fields(requests), FeastRows(store).read_fields(requests)
     assert got == feast and len(got) >= 4
     assert all(rows[f][1] is None and rows[f][0] is not None for rows in got for f in rows)
 
@@ -194,7 +196,7 @@ def test_redis_online_store_ranks_like_sqlite(lake: Settings, tmp_path: Path) ->
         redis = on_redis(lake, tmp_path / "redis", conn)
         models = serving_models(redis, registry_loader(redis))
         for settings in (sqlite, redis):
-            same_rows_as_feast(open_store(settings))
+            same_rows_as_feast(settings)
         assert type(models.get("challenger").features._rows).__name__ == "RedisRows"
         got = [rank(r, redis.serving, models)[0] for r in requests]
     for a, b in zip(expected, got, strict=True):
@@ -215,7 +217,7 @@ def test_sqlite_reads_are_remembered_until_the_store_changes(lake: Settings, tmp
     store = open_store(lake_settings(data))
     fields = service_fields(store, CtrConf().llm_feature_service)
     field = next(f for f in fields if f.key == "item_id" and not f.dim)  # a scalar item field
-    reader = rows_reader(store)
+    reader = rows_reader(store, "sqlite")
     request = [(field.view, [field.name], "item_id", ["1", "nobody"])]
     before = reader.read_fields(request)[0][field.name]
     assert before[0] is not None and before[1] is None

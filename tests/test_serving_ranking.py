@@ -68,7 +68,8 @@ def in_thread(app: Any) -> Iterator[str]:
 
 
 def serving_models(settings: Settings, loader: Any) -> ServingModels:
-    models = ServingModels({"champion": "champion", "challenger": "challenger"}, loader, open_store(settings))
+    aliases = {"champion": "champion", "challenger": "challenger"}
+    models = ServingModels(aliases, loader, open_store(settings), settings.feast.online_store)
     models.load()
     return models
 
