@@ -65,13 +65,12 @@ def make_lengths(out: Path, overrides: list[str]) -> None:
     from llmfeat.delta_io import open_tables
     from llmfeat.models.encoder import resolve_model
     from llmfeat.spark_jobs.bahe_eval import count_tokens
-    from llmfeat.spark_jobs.bahe_fit import cut_time
-    from llmfeat.user_text import HISTORY, SEP, user_text
+    from llmfeat.user_text import HISTORY, SEP, history_cut_time, user_text
 
     settings = load_settings("local", overrides)
     tables, enc, cfg, max_len = open_tables(settings), settings.encode, settings.bahe, 512
     path = str(resolve_model(enc.model, enc.cache_dir).path)
-    cut = cut_time(None, tables, cfg.history_cut)
+    cut = history_cut_time(None, tables, cfg.history_cut)
     users = tables.read_arrow("users").to_pylist()
     b = tables.read_arrow("behaviors")
     texts = dict(zip(b["behavior_id"].to_pylist(), b["text"].to_pylist(), strict=True))

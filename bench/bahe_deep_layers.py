@@ -74,7 +74,7 @@ def main() -> None:
     out = {
         "machine": f"{platform.node()}, {__import__('os').cpu_count()} CPUs",
         "command": "bench/bahe_deep_layers.py " + " ".join(f"--deep {d}" for d in args.deep),
-        "split_layer": base.bahe.split_layer,
+        "split_layer": base.bahe.layer,
         "test_rows": len(test),
         "id_only": id_only,
         "runs": {str(k): v for k, v in runs.items()},

@@ -200,7 +200,7 @@ def log_results(results: Path, config: str) -> None:
     from llmfeat.registry import use_tracking
 
     settings = load_settings(config)
-    use_tracking(settings)
+    use_tracking(settings, settings.marc.experiment)
     record = json.loads((results / "marc_results.json").read_text())
     with mlflow.start_run(run_name="compression-eval") as run:
         mlflow.set_tag("kind", "compression-eval")

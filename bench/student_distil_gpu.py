@@ -93,7 +93,7 @@ def on_gpu(args: argparse.Namespace) -> None:
     for pooling in [] if args.throughput_only else args.poolings.split(","):
         s = load_settings("local", [*base, *args.set, f"slmrec.pooling={pooling}",
                                     f"slmrec.output_dir=students-{pooling}"])  # fmt: skip
-        summary = distil_student.run(s, inputs["distil"])
+        summary = distil_student.run(None, s, inputs["distil"])
         print(summary, flush=True)
         record = json.loads((Path(summary.folder) / "slmrec.json").read_text())
         record["losses"] = summary.losses

@@ -3,7 +3,7 @@ publish step refuses a table holding two encoders, layers or compressor versions
 of exactly VECTOR_DIM values (checked before materialization).
 
 MARC views are versioned by their compressor: user_marc_v<N>_fv and item_marc_v<N>_fv serve what version N of
-the registered compressor (<mlflow.registry_name>-users / -items) made of the whole history. A new version is
+the registered compressor (<marc.registry_name>-users / -items) made of the whole history. A new version is
 published next to the old ones: add its two lines below (and a feature service naming its views) and run
 `llmfeat compress` and `llmfeat features`; an older version's lines stay while a model's feature service pins
 them, and its vectors keep being materialized and served. (Separate views rather than Feast's

@@ -8,6 +8,7 @@ A profile is a partial document over the defaults below (the defaults are the em
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmfeat.errors import UserError
 from llmfeat.paths import conf_dir
+
+log = logging.getLogger("llmfeat.config")
 
 
 class ConfigError(UserError, ValueError):
@@ -142,12 +145,15 @@ class MarcConf(Section):
     stop_frac: float = 0.1
     max_fit_rows: int = 0  # 0 = every fit row; else a seeded random sample (the demo uses one)
     output_dtype: Literal["float16", "int8"] = "int8"  # user_features / item_features vector type
+    experiment: str = "llmfeat-marc"
+    registry_name: str = "llmfeat-marc"  # registered as <registry_name>-users and <registry_name>-items
+    alias: str = "champion"  # the compressor version the compress job publishes
 
 
 class LiteConf(Section):
     """Lite-LLM4Rec next-item model and its baselines (models/lite_llm4rec/, spark_jobs/train_lite.py)."""
 
-    item_layer: int = 15  # layer of items_repr the item vectors come from (encoded once)
+    layer: int = 15  # tapped layer of items_repr the item vectors come from (encoded once)
     max_seq: int = 50  # newest items of a history fed to the sequence model
     dim: int = 64  # D of the recommendation transformer
     heads: int = 2
@@ -175,7 +181,7 @@ class SlmrecConf(Section):
     """
 
     teacher: str = "smollm2"  # as encode.model: a packaged name, a .gguf or a Hugging Face folder
-    teacher_layer: int = 15  # the tapped layer the student reproduces at its last layer
+    layer: int = 15  # the teacher's tapped layer, which the student reproduces at its last layer
     student_layers: int = 8  # N: teacher blocks kept
     blocks: int = 4  # B: distillation points, evenly spaced in teacher and student
     l2_weight: float = 0.1  # loss per block: (1 - cos) + l2_weight * ||h_s - h_t||_2, on raw states
@@ -200,9 +206,6 @@ class MlflowConf(Section):
     tracking_uri: str | None = (
         None  # e.g. http://mlflow.internal:5000; None = sqlite:///<data_dir>/mlflow/mlflow.db
     )
-    experiment: str = "llmfeat-marc"
-    registry_name: str = "llmfeat-marc"  # registered as <registry_name>-users and <registry_name>-items
-    alias: str = "champion"
 
 
 class ValidationConf(Section):
@@ -236,7 +239,7 @@ class CtrConf(Section):
     lr: float = 2e-3
     weight_decay: float = 1e-5
     batch_size: int = 1024
-    epochs: int = 8
+    max_epochs: int = 8
     patience: int = 3
     seed: int = 0
     stop_frac: float = 0.5  # latest share of the valid split held out for early stopping and valid metrics
@@ -246,7 +249,7 @@ class CtrConf(Section):
     n_boot: int = 100  # bootstrap resamples for the intervals of the final metrics and comparisons
 
 
-class GateConf(Section):
+class PromotionConf(Section):
     """When `llmfeat promote` may move champion to the challenger (offline comparison on the test split)."""
 
     min_auc_lift: float = 0.0  # lower end of the paired 95% interval of AUC(challenger) - AUC(champion)
@@ -290,12 +293,18 @@ class AbtestConf(Section):
     n_boot: int = 500
 
 
+class BaheBaselineConf(Section):
+    """`llmfeat bahe evaluate`: the full-text baseline BAHE is compared with."""
+
+    layer: int = 15  # the baseline encoder taps this layer only and stops there
+
+
 class BaheConf(Section):
     """BAHE (models/bahe/): shallow LLM layers encode each behaviour once; trainable deep layers over a
     user's behaviour sequence give the user vector (spark_jobs/bahe.py trains and publishes it)."""
 
-    split_layer: int = 10  # behaviours are encoded by layers 1..split_layer only (about a third of 30)
-    baseline_layer: int = 15  # bahe evaluate: the full-text baseline taps this layer only and stops there
+    layer: int = 10  # tapped layer: behaviours are encoded by blocks 1..layer only (about a third of 30)
+    baseline: BaheBaselineConf = BaheBaselineConf()
     deep: Literal["llm", "small"] = "llm"  # llm: blocks split+1.. of the LLM; small: a fresh transformer
     deep_layers: int = 2  # trainable blocks over the behaviour sequence
     heads: int = 9  # attention heads of the small transformer (must divide the width)
@@ -337,13 +346,56 @@ class Settings(Section):
     mlflow: MlflowConf = MlflowConf()
     bahe: BaheConf = BaheConf()
     ctr: CtrConf = CtrConf()
-    gate: GateConf = GateConf()
+    promotion: PromotionConf = PromotionConf()
     serving: ServingConf = ServingConf()
     abtest: AbtestConf = AbtestConf()
 
     @property
     def delta_root(self) -> Path:
         return Path(self.data_dir) / "delta"
+
+
+# Keys renamed for one name per concept: the old name still works for one release, with a warning that names
+# the new key. old path -> new path.
+RENAMED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("lite", "item_layer"): ("lite", "layer"),
+    ("slmrec", "teacher_layer"): ("slmrec", "layer"),
+    ("bahe", "split_layer"): ("bahe", "layer"),
+    ("bahe", "baseline_layer"): ("bahe", "baseline", "layer"),
+    ("ctr", "epochs"): ("ctr", "max_epochs"),
+    ("mlflow", "experiment"): ("marc", "experiment"),
+    ("mlflow", "registry_name"): ("marc", "registry_name"),
+    ("mlflow", "alias"): ("marc", "alias"),
+    ("gate",): ("promotion",),
+}
+
+
+def _renamed(keys: list[str], source: str) -> list[str]:
+    """The current path for `keys` (warning once per use of an old name); other paths unchanged."""
+    for old, new in RENAMED.items():
+        if tuple(keys[: len(old)]) == old:
+            log.warning(
+                "%s: %s is deprecated and will be removed in the next release: use %s",
+                source, ".".join(old), ".".join(new),
+            )  # fmt: skip
+            return [*new, *keys[len(old) :]]
+    return keys
+
+
+def _rename_old_keys(doc: dict[str, Any], source: str) -> None:
+    """Move every old key of a profile document to its new place (a value under the new name wins)."""
+    for old in RENAMED:
+        node: Any = doc
+        for k in old[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old[-1] not in node:
+            continue
+        value = node.pop(old[-1])
+        new = _renamed(list(old), source)
+        target = doc
+        for k in new[:-1]:
+            target = target.setdefault(k, {})
+        target.setdefault(new[-1], value)
 
 
 def profile_path(profile: str) -> Path:
@@ -380,9 +432,10 @@ def load_settings(profile: str = "local", overrides: list[str] | tuple[str, ...]
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     doc.setdefault("profile", path.stem)
+    _rename_old_keys(doc, str(path))
     for item in overrides:
         keys, value = parse_override(item)
-        keys = _check_path(keys, source=f"--set {item}")
+        keys = _check_path(_renamed(keys, f"--set {item}"), source=f"--set {item}")
         node = doc
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):

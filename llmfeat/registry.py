@@ -1,7 +1,7 @@
 """MLflow glue: where the tracking store is, logging a compressor as a model, registering it under an
 alias, and loading it back by alias with the lineage it was trained on.
 
-Registered names: <mlflow.registry_name>-users and <mlflow.registry_name>-items. Each model version carries
+Registered names: <marc.registry_name>-users and <marc.registry_name>-items. Each model version carries
 tags that the compress job checks before it applies the compressor: encoder_id, weights_hash, layer, pooling,
 in_dim, out_dim, entity.
 """
@@ -67,8 +67,9 @@ def artifact_location(settings: Settings) -> str | None:
     return (Path(settings.data_dir) / "mlflow" / "artifacts").resolve().as_uri()
 
 
-def use_tracking(settings: Settings) -> str:
-    """Point the mlflow library at the store and experiment; returns the experiment id.
+def use_tracking(settings: Settings, experiment: str) -> str:
+    """Point the mlflow library at the store and `experiment` (each job names its own: marc.experiment,
+    ctr.experiment, ...); returns the experiment id.
 
     The MLFLOW_* variables win over the config: under `mlflow run` (MLFLOW_RUN_ID) the experiment is the one
     that run lives in, so that `mlflow.start_run()` resumes it; MLFLOW_EXPERIMENT_ID or _NAME pick another
@@ -84,13 +85,18 @@ def use_tracking(settings: Settings) -> str:
         elif ENV["MLFLOW_EXPERIMENT_ID"]:
             exp_id = str(ENV["MLFLOW_EXPERIMENT_ID"])
         else:
-            name = ENV["MLFLOW_EXPERIMENT_NAME"] or settings.mlflow.experiment
+            name = ENV["MLFLOW_EXPERIMENT_NAME"] or experiment
             exp = mlflow.get_experiment_by_name(name)
             exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location(settings))
         mlflow.set_experiment(experiment_id=exp_id)
     except mlflow.MlflowException as err:
         raise TrackingError(explain(err, tracking_uri(settings))) from None
     return str(exp_id)
+
+
+def use_ctr_tracking(settings: Settings) -> str:
+    """The configured tracking store with the CTR experiment (ctr.experiment); returns its id."""
+    return use_tracking(settings, settings.ctr.experiment)
 
 
 class TrackingError(UserError, RuntimeError):
@@ -112,7 +118,7 @@ def explain(err: BaseException, uri: str) -> str:
 
 
 def registered_name(settings: Settings, entity: str) -> str:
-    return f"{settings.mlflow.registry_name}-{entity}"
+    return f"{settings.marc.registry_name}-{entity}"
 
 
 @dataclass(frozen=True)
@@ -161,8 +167,8 @@ def log_and_register(
     tags = {k: str(lineage[k]) for k in LINEAGE_TAGS}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, settings.mlflow.alias, version)
-    return RegisteredCompressor(name, version, settings.mlflow.alias, tags)
+    client.set_registered_model_alias(name, settings.marc.alias, version)
+    return RegisteredCompressor(name, version, settings.marc.alias, tags)
 
 
 def resolve_alias(settings: Settings, entity: str, alias: str | None = None) -> RegisteredCompressor:
@@ -170,7 +176,7 @@ def resolve_alias(settings: Settings, entity: str, alias: str | None = None) -> 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(settings), registry_uri=registry_uri(settings))
-    name, alias = registered_name(settings, entity), alias or settings.mlflow.alias
+    name, alias = registered_name(settings, entity), alias or settings.marc.alias
     try:
         mv = client.get_model_version_by_alias(name, alias)
     except mlflow.MlflowException as err:

@@ -132,11 +132,30 @@ def run_with_session(
         return 2
     from llmfeat.session import build_session
 
-    started = time.monotonic()
-    try:
+    def with_session(settings: Settings) -> Any:
         spark = build_session(settings.spark, settings.delta)
         log_session(name, spark)
-        body(spark, settings)
+        return body(spark, settings)
+
+    return _run(name, settings, with_session, errors)
+
+
+def run_in_process(name: str, config: str, overrides: list[str], body: Callable[[Settings], Any]) -> int:
+    """`run_with_session` for the jobs that need no Spark (torch training and evaluations on a bounded
+    sample): the same settings, one-line errors and exit codes, and no session started."""
+    settings = command_settings(name, config, overrides)
+    return 2 if settings is None else _run(name, settings, body)
+
+
+def _run(
+    name: str,
+    settings: Settings,
+    body: Callable[[Settings], Any],
+    errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    started = time.monotonic()
+    try:
+        body(settings)
     except (*USER_ERRORS, *errors, *mlflow_errors()) as err:
         print(f"llmfeat {name}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1

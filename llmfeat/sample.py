@@ -25,6 +25,7 @@ __all__ = [
     "SampleTooLarge",
     "distinct_values",
     "scalar",
+    "shortest_histories",
     "spark_user_sample",
     "user_rank",
 ]
@@ -166,3 +167,13 @@ def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Itera
         term = ds.field(c).isin(values)
         expr = term if expr is None else expr & term
     yield from dataset.to_batches(columns=columns, filter=expr)
+
+
+def shortest_histories(user_behaviors: Any, cut: Any, n: int) -> list[str]:
+    """A documented quick sample (Spark): the n users with the fewest behaviours before `cut` (at least one),
+    ties by user id. Their histories are short, so few behaviours need encoding. n ids reach the driver."""
+    from pyspark.sql import functions as F
+
+    ub = user_behaviors.where(F.col("event_timestamp") < F.lit(cut))
+    fewest = ub.groupBy("user_id").count().orderBy("count", F.length("user_id"), "user_id").limit(n)
+    return [r["user_id"] for r in fewest.collect()]

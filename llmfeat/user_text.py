@@ -16,9 +16,12 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from llmfeat.reprs import snapshot_id_column
+from llmfeat.sample import scalar
 
 if TYPE_CHECKING:
-    from pyspark.sql import Column, DataFrame
+    from pyspark.sql import Column, DataFrame, SparkSession
+
+    from llmfeat.delta_io import DeltaTables
 
 SEP = "; "
 HISTORY = " History, oldest to newest: "
@@ -71,6 +74,18 @@ def history_cut(interactions: DataFrame, cut: str) -> datetime:
         raise ValueError(
             f"encode.history_cut {cut!r}: expected 'valid', 'test' or an ISO time (1998-03-01T00:00:00Z)"
         ) from None
+
+
+def history_cut_time(spark: SparkSession | None, tables: DeltaTables, cut: str) -> datetime:
+    """`history_cut` read from the interactions table, with Spark or (without a session) with delta-rs."""
+    if spark is not None:
+        return history_cut(tables.read_spark("interactions"), cut)
+    if cut not in ("valid", "test"):
+        return datetime.fromisoformat(cut)
+    first = scalar(tables, "interactions", f"SELECT MIN(event_timestamp) FROM t WHERE split = '{cut}'")
+    if first is None:
+        raise ValueError(f"history cut {cut!r}: the interactions table has no {cut!r} rows")
+    return first  # type: ignore[no-any-return]
 
 
 def _demographics_col() -> Column:

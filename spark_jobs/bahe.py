@@ -1,13 +1,11 @@
-"""BAHE job: the behaviour table, training the deep part, publishing user and behaviour vectors.
+"""BAHE train job: the deep part over each user's behaviour sequence, logged to MLflow, vectors published.
 
-    llmfeat bahe encode [--sample-users N]   behaviours -> behaviors_repr at bahe.split_layer (incremental)
-    llmfeat bahe train  [--sample-users N]   train, log to MLflow, publish user and behaviour vectors
-    spark-submit spark_jobs/bahe.py [encode|train] --config conf/local.yaml
+    llmfeat bahe train [--sample-users N]
+    spark-submit spark_jobs/bahe.py [--sample-users N] --config conf/local.yaml
 
-The behaviour table is the encode job's `behaviors_repr` (spark_jobs/encode.py) run with encode.layers set to
-[bahe.split_layer]: each unique behaviour text is encoded once by the LLM's first split_layer blocks, and a
-re-run encodes only new or changed texts. With --sample-users N only the behaviours of N users with
-history are encoded and trained on (`sample_users`: the shortest histories): a quick run (the demo); 0 = all.
+Input: the behaviour table of the BAHE encode job (spark_jobs/bahe_encode.py) at bahe.layer. With
+--sample-users N only the N users with the shortest histories before the cut are trained on and published
+(the demo's quick run, the same users the encode job's sample encodes); 0 = all.
 
 Published, each after a validation gate and with lineage:
 - <bahe.feature_table> (default user_bahe_features, Feast view user_bahe_fv): one vector per user at the
@@ -21,15 +19,33 @@ Published, each after a validation gate and with lineage:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from llmfeat.config import Settings
-from llmfeat.spark_jobs.bahe_fit import encode_behaviors, load_inputs, train
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from llmfeat.config import BaheConf, Settings
+from llmfeat.models.bahe.data import BehaviorSequences, behavior_matrix, behavior_sequences
+from llmfeat.models.ctr.data import CtrArrays, ctr_arrays
+from llmfeat.reprs import ENCODER_LINEAGE, layer_lineage, repr_table, vector_rows
+from llmfeat.sample import Sample, shortest_histories
+from llmfeat.user_text import history_cut_time
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
+
+    from llmfeat.delta_io import DeltaTables
+    from llmfeat.models.bahe.model import Bahe, BaheConfig
+    from llmfeat.models.bahe.train import BaheFit
+
+log = logging.getLogger("llmfeat.bahe")
+BEHAVIOR_TABLE = repr_table("behaviors")
 
 
 @dataclass(frozen=True)
@@ -55,20 +71,186 @@ class BaheSummary:
         )
 
 
-def run_train(spark: SparkSession, settings: Settings, n_sample: int = 0) -> BaheSummary:
+@dataclass
+class BaheInputs:
+    a: CtrArrays  # rows of the users in scope
+    seqs: BehaviorSequences
+    behavior_keys: np.ndarray  # (V,)
+    behavior_encoded_at: pa.Array  # (V,) when each behaviour vector was encoded
+    lineage: dict[str, Any]  # encoder_id, weights_hash, pooling, layer, source_version
+    cut: datetime
+    users: np.ndarray  # (U',) indices of the users in scope
+
+
+def subset_rows(a: CtrArrays, keep: np.ndarray) -> CtrArrays:
+    """The same users and items, only the rows where keep (N,) is true."""
+    return CtrArrays(
+        a.user_keys, a.item_keys, a.user_idx[keep], a.item_idx[keep], a.label[keep], a.split[keep],
+        a.timestamp[keep], a.dense[keep], a.warm[keep],
+    )  # fmt: skip
+
+
+def load_inputs(spark: SparkSession | None, settings: Settings, n_sample: int = 0) -> BaheInputs:
+    from llmfeat.delta_io import open_tables
+
+    conf = settings.bahe
+    tables = open_tables(settings, spark)
+    if not tables.exists(BEHAVIOR_TABLE):
+        raise FileNotFoundError(f"{BEHAVIOR_TABLE} not found under {tables.root}: run `llmfeat bahe encode`")
+    version = tables.version(BEHAVIOR_TABLE)
+    sample = Sample(tables, settings.sample, {BEHAVIOR_TABLE: version})  # llmfeat/sample.py
+    a = ctr_arrays(*sample.ctr_tables())
+    ub = sample.read("user_behaviors")
+    seen = {} if sample.users is None else {"behavior_id": pc.unique(ub.column("behavior_id"))}
+    table = sample.read(BEHAVIOR_TABLE, **seen)  # every layer: a missing one is named with those present
+    keys, vectors = behavior_matrix(table, conf.layer)
+    encoded_at = table.filter(pc.equal(table["layer"], conf.layer))["encoded_at"].combine_chunks()
+    lineage = layer_lineage(table, BEHAVIOR_TABLE, conf.layer) | {"source_version": version}
+    cut = history_cut_time(spark, tables, conf.history_cut)
+    users = np.arange(len(a.user_keys))
+    if n_sample:
+        if spark is None:
+            raise ValueError("a user sample needs Spark")
+        chosen = set(shortest_histories(tables.read_spark("user_behaviors"), cut, n_sample))
+        users = np.flatnonzero([k in chosen for k in a.user_keys])
+        a = subset_rows(a, np.isin(a.user_idx, users))
+        ub = ub.filter(pc.is_in(ub.column("user_id"), pa.array(sorted(chosen))))
+    cut_us = int(cut.timestamp() * 1_000_000)
+    seqs = behavior_sequences(ub, keys, vectors, a.user_keys, cut_us, conf.max_behaviors)
+    return BaheInputs(a, seqs, keys, encoded_at, lineage, cut, users)
+
+
+def bahe_config(conf: BaheConf, width: int, n_items: int) -> BaheConfig:
+    from llmfeat.models.bahe.model import BaheConfig
+
+    return BaheConfig(
+        width, n_items, conf.deep, conf.deep_layers, conf.heads, conf.input_gain, conf.pooling,
+        conf.max_behaviors, conf.compress, conf.out_dim, conf.compress_hidden, conf.keep_weight, conf.emb_dim,
+        conf.dropout,
+    )  # fmt: skip
+
+
+def build_model(settings: Settings, width: int, n_items: int) -> Bahe:
+    """deep=llm loads the configured LLM (its blocks above the split become the deep part)."""
+    import torch
+
+    from llmfeat.models.bahe.model import build_bahe
+
+    conf = settings.bahe
+    torch.manual_seed(conf.seed)
+    base = None
+    if conf.deep == "llm":
+        from transformers import AutoModel
+
+        from llmfeat.models.encoder import resolve_model
+
+        source = resolve_model(settings.encode.model, settings.encode.cache_dir)
+        base = AutoModel.from_pretrained(source.path, dtype=torch.float32)
+    return build_bahe(bahe_config(conf, width, n_items), base, conf.layer)
+
+
+def train(settings: Settings, inputs: BaheInputs) -> BaheFit:
+    from llmfeat.models.bahe.train import BaheTrainConfig, fit_bahe
+
+    c = settings.bahe
+    model = build_model(settings, inputs.seqs.vectors.shape[1], len(inputs.a.item_keys))
+    cfg = BaheTrainConfig(
+        c.lr, c.weight_decay, c.users_per_batch, c.max_epochs, c.patience, c.seed, c.position_budget
+    )
+    return fit_bahe(model, inputs.seqs, inputs.a, cfg)
+
+
+def sequence_hash(seqs: BehaviorSequences, keys: np.ndarray, u: int) -> str:
+    """Content hash of a user's behaviour sequence (ids in order): an unchanged history, an unchanged hash."""
+    ids = "\x1f".join(str(keys[b]) for b in seqs.behavior[seqs.user_events(u)])
+    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def feature_rows(
+    key: str, ids: list[str], z: np.ndarray, at: datetime | pa.Array, lineage: dict[str, Any], dtype: str
+) -> pa.Table:
+    """(n, d) vectors -> the feature-table schema the compress job writes (spark_jobs/compress.py)."""
+    n = len(ids)
+    batch = pa.RecordBatch.from_pydict(
+        {
+            key: pa.array(ids, pa.string()),
+            "encoded_at": at
+            if isinstance(at, pa.Array)
+            else pa.array([at] * n, pa.timestamp("us", tz="UTC")),
+            **{c: pa.array([str(lineage[c])] * n, pa.string()) for c in ENCODER_LINEAGE},
+            "content_hash": pa.array(lineage["content_hash"], pa.string()),
+        }
+    )
+    out = pa.Table.from_batches([vector_rows(batch, key, z, dtype)])
+    for col, value, type_ in (
+        ("source_table", BEHAVIOR_TABLE, pa.string()),
+        ("source_version", lineage["source_version"], pa.int64()),
+        ("layer", lineage["layer"], pa.int64()),
+        ("compressor_name", lineage["compressor_name"], pa.string()),
+        ("compressor_version", lineage["compressor_version"], pa.string()),
+        ("dtype", dtype, pa.string()),
+    ):
+        out = out.append_column(col, pa.array([value] * n, type_))
+    return out
+
+
+def gated_upsert(tables: DeltaTables, settings: Settings, name: str, key: str, rows: pa.Table) -> int:
+    """The feature-table gate (validation/) first; a failure quarantines the rows and writes nothing."""
+    from llmfeat.validation.gating import gate, new_run_id
+    from llmfeat.validation.suites import feature_suite
+
+    dim = len(rows.column("vector")[0]) if rows.num_rows else 0
+    suite = feature_suite(name, key, dim, settings.marc.output_dtype, conf=settings.validation)
+    gate(rows, suite, table=name, tables=tables, run_id=new_run_id(f"bahe-{name}"), conf=settings.validation)
+    return tables.upsert(name, rows, [key], delete_missing=True)
+
+
+def publish_users(
+    tables: DeltaTables, settings: Settings, inputs: BaheInputs, vectors: np.ndarray, run_id: str
+) -> pa.Table:
+    """User vectors of the users in scope at the cut, with flags and lineage (returned, not yet written)."""
+    seqs, users = inputs.seqs, inputs.users
+    lineage = inputs.lineage | {
+        "compressor_name": "bahe",
+        "compressor_version": run_id,
+        "content_hash": [sequence_hash(seqs, inputs.behavior_keys, int(u)) for u in users],
+    }
+    ids = [str(k) for k in inputs.a.user_keys[users]]
+    rows = feature_rows("user_id", ids, vectors[users], inputs.cut, lineage, settings.marc.output_dtype)
+    rows = rows.append_column("no_history", pa.array(seqs.no_history[users]))
+    return rows.append_column("missing_behaviors", pa.array(seqs.missing_per_user[users]))
+
+
+def behavior_rows(settings: Settings, inputs: BaheInputs) -> pa.Table:
+    """PCA of the split-layer behaviour vectors to bahe.behavior_dim, for behavior_llm_fv."""
+    from llmfeat.models.marc.baselines import pca
+
+    x = inputs.seqs.vectors
+    d = min(settings.bahe.behavior_dim, x.shape[1], max(1, len(x) - 1))
+    z = pca(x, d)(x)
+    lineage = inputs.lineage | {
+        "compressor_name": "pca",
+        "compressor_version": f"pca-{d}-v{inputs.lineage['source_version']}",
+        "content_hash": [str(k) for k in inputs.behavior_keys],
+    }
+    keys = [str(k) for k in inputs.behavior_keys]
+    at = inputs.behavior_encoded_at.cast(pa.timestamp("us", tz="UTC"))
+    return feature_rows("behavior_id", keys, z, at, lineage, settings.marc.output_dtype)
+
+
+def run(spark: SparkSession, settings: Settings, n_sample: int = 0) -> BaheSummary:
     """Load, train, log to MLflow, publish: user vectors and behaviour vectors."""
     import mlflow
 
     from llmfeat.delta_io import open_tables
     from llmfeat.models.bahe.train import log_bahe, user_vectors
     from llmfeat.registry import use_tracking
-    from llmfeat.spark_jobs.bahe_publish import behavior_rows, gated_upsert, publish_users
 
     inputs = load_inputs(spark, settings, n_sample)
     fit = train(settings, inputs)
     vectors = user_vectors(fit.model, inputs.seqs, settings.bahe.position_budget)
-    use_tracking(settings)
-    with mlflow.start_run(run_name=f"bahe-split{settings.bahe.split_layer}-{settings.bahe.deep}") as active:
+    use_tracking(settings, settings.marc.experiment)
+    with mlflow.start_run(run_name=f"bahe-split{settings.bahe.layer}-{settings.bahe.deep}") as active:
         log_bahe(fit, settings.bahe.model_dump(), inputs.lineage, inputs.seqs, n_sample)
     tables = open_tables(settings, spark)
     rows = publish_users(tables, settings, inputs, vectors, active.info.run_id)
@@ -83,69 +265,15 @@ def run_train(spark: SparkSession, settings: Settings, n_sample: int = 0) -> Bah
     )  # fmt: skip
 
 
-def demo_step(spark: SparkSession, settings: Settings) -> None:
-    """Behaviour table, training and publication on a sample (bahe.demo_users; 0 = everyone), then Feast."""
-    from llmfeat.spark_jobs.materialize import format_published
-    from llmfeat.spark_jobs.materialize import run as materialize
-
-    n, conf = settings.bahe.demo_users, settings.bahe
-    sample = f"{n} users with the shortest histories (--set bahe.demo_users=0 for all)" if n else "all users"
-    print(
-        f"\n== BAHE: behaviours through blocks 1..{conf.split_layer}, {conf.deep_layers} trainable "
-        f"{conf.deep} blocks over each user's behaviours -> {conf.feature_table}; sample: {sample}"
-    )
-    print(encode_behaviors(spark, settings, n))
-    print(run_train(spark, settings, n))
-    print(format_published(materialize(spark, settings)))
-
-
-def add_parser(sub: Any, config_args: Any) -> None:
-    parser = sub.add_parser("bahe", help="BAHE: behaviour table, hierarchical user encoder, comparison")
-    parser.add_argument("action", choices=["encode", "train", "evaluate"])
-    parser.add_argument("--sample-users", type=int, default=0, help="encode/train: only N users (0 = all)")
-    parser.add_argument("--scope", choices=["eval", "all"], default="eval", help="evaluate: baseline users")
-    parser.add_argument("--seeds", type=int, default=3, help="evaluate: probe seeds")
-    parser.add_argument("--fresh", action="store_true", help="evaluate: recompute cached phases")
-    parser.add_argument("--out", default=None, help="evaluate: JSON results path")
-    config_args(parser)
-
-
-def command(args: argparse.Namespace) -> int:
-    from llmfeat.runner import command_settings, run_with_session
-
-    if args.action != "evaluate":
-
-        def body(spark: SparkSession, settings: Settings) -> None:
-            if args.action == "encode":
-                print(encode_behaviors(spark, settings, args.sample_users))
-            else:
-                print(run_train(spark, settings, args.sample_users))
-
-        from llmfeat.models.encoder import EncoderError
-
-        return run_with_session(f"bahe {args.action}", args.config, args.overrides, body, (EncoderError,))
-    import json
-    from pathlib import Path
-
-    from llmfeat.spark_jobs.bahe_eval import evaluate, format_report
-
-    settings = command_settings("bahe evaluate", args.config, args.overrides)
-    if settings is None:
-        return 2
-    results = evaluate(settings, args.scope, args.seeds, fresh=args.fresh)
-    out = Path(args.out or Path(settings.data_dir) / "bahe_eval" / "results.json")
-    out.write_text(json.dumps(results, indent=1, default=float))
-    print(format_report(results))
-    print(f"results: {out}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.runner import config_args
+    from llmfeat.runner import config_args, run_with_session
 
     parser = argparse.ArgumentParser(prog="bahe")
-    add_parser(parser.add_subparsers(dest="command", required=True), config_args)
-    return command(parser.parse_args(["bahe", *(argv if argv is not None else sys.argv[1:])]))
+    config_args(parser)
+    parser.add_argument("--sample-users", type=int, default=0, help="only N users (0 = all)")
+    args = parser.parse_args(argv)
+    body = lambda s, c: print(run(s, c, args.sample_users))  # noqa: E731
+    return run_with_session("bahe train", args.config, args.overrides, body)
 
 
 if __name__ == "__main__":

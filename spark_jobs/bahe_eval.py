@@ -3,7 +3,7 @@
     llmfeat bahe evaluate [--scope eval|all] [--seeds 3] [--out PATH]
 
 Baseline: each user's whole text (demographics + behaviours before the cut, llmfeat/user_text.py) encoded
-by the LLM up to `bahe.baseline_layer` (15) and no further: the encoder taps that layer only and drops every
+by the LLM up to `bahe.baseline.layer` (15) and no further: the encoder taps that layer only and drops every
 block above it (`baseline_encoder_config`). BAHE: the published user vector at the same cut. Both go through
 the same protocol (models/evaluation/probe_eval.py): the ID model on train, the fixed probe on valid (user
 vector + ID side, no item vector), AUC / GAUC / LogLoss on test, overall, warm and cold, over seeds.
@@ -24,16 +24,24 @@ user-days (a user with new behaviour that day), at the rates measured in this ru
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from llmfeat.models.ctr.data import CtrArrays
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from llmfeat.config import Settings
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,7 @@ def train_bahe_child(settings_doc: dict[str, Any]) -> dict[str, Any]:
     """Child body: load the tables (no Spark), train BAHE, return the user vectors and training stats."""
     from llmfeat.config import Settings
     from llmfeat.models.bahe.train import user_vectors
-    from llmfeat.spark_jobs.bahe_fit import load_inputs, train
+    from llmfeat.spark_jobs.bahe import load_inputs, train
 
     settings = Settings.model_validate(settings_doc)
     inputs = load_inputs(None, settings)
@@ -377,16 +385,16 @@ def evaluate(
     from llmfeat.models.encoder import resolve_model
     from llmfeat.models.evaluation.probe_eval import ProtocolConfig, fit_id_model
     from llmfeat.sample import Sample
-    from llmfeat.spark_jobs.bahe_fit import cut_time
+    from llmfeat.user_text import history_cut_time
 
     cfg = settings.bahe
     cache = Path(settings.data_dir) / "bahe_eval"
     tables = open_tables(settings)
     a = ctr_arrays(*Sample(tables, settings.sample).ctr_tables())
-    cut = cut_time(None, tables, cfg.history_cut)
+    cut = history_cut_time(None, tables, cfg.history_cut)
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
-    path, layer, max_len = str(source.path), cfg.baseline_layer, 512
-    split, deep = cfg.split_layer, cfg.deep_layers
+    path, layer, max_len = str(source.path), cfg.baseline.layer, 512
+    split, deep = cfg.layer, cfg.deep_layers
     histories = sampled_histories(tables, settings)
     texts = user_texts_py(histories, settings, cut, a.user_keys)
     user_tokens = count_tokens(path, texts, max_len)  # (U,)
@@ -505,3 +513,47 @@ def format_report(r: dict[str, Any]) -> str:
         f"positions = {p['bahe_hours']:.3g} h ({p['ratio']:.1f}x less)",
     ]
     return "\n".join(lines)
+
+
+def run(
+    spark: SparkSession | None,
+    settings: Settings,
+    scope: str = "eval",
+    seeds: int = 3,
+    fresh: bool = False,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """The evaluation (no Spark: each phase in its own process), its JSON written to `out` (default
+    <data_dir>/bahe_eval/results.json) and its report printed."""
+    import json
+
+    results = evaluate(settings, scope, seeds, fresh=fresh)
+    out = out or Path(settings.data_dir) / "bahe_eval" / "results.json"
+    out.write_text(json.dumps(results, indent=1, default=float))
+    print(format_report(results))
+    print(f"results: {out}")
+    return results
+
+
+def eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scope", choices=["eval", "all"], default="eval", help="baseline users")
+    parser.add_argument("--seeds", type=int, default=3, help="probe seeds")
+    parser.add_argument("--fresh", action="store_true", help="recompute cached phases")
+    parser.add_argument("--out", type=Path, default=None, help="JSON results path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="bahe-eval")
+    config_args(parser)
+    eval_args(parser)
+    args = parser.parse_args(argv)
+    body = lambda s: run(None, s, args.scope, args.seeds, args.fresh, args.out)  # noqa: E731
+    return run_in_process("bahe evaluate", args.config, args.overrides, body)
+
+
+if __name__ == "__main__":
+    from llmfeat.spark_jobs.bahe_eval import main as package_main
+
+    sys.exit(package_main())

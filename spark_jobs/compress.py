@@ -1,7 +1,7 @@
 """Compress job: `<entity>_repr` at the compressor's layer -> one feature table per compressor version.
 
     spark-submit spark_jobs/compress.py --entity users,items [--config local|PATH] [--set key=value ...]
-    llmfeat compress [--entity items] [--set mlflow.alias=challenger] [--set marc.output_dtype=float16]
+    llmfeat compress [--entity items] [--set marc.alias=challenger] [--set marc.output_dtype=float16]
 
 The compressor is loaded from the MLflow registry by alias (<registry_name>-<entity>@<alias>). Its registry
 version N names the output: user snapshots -> user_marc_v<N>_features, items -> item_marc_v<N>_features, the
@@ -394,36 +394,3 @@ if __name__ == "__main__":
     from llmfeat.spark_jobs.compress import main as package_main
 
     sys.exit(package_main())
-
-
-def demo_step(spark: SparkSession, settings: Settings) -> None:
-    """Demo: train a compressor for a few epochs on the representation tables, register it, compress both
-    tables. Skipped, with a note, when the representation tables are not there yet."""
-    from llmfeat.delta_io import open_tables
-    from llmfeat.registry import resolve_alias
-    from llmfeat.spark_jobs.train_compressor import run as train
-
-    tables = open_tables(settings, spark)
-    missing = [repr_table(e) for e in DEFAULT_ENTITIES if not tables.exists(repr_table(e))]
-    print("\n== MARC compressor (train a few epochs -> MLflow registry @alias -> compress to feature tables)")
-    if missing:
-        print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity user_snapshots,items`")
-        return
-    try:
-        registered: RegisteredCompressor | None = resolve_alias(settings, "users")
-    except LookupError:
-        registered = None
-    if registered is None:
-        # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
-        # `llmfeat train-compressor`.
-        quick = settings.marc.model_copy(
-            update={"max_epochs": min(settings.marc.max_epochs, 2), "max_fit_rows": 20000}
-        )
-        print(train(spark, settings.model_copy(update={"marc": quick})))
-    else:  # a re-run: the compressor the first run registered (`llmfeat train-compressor` makes a new one)
-        print(f"{registered.name} v{registered.version} @{registered.alias}: registered earlier, reused")
-    for summary in run(spark, settings):
-        print(summary)
-    print(
-        "full evaluation (layer sweep, baselines, plots): llmfeat eval-compression; results in docs/marc.md"
-    )

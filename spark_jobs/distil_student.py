@@ -41,6 +41,8 @@ from llmfeat.models.slmrec.model import (
 )
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from llmfeat.config import Settings, SlmrecConf
 
 log = logging.getLogger("llmfeat.slmrec")
@@ -88,7 +90,7 @@ class DistilSummary:
 def student_config(cfg: SlmrecConf, settings: Settings) -> StudentConfig:
     pooling = settings.encode.pooling if cfg.pooling == "encode" else cfg.pooling
     return StudentConfig(
-        cfg.student_layers, cfg.teacher_layer, cfg.blocks, cfg.l2_weight, pooling, cfg.tuning, cfg.lora_rank,
+        cfg.student_layers, cfg.layer, cfg.blocks, cfg.l2_weight, pooling, cfg.tuning, cfg.lora_rank,
         cfg.lora_alpha,
     )  # fmt: skip
 
@@ -241,7 +243,7 @@ def save_student(student: Any, tokenizer: Any, folder: Path, record: dict[str, A
 # ---------------------------------------------------------------------------------------------- the job
 
 
-def run(settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
+def run(spark: SparkSession | None, settings: Settings, texts: DistilTexts | None = None) -> DistilSummary:
     """Teacher targets -> student (first N blocks) -> distillation -> folder + MLflow run. Runs on a visible
     GPU (float32), else on the CPU."""
     from transformers import AutoModel, AutoTokenizer
@@ -311,11 +313,7 @@ def log_run(settings: Settings, summary: DistilSummary, record: dict[str, Any], 
 
     from llmfeat.registry import use_tracking
 
-    use_tracking(
-        settings.model_copy(
-            update={"mlflow": settings.mlflow.model_copy(update={"experiment": settings.slmrec.experiment})}
-        )
-    )
+    use_tracking(settings, settings.slmrec.experiment)
     with mlflow.start_run(run_name=f"slmrec-{summary.student_layers}of{summary.teacher_layer}") as run:
         mlflow.log_params({f"slmrec.{k}": v for k, v in settings.slmrec.model_dump().items()})
         mlflow.log_params({
@@ -340,8 +338,26 @@ def log_run(settings: Settings, summary: DistilSummary, record: dict[str, Any], 
         return str(run.info.run_id)
 
 
-def main(settings: Settings) -> DistilSummary:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = run(settings)
-    print(summary, flush=True)
-    return summary
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="distil-student")
+    config_args(parser)
+    args = parser.parse_args(argv)
+
+    def body(settings: Settings) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        print(run(None, settings), flush=True)
+
+    return run_in_process("distil-student", args.config, args.overrides, body)
+
+
+if __name__ == "__main__":
+    import sys
+
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.distil_student import main as package_main
+
+    sys.exit(package_main())

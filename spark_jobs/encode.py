@@ -447,13 +447,6 @@ def run_all(spark: SparkSession, settings: Settings, entities: list[str]) -> lis
     return out
 
 
-def demo_step(spark: SparkSession, settings: Settings) -> None:
-    """Demo: encode items and user snapshots (what the compressor needs); incremental, so a re-run costs
-    seconds. On CPU the real SmolLM2 does about 8 item texts/s; users' longer texts take longer."""
-    print("\n== encode (LLM layer states -> items_repr, user_snapshots_repr; only new or changed texts)")
-    run_all(spark, settings, ["items", "user_snapshots"])
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import config_args, run_with_session
 

@@ -7,8 +7,10 @@ marc_bytes.png (test AUC against bytes per vector, per method), marc_results.jso
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +22,8 @@ from llmfeat.reprs import layer_matrix, repr_layers, repr_table
 from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from llmfeat.config import Settings
 
 log = logging.getLogger(__name__)
@@ -194,7 +198,12 @@ def sweep_config(seeds: int = 3, layers: str = "", marc_layers: str = "") -> Swe
     return SweepConfig(seeds=seeds, sweep_layers=ints(layers) or None, marc_layers=ints(marc_layers))
 
 
-def run(settings: Settings, cfg: SweepConfig, out: Path) -> SweepResult:
+def run(
+    spark: SparkSession | None, settings: Settings, cfg: SweepConfig | None = None, out: Path = Path("docs")
+) -> SweepResult:
+    """The layer sweep and the compression baselines (no Spark): table, plots and JSON in `out`, one MLflow
+    run."""
+    cfg = cfg or SweepConfig()
     import mlflow
     import torch
 
@@ -207,7 +216,7 @@ def run(settings: Settings, cfg: SweepConfig, out: Path) -> SweepResult:
     (out / "marc_results.json").write_text(json.dumps(to_json(result), indent=1))
     (out / "marc_results.md").write_text(markdown(result))
     pngs = plots(result, out)
-    use_tracking(settings)
+    use_tracking(settings, settings.marc.experiment)
     with mlflow.start_run(run_name="compression-eval"):
         mlflow.set_tag("kind", "compression-eval")
         mlflow.log_params({"seeds": cfg.seeds, "out_dim": cfg.out_dim, "best_layer": result.best_layer})
@@ -218,3 +227,30 @@ def run(settings: Settings, cfg: SweepConfig, out: Path) -> SweepResult:
         for path in [out / "marc_results.json", out / "marc_results.md", *pngs]:
             mlflow.log_artifact(str(path))
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--layers", default="", help="comma list of layers for the sweep (default: all)")
+    parser.add_argument("--marc-layers", default="", help="extra layers to train MARC on for the layer plot")
+    parser.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="eval-compression")
+    config_args(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = sweep_config(args.seeds, args.layers, args.marc_layers)
+    return run_in_process(
+        "eval-compression", args.config, args.overrides, lambda s: run(None, s, cfg, args.out)
+    )
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.eval_compression import main as package_main
+
+    sys.exit(package_main())

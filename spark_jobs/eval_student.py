@@ -4,7 +4,7 @@
         --set encode.layers=[<N>]
     llmfeat eval-student --student <folder> --student-data <student lake> [--out results.json]
 
-Features: the item vectors of `items_repr` (teacher rows at `slmrec.teacher_layer` and, when present, at the
+Features: the item vectors of `items_repr` (teacher rows at `slmrec.layer` and, when present, at the
 teacher's own layer N, from <data_dir>; student rows at layer N from the student's lake), judged by the fixed
 probe of the evaluation protocol (models/evaluation/probe_eval.py through models/marc/sweep.Evaluator: ID
 model on train, probe on valid, test AUC with intervals). Item vectors only, with no user vector (users' long
@@ -16,8 +16,10 @@ tapped layer, student at its last, measured alternately, best of `repeats`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ from llmfeat.models.encoder import EncoderConfig, load_encoder, resolve_model
 from llmfeat.reprs import ReprError, layer_matrix, repr_table
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from llmfeat.config import Settings
 
 log = logging.getLogger("llmfeat.slmrec")
@@ -181,7 +185,7 @@ def workload_texts(settings: Settings, n_items: int = 64, n_users: int = 16) -> 
     }
 
 
-def run(settings: Settings, student: Path, student_data: Path, seeds: int = 3) -> dict[str, Any]:
+def evaluate(settings: Settings, student: Path, student_data: Path, seeds: int = 3) -> dict[str, Any]:
     meta = json.loads((student / "slmrec.json").read_text())
     teacher = resolve_model(settings.slmrec.teacher, settings.encode.cache_dir)
     models = {
@@ -219,17 +223,20 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(settings: Settings, student: Path, student_data: Path, out: Path | None) -> dict[str, Any]:
+def run(
+    spark: SparkSession | None, settings: Settings, student: Path, student_data: Path, out: Path | None = None
+) -> dict[str, Any]:
+    """Probe AUC and throughput of the student against the teacher (no Spark), printed, logged to MLflow and
+    written to `out` as JSON."""
     import mlflow
 
     from llmfeat.registry import use_tracking
 
-    result = run(settings, student, student_data)
+    result = evaluate(settings, student, student_data)
     print(format_result(result), flush=True)
     if out is not None:
         out.write_text(json.dumps(result, indent=2, default=str))
-    mlflow_cfg = settings.mlflow.model_copy(update={"experiment": settings.slmrec.experiment})
-    use_tracking(settings.model_copy(update={"mlflow": mlflow_cfg}))
+    use_tracking(settings, settings.slmrec.experiment)
     with mlflow.start_run(run_name=f"eval-{student.name}"):
         mlflow.set_tags({"kind": "slmrec-eval", "student.encoder_id": student.name})
         for name, row in result["entries"].items():
@@ -239,3 +246,31 @@ def main(settings: Settings, student: Path, student_data: Path, out: Path | None
             mlflow.log_metric(f"cpu_texts_per_s_{t['workload']}_{t['encoder'][:40]}", t["texts_per_s"])
         mlflow.log_dict(result, "student_eval.json")
     return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--student", type=Path, required=True, help="student folder written by distil-student"
+    )
+    parser.add_argument(
+        "--student-data", type=Path, required=True, help="data_dir where the student encoded items_repr"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="eval-student")
+    config_args(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    body = lambda s: run(None, s, args.student, args.student_data, args.out)  # noqa: E731
+    return run_in_process("eval-student", args.config, args.overrides, body)
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.eval_student import main as package_main
+
+    sys.exit(package_main())

@@ -443,32 +443,6 @@ def format_published(published: list[Published]) -> str:
     return "\n".join(lines)
 
 
-def demo_step(spark: SparkSession, settings: Settings) -> None:
-    """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
-    from llmfeat.delta_io import open_tables
-    from llmfeat.feast_repo import open_store, service_marc_views, store_dir
-    from llmfeat.serving.features import OnlineFeatures
-
-    where = f"stores in {store_dir(settings)}, online {settings.feast.online_store}"
-    print(f"\n== features (Feast repository feature_repo/, {where})")
-    published = run(spark, settings)
-    print(format_published(published))
-    pinned = {m.name for m in service_marc_views(settings.ctr.llm_feature_service)}
-    if not all(p.version >= 0 for p in published if p.view in pinned):
-        print(
-            "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
-        )
-        return
-    items = [
-        r[0] for r in open_tables(settings, spark).read_spark("items").select("item_id").limit(100).collect()
-    ]
-    batch = OnlineFeatures(open_store(settings)).fetch("1", items)
-    print(
-        f"ranking request: user 1 x {len(items)} items -> user {batch.user.shape}, items {batch.items.shape} "
-        f"{batch.items.dtype}, missing items {int(batch.item_missing.sum())}"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import config_args, run_with_session
 

@@ -9,7 +9,7 @@ behaviour, never the row's own label), users without history included (their dem
 fits on the first `marc.fit_frac` of the train period and early-stops on the next `marc.stop_frac` (rows later
 than those it fits); CTR models learn from its vectors only after that. Logs params, per-epoch curves, final
 metrics and both compressors (with signature and input example) to MLflow; registers <registry_name>-users /
--items and points the alias (`mlflow.alias`, default champion) at the new versions. The task-adaptation module
+-items and points the alias (`marc.alias`, default champion) at the new versions. The task-adaptation module
 is not shipped.
 """
 
@@ -257,7 +257,7 @@ def run(spark: SparkSession | None, settings: Settings) -> TrainSummary:
         a, states["users"], states["items"], marc_config(cfg, states["items"].shape[1]), train_config(cfg),
         max_fit_rows=cfg.max_fit_rows, fit_rows=fit_rows, stop_rows=stop_rows,
     )  # fmt: skip
-    use_tracking(settings)
+    use_tracking(settings, settings.marc.experiment)
     with mlflow.start_run(run_name=f"marc-layer{cfg.layer}-d{cfg.out_dim}") as active:
         mlflow.set_tags({"kind": "marc-compressor", "marc_config": str(asdict(fit.model.cfg))})
         inputs = [

@@ -1,20 +1,22 @@
 """Train and compare next-item models on the time split: popularity, SASRec (IDs only), Lite-LLM4Rec.
 
-    llmfeat train-lite [--config local|PATH] [--set lite.item_layer=15 --set lite.publish_k=50 ...]
+    llmfeat train-lite [--config local|PATH] [--set lite.layer=15 --set lite.publish_k=50 ...]
 
-Reads interactions, items and `items_repr` (layer `lite.item_layer`) from <data_dir>/delta with delta-rs
+Reads interactions, items and `items_repr` (layer `lite.layer`) from <data_dir>/delta with delta-rs
 (no Spark at this size). Trains on the train split's sequences, early-stops on the valid split's NDCG@k, and
 ranks every item for each test event (input = the user's newest `lite.max_seq` earlier events; excluded
 from the ranking = ALL the user's earlier events). Reports Recall@k and NDCG@k on all, warm and cold test
 queries: the mean over `lite.seeds` with a bootstrap interval that resamples users (all of a user's queries
 together) and a t interval over seeds. Logs one MLflow run per model with the item vectors' lineage; with
-`lite.publish_k` > 0 writes each user's top candidates of the Lite-LLM4Rec model (spark_jobs/lite_publish.py).
+`lite.publish_k` > 0 writes each user's top candidates of the Lite-LLM4Rec model (models/lite_llm4rec/
+candidates.py) to the Delta table `lite.candidates_table`, after its gate (Feast view user_candidates_fv).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +45,12 @@ from llmfeat.models.trainer import TrainConfig, TrainHistory, train_early_stoppi
 from llmfeat.reprs import layer_lineage, layer_matrix, repr_table
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from llmfeat.config import LiteConf, Settings
+    from llmfeat.models.lite_llm4rec.data import LiteData
     from llmfeat.models.lite_llm4rec.model import NextItemModel
+    from llmfeat.validation.gating import GateReport
 
 log = logging.getLogger("llmfeat.lite")
 PARTS = ("all", "warm", "cold")
@@ -97,7 +103,7 @@ class LiteSummary:
 
 
 def load_lite_data(settings: Settings) -> LiteData:
-    """The event log, windows, queries and the item vectors of `lite.item_layer` (delta-rs reads)."""
+    """The event log, windows, queries and the item vectors of `lite.layer` (delta-rs reads)."""
     from llmfeat.delta_io import RustDelta
     from llmfeat.sample import Sample
 
@@ -110,8 +116,8 @@ def load_lite_data(settings: Settings) -> LiteData:
     inter = sample.read("interactions")
     ev = event_log(inter, sample.items_of(inter))
     item_reprs = sample.read(repr_table("items"), item_id=ev.item_keys)
-    vectors = layer_matrix(item_reprs, "items", cfg.item_layer, ev.item_keys)
-    lineage = layer_lineage(item_reprs, repr_table("items"), cfg.item_layer)
+    vectors = layer_matrix(item_reprs, "items", cfg.layer, ev.item_keys)
+    lineage = layer_lineage(item_reprs, repr_table("items"), cfg.layer)
     lineage["items_repr_version"] = tables.version(repr_table("items"))
     lineage["interactions_version"] = tables.version("interactions")
     return LiteData(
@@ -271,7 +277,12 @@ def fit_all(data: LiteData, cfg: Any) -> list[Fit]:
     return fits
 
 
-def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None = None) -> LiteSummary:
+def run(
+    spark: SparkSession | None,
+    settings: Settings,
+    data: LiteData | None = None,
+    fits: list[Fit] | None = None,
+) -> LiteSummary:
     """Fit (unless `fits` come from elsewhere), log one MLflow run per model, publish the candidates."""
     import mlflow
 
@@ -282,17 +293,13 @@ def run(settings: Settings, data: LiteData | None = None, fits: list[Fit] | None
     log.info("next-item data: %d items, %d training windows, %d valid / %d test queries on %s",
              data.log.n_items, len(data.windows.inputs), len(data.valid), len(data.test), DEVICE)  # fmt: skip
     fits = fits if fits is not None else fit_all(data, cfg)
-    tracking = settings.model_copy(
-        update={"mlflow": settings.mlflow.model_copy(update={"experiment": cfg.experiment})}
-    )
-    use_tracking(tracking)
+    use_tracking(settings, cfg.experiment)
     summary = LiteSummary([], cfg.k, len(data.test), data.test.skipped_empty, data.lineage)
     with project_run():
         for result, chosen in fits:
             result.run_id = log_result(result, data, cfg, chosen)
             summary.results.append(result)
             if result.name == "lite" and cfg.publish_k > 0 and chosen is not None:
-                from llmfeat.spark_jobs.lite_publish import publish_candidates
                 from llmfeat.validation.data_docs import link_to_mlflow
 
                 summary.published, checked = publish_candidates(settings, data, chosen, result.run_id)
@@ -311,20 +318,56 @@ def project_run() -> Any:
     return mlflow.start_run() if os.environ.get("MLFLOW_RUN_ID") else contextlib.nullcontext()
 
 
-def summary_dict(summary: LiteSummary) -> dict[str, Any]:
-    return {r.name: {p: asdict(rep) for p, rep in r.reports.items()} for r in summary.results}
+def publish_candidates(
+    settings: Settings, data: LiteData, model: NextItemModel, run_id: str
+) -> tuple[str, GateReport]:
+    """Gate, then MERGE the top-`lite.publish_k` candidates into the Delta table; returns a one-line report
+    and the gate's report (for the training run's Data Docs link)."""
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.validation.gating import gate, new_run_id
+    from llmfeat.validation.suites import candidates_suite
+
+    cfg = settings.lite
+    from llmfeat.models.lite_llm4rec.candidates import candidates_table
+
+    table = candidates_table(data, model, cfg.publish_k, run_id)
+    tables = RustDelta(settings.delta_root)
+    suite = candidates_suite(cfg.candidates_table, cfg.publish_k, settings.validation)
+    checked = gate(
+        table, suite, table=cfg.candidates_table, tables=tables, run_id=new_run_id("train-lite"),
+        conf=settings.validation,
+    )  # fmt: skip
+    version = tables.upsert(cfg.candidates_table, table, ["user_id"])
+    line = (
+        f"published top-{cfg.publish_k} candidates of {table.num_rows:,} users to "
+        f"{tables.path(cfg.candidates_table)} (version {version})"
+    )
+    return line, checked
 
 
-def main(settings: Settings) -> LiteSummary:
-    summary = run(settings)
-    print(summary, flush=True)
-    return summary
+def main(argv: list[str] | None = None) -> int:
+    """`spark-submit spark_jobs/train_lite.py --config ...` (no Spark needed: delta-rs reads the lake), or
+    `python -m llmfeat.spark_jobs.train_lite fit DATA.pkl CFG.json OUT.pt` (see `fit_elsewhere`)."""
+    import argparse
+
+    from llmfeat.runner import config_args, run_in_process
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fit"]:
+        fit_elsewhere(argv[1:])
+        return 0
+    parser = argparse.ArgumentParser(prog="train-lite")
+    config_args(parser)
+    args = parser.parse_args(argv)
+    return run_in_process(
+        "train-lite", args.config, args.overrides, lambda s: print(run(None, s), flush=True)
+    )
 
 
 def fit_elsewhere(argv: list[str]) -> None:
-    """`python -m llmfeat.spark_jobs.train_lite DATA.pkl CFG.json OUT.pt`: fit on a machine with a GPU but
-    without the lake or MLflow (DATA: a pickled LiteData, CFG: the lite section as JSON);
-    `run(settings, data, fits)` with the loaded fits then logs and publishes here."""
+    """`python -m llmfeat.spark_jobs.train_lite fit DATA.pkl CFG.json OUT.pt`: fit on a machine with a GPU
+    but without the lake or MLflow (DATA: a pickled LiteData, CFG: the lite section as JSON);
+    `run(None, settings, data, fits)` with the loaded fits then logs and publishes here."""
     import json
     import pickle
     from types import SimpleNamespace
@@ -337,10 +380,8 @@ def fit_elsewhere(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     # The package's copy, so the saved results unpickle as llmfeat.spark_jobs.train_lite classes, not as
-    # __main__ ones.
-    from llmfeat.spark_jobs.train_lite import fit_elsewhere as package_fit_elsewhere
+    # __main__ ones, and the CLI's error classes are caught.
+    from llmfeat.spark_jobs.train_lite import main as package_main
 
-    package_fit_elsewhere(sys.argv[1:])
+    sys.exit(package_main())

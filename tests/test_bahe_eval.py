@@ -55,7 +55,7 @@ def test_like_for_like_baseline_taps_the_compared_layer_and_stops_there() -> Non
     from llmfeat.config import load_settings
     from llmfeat.models.encoder import LayerEncoder, decoder_blocks
 
-    assert load_settings("tiny").bahe.baseline_layer == 15  # the layer BAHE's competitor vector comes from
+    assert load_settings("tiny").bahe.baseline.layer == 15  # the layer BAHE's competitor vector comes from
     cfg = baseline_encoder_config(2, max_length=64)
     assert cfg.layers == (2,)  # one tap: no deeper layer (such as 30) rides along in the same pass
     enc = LayerEncoder(tiny_llama(), tiny_tokenizer(), cfg, torch.device("cpu"))

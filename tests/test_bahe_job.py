@@ -14,8 +14,10 @@ from test_encoder import make_tiny_model_dir
 
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
-from llmfeat.spark_jobs import bahe, bahe_fit
+from llmfeat.sample import shortest_histories
+from llmfeat.spark_jobs import bahe, bahe_encode
 from llmfeat.spark_jobs.ingest import run as ingest
+from llmfeat.user_text import history_cut_time
 
 pytestmark = pytest.mark.spark
 DAY = 86_400
@@ -30,7 +32,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def settings(spark, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:  # type: ignore[no-untyped-def]
     s = make_settings(
         f"encode.model={tiny_model}", "encode.max_length=64", "encode.partitions=2",
-        "bahe.split_layer=1", "bahe.deep=llm", "bahe.deep_layers=2", "bahe.out_dim=8", "bahe.behavior_dim=4",
+        "bahe.layer=1", "bahe.deep=llm", "bahe.deep_layers=2", "bahe.out_dim=8", "bahe.behavior_dim=4",
         "bahe.max_epochs=2", "bahe.users_per_batch=2", "bahe.emb_dim=8", "marc.output_dtype=float16",
     )  # fmt: skip
     ingest(spark, s)
@@ -40,19 +42,19 @@ def settings(spark, make_settings: Callable[..., Settings], tiny_model: Path) ->
 def test_unchanged_behaviours_are_never_reencoded(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     tables = RustDelta(settings.delta_root)
     n = tables.read_arrow("behaviors").num_rows
-    first = bahe.encode_behaviors(spark, settings)
+    first = bahe_encode.run(spark, settings)
     assert (first.encoded, first.unchanged) == (n, 0)
     table = tables.read_arrow("behaviors_repr")
     assert set(table.column("layer").to_pylist()) == {1}  # only the shallow layers ran
     stamps = dict(zip(table["behavior_id"].to_pylist(), table["encoded_at"].to_pylist(), strict=True))
 
-    again = bahe.encode_behaviors(spark, settings)
+    again = bahe_encode.run(spark, settings)
     assert (again.encoded, again.unchanged, again.version) == (0, n, first.version)
 
     behaviors = tables.read_arrow("behaviors")
     new = pa.table({"behavior_id": ["feedbeef00000000"], "text": ["rated 4: Brand New (1998), Drama"]})
     tables.write("behaviors", pa.concat_tables([behaviors, new.cast(behaviors.schema)]))
-    third = bahe.encode_behaviors(spark, settings)
+    third = bahe_encode.run(spark, settings)
     assert (third.encoded, third.unchanged, third.tokens > 0) == (1, n, True)  # only the new text
     after = tables.read_arrow("behaviors_repr")
     kept = {
@@ -62,20 +64,19 @@ def test_unchanged_behaviours_are_never_reencoded(spark, settings: Settings) -> 
 
 
 def test_sample_encodes_only_the_sampled_users_behaviours(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    summary = bahe.encode_behaviors(spark, settings, n_sample=1)
+    summary = bahe_encode.run(spark, settings, n_sample=1)
     assert summary.encoded == 2  # user 11: the shortest history (tied with 12, first by id), two behaviours
     assert summary.deleted == 0
-    assert bahe_fit.sample_users(spark, RustDelta(settings.delta_root, spark), settings.bahe, 2) == [
-        "11",
-        "12",
-    ]
+    tables = RustDelta(settings.delta_root, spark)
+    cut = history_cut_time(spark, tables, settings.bahe.history_cut)
+    assert shortest_histories(tables.read_spark("user_behaviors"), cut, 2) == ["11", "12"]
 
 
 def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     import mlflow
 
-    bahe.encode_behaviors(spark, settings)
-    summary = bahe.run_train(spark, settings)
+    bahe_encode.run(spark, settings)
+    summary = bahe.run(spark, settings)
     assert (summary.users, summary.no_history, summary.missing) == (3, 0, "no missing behaviour vectors")
     tables = RustDelta(settings.delta_root)
     users = tables.read_arrow("user_bahe_features").sort_by("user_id")
@@ -94,14 +95,12 @@ def test_train_publishes_user_and_behaviour_vectors_with_lineage(spark, settings
     assert {len(v) for v in behaviors["vector"].to_pylist()} == {4}
     run = mlflow.get_run(summary.run_id)
     assert run.data.tags["kind"] == "bahe-user-encoder"
-    assert (
-        run.data.params["bahe.split_layer"] == "1" and run.data.params["behaviors.encoder_id"] == "tiny-llama"
-    )
+    assert run.data.params["bahe.layer"] == "1" and run.data.params["behaviors.encoder_id"] == "tiny-llama"
     assert "best_valid_auc" in run.data.metrics
 
 
 def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    bahe.encode_behaviors(spark, settings)
+    bahe_encode.run(spark, settings)
     tables = RustDelta(settings.delta_root)
     reprs = tables.read_arrow("behaviors_repr")
     ub = tables.read_arrow("user_behaviors")
@@ -113,7 +112,7 @@ def test_missing_behaviours_are_reported_and_no_history_is_flagged(spark, settin
     s = Settings.model_validate(
         settings.model_dump() | {"bahe": settings.bahe.model_dump() | {"history_cut": cut}}
     )
-    summary = bahe.run_train(spark, s)
+    summary = bahe.run(spark, s)
     assert "1 behaviour events (1 behaviour ids, 1 users)" in summary.missing and lost in summary.missing
     users = tables.read_arrow("user_bahe_features").sort_by("user_id")
     assert users["no_history"].to_pylist() == [False, False, True]
@@ -126,7 +125,7 @@ def test_cli_dispatches_to_the_job(spark, settings: Settings, capsys: pytest.Cap
 
     overrides = [
         f"data_dir={settings.data_dir}", f"encode.model={settings.encode.model}", "encode.max_length=64",
-        "encode.partitions=2", "bahe.split_layer=1",
+        "encode.partitions=2", "bahe.layer=1",
     ]  # fmt: skip
     args = ["bahe", "encode", "--sample-users", "1", "--config", "tiny"]
     assert main([*args, *[x for o in overrides for x in ("--set", o)]]) == 0

@@ -87,7 +87,7 @@ def tiny_settings(data_dir: Path) -> Settings:
             "marc.task_dim=4",
             "marc.max_epochs=2",
             "marc.batch_size=64",
-            "mlflow.registry_name=test-marc",
+            "marc.registry_name=test-marc",
         ],
     )
 
@@ -252,5 +252,5 @@ def test_eval_compression_writes_table_plots_and_mlflow_run(settings: Settings, 
         "marc_results.json", "marc_results.md", "marc_layers.png", "marc_bytes.png",
     }  # fmt: skip
     client = mlflow.MlflowClient(tracking_uri(settings))
-    runs = client.search_runs([client.get_experiment_by_name(settings.mlflow.experiment).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(settings.marc.experiment).experiment_id])
     assert any(r.data.tags.get("kind") == "compression-eval" for r in runs)

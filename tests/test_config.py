@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from llmfeat.config import ConfigError, load_settings
@@ -68,3 +70,25 @@ def test_unknown_profile_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="cluster, local, tiny"):
         load_settings("nope")
     assert (conf_dir() / "local.yaml").exists()
+
+
+def test_renamed_keys_keep_working_for_one_release_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One name per concept: an old key (in a profile or in --set) lands on its new name, and the warning
+    names the new key; a value given under the new name wins over the old one."""
+    profile = tmp_path / "old.yaml"
+    profile.write_text(
+        "mlflow: {alias: staging}\nbahe: {split_layer: 3, layer: 4}\ngate: {min_auc_lift: 0.01}\n"
+    )
+    with caplog.at_level("WARNING", logger="llmfeat.config"):
+        s = load_settings(str(profile), ["lite.item_layer=7", "ctr.epochs=2", "bahe.baseline_layer=9"])
+    assert (s.marc.alias, s.bahe.layer, s.promotion.min_auc_lift) == ("staging", 4, 0.01)
+    assert (s.lite.layer, s.ctr.max_epochs, s.bahe.baseline.layer) == (7, 2, 9)
+    text = caplog.text
+    for old, new in [
+        ("mlflow.alias", "marc.alias"),
+        ("lite.item_layer", "lite.layer"),
+        ("gate", "promotion"),
+    ]:
+        assert f"{old} is deprecated" in text and f"use {new}" in text

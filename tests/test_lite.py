@@ -77,7 +77,7 @@ def lite_settings(tmp_path: Path) -> Settings:
         [
             f"data_dir={tmp_path / 'lake'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            "lite.item_layer=2",
+            "lite.layer=2",
             "lite.max_seq=6",
             "lite.dim=16",
             "lite.blocks=1",
@@ -135,7 +135,7 @@ def test_ranking_excludes_the_whole_history_not_only_the_input_window() -> None:
 
 
 def test_published_candidates_exclude_the_whole_history() -> None:
-    from llmfeat.spark_jobs.lite_publish import top_candidates
+    from llmfeat.models.lite_llm4rec.candidates import top_candidates
 
     class OldItemsFirst(torch.nn.Module):
         def next_item_scores(self, h: torch.Tensor) -> torch.Tensor:
@@ -195,7 +195,7 @@ def test_train_lite_beats_popularity_logs_and_publishes(lite_settings: Settings)
     settings = lite_settings.model_copy(
         update={"lite": lite_settings.lite.model_copy(update={"publish_k": 4})}
     )
-    summary = run(settings)
+    summary = run(None, settings)
     by = {r.name: r for r in summary.results}
     assert set(by) == {"popularity", "sasrec", "lite"}
     pop, lite = by["popularity"].reports["all"], by["lite"].reports["all"]
@@ -223,5 +223,5 @@ def test_train_lite_beats_popularity_logs_and_publishes(lite_settings: Settings)
     row = table.to_pylist()[0]
     assert len(row["candidate_items"]) == 4 and row["run_id"] == by["lite"].run_id
     assert row["candidate_scores"] == sorted(row["candidate_scores"], reverse=True)
-    run(settings)  # idempotent: MERGE by user, no duplicates
+    run(None, settings)  # idempotent: MERGE by user, no duplicates
     assert DeltaTable(str(settings.delta_root / "user_candidates")).to_pyarrow_table().num_rows == N_USERS

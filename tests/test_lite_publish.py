@@ -15,12 +15,11 @@ pytestmark = pytest.mark.integration
 
 def test_candidates_reach_the_online_store(tmp_path: Path) -> None:
     from llmfeat.feast_repo import apply_repo, feature_views
-    from llmfeat.spark_jobs.lite_publish import publish_candidates
-    from llmfeat.spark_jobs.train_lite import build_model, load_lite_data
+    from llmfeat.spark_jobs.train_lite import build_model, load_lite_data, publish_candidates
 
     tiny_lake(tmp_path / "lake")
     settings = load_settings(
-        "tiny", [f"data_dir={tmp_path / 'lake'}", "lite.item_layer=2", "lite.max_seq=6", "lite.dim=8",
+        "tiny", [f"data_dir={tmp_path / 'lake'}", "lite.layer=2", "lite.max_seq=6", "lite.dim=8",
                  "lite.publish_k=5"],
     )  # fmt: skip
     data = load_lite_data(settings)

@@ -108,7 +108,7 @@ def test_train_lite_logs_one_child_run_per_model(project: Project, tmp_path: Pat
     lite = load_settings(
         "tiny", [f"data_dir={tmp_path / 'lite'}", "lite.max_epochs=2", "lite.seeds=[0]", "lite.k=3"]
     )
-    parent, _ = project.run("train_lite", config_file(lite, tmp_path), item_layer="2")
+    parent, _ = project.run("train_lite", config_file(lite, tmp_path), layer="2")
     assert "next-item-lite" in {r.data.tags["mlflow.runName"] for r in project.children(parent)}
 
 

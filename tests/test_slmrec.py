@@ -128,7 +128,7 @@ def tiny_slm_settings(tmp_path: Path, teacher: Path, tuning: str) -> Settings:
             f"data_dir={tmp_path / 'lake'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"slmrec.teacher={teacher}",
-            "slmrec.teacher_layer=4",
+            "slmrec.layer=4",
             "slmrec.student_layers=2",
             "slmrec.blocks=2",
             f"slmrec.tuning={tuning}",
@@ -160,7 +160,7 @@ def test_distil_raises_heldout_cosine_saves_an_encoder_folder_and_logs(tmp_path:
     settings = tiny_slm_settings(tmp_path, teacher, tuning)
     assert text_tokens(settings) == 32
     assert text_tokens(load_settings("tiny")) == load_settings("tiny").encode.max_length  # the encode length
-    summary = run(settings, tiny_texts())
+    summary = run(None, settings, tiny_texts())
     assert summary.max_length == 32
     assert np.mean(summary.losses[-5:]) < summary.losses[0]
     assert np.mean(list(summary.cosine_after.values())) > np.mean(list(summary.cosine_before.values()))

@@ -30,12 +30,12 @@ def test_real_teacher_student_distils_and_encodes(tmp_path: Path) -> None:
     settings = load_settings(
         "tiny",
         [f"data_dir={tmp_path}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-         "slmrec.teacher_layer=4", "slmrec.student_layers=2", "slmrec.blocks=2", "slmrec.steps=3",
+         "slmrec.layer=4", "slmrec.student_layers=2", "slmrec.blocks=2", "slmrec.steps=3",
          "slmrec.batch_size=3", "slmrec.max_length=32", "slmrec.lr=0.0003"],
     )  # fmt: skip
     texts = DistilTexts(TEXTS, np.array(["items", "items", "behaviors", "users", "behaviors", "items"]),
                         np.array([True, False, True, True, False, False]))  # fmt: skip
-    summary = run(settings, texts)
+    summary = run(None, settings, texts)
     assert Path(summary.folder).name == "smollm2-135m-instruct.q4_1-slmrec-2of4"
     assert all(np.isfinite(summary.losses))
     enc = load_encoder(

@@ -23,7 +23,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     for name in registry.ENV:
         monkeypatch.setitem(registry.ENV, name, None)
-    return load_settings("tiny", [f"data_dir={tmp_path / 'lake'}", "mlflow.experiment=from-config"])
+    return load_settings("tiny", [f"data_dir={tmp_path / 'lake'}", "marc.experiment=from-config"])
 
 
 def started_with(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
@@ -69,7 +69,8 @@ def test_a_run_opened_by_mlflow_run_is_resumed_in_its_own_experiment(
     started_with(monkeypatch, "MLFLOW_RUN_ID", opened.run_id)
     started_with(monkeypatch, "MLFLOW_EXPERIMENT_ID", opened.experiment_id)
 
-    assert use_tracking(settings) == opened.experiment_id  # not the configured "from-config"
+    exp_id = use_tracking(settings, settings.marc.experiment)
+    assert exp_id == opened.experiment_id  # not the configured "from-config"
     with mlflow.start_run(run_name="the job") as run:
         mlflow.log_param("p", 1)
     assert run.info.run_id == opened.run_id
@@ -79,7 +80,7 @@ def test_a_run_opened_by_mlflow_run_is_resumed_in_its_own_experiment(
 
 def test_experiment_name_from_the_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     started_with(monkeypatch, "MLFLOW_EXPERIMENT_NAME", "from-env")
-    exp_id = use_tracking(settings)
+    exp_id = use_tracking(settings, settings.marc.experiment)
     assert mlflow.get_experiment(exp_id).name == "from-env"
 
 
@@ -88,7 +89,7 @@ def test_an_unusable_store_is_one_line_that_says_what_to_do(
 ) -> None:
     started_with_store(monkeypatch, "nosuch://store")
     with pytest.raises(TrackingError) as err:
-        use_tracking(settings)
+        use_tracking(settings, settings.marc.experiment)
     line = str(err.value)
     assert "\n" not in line and line.startswith("MLflow at nosuch://store: ")
     assert "MLFLOW_TRACKING_URI" in line

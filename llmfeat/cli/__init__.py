@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import ConfigError, Settings, load_settings
-from llmfeat.runner import USER_ERRORS, config_args, run_with_session, verbose_arg
+from llmfeat.runner import config_args, run_in_process, run_with_session, verbose_arg
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -34,17 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmfeat")
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by input or set-up, reported as one line instead of a traceback."""
-    from llmfeat.models.encoder import EncoderError
-
-    return (*USER_ERRORS, EncoderError)
-
-
 def run_job(
     name: str, config: str, overrides: list[str], body: Callable[[SparkSession, Settings], Any]
 ) -> int:
-    return run_with_session(name, config, overrides, body, user_errors())
+    return run_with_session(name, config, overrides, body)
 
 
 def environment() -> str:
@@ -133,11 +126,14 @@ def marc_command(args: argparse.Namespace) -> int:
     from llmfeat.spark_jobs.eval_compression import sweep_config
 
     cfg = sweep_config(args.seeds, args.layers, args.marc_layers)
-    return run_job(args.command, args.config, args.overrides, lambda s, c: evaluate(c, cfg, args.out))
+    return run_in_process(
+        args.command, args.config, args.overrides, lambda s: evaluate(None, s, cfg, args.out)
+    )
 
 
 def marc_parsers(sub: Any) -> None:
     from llmfeat.spark_jobs.compress import entity_args
+    from llmfeat.spark_jobs.eval_compression import add_arguments as eval_args
 
     config_args(sub.add_parser("train-compressor", help="MARC compressor -> MLflow registry under an alias"))
     compress = sub.add_parser(
@@ -147,10 +143,7 @@ def marc_parsers(sub: Any) -> None:
     entity_args(compress)
     ev = sub.add_parser("eval-compression", help="layer sweep and compression baselines, table and plots")
     config_args(ev)
-    ev.add_argument("--seeds", type=int, default=3)
-    ev.add_argument("--layers", default="", help="comma list of layers for the sweep (default: all)")
-    ev.add_argument("--marc-layers", default="", help="extra layers to train MARC on for the layer plot")
-    ev.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
+    eval_args(ev)
 
 
 def package_version() -> str:
@@ -204,14 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ctr_commands.add_parsers(sub, config_args)
     rec_commands.add_parsers(sub, config_args)
-    from llmfeat.spark_jobs import bahe as bahe_job
+    from llmfeat.cli import bahe_commands
 
-    bahe_job.add_parser(sub, config_args)
+    bahe_commands.add_parser(sub, config_args)
     args = parser.parse_args(argv)
     if args.command in ctr_commands.COMMANDS:
         return ctr_commands.dispatch(args)
     if args.command == "bahe":
-        return bahe_job.command(args)
+        return bahe_commands.command(args)
     if args.command in rec_commands.COMMANDS:
         return rec_commands.dispatch(args)
     if args.command in ("train-compressor", "compress", "eval-compression"):

@@ -16,6 +16,8 @@ from llmfeat.config import Settings
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
+    from llmfeat.registry import RegisteredCompressor
+
 # What the CPU sample changes, and why: one tapped layer stops the forward pass half-way through SmolLM2,
 # and shorter user texts keep the encode of every user snapshot within a few minutes on 2 cores.
 DEMO_SAMPLE = {"layers": "the compressor's source layer only (marc.layer)", "user_max_chars": 200}
@@ -33,12 +35,8 @@ def demo_settings(settings: Settings, full: bool) -> Settings:
 def run(spark: SparkSession, settings: Settings, full: bool = False) -> None:
     from llmfeat.cli.ctr_commands import demo_step as ctr_step
     from llmfeat.delta_io import tables_summary
-    from llmfeat.spark_jobs.bahe import demo_step as bahe_step
-    from llmfeat.spark_jobs.compress import demo_step as marc_step
-    from llmfeat.spark_jobs.encode import demo_step as encode_step
     from llmfeat.spark_jobs.ingest import format_summary
     from llmfeat.spark_jobs.ingest import run as ingest
-    from llmfeat.spark_jobs.materialize import demo_step as features_step
     from llmfeat.validation.data_docs import where_note
 
     settings = demo_settings(settings, full)
@@ -60,3 +58,93 @@ def run(spark: SparkSession, settings: Settings, full: bool = False) -> None:
     ctr_step(settings)
     bahe_step(spark, settings)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
+
+
+def encode_step(spark: SparkSession, settings: Settings) -> None:
+    """Demo: encode items and user snapshots (what the compressor needs); incremental, so a re-run costs
+    seconds. On CPU the real SmolLM2 does about 8 item texts/s; users' longer texts take longer."""
+    print("\n== encode (LLM layer states -> items_repr, user_snapshots_repr; only new or changed texts)")
+    from llmfeat.spark_jobs.encode import run_all
+
+    run_all(spark, settings, ["items", "user_snapshots"])
+
+
+def marc_step(spark: SparkSession, settings: Settings) -> None:
+    """Demo: train a compressor for a few epochs on the representation tables, register it, compress both
+    tables. Skipped, with a note, when the representation tables are not there yet."""
+    from llmfeat.delta_io import open_tables
+    from llmfeat.registry import resolve_alias
+    from llmfeat.reprs import repr_table
+    from llmfeat.spark_jobs.compress import DEFAULT_ENTITIES
+    from llmfeat.spark_jobs.compress import run as compress
+    from llmfeat.spark_jobs.train_compressor import run as train
+
+    tables = open_tables(settings, spark)
+    missing = [repr_table(e) for e in DEFAULT_ENTITIES if not tables.exists(repr_table(e))]
+    print("\n== MARC compressor (train a few epochs -> MLflow registry @alias -> compress to feature tables)")
+    if missing:
+        print(f"skipped: {', '.join(missing)} not found; run `llmfeat encode --entity user_snapshots,items`")
+        return
+    try:
+        registered: RegisteredCompressor | None = resolve_alias(settings, "users")
+    except LookupError:
+        registered = None
+    if registered is None:
+        # The demo's sample: 20,000 train rows, 2 epochs (a few minutes on 2 cores); the full fit is
+        # `llmfeat train-compressor`.
+        quick = settings.marc.model_copy(
+            update={"max_epochs": min(settings.marc.max_epochs, 2), "max_fit_rows": 20000}
+        )
+        print(train(spark, settings.model_copy(update={"marc": quick})))
+    else:  # a re-run: the compressor the first run registered (`llmfeat train-compressor` makes a new one)
+        print(f"{registered.name} v{registered.version} @{registered.alias}: registered earlier, reused")
+    for summary in compress(spark, settings):
+        print(summary)
+    print(
+        "full evaluation (layer sweep, baselines, plots): llmfeat eval-compression; results in docs/marc.md"
+    )
+
+
+def features_step(spark: SparkSession, settings: Settings) -> None:
+    """Publish and materialize what exists, then one ranking-request fetch when the vectors are online."""
+    from llmfeat.delta_io import open_tables
+    from llmfeat.feast_repo import open_store, service_marc_views, store_dir
+    from llmfeat.serving.features import OnlineFeatures
+    from llmfeat.spark_jobs.materialize import format_published
+    from llmfeat.spark_jobs.materialize import run as materialize
+
+    where = f"stores in {store_dir(settings)}, online {settings.feast.online_store}"
+    print(f"\n== features (Feast repository feature_repo/, {where})")
+    published = materialize(spark, settings)
+    print(format_published(published))
+    pinned = {m.name for m in service_marc_views(settings.ctr.llm_feature_service)}
+    if not all(p.version >= 0 for p in published if p.view in pinned):
+        print(
+            "user/item vectors not published yet: run `llmfeat compress`, then `llmfeat features materialize`"
+        )
+        return
+    items = [
+        r[0] for r in open_tables(settings, spark).read_spark("items").select("item_id").limit(100).collect()
+    ]
+    batch = OnlineFeatures(open_store(settings)).fetch("1", items)
+    print(
+        f"ranking request: user 1 x {len(items)} items -> user {batch.user.shape}, items {batch.items.shape} "
+        f"{batch.items.dtype}, missing items {int(batch.item_missing.sum())}"
+    )
+
+
+def bahe_step(spark: SparkSession, settings: Settings) -> None:
+    """Behaviour table, training and publication on a sample (bahe.demo_users; 0 = everyone), then Feast."""
+    from llmfeat.spark_jobs import bahe, bahe_encode
+    from llmfeat.spark_jobs.materialize import format_published
+    from llmfeat.spark_jobs.materialize import run as materialize
+
+    n, conf = settings.bahe.demo_users, settings.bahe
+    sample = f"{n} users with the shortest histories (--set bahe.demo_users=0 for all)" if n else "all users"
+    print(
+        f"\n== BAHE: behaviours through blocks 1..{conf.layer}, {conf.deep_layers} trainable "
+        f"{conf.deep} blocks over each user's behaviours -> {conf.feature_table}; sample: {sample}"
+    )
+    print(bahe_encode.run(spark, settings, n))
+    print(bahe.run(spark, settings, n))
+    print(format_published(materialize(spark, settings)))

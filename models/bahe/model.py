@@ -119,7 +119,7 @@ def llm_blocks(base: nn.Module, split: int, n: int) -> LlmBlocks:
     if split + n > len(blocks):
         raise EncoderError(
             f"bahe: blocks {split + 1}..{split + n} requested but the model has {len(blocks)} (lower "
-            "bahe.split_layer or bahe.deep_layers)"
+            "bahe.layer or bahe.deep_layers)"
         )
     base.layers = nn.ModuleList(blocks[split : split + n])
     for i, block in enumerate(base.layers):  # cache slots are indexed by position in the stack

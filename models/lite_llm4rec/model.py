@@ -7,7 +7,7 @@ Notation: B batch, S sequence length (left padded, newest last), H LLM width, D 
 Paper (arXiv 2402.09543): the item LLM turns each item's text into one vector, so an item's text is never
 re-tokenised for each history it appears in; a recommendation model runs over the sequence of item vectors;
 a straight projection head gives logits over all items (no beam search); trained with cross-entropy.
-Choices the paper leaves open are parameters here: the LLM layer (`lite.item_layer`, from `items_repr`), the
+Choices the paper leaves open are parameters here: the LLM layer (`lite.layer`, from `items_repr`), the
 width and depth of the recommendation transformer; the item vectors are frozen and standardised per dimension.
 """
 

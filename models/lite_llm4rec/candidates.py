@@ -1,13 +1,9 @@
-"""Publish each user's top-K next-item candidates of a fitted model as a Delta table for Feast.
+"""Each user's top-K next-item candidates of a fitted model, as the table Feast serves (user_candidates_fv).
 
-Table `<lite.candidates_table>` (default user_candidates), one row per user, MERGEd by user_id:
-    user_id, candidate_items (list<string>, best first), candidate_scores (list<float32>), model, run_id,
-    encoder_id, weights_hash, item_layer, event_timestamp (UTC, when the candidates were computed)
-A user's candidates are scored from their newest `lite.max_seq` events over all splits (the model's input
-window); every item in the user's whole history is excluded, not only those in the window. Feast serves it
-as `user_candidates_fv` (feature_repo/candidate_views.py). The table passes
-`llmfeat.validation.suites.candidates_suite` before each commit, and the training run links that gate's Data
-Docs.
+One row per user: user_id, candidate_items (list<string>, best first), candidate_scores (list<float32>),
+model, run_id, encoder_id, weights_hash, item_layer, event_timestamp (UTC, when the candidates were
+computed). A user's candidates are scored from their newest `max_seq` events over all splits (the model's
+input window); every item in the user's whole history is excluded, not only those in the window.
 """
 
 from __future__ import annotations
@@ -23,10 +19,8 @@ from llmfeat.models.evaluation.rank_metrics import ItemSets
 from llmfeat.models.lite_llm4rec.data import user_histories
 
 if TYPE_CHECKING:
-    from llmfeat.config import Settings
     from llmfeat.models.lite_llm4rec.data import LiteData
     from llmfeat.models.lite_llm4rec.model import NextItemModel
-    from llmfeat.validation.gating import GateReport
 
 
 @torch.no_grad()
@@ -77,28 +71,3 @@ def candidates_table(
             "event_timestamp": const(at, pa.timestamp("us", tz="UTC")),
         }
     )
-
-
-def publish_candidates(
-    settings: Settings, data: LiteData, model: NextItemModel, run_id: str
-) -> tuple[str, GateReport]:
-    """Gate, then MERGE the top-`lite.publish_k` candidates into the Delta table; returns a one-line report
-    and the gate's report (for the training run's Data Docs link)."""
-    from llmfeat.delta_io import RustDelta
-    from llmfeat.validation.gating import gate, new_run_id
-    from llmfeat.validation.suites import candidates_suite
-
-    cfg = settings.lite
-    table = candidates_table(data, model, cfg.publish_k, run_id)
-    tables = RustDelta(settings.delta_root)
-    suite = candidates_suite(cfg.candidates_table, cfg.publish_k, settings.validation)
-    checked = gate(
-        table, suite, table=cfg.candidates_table, tables=tables, run_id=new_run_id("train-lite"),
-        conf=settings.validation,
-    )  # fmt: skip
-    version = tables.upsert(cfg.candidates_table, table, ["user_id"])
-    line = (
-        f"published top-{cfg.publish_k} candidates of {table.num_rows:,} users to "
-        f"{tables.path(cfg.candidates_table)} (version {version})"
-    )
-    return line, checked
