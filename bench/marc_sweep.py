@@ -126,7 +126,8 @@ def import_repr(vectors: Path, texts: Path, entity: str, data_dir: str) -> None:
     from llmfeat.config import load_settings
     from llmfeat.delta_io import open_tables
     from llmfeat.models.encoder import resolve_model, weights_hash
-    from llmfeat.spark_jobs.encode import ENTITY_KEYS, Lineage, encoder_config, repr_rows
+    from llmfeat.reprs import entity_key, repr_table
+    from llmfeat.spark_jobs.encode import Lineage, encoder_config, repr_rows
 
     settings = load_settings("local", [f"data_dir={data_dir}"])
     source = resolve_model(settings.encode.model, settings.encode.cache_dir)
@@ -139,14 +140,14 @@ def import_repr(vectors: Path, texts: Path, entity: str, data_dir: str) -> None:
     n, n_layers = len(keys), len(layers)
     encoded = pa.table(
         {
-            ENTITY_KEYS[entity]: pa.array(np.repeat(keys, n_layers).tolist(), pa.string()),
+            entity_key(entity): pa.array(np.repeat(keys, n_layers).tolist(), pa.string()),
             "layer": pa.array(np.tile(layers, n), pa.int32()),
             "vector": pa.array(list(v.reshape(n * n_layers, -1)), pa.list_(pa.float32())),
             "content_hash": pa.array(np.repeat(hashes, n_layers).tolist(), pa.string()),
         }
     )
-    rows = repr_rows(encoded, ENTITY_KEYS[entity], lineage, datetime.now(UTC))
-    version = open_tables(settings).upsert(f"{entity}_repr", rows, [ENTITY_KEYS[entity], "layer"])
+    rows = repr_rows(encoded, entity_key(entity), lineage, datetime.now(UTC))
+    version = open_tables(settings).upsert(repr_table(entity), rows, [entity_key(entity), "layer"])
     print(f"{entity}_repr version {version}: {n} keys x layers {layers} ({lineage})")
 
 

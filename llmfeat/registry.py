@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmfeat.errors import UserError
+from llmfeat.reprs import COMPRESSOR_LINEAGE
 
 if TYPE_CHECKING:
     from torch import nn
 
     from llmfeat.config import Settings
 
-LINEAGE_TAGS = ("entity", "encoder_id", "weights_hash", "layer", "pooling", "in_dim", "out_dim")
 PIP_REQUIREMENTS = ["torch==2.13.0", "numpy"]
 
 
@@ -164,7 +164,7 @@ def log_and_register(
     )
     client = mlflow.MlflowClient()
     version = str(info.registered_model_version)
-    tags = {k: str(lineage[k]) for k in LINEAGE_TAGS}
+    tags = {k: str(lineage[k]) for k in COMPRESSOR_LINEAGE}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, settings.marc.alias, version)
@@ -184,10 +184,10 @@ def resolve_alias(settings: Settings, entity: str, alias: str | None = None) -> 
             f"no compressor registered as {name}@{alias} in {tracking_uri(settings)}: "
             f"run `llmfeat train-compressor` first ({err.message.splitlines()[0]})"
         ) from None
-    missing = [k for k in LINEAGE_TAGS if k not in mv.tags]
+    missing = [k for k in COMPRESSOR_LINEAGE if k not in mv.tags]
     if missing:
         raise LookupError(f"{name} version {mv.version} lacks lineage tags {missing}; re-register it")
-    return RegisteredCompressor(name, str(mv.version), alias, {k: mv.tags[k] for k in LINEAGE_TAGS})
+    return RegisteredCompressor(name, str(mv.version), alias, {k: mv.tags[k] for k in COMPRESSOR_LINEAGE})
 
 
 def model_uri(registered: RegisteredCompressor) -> str:

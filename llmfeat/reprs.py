@@ -199,6 +199,10 @@ FEATURE_LINEAGE: dict[str, pa.DataType] = {
 }
 
 
+# The tags of a registered compressor version: what it was trained on, and its shape.
+COMPRESSOR_LINEAGE = ("entity", "encoder_id", "weights_hash", "layer", "pooling", "in_dim", "out_dim")
+
+
 def layer_lineage(table: pa.Table, name: str, layer: int) -> dict[str, Any]:
     """The single encoder_id / weights_hash / pooling of one layer's rows; mixed values are a ReprError."""
     rows = table.filter(pc.equal(table.column("layer"), layer))

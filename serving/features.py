@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView
 
 MATERIALIZE_HINT = "run `llmfeat features materialize` (after `llmfeat compress`)"
-ENTITY_KEYS = ("user_id", "item_id")  # what a ranking request names
+REQUEST_KEYS = ("user_id", "item_id")  # what a ranking request names
 VECTOR_TYPES = ("Array(Float32)", "Array(Float64)")
 
 
@@ -78,7 +78,7 @@ def service_fields(store: FeatureStore, service: str) -> list[ServedField]:
     out = []
     for view in views:
         keys = [view.projection.join_key_map.get(c.name, c.name) for c in view.entity_columns]
-        if len(keys) != 1 or keys[0] not in ENTITY_KEYS:
+        if len(keys) != 1 or keys[0] not in REQUEST_KEYS:
             raise FeatureStoreError(
                 f"view {view.name!r} is keyed by {keys}: a ranking request has user_id, item_id"
             )
@@ -186,7 +186,7 @@ class OnlineFeatures:
         self.store = store
         self.service = service or CtrConf().llm_feature_service
         vectors = {f.key: f for f in service_fields(store, self.service) if f.dim}
-        if set(vectors) != set(ENTITY_KEYS):
+        if set(vectors) != set(REQUEST_KEYS):
             raise FeatureStoreError(f"feature service {self.service!r} lacks a user or an item vector")
         check_materialized(store, list(vectors.values()))
         self.user_view, self.user_field = vectors["user_id"].view, vectors["user_id"].name
