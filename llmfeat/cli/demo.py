@@ -126,7 +126,8 @@ def features_step(spark: SparkSession, settings: Settings) -> None:
     items = [
         r[0] for r in open_tables(settings, spark).read_spark("items").select("item_id").limit(100).collect()
     ]
-    batch = OnlineFeatures(open_store(settings)).fetch("1", items)
+    online = OnlineFeatures(open_store(settings), online_store=settings.feast.online_store)
+    batch = online.fetch("1", items)
     print(
         f"ranking request: user 1 x {len(items)} items -> user {batch.user.shape}, items {batch.items.shape} "
         f"{batch.items.dtype}, missing items {int(batch.item_missing.sum())}"
