@@ -84,6 +84,28 @@ def setup_logging(verbose: bool | None = None) -> None:
         quiet_warnings()
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per tiny download
+    plain_output()
+
+
+def plain_output() -> None:
+    """No colour codes where stdout or stderr is not a terminal. Feast prints its materialization progress
+    with colorama's escape codes ("Materializing 4 feature views ..." in green) whatever the stream is;
+    colorama's own wrapper strips them from a stream that is not a TTY and leaves a terminal as it is. The
+    wrapper goes on once per process."""
+    from colorama import init
+    from colorama.ansitowin32 import StreamWrapper
+
+    streams = [s for s in (sys.stdout, sys.stderr) if s is not None]
+    if any(isinstance(s, StreamWrapper) for s in streams) or all(_is_terminal(s) for s in streams):
+        return
+    init()
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
 
 
 def quiet_warnings() -> None:

