@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from llmfeat.config import ConfigError
 from llmfeat.reprs import snapshot_id_column
 from llmfeat.sample import scalar
 
@@ -66,12 +67,12 @@ def history_cut(interactions: DataFrame, cut: str) -> datetime:
     if cut in ("valid", "test"):
         first = interactions.where(F.col("split") == cut).agg(F.min("event_timestamp")).first()
         if first is None or first[0] is None:
-            raise ValueError(f"encode.history_cut {cut!r}: the interactions table has no {cut!r} rows")
+            raise ConfigError(f"history cut {cut!r}: the interactions table has no {cut!r} rows")
         return first[0]
     try:
         return datetime.fromisoformat(cut)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"encode.history_cut {cut!r}: expected 'valid', 'test' or an ISO time (1998-03-01T00:00:00Z)"
         ) from None
 
@@ -84,7 +85,7 @@ def history_cut_time(spark: SparkSession | None, tables: DeltaTables, cut: str) 
         return datetime.fromisoformat(cut)
     first = scalar(tables, "interactions", f"SELECT MIN(event_timestamp) FROM t WHERE split = '{cut}'")
     if first is None:
-        raise ValueError(f"history cut {cut!r}: the interactions table has no {cut!r} rows")
+        raise ConfigError(f"history cut {cut!r}: the interactions table has no {cut!r} rows")
     return first  # type: ignore[no-any-return]
 
 

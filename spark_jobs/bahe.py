@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import BaheConf, Settings
+from llmfeat.errors import UserError
 from llmfeat.models.bahe.data import BehaviorSequences, behavior_matrix, behavior_sequences
 from llmfeat.models.ctr.data import CtrArrays, ctr_arrays
 from llmfeat.reprs import ENCODER_LINEAGE, layer_lineage, repr_table, vector_rows
@@ -110,7 +111,7 @@ def load_inputs(spark: SparkSession | None, settings: Settings, n_sample: int = 
     users = np.arange(len(a.user_keys))
     if n_sample:
         if spark is None:
-            raise ValueError("a user sample needs Spark")
+            raise UserError("bahe train --sample-users needs Spark (run it as a job, not in-process)")
         chosen = set(shortest_histories(tables.read_spark("user_behaviors"), cut, n_sample))
         users = np.flatnonzero([k in chosen for k in a.user_keys])
         a = subset_rows(a, np.isin(a.user_idx, users))
@@ -142,10 +143,12 @@ def build_model(settings: Settings, width: int, n_items: int) -> Bahe:
     if conf.deep == "llm":
         from transformers import AutoModel
 
-        from llmfeat.models.encoder import resolve_model
+        from llmfeat.models.encoder import progress_bars_on_terminal, resolve_model
 
         source = resolve_model(settings.encode.model, settings.encode.cache_dir)
-        base = AutoModel.from_pretrained(source.path, dtype=torch.float32)
+        with progress_bars_on_terminal():
+            base = AutoModel.from_pretrained(source.path, dtype=torch.float32)
+        log.info("loaded %s for BAHE's deep part", source.encoder_id)
     return build_bahe(bahe_config(conf, width, n_items), base, conf.layer)
 
 

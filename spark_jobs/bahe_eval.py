@@ -130,10 +130,11 @@ def deep_train_cost(
     from transformers import AutoModel
 
     from llmfeat.models.bahe.model import llm_blocks
-    from llmfeat.models.encoder import truncate_blocks
+    from llmfeat.models.encoder import progress_bars_on_terminal, truncate_blocks
 
     torch.manual_seed(seed)
-    base = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    with progress_bars_on_terminal():
+        base = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     shallow = None
     if frozen:
         shallow = copy.deepcopy(base).eval()

@@ -30,7 +30,14 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from llmfeat.models.encoder import EncoderConfig, LayerEncoder, pad_to, resolve_model, weights_hash
+from llmfeat.models.encoder import (
+    EncoderConfig,
+    LayerEncoder,
+    pad_to,
+    progress_bars_on_terminal,
+    resolve_model,
+    weights_hash,
+)
 from llmfeat.models.slmrec.model import (
     BlockStates,
     StudentConfig,
@@ -252,7 +259,8 @@ def run(spark: SparkSession | None, settings: Settings, texts: DistilTexts | Non
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     source = resolve_model(cfg.teacher, settings.encode.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    teacher = AutoModel.from_pretrained(source.path, dtype=torch.float32).eval()
+    with progress_bars_on_terminal():
+        teacher = AutoModel.from_pretrained(source.path, dtype=torch.float32).eval()
     student = make_student(teacher, scfg.student_layers)  # copied before the teacher is truncated
     texts = texts or distillation_texts(settings)
     max_length = text_tokens(settings)

@@ -459,7 +459,6 @@ def main(argv: list[str] | None = None) -> int:
         args.config,
         args.overrides,
         lambda spark, s: run_all(spark, s, args.entity),
-        (EncoderError,),
     )
 
 

@@ -30,10 +30,9 @@ def run(spark: SparkSession, settings: Settings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmfeat.models.encoder import EncoderError
     from llmfeat.runner import job_main
 
-    return job_main("refresh", argv, run, (EncoderError,))
+    return job_main("refresh", argv, run)
 
 
 if __name__ == "__main__":

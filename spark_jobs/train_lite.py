@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmfeat.config import ConfigError
 from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.models.evaluation.rank_metrics import (
     RankReport,
@@ -150,7 +151,7 @@ def build_model(kind: str, cfg: LiteConf, n_items: int, item_vectors: np.ndarray
         return SASRec(seq)
     if kind == "lite":
         return LiteLLM4Rec(torch.from_numpy(item_vectors), seq)
-    raise ValueError(f"unknown next-item model {kind!r}; expected sasrec or lite")
+    raise ConfigError(f"lite.models: unknown next-item model {kind!r}; expected sasrec or lite")
 
 
 def fit_next_item(

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from llmfeat.config import ConfigError
 from llmfeat.models.encoder import decoder_blocks
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,12 +49,12 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.student_layers < self.teacher_layer:
-            raise ValueError(
+            raise ConfigError(
                 f"slmrec.student_layers ({self.student_layers}) must be in 1..teacher_layer-1 "
                 f"({self.teacher_layer - 1})"
             )
         if not 1 <= self.blocks <= self.student_layers:
-            raise ValueError(f"slmrec.blocks ({self.blocks}) must be in 1..student_layers")
+            raise ConfigError(f"slmrec.blocks ({self.blocks}) must be in 1..student_layers")
 
     @property
     def teacher_points(self) -> tuple[int, ...]:
