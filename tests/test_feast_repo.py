@@ -248,3 +248,16 @@ def test_why_one_file_cannot_serve_both(monkeypatch: pytest.MonkeyPatch) -> None
     assert RegistryConfig(path=url).registry_type == "file"  # a database URL alone: the file registry,
     with pytest.raises(Exception, match="unsupported scheme"):  # which cannot store in a database
         get_registry_store_class_from_scheme(url)
+
+
+def test_lineage_views_serve_the_contracts_lineage_columns() -> None:
+    """feature_repo/ imports nothing of llmfeat (feast runs there alone), so its lineage fields are written
+    out; they must be exactly the feature tables' lineage of llmfeat/reprs.py, with the same types."""
+    from llmfeat.reprs import FEATURE_LINEAGE
+
+    kinds = {pa.int64(): "Int64", pa.string(): "String"}
+    lineage_views = [v for name, v in feast_repo.feature_views().items() if name.endswith("_lineage_fv")]
+    assert lineage_views
+    for view in lineage_views:
+        fields = {f.name: str(f.dtype) for f in view.schema if not f.name.endswith(("valid_from", "until"))}
+        assert fields == {c: kinds[t] for c, t in FEATURE_LINEAGE.items()}, view.name
