@@ -28,6 +28,7 @@ import torch
 
 from llmfeat.config import Settings, load_settings
 from llmfeat.models.ctr.data import CtrArrays
+from llmfeat.models.ctr.train import fit_model, predict
 from llmfeat.models.evaluation.ab_stats import paired_differences
 from llmfeat.models.evaluation.ctr_eval import metric_intervals
 from llmfeat.models.evaluation.metrics import Interval
@@ -35,7 +36,6 @@ from llmfeat.models.marc.train import compress, fit_marc, marc_periods
 from llmfeat.reprs import layer_matrix, repr_table
 from llmfeat.spark_jobs.ctr_ablation import DIM, Rows, fit_arm, int8_round_trip, load_rows
 from llmfeat.spark_jobs.train_compressor import marc_config, train_config
-from llmfeat.spark_jobs.train_ctr import fit_model, predict
 
 log = logging.getLogger("marc_hsic_ablation")
 VARIANTS: dict[str, dict[str, float]] = {
@@ -96,7 +96,7 @@ def run(data_dir: str, seeds: int, out: Path, overrides: list[str]) -> dict[str,
     for seed in range(seeds):
         cfg = settings.ctr.model_copy(update={"seed": seed})
         ids = f.drop(columns=["user_vector", "item_vector"])
-        champion, encoder = fit_model(ids, rows.masks, False, cfg, False)
+        champion, encoder = fit_model(ids, rows.masks, False, cfg)
         ctr["ids"].append(predict(champion, encoder, ids)[test])
         state = dict(champion.state_dict())
         for name, update in VARIANTS.items():

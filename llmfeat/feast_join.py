@@ -1,5 +1,5 @@
-"""Point-in-time training sets from Feast: every entity row kept, each joined to the latest value at or before
-its own event_timestamp (never a later one).
+"""Feast's point-in-time join, guarded: every entity row kept, each joined to the latest value at or before
+its own event_timestamp (never a later one). The CTR training set built on it: spark_jobs/training_set.py.
 
 Feast's file offline store silently drops entity rows that have no feature value in the TTL window (here: an
 interaction older than the first vector of its user or item). The guard joins one view at a time on
@@ -41,7 +41,7 @@ def historical_features(store: FeatureStore, entity_df: pd.DataFrame, features: 
     rows = entity_df.reset_index(drop=True).copy()
     rows["event_timestamp"] = pd.to_datetime(rows["event_timestamp"], utc=True)
     out = rows
-    for refs in _refs_by_view(store, features):
+    for refs in refs_by_view(store, features):
         keys = [*_join_keys(store, refs[0].split(":", 1)[0]), "event_timestamp"]
         missing = [k for k in keys if k not in rows.columns]
         if missing:
@@ -70,7 +70,7 @@ def _join_keys(store: FeatureStore, view: str) -> list[str]:
     return [store.get_entity(e).join_key for e in fv.entities]
 
 
-def _refs_by_view(store: FeatureStore, features: Any) -> list[list[str]]:
+def refs_by_view(store: FeatureStore, features: Any) -> list[list[str]]:
     """A FeatureService (or its name) or "view:feature" references -> references grouped by view."""
     if isinstance(features, str):
         features = store.get_feature_service(features)

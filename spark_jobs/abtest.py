@@ -1,6 +1,7 @@
 """Analysis of the online A/B from the ranking service's event log.
 
     llmfeat abtest analyze [--log DIR]
+    spark-submit spark_jobs/abtest.py --config local [--log DIR]
 
 Impressions: the items a ranking request showed (the service logs one line per request with its top
 serving.slots; logs from before that, one line per ranked item, count those with rank < serving.slots);
@@ -10,11 +11,14 @@ item_bid(j), uniform in [abtest.bid_min, abtest.bid_max) by a stable hash of j; 
 impressions). Lift of the challenger over the champion for CTR
 and eCPM with 95% intervals from resampling users (the unit of randomisation), and a sample-ratio-mismatch
 test of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
-their training runs; both model versions get a tag pointing back at it.
+their training runs; both model versions get a tag pointing back at it. Needs no Spark: `run` takes
+`spark=None`.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +28,12 @@ import pandas as pd
 
 from llmfeat.models.evaluation.ab_stats import Arm, item_bid, lift_interval, srm_test
 from llmfeat.models.evaluation.metrics import Interval
+from llmfeat.registry import use_ctr_tracking
 from llmfeat.serving.event_log import read_events
 
 if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
     from llmfeat.config import Settings
 
 ARMS = ("champion", "challenger")
@@ -146,8 +153,6 @@ def analyze(settings: Settings, folder: Path) -> AbResult:
     """Analyse the log in `folder` and record it as an MLflow run linked to both model versions."""
     import mlflow
 
-    from llmfeat.spark_jobs.train_ctr import use_ctr_tracking
-
     result = analyze_events(list(read_events(folder)), settings)
     use_ctr_tracking(settings)
     client = mlflow.MlflowClient()
@@ -170,6 +175,18 @@ def analyze(settings: Settings, folder: Path) -> AbResult:
     return AbResult(**{**result.__dict__, "run_id": run.info.run_id})
 
 
+def run(spark: SparkSession | None, settings: Settings, log_dir: Path | str | None = None) -> AbResult:
+    """Analyse the event log in `log_dir` (default: serving.log_dir) and record it in MLflow (`analyze`).
+    Reads JSON lines: `spark` is unused."""
+    from llmfeat.serving.ranking_service import log_dir as serving_log_dir  # imports FastAPI
+
+    return analyze(settings, Path(log_dir) if log_dir else serving_log_dir(settings))
+
+
+def format_result(settings: Settings, result: AbResult) -> str:
+    return f"{result.report(bid_rule(settings))}\nMLflow run {result.run_id}"
+
+
 def _log_result(result: AbResult, settings: Settings) -> None:
     import mlflow
 
@@ -190,3 +207,22 @@ def _log_result(result: AbResult, settings: Settings) -> None:
     )
     mlflow.log_table(result.per_arm, "per_arm.json")
     mlflow.log_text(result.report(bid_rule(settings)), "abtest.txt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="abtest")
+    config_args(parser)
+    parser.add_argument("--log", default=None, help="event-log folder (default: serving.log_dir)")
+    args = parser.parse_args(argv)
+    return run_in_process(
+        "abtest", args.config, args.overrides, lambda s: print(format_result(s, run(None, s, args.log)))
+    )
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.abtest import main as package_main
+
+    sys.exit(package_main())

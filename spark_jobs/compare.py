@@ -1,38 +1,46 @@
 """Offline A/B of two registered CTR models, and promotion of the challenger through a gate.
 
     llmfeat compare [--a champion] [--b challenger]     # prints the side-by-side table, decision and reason
+    spark-submit spark_jobs/compare.py --config local [--a champion] [--b challenger]
     llmfeat promote                                     # moves champion only when the comparison passes
 
 Both models score the same held-out snapshot: the test split of one pinned `interactions` version, joined
-once with the union of both models' feature services as of one snapshot time (spark_jobs/ctr_dataset.py), so
-each sees exactly the same rows and Delta versions. Per metric: value with a 95% bootstrap interval per
+once with the union of both models' feature services as of one snapshot time (spark_jobs/training_set.py),
+so each sees exactly the same rows and Delta versions. Per metric: value with a 95% bootstrap interval per
 model, the paired difference (b - a) with its interval, DeLong's test for AUC. One MLflow run per comparison
 (experiment ctr.experiment) with the table, a ROC plot, the decision, its reason and both model versions.
 
-Gate (config `gate`): b passes when the lower end of the AUC-difference interval exceeds gate.min_auc_lift,
-DeLong's p is below gate.max_delong_p, and the upper end of the LogLoss-difference interval is at most
-gate.max_logloss_increase.
+Gate (config `promotion`): b passes when the lower end of the AUC-difference interval exceeds
+promotion.min_auc_lift, the user-resampled p is below promotion.max_delong_p, and the upper end of the
+LogLoss-difference interval is at most promotion.max_logloss_increase.
+
+Needs no Spark (Delta is read with delta-rs, features come from Feast): `run` takes `spark=None`.
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from llmfeat.delta_io import open_tables
+from llmfeat.feast_repo import open_store
 from llmfeat.models.evaluation.ab_stats import delong_test, paired_differences
 from llmfeat.models.evaluation.ctr_eval import METRICS, metric_intervals, roc_figure
 from llmfeat.models.evaluation.metrics import Interval
-from llmfeat.registry import ModelRef, resolve
+from llmfeat.registry import ModelRef, resolve, use_ctr_tracking
+from llmfeat.spark_jobs.training_set import Snapshot, build_frame
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+    from pyspark.sql import SparkSession
 
-    from llmfeat.config import GateConf, Settings
+    from llmfeat.config import PromotionConf, Settings
     from llmfeat.delta_io import DeltaTables
-    from llmfeat.spark_jobs.ctr_dataset import Snapshot
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ class Comparison:
         )
 
 
-def gate_decision(diff: dict[str, Interval], delong_p: float, gate: GateConf) -> tuple[bool, str]:
+def gate_decision(diff: dict[str, Interval], delong_p: float, gate: PromotionConf) -> tuple[bool, str]:
     checks = [
         (
             diff["auc"].low > gate.min_auc_lift,
@@ -102,7 +110,6 @@ def score_snapshot(
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, Snapshot]:
     """The test split with the union of both models' features, scored by both pinned versions."""
     from llmfeat.models.ctr.pyfunc import load_ranker
-    from llmfeat.spark_jobs.ctr_dataset import build_frame
 
     services = sorted({a.feature_service, b.feature_service})
     frame, snapshot = build_frame(settings, tables, store, services, split="test")
@@ -115,8 +122,6 @@ def compare(
     """Offline A/B of name@a_alias vs name@b_alias, logged as one MLflow run."""
     import mlflow
 
-    from llmfeat.spark_jobs.train_ctr import use_ctr_tracking
-
     use_ctr_tracking(settings)
     a, b = (resolve(settings.ctr.registry_name, x) for x in (a_alias, b_alias))
     if a.version == b.version:
@@ -125,7 +130,7 @@ def compare(
     y, users, n_boot = frame["label"].to_numpy(float), frame["user_id"].to_numpy(), settings.ctr.n_boot
     diff = paired_differences(y, p_a, p_b, users, n_boot=n_boot, seed=settings.ctr.seed)
     _, _, p_value = delong_test(y, p_b, p_a)
-    passed, reason = gate_decision(diff, p_value, settings.gate)
+    passed, reason = gate_decision(diff, p_value, settings.promotion)
     result = Comparison(
         a, b, len(frame), metric_intervals(y, p_a, users, n_boot), metric_intervals(y, p_b, users, n_boot),
         diff, p_value, passed, reason,
@@ -138,6 +143,15 @@ def compare(
     with mlflow.start_run(run_name=f"compare-v{a.version}-vs-v{b.version}", tags=tags) as run:
         _log_comparison(result, frame, p_a, p_b)
     return Comparison(**{**result.__dict__, "run_id": run.info.run_id})
+
+
+def run(
+    spark: SparkSession | None, settings: Settings, a: str = "champion", b: str = "challenger"
+) -> Comparison:
+    """The offline A/B of ctr.registry_name@a against @b (see the module docstring), logged as one MLflow
+    run. Reads with delta-rs: `spark` is unused."""
+    store, tables = open_store(settings), open_tables(settings)
+    return compare(settings, tables, store, a, b)
 
 
 def _log_comparison(c: Comparison, frame: pd.DataFrame, p_a: np.ndarray, p_b: np.ndarray) -> None:
@@ -217,3 +231,23 @@ def record_promotion(settings: Settings, c: Comparison) -> Promotion:
         client.set_registered_model_alias(name, f"previous-{champion}", c.a.version)
         client.set_registered_model_alias(name, champion, c.b.version)
     return Promotion(c, c.passed, c.b.version if c.passed else c.a.version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="compare")
+    config_args(parser)
+    parser.add_argument("--a", default="champion")
+    parser.add_argument("--b", default="challenger")
+    args = parser.parse_args(argv)
+    return run_in_process(
+        "compare", args.config, args.overrides, lambda s: print(run(None, s, args.a, args.b).report())
+    )
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.compare import main as package_main
+
+    sys.exit(package_main())

@@ -1,6 +1,7 @@
 """The CTR ablation: what LLM features add to the id model, on the same point-in-time rows, by slice.
 
     llmfeat ctr-ablation [--seeds 3] [--layers 8,15] [--item-layers 22,30] [--out docs]
+    spark-submit spark_jobs/ctr_ablation.py --config local --seeds 3
 
 Every arm is the same id model (ids, item metadata, point-in-time counters: the champion) plus a residual
 branch fitted on top of it (id part frozen, zero at start, regularised, on the rows after MARC's period),
@@ -27,6 +28,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,8 +67,8 @@ def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
     from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import open_store
     from llmfeat.models.ctr.data import ctr_arrays, point_in_time
-    from llmfeat.spark_jobs.ctr_dataset import build_frame, split_masks
-    from llmfeat.spark_jobs.train_ctr import after_marc
+    from llmfeat.models.ctr.train import after_marc
+    from llmfeat.spark_jobs.training_set import build_frame, split_masks
 
     tables = open_tables(settings, spark)
     frame, _ = build_frame(settings, tables, open_store(settings), [settings.ctr.llm_feature_service])
@@ -88,9 +90,9 @@ def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
     warm = frame["user_id"].isin(set(frame.loc[masks["train"], "user_id"])).to_numpy()
     slices = {"all": np.ones(len(frame), bool), "earlier-day history": earlier, "new that day": ~earlier}
     slices["warm users"] = warm
+    residual_rows = after_marc(frame, settings.marc)
     return Rows(
-        frame, masks, after_marc(settings, frame), pit.user_idx[order], keys, a.item_idx[order], a.item_keys,
-        slices,
+        frame, masks, residual_rows, pit.user_idx[order], keys, a.item_idx[order], a.item_keys, slices
     )  # fmt: skip
 
 
@@ -159,8 +161,8 @@ def history_arms(
     rows: Rows, id_item_emb: np.ndarray, item_emb_index: np.ndarray
 ) -> dict[str, tuple[Any, Any]]:
     """Non-LLM and LLM history arms over the same point-in-time history."""
+    from llmfeat.feast_join import vector_matrix
     from llmfeat.models.ctr.history import history_means
-    from llmfeat.training_set import vector_matrix
 
     f = rows.frame
     users = pd.factorize(f["user_id"])[0]
@@ -187,7 +189,7 @@ def history_arms(
 
 
 def fit_arm(settings: Settings, rows: Rows, vectors: tuple[Any, Any], seed: int, id_state: Any) -> np.ndarray:
-    from llmfeat.spark_jobs.train_ctr import fit_model, predict
+    from llmfeat.models.ctr.train import fit_model, predict
 
     user, item = vectors
     n = len(rows.frame)
@@ -200,18 +202,27 @@ def fit_arm(settings: Settings, rows: Rows, vectors: tuple[Any, Any], seed: int,
     if item is None:
         frame["item_vector"] = [np.zeros(1, np.float32)] * n
     cfg = settings.ctr.model_copy(update={"seed": seed})
-    model, encoder = fit_model(frame, rows.masks, True, cfg, False, rows.residual_rows, id_state)
+    model, encoder = fit_model(
+        frame, rows.masks, True, cfg, residual_rows=rows.residual_rows, id_state=id_state
+    )
     return predict(model, encoder, frame)
 
 
 def run(
-    settings: Settings, seeds: int, layers: list[int], item_layers: list[int], out: Path
+    spark: SparkSession | None,
+    settings: Settings,
+    seeds: int = 3,
+    layers: Sequence[int] = (15,),
+    item_layers: Sequence[int] = (),
+    out: Path = Path("docs"),
 ) -> dict[str, Any]:
-    from llmfeat.spark_jobs.train_ctr import fit_model, predict
-    from llmfeat.training_set import vector_matrix
+    """Every arm over `seeds` seeds, the layer curve over `layers` and `item_layers` (items only); writes
+    <out>/ctr_results.{json,md} after each seed. Without `spark`, Delta is read with delta-rs."""
+    from llmfeat.feast_join import vector_matrix
+    from llmfeat.models.ctr.train import fit_model, predict
 
     started = time.monotonic()
-    rows = load_rows(settings, None)
+    rows = load_rows(settings, spark)
     f = rows.frame
     published = tuple(vector_matrix(f, c, DIM)[0] for c in ("user_vector", "item_vector"))
     preds: dict[str, list[np.ndarray]] = {}
@@ -226,7 +237,7 @@ def run(
     for seed in range(seeds):
         cfg = settings.ctr.model_copy(update={"seed": seed})
         ids = f.drop(columns=["user_vector", "item_vector"])
-        champion, encoder = fit_model(ids, rows.masks, False, cfg, False)
+        champion, encoder = fit_model(ids, rows.masks, False, cfg)
         preds.setdefault("ids", []).append(predict(champion, encoder, ids))
         state = {k: v for k, v in champion.state_dict().items()}
         emb = champion.fields.item_emb.weight.detach().numpy()
@@ -316,7 +327,7 @@ def command(args: argparse.Namespace) -> int:
         return 2
     layers = [int(x) for x in args.layers.split(",") if x]
     item_layers = [int(x) for x in args.item_layers.split(",") if x]
-    print(markdown(run(settings, args.seeds, layers, item_layers, args.out)))
+    print(markdown(run(None, settings, args.seeds, layers, item_layers, args.out)))
     return 0
 
 
@@ -330,4 +341,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # spark-submit runs this file as __main__; run the package's copy, as the CLI does.
+    from llmfeat.spark_jobs.ctr_ablation import main as package_main
+
+    sys.exit(package_main())

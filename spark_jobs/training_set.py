@@ -1,4 +1,8 @@
-"""CTR training set: every interaction row (a pinned Delta version) with Feast's point-in-time join.
+"""The CTR training set job: every interaction row (a pinned Delta version) with Feast's point-in-time join.
+
+    spark-submit spark_jobs/training_set.py --config local [--no-llm]   # build, gate and describe the set
+
+Needs no Spark (Delta is read with delta-rs, features come from Feast): `run` takes `spark=None`.
 
 Each row gets, per feature view, the newest value stamped at or before its own event_timestamp
 (`get_historical_features`, one view at a time so that Feast's file store cannot drop a row): the user's
@@ -16,22 +20,27 @@ ctr.stop_frac of valid (early stopping and the reported valid metrics); test = t
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
+from llmfeat.delta_io import open_tables
 from llmfeat.errors import UserError
+from llmfeat.feast_join import TrainingSetError, historical_features, refs_by_view
+from llmfeat.feast_repo import open_store
 from llmfeat.reprs import FEATURE_LINEAGE, MarcView, marc_views_in
 from llmfeat.sample import Sample, distinct_values
-from llmfeat.training_set import TrainingSetError, _refs_by_view, historical_features
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+    from pyspark.sql import SparkSession
 
-    from llmfeat.config import Settings
+    from llmfeat.config import CtrConf, Settings
     from llmfeat.delta_io import DeltaTables
     from llmfeat.validation.gating import GateReport
 
@@ -105,7 +114,7 @@ def build_frame(
     split: str | None = None,
 ) -> tuple[pd.DataFrame, Snapshot]:
     """Interactions (optionally one split) + the services' features, each as of the row's own time."""
-    refs = [r for name in services for group in _refs_by_view(store, name) for r in group]
+    refs = [r for name in services for group in refs_by_view(store, name) for r in group]
     refs = list(dict.fromkeys(refs))
     views: dict[str, set[str]] = {}
     for r in refs:
@@ -187,3 +196,96 @@ def describe(frame: pd.DataFrame) -> dict[str, Any]:
         if col in frame.columns:
             out[f"{col}_present"] = float(frame[col].notna().mean())
     return out
+
+
+def gate_table(cfg: CtrConf, use_llm: bool) -> str:
+    """The name the training set's gate reports under (its Data Docs page, the training run's tags)."""
+    return f"training_set_{cfg.kind}_{'llm' if use_llm else 'id'}".replace("-", "_")
+
+
+def checked_training_set(
+    settings: Settings, tables: DeltaTables, store: FeatureStore, use_llm: bool
+) -> tuple[pd.DataFrame, Snapshot, GateReport]:
+    """The training set of the configured feature service, through its leakage gate (GateFailed stops it)."""
+    frame, snapshot = build_frame(settings, tables, store, service_names(settings, use_llm))
+    checked = check_training_set(settings, tables, frame, snapshot, gate_table(settings.ctr, use_llm))
+    return frame, snapshot, checked
+
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class TrainingSetSummary:
+    """What a training set holds: rows and label rate per split, vector presence, what it was built from."""
+
+    rows: dict[str, int]  # split -> rows
+    label_rate: dict[str, float]  # split -> mean label
+    described: dict[str, Any]  # describe(frame): rows, share of rows with each vector
+    snapshot: Snapshot
+    gate: str  # the gate's summary line
+
+    def report(self) -> str:
+        s = self.snapshot
+        lines = [
+            f"training set of {', '.join(s.services)} as of {s.as_of.isoformat()}: "
+            f"{self.described['rows']:,} rows (point-in-time per row)"
+        ]
+        lines += [
+            f"  {split}: {n:,} rows, label rate {self.label_rate[split]:.4f}"
+            for split, n in self.rows.items()
+        ]
+        present = {k: v for k, v in self.described.items() if k.endswith("_present")}
+        if present:
+            lines.append(
+                "  rows with a vector: " + ", ".join(f"{k[:-8]} {v:.1%}" for k, v in present.items())
+            )
+        lines.append("  feature views: " + ", ".join(s.views))
+        lines.append("  Delta versions: " + ", ".join(f"{t}@{v}" for t, v in s.delta_versions.items()))
+        if s.lineage:
+            lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in s.lineage.items()))
+        lines.append(f"  gate: {self.gate}")
+        return "\n".join(lines)
+
+
+def summarise(frame: pd.DataFrame, snapshot: Snapshot, checked: GateReport) -> TrainingSetSummary:
+    present = [s for s in SPLITS if (frame["split"] == s).any()]
+    splits = [*present, *sorted(set(frame["split"].dropna()) - set(SPLITS))]
+    by_split = {s: frame.loc[frame["split"] == s, "label"] for s in splits}
+    return TrainingSetSummary(
+        rows={s: len(labels) for s, labels in by_split.items()},
+        label_rate={s: float(labels.mean()) for s, labels in by_split.items()},
+        described=describe(frame),
+        snapshot=snapshot,
+        gate=checked.summary(),
+    )
+
+
+def run(spark: SparkSession | None, settings: Settings, use_llm: bool = True) -> TrainingSetSummary:
+    """Build the point-in-time CTR training set of ctr.llm_feature_service (or, without LLM vectors,
+    ctr.id_feature_service), run its leakage gate and describe it. Reads with delta-rs: `spark` is unused."""
+    store, tables = open_store(settings), open_tables(settings)
+    return summarise(*checked_training_set(settings, tables, store, use_llm))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="training-set")
+    config_args(parser)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
+    )
+    which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
+    args = parser.parse_args(argv)
+    return run_in_process(
+        "training-set", args.config, args.overrides, lambda s: print(run(None, s, args.llm).report())
+    )
+
+
+if __name__ == "__main__":
+    # spark-submit runs this file as __main__; run the package's copy so the CLI catches its error classes.
+    from llmfeat.spark_jobs.training_set import main as package_main
+
+    sys.exit(package_main())

@@ -15,10 +15,10 @@ from test_feast_repo import feature_table, tiny_settings, vectors_for
 from llmfeat import feast_repo
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
+from llmfeat.feast_join import historical_features, vector_matrix
 from llmfeat.registry import RegisteredCompressor
 from llmfeat.serving.features import OnlineFeatures
 from llmfeat.spark_jobs import compress, materialize
-from llmfeat.training_set import historical_features, vector_matrix
 from llmfeat.validation import GateFailed
 
 # What publishing compressor version 2 adds to the repository: its views, and a service naming them.

@@ -171,7 +171,7 @@ def no_open_run():  # type: ignore[no-untyped-def]
 def test_refresh_serves_online_what_the_point_in_time_join_gives_a_row_stamped_now(tmp_path: Path) -> None:
     """A newer snapshot of user 1 published and materialized incrementally: the online store serves it,
     the same vector the offline join gives a row stamped now, while a row before it still gets the old one."""
-    from llmfeat.training_set import historical_features, vector_matrix
+    from llmfeat.feast_join import historical_features, vector_matrix
 
     settings = build_lake(tmp_path)
     tables = RustDelta(settings.delta_root)

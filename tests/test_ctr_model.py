@@ -109,7 +109,7 @@ def test_history_means_use_earlier_days_only() -> None:
 def test_same_seed_gives_the_same_id_part_with_and_without_llm_fields() -> None:
     """The challenger is the champion's id model plus a branch: its id part must not differ by chance."""
     from llmfeat.config import CtrConf
-    from llmfeat.spark_jobs.train_ctr import fit_model
+    from llmfeat.models.ctr.train import fit_model
 
     rng = np.random.default_rng(0)
     n = 600
@@ -124,10 +124,10 @@ def test_same_seed_gives_the_same_id_part_with_and_without_llm_fields() -> None:
     f["label"] = y.astype(np.float32)
     masks = {"fit": np.arange(n) < 400, "valid": (np.arange(n) >= 400) & (np.arange(n) < 500)}
     masks |= {"test": np.arange(n) >= 500, "train": np.arange(n) < 400}
-    cfg = CtrConf(epochs=2, batch_size=64)
+    cfg = CtrConf(max_epochs=2, batch_size=64)
     ids = f.drop(columns=["user_vector", "item_vector"])
-    champion, enc0 = fit_model(ids, masks, False, cfg, log_epochs=False)
-    challenger, enc1 = fit_model(f, masks, True, cfg, log_epochs=False)
+    champion, enc0 = fit_model(ids, masks, False, cfg)
+    challenger, enc1 = fit_model(f, masks, True, cfg)
     with torch.no_grad():
         a = champion.id_logit(enc0.transform(ids))
         b = challenger.id_logit(enc1.transform(f))

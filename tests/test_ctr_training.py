@@ -17,8 +17,10 @@ from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
 from llmfeat.models.ctr.pyfunc import load_ranker
 from llmfeat.registry import ModelNotFound, resolve, tracking_uri
+from llmfeat.spark_jobs import compare as compare_job
+from llmfeat.spark_jobs import training_set
 from llmfeat.spark_jobs.compare import compare, promote
-from llmfeat.spark_jobs.ctr_dataset import build_frame, check_training_set
+from llmfeat.spark_jobs.training_set import build_frame, check_training_set
 from llmfeat.validation import GateFailed
 
 pytestmark = pytest.mark.integration
@@ -52,6 +54,22 @@ def test_training_set_is_the_point_in_time_join_of_every_interaction(lake: Setti
     assert frame["item_impressions"].fillna(0).max() > 0  # items recur across days (users do not, here)
     assert snap.delta_versions["interactions"] == 0 and "ctr_marc_v2" in snap.services
     assert "item.compressor_version" in snap.lineage
+
+
+def test_training_set_job_gates_and_describes_the_set(lake: Settings, tmp_path: Path) -> None:
+    """`spark-submit spark_jobs/training_set.py` runs this: the set of the LLM service, gated, described."""
+    summary = training_set.run(None, fresh_copy(lake, tmp_path))
+    rows = RustDelta(lake.delta_root).read_arrow("interactions").to_pandas()
+    assert summary.rows == {s: int((rows["split"] == s).sum()) for s in ("train", "valid", "test")}
+    assert summary.label_rate["test"] == pytest.approx(rows.loc[rows["split"] == "test", "label"].mean())
+    assert summary.described["user_vector_present"] == 1.0
+    assert (
+        summary.snapshot.services == ("ctr_marc_v2",)
+        and "item.compressor_version" in summary.snapshot.lineage
+    )
+    report = summary.report()
+    assert "gate: training_set_deepfm_llm: " in report and "delta.interactions" not in report
+    assert "interactions@0" in report
 
 
 def test_both_models_are_registered_with_lineage_metrics_and_plots(lake: Settings, tmp_path: Path) -> None:
@@ -121,7 +139,7 @@ def test_registered_model_scores_a_frame_like_the_service_builds(lake: Settings,
 
 
 def test_compare_logs_a_run_and_the_gate_decides_promotion(lake: Settings, tmp_path: Path) -> None:
-    strict = fresh_copy(lake, tmp_path, "gate.min_auc_lift=0.5")
+    strict = fresh_copy(lake, tmp_path, "promotion.min_auc_lift=0.5")
     tables, store = RustDelta(strict.delta_root), open_store(strict)
     kept = promote(strict, tables, store, "champion", "challenger")
     assert not kept.moved and "gate not met" in kept.comparison.reason
@@ -140,7 +158,7 @@ def test_compare_logs_a_run_and_the_gate_decides_promotion(lake: Settings, tmp_p
 
     lax = strict.model_copy(
         update={
-            "gate": strict.gate.model_copy(
+            "promotion": strict.promotion.model_copy(
                 update={"min_auc_lift": -1.0, "max_delong_p": 1.01, "max_logloss_increase": 10.0}
             )
         }  # fmt: skip
@@ -156,11 +174,13 @@ def test_unknown_alias_is_a_clear_error(lake: Settings, tmp_path: Path) -> None:
     settings = fresh_copy(lake, tmp_path)
     with pytest.raises(ModelNotFound, match="llmfeat-ctr@nope.*train-ctr"):
         compare(settings, RustDelta(settings.delta_root), open_store(settings), "champion", "nope")
+    with pytest.raises(ModelNotFound, match="llmfeat-ctr@nope"):
+        compare_job.run(None, settings, "nope", "challenger")
 
 
 def test_two_interactions_in_one_second_both_get_their_features(lake: Settings) -> None:
     """Feast's file store keeps one row per (keys, time): the join must not lose the second interaction."""
-    from llmfeat.training_set import historical_features
+    from llmfeat.feast_join import historical_features
 
     at = pd.Timestamp("2001-03-01 12:00:00", tz="UTC")
     rows = pd.DataFrame({"user_id": ["1", "1"], "item_id": ["3", "4"], "event_timestamp": [at, at]})

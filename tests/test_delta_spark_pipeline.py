@@ -124,8 +124,8 @@ def check_written_by_spark(spark, settings: Settings, feast_tables: list[str]) -
 def check_point_in_time_set(spark, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     """Feast's Spark offline store (SparkSource twins, tables registered in the session's catalog) joins each
     interaction to the values at or before its own time."""
+    from llmfeat.feast_join import historical_features
     from llmfeat.feast_repo import apply_repo, feature_views
-    from llmfeat.training_set import historical_features
 
     spark_settings = settings.model_copy(
         update={"feast": settings.feast.model_copy(update={"offline_store": "spark"})}

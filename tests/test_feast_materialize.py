@@ -13,10 +13,10 @@ from test_feast_repo import DIM, feature_table, tiny_settings, vectors_for
 
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
+from llmfeat.feast_join import historical_features, vector_matrix
 from llmfeat.feast_repo import FeatureStoreError, apply_repo, open_store
 from llmfeat.serving.features import OnlineFeatures
 from llmfeat.spark_jobs import materialize
-from llmfeat.training_set import historical_features, vector_matrix
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 

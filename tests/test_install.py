@@ -71,24 +71,27 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     from llmfeat.config import load_settings
     from llmfeat.models.ctr.pyfunc import log_ranker
+    from llmfeat.models.ctr.train import fit_model
     from llmfeat.models.marc.model import MarcCompressor
-    from llmfeat.registry import LINEAGE_TAGS, log_and_register, tracking_uri, use_tracking
-    from llmfeat.spark_jobs.train_ctr import fit_model
+    from llmfeat.registry import log_and_register, tracking_uri, use_tracking
+    from llmfeat.reprs import COMPRESSOR_LINEAGE
 
     data = tmp_path_factory.mktemp("registry")
     settings = load_settings(
-        "tiny", [f"data_dir={data}", "ctr.epochs=2", "ctr.hidden=[8]", "mlflow.registry_name=test-marc"]
+        "tiny", [f"data_dir={data}", "ctr.max_epochs=2", "ctr.hidden=[8]", "marc.registry_name=test-marc"]
     )
     with pytest.MonkeyPatch.context() as env:
         for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
             env.delenv(name)
-        use_tracking(settings)
+        use_tracking(settings, settings.marc.experiment)
         frame, masks = tiny_ctr_frame()
-        model, encoder = fit_model(frame, masks, True, settings.ctr, log_epochs=False)
+        model, encoder = fit_model(frame, masks, True, settings.ctr)
         with mlflow.start_run():
             info = log_ranker(model, encoder, frame[masks["test"]].head(5), "llmfeat-ctr")
             compressor = MarcCompressor(in_dim=8, out_dim=3, hidden_dim=4)
-            lineage = {k: "8" if k == "in_dim" else "3" if k == "out_dim" else "x" for k in LINEAGE_TAGS}
+            lineage = {
+                k: "8" if k == "in_dim" else "3" if k == "out_dim" else "x" for k in COMPRESSOR_LINEAGE
+            }
             log_and_register(compressor, settings, "users", lineage)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias("llmfeat-ctr", "champion", info.registered_model_version)

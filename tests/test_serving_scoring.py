@@ -12,8 +12,8 @@ from llmfeat.config import CtrConf
 from llmfeat.models.ctr.features import FeatureEncoder
 from llmfeat.models.ctr.model import CtrModel
 from llmfeat.models.ctr.pyfunc import CtrRanker
+from llmfeat.models.ctr.train import model_config
 from llmfeat.serving.arms import Scorer, as_frame
-from llmfeat.spark_jobs.train_ctr import model_config
 
 pytestmark = pytest.mark.unit
 DIM = 8

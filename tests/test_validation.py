@@ -285,7 +285,7 @@ def test_bounds_come_from_config(tables: RustDelta) -> None:
 
 def test_training_set_gate_reads_when_each_vector_became_valid_and_what_it_holds(tables: RustDelta) -> None:
     from llmfeat.config import load_settings
-    from llmfeat.spark_jobs.ctr_dataset import Snapshot, check_training_set
+    from llmfeat.spark_jobs.training_set import Snapshot, check_training_set
 
     settings = load_settings("tiny", [f"data_dir={tables.root.parent}"])
     events = pd.to_datetime(["1998-01-01", "1998-02-01", "1998-03-01", "1998-04-01"], utc=True)

@@ -5,7 +5,8 @@
     llmfeat promote [--champion champion] [--challenger challenger]
     llmfeat serve                                              ranking service (FastAPI on uvicorn)
     llmfeat abtest replay --url URL | analyze [--log DIR] | run
-None of them needs Spark: Delta is read with delta-rs and features come from Feast.
+None of them needs Spark: train-ctr, compare and `abtest analyze` call their jobs' `run(None, settings, ...)`
+(spark_jobs/train_ctr.py, compare.py, abtest.py); Delta is read with delta-rs and features come from Feast.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
 def user_errors() -> tuple[type[BaseException], ...]:
     from llmfeat.feast_repo import FeatureStoreError
     from llmfeat.registry import ModelNotFound
-    from llmfeat.spark_jobs.ctr_dataset import SnapshotChanged
+    from llmfeat.spark_jobs.training_set import SnapshotChanged
 
     return (ConfigError, FeatureStoreError, ModelNotFound, SnapshotChanged, FileNotFoundError, ValueError)
 
@@ -84,23 +85,10 @@ def dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_and_tables(settings: Settings) -> tuple[Any, Any]:
-    from llmfeat.delta_io import RustDelta
-    from llmfeat.feast_repo import open_store
-
-    return open_store(settings), RustDelta(settings.delta_root)
-
-
 def train_models(settings: Settings, llm: bool, both: bool, alias: str | None) -> list[TrainedCtr]:
-    from llmfeat.spark_jobs.train_ctr import train_and_register
+    from llmfeat.spark_jobs.train_ctr import run
 
-    store, tables = _store_and_tables(settings)
-    plan: list[tuple[bool, str | None]]
-    if both:
-        plan = [(False, settings.serving.champion_alias), (True, settings.serving.challenger_alias)]
-    else:
-        plan = [(llm, alias)]
-    return [train_and_register(settings, tables, store, use_llm, a) for use_llm, a in plan]
+    return run(None, settings, llm, alias, both)
 
 
 def train_command(settings: Settings, args: argparse.Namespace) -> None:
@@ -109,16 +97,17 @@ def train_command(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def run_compare(settings: Settings, a: str, b: str) -> Any:
-    from llmfeat.spark_jobs.compare import compare
+    from llmfeat.spark_jobs.compare import run
 
-    store, tables = _store_and_tables(settings)
-    return compare(settings, tables, store, a, b)
+    return run(None, settings, a, b)
 
 
 def run_promote(settings: Settings, champion: str, challenger: str) -> Any:
+    from llmfeat.delta_io import open_tables
+    from llmfeat.feast_repo import open_store
     from llmfeat.spark_jobs.compare import promote
 
-    store, tables = _store_and_tables(settings)
+    store, tables = open_store(settings), open_tables(settings)
     return promote(settings, tables, store, champion, challenger)
 
 
@@ -129,13 +118,11 @@ def _serve(settings: Settings) -> None:
 
 
 def abtest_command(settings: Settings, args: argparse.Namespace) -> None:
-    from llmfeat.serving.ranking_service import log_dir
-
     if args.action == "replay":
         url = args.url or f"http://{settings.serving.host}:{settings.serving.port}"
         print(replay_against(settings, url))
     elif args.action == "analyze":
-        print(analyze_log(settings, Path(args.log) if args.log else log_dir(settings)))
+        print(analyze_log(settings, args.log))
     else:
         online_ab(settings)
 
@@ -150,11 +137,11 @@ def replay_against(settings: Settings, url: str) -> Any:
     return replay(url, requests)
 
 
-def analyze_log(settings: Settings, folder: Path) -> str:
-    from llmfeat.spark_jobs.abtest import analyze, bid_rule
+def analyze_log(settings: Settings, folder: Path | str | None) -> str:
+    """The A/B analysis of the event log in `folder` (default: serving.log_dir), as printed."""
+    from llmfeat.spark_jobs.abtest import format_result, run
 
-    result = analyze(settings, folder)
-    return f"{result.report(bid_rule(settings))}\nMLflow run {result.run_id}"
+    return format_result(settings, run(None, settings, folder))
 
 
 def online_ab(settings: Settings) -> None:
