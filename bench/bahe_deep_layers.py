@@ -1,7 +1,7 @@
 """Does BAHE's user encoder gain from more pretrained blocks above the split? bahe.deep_layers 2, 4 and 8.
 
 Each variant trains BAHE on the lake's behaviour table (`llmfeat bahe encode` first) in a fresh process, with
-real SmolLM2 weights, the same seed and the same point-in-time rows (spark_jobs/bahe_fit.py), and its user
+real SmolLM2 weights, the same seed and the same point-in-time rows (spark_jobs/bahe.py), and its user
 vectors go through the fixed probe of `llmfeat bahe evaluate` (ID model + the user vector, fitted on valid,
 tested on test; docs/methods.md). The difference against 2 blocks is paired over the same test rows with users
 resampled (the bootstrap of models/evaluation/ab_stats.py).

@@ -86,9 +86,9 @@ def main() -> None:
     settings = load_settings("local", [f"data_dir={out}", f"abtest.requests={args.requests}"])
     build(out, Path("data/local/delta").resolve())
     materialize.run(None, settings)
-    from llmfeat.cli.ctr_commands import demo_step
+    from llmfeat.cli.demo import ctr_step
 
-    demo_step(settings)
+    ctr_step(settings)
 
 
 if __name__ == "__main__":

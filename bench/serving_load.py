@@ -138,7 +138,7 @@ def materialize_all(settings: Any) -> None:
 def lake_settings(data_dir: Path, *overrides: str) -> Any:
     from llmfeat.config import load_settings
 
-    base = ["ctr.epochs=1", "ctr.n_boot=5"]
+    base = ["ctr.max_epochs=1", "ctr.n_boot=5"]
     return load_settings("tiny", [f"data_dir={data_dir}", *base, *overrides])
 
 

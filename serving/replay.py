@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 
 from llmfeat.config import SampleConf
+from llmfeat.errors import UserError
 from llmfeat.sample import Sample
 from llmfeat.serving.local_servers import stop_process
 
@@ -79,7 +80,7 @@ def held_out_requests(
     test = rows.astype({"user_id": str, "item_id": str})
     groups = {u: g for u, g in test.groupby("user_id") if len(g) >= 2}
     if not groups:
-        raise ValueError("the test split has no user with two or more rows to replay")
+        raise UserError("the test split has no user with two or more rows to replay")
     users = sorted(groups)
     weights = np.array([len(groups[u]) for u in users], dtype=float)
     rng = np.random.default_rng(seed)

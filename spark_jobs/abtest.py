@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from llmfeat.errors import UserError
 from llmfeat.models.evaluation.ab_stats import Arm, item_bid, lift_interval, srm_test
 from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.registry import use_ctr_tracking
@@ -86,7 +87,7 @@ def impressions_and_clicks(events: list[dict], slots: int) -> pd.DataFrame:
     """One row per shown item: request, user, arm, version, item, rank, click (0/1)."""
     shown = shown_items(events, slots)
     if shown.empty:
-        raise ValueError("the event log has no impressions: replay traffic first (`llmfeat abtest replay`)")
+        raise UserError("the event log has no impressions: replay traffic first (`llmfeat abtest replay`)")
     clicks = pd.DataFrame(
         [(e["request_id"], e["item_id"]) for e in events if e.get("type") == "click"],
         columns=["request_id", "item_id"],

@@ -337,7 +337,7 @@ def sampled_histories(tables: Any, settings: Any) -> Histories:
 
 
 def user_texts_py(histories: Histories, settings: Any, cut: Any, user_keys: np.ndarray) -> list[str]:
-    """The baseline's user texts in user order, built as the encode job builds them (spark_jobs/user_text)."""
+    """The baseline's user texts in user order, built as the encode job builds them (llmfeat/user_text.py)."""
     import pyarrow.compute as pc
 
     from llmfeat.user_text import user_text

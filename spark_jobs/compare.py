@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.delta_io import open_tables
+from llmfeat.errors import UserError
 from llmfeat.feast_repo import open_store
 from llmfeat.models.evaluation.ab_stats import delong_test, paired_differences
 from llmfeat.models.evaluation.ctr_eval import METRICS, metric_intervals, roc_figure
@@ -125,7 +126,7 @@ def compare(
     use_ctr_tracking(settings)
     a, b = (resolve(settings.ctr.registry_name, x) for x in (a_alias, b_alias))
     if a.version == b.version:
-        raise ValueError(f"{a_alias} and {b_alias} are the same version ({a.version}): nothing to compare")
+        raise UserError(f"{a_alias} and {b_alias} are the same version ({a.version}): nothing to compare")
     frame, p_a, p_b, snapshot = score_snapshot(settings, tables, store, a, b)
     y, users, n_boot = frame["label"].to_numpy(float), frame["user_id"].to_numpy(), settings.ctr.n_boot
     diff = paired_differences(y, p_a, p_b, users, n_boot=n_boot, seed=settings.ctr.seed)

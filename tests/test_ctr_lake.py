@@ -30,7 +30,7 @@ def lake_settings(tmp: Path, *overrides: str) -> Settings:
         "tiny",
         [
             f"data_dir={tmp}",
-            "ctr.epochs=3",
+            "ctr.max_epochs=3",
             "ctr.residual_lr=0.005",  # a few hundred rows: the branch needs a larger step to show
             "ctr.n_boot=20",
             "ctr.hidden=[16]",

@@ -42,7 +42,7 @@ def pipeline_overrides(model: Path, store: str) -> list[str]:
         "marc.task_dim=4",
         "marc.max_epochs=2",
         "marc.batch_size=64",
-        "mlflow.registry_name=test-marc",
+        "marc.registry_name=test-marc",
         f"mlflow.tracking_uri={store}",
     ]
 

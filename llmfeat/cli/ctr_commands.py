@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmfeat.config import ConfigError, Settings
+from llmfeat.config import Settings
 
 if TYPE_CHECKING:
     from llmfeat.spark_jobs.train_ctr import TrainedCtr
@@ -56,16 +56,8 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
         config_args(p)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from llmfeat.feast_repo import FeatureStoreError
-    from llmfeat.registry import ModelNotFound
-    from llmfeat.spark_jobs.training_set import SnapshotChanged
-
-    return (ConfigError, FeatureStoreError, ModelNotFound, SnapshotChanged, FileNotFoundError, ValueError)
-
-
 def dispatch(args: argparse.Namespace) -> int:
-    from llmfeat.runner import command_settings, mlflow_errors, one_line
+    from llmfeat.runner import USER_ERRORS, command_settings, mlflow_errors, one_line
 
     settings = command_settings(args.command, args.config, args.overrides)
     if settings is None:
@@ -79,7 +71,7 @@ def dispatch(args: argparse.Namespace) -> int:
     }
     try:
         bodies[args.command](settings, args)
-    except (*user_errors(), *mlflow_errors()) as err:
+    except (*USER_ERRORS, *mlflow_errors()) as err:
         print(f"llmfeat {args.command}: error: {one_line(err, settings)}", file=sys.stderr)
         return 1
     return 0
@@ -160,32 +152,3 @@ def online_ab(settings: Settings) -> None:
         )
         print(replay_against(run_settings, url))
     print(analyze_log(run_settings, folder))
-
-
-def demo_step(settings: Settings) -> None:
-    """Train with and without LLM features, compare offline, run the online A/B, promote through the gate."""
-    from llmfeat.delta_io import RustDelta
-    from llmfeat.feast_repo import service_marc_views
-
-    tables = RustDelta(settings.delta_root)
-    pinned = service_marc_views(settings.ctr.llm_feature_service)
-    if not all(tables.exists(m.feast_table) for m in pinned):
-        print(
-            "\n== CTR models: skipped, no published LLM vectors yet (llmfeat compress; features materialize)"
-        )
-        return
-    print("\n== CTR models (Feast training set -> MLflow runs and registry)")
-    for trained in train_models(settings, True, True, None):
-        print(trained.summary())
-    print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
-    comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
-    print(comparison.report())
-    print("\n== online A/B (replayed held-out traffic through the ranking service)")
-    online_ab(settings)
-    print("\n== promotion (champion moves only if the offline comparison passes the gate)")
-    from llmfeat.spark_jobs.compare import record_promotion
-
-    print(record_promotion(settings, comparison).summary())
-    from llmfeat.registry import tracking_uri
-
-    print(f"\nbrowse it: mlflow ui --backend-store-uri {tracking_uri(settings)}")

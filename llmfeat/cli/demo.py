@@ -33,7 +33,6 @@ def demo_settings(settings: Settings, full: bool) -> Settings:
 
 
 def run(spark: SparkSession, settings: Settings, full: bool = False) -> None:
-    from llmfeat.cli.ctr_commands import demo_step as ctr_step
     from llmfeat.delta_io import tables_summary
     from llmfeat.spark_jobs.ingest import format_summary
     from llmfeat.spark_jobs.ingest import run as ingest
@@ -149,3 +148,33 @@ def bahe_step(spark: SparkSession, settings: Settings) -> None:
     print(bahe_encode.run(spark, settings, n))
     print(bahe.run(spark, settings, n))
     print(format_published(materialize(spark, settings)))
+
+
+def ctr_step(settings: Settings) -> None:
+    """Train with and without LLM features, compare offline, run the online A/B, promote through the gate."""
+    from llmfeat.cli.ctr_commands import online_ab, run_compare, train_models
+    from llmfeat.delta_io import RustDelta
+    from llmfeat.feast_repo import service_marc_views
+
+    tables = RustDelta(settings.delta_root)
+    pinned = service_marc_views(settings.ctr.llm_feature_service)
+    if not all(tables.exists(m.feast_table) for m in pinned):
+        print(
+            "\n== CTR models: skipped, no published LLM vectors yet (llmfeat compress; features materialize)"
+        )
+        return
+    print("\n== CTR models (Feast training set -> MLflow runs and registry)")
+    for trained in train_models(settings, True, True, None):
+        print(trained.summary())
+    print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
+    comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
+    print(comparison.report())
+    print("\n== online A/B (replayed held-out traffic through the ranking service)")
+    online_ab(settings)
+    print("\n== promotion (champion moves only if the offline comparison passes the gate)")
+    from llmfeat.spark_jobs.compare import record_promotion
+
+    print(record_promotion(settings, comparison).summary())
+    from llmfeat.registry import tracking_uri
+
+    print(f"\nbrowse it: mlflow ui --backend-store-uri {tracking_uri(settings)}")

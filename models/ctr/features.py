@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llmfeat.errors import UserError
 from llmfeat.models.ctr.model import CtrInputs
 
 VECTOR_COLUMNS = ("user_vector", "item_vector")
@@ -180,6 +181,6 @@ def _vector_moments(frame: pd.DataFrame, col: str) -> tuple[np.ndarray, np.ndarr
     """Mean and std per dimension over the fit rows that have a vector (unsupervised)."""
     present = frame[frame[col].map(_is_vector)]
     if present.empty:
-        raise ValueError(f"no {col} in the training set: are the LLM vectors published and materialized?")
+        raise UserError(f"no {col} in the training set: are the LLM vectors published and materialized?")
     v = np.stack([np.asarray(x, dtype=np.float32) for x in present[col]])  # (entities, D)
     return v.mean(axis=0), v.std(axis=0) + 1e-6

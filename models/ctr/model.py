@@ -14,7 +14,7 @@ layer zero-initialised, so that the model starts as the id model and the vectors
 help (the trainer fits it on top of a fitted id part, regularised, and keeps the zero branch when the
 vectors do not help on validation).
 
-logit = first order + deep [+ fm] [+ residual]. The model is not the trainer (spark_jobs/train_ctr.py).
+logit = first order + deep [+ fm] [+ residual]. The model is not the trainer (models/ctr/train.py).
 """
 
 from __future__ import annotations
