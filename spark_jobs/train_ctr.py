@@ -147,18 +147,20 @@ def run(
     return [train_and_register(settings, tables, store, llm, name) for llm, name in plan]
 
 
+def train_args(parser: argparse.ArgumentParser) -> None:
+    from llmfeat.spark_jobs.training_set import llm_args
+
+    which = llm_args(parser)
+    which.add_argument("--both", action="store_true", help="without LLM -> champion, with -> challenger")
+    parser.add_argument("--alias", default=None, help="registry alias to set on the new version")
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import config_args, run_in_process
 
     parser = argparse.ArgumentParser(prog="train-ctr")
     config_args(parser)
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
-    )
-    which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
-    which.add_argument("--both", action="store_true", help="without LLM -> champion, with -> challenger")
-    parser.add_argument("--alias", default=None, help="registry alias to set on the new version")
+    train_args(parser)
     args = parser.parse_args(argv)
 
     def body(settings: Settings) -> None:

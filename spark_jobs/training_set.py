@@ -268,16 +268,22 @@ def run(spark: SparkSession | None, settings: Settings, use_llm: bool = True) ->
     return summarise(*checked_training_set(settings, tables, store, use_llm))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from llmfeat.runner import config_args, run_in_process
-
-    parser = argparse.ArgumentParser(prog="training-set")
-    config_args(parser)
+def llm_args(parser: argparse.ArgumentParser) -> Any:
+    """--llm (default) / --no-llm: the LLM feature service or the id one; returns the group for more."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
         "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
     )
     which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
+    return which
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmfeat.runner import config_args, run_in_process
+
+    parser = argparse.ArgumentParser(prog="training-set")
+    config_args(parser)
+    llm_args(parser)
     args = parser.parse_args(argv)
     return run_in_process(
         "training-set", args.config, args.overrides, lambda s: print(run(None, s, args.llm).report())

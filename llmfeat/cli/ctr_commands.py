@@ -27,14 +27,10 @@ COMMANDS = ("train-ctr", "compare", "promote", "serve", "abtest")
 
 
 def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from llmfeat.spark_jobs.train_ctr import train_args
+
     train = sub.add_parser("train-ctr", help="train a CTR ranker from Feast, track and register it in MLflow")
-    which = train.add_mutually_exclusive_group()
-    which.add_argument(
-        "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
-    )
-    which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
-    which.add_argument("--both", action="store_true", help="without LLM -> champion, with -> challenger")
-    train.add_argument("--alias", default=None, help="registry alias to set on the new version")
+    train_args(train)
     compare = sub.add_parser("compare", help="offline A/B of two registry aliases on one held-out snapshot")
     compare.add_argument("--a", default="champion")
     compare.add_argument("--b", default="challenger")
