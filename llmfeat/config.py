@@ -249,6 +249,14 @@ class CtrConf(Section):
     n_boot: int = 100  # bootstrap resamples for the intervals of the final metrics and comparisons
 
 
+class StateConf(Section):
+    """The fresh user state (models/ctr/state.py, spark_jobs/user_state.py): every event, in time order."""
+
+    prior_weight: float = 10.0  # pseudo-events at the fit period's like rate in the smoothed like rate
+    half_life_s: float = 0.0  # > 0: also recency-weighted means (each event's weight halves per half-life)
+    item_version: int | None = None  # the item vectors' compressor version; None: the one at marc.alias
+
+
 class PromotionConf(Section):
     """When `llmfeat promote` may move champion to the challenger (offline comparison on the test split)."""
 
@@ -347,6 +355,7 @@ class Settings(Section):
     bahe: BaheConf = BaheConf()
     ctr: CtrConf = CtrConf()
     promotion: PromotionConf = PromotionConf()
+    state: StateConf = StateConf()
     serving: ServingConf = ServingConf()
     abtest: AbtestConf = AbtestConf()
 

@@ -133,6 +133,10 @@ USER_STATE_COLUMNS = (
     "like_rate",  # smoothed toward the fit period's base rate
     "liked_mean",  # mean item vector of the liked items so far
     "disliked_mean",
+    "liked_recent_mean",  # the same, each event weighted by recency (state.half_life_s)
+    "disliked_recent_mean",
+    "liked_recent_weight",  # the recency weights of those means, as of newest_event_at
+    "disliked_recent_weight",
     "newest_event_at",  # the newest event the state holds
 )
 STATE_LINEAGE = ("representation", "representation_version", "layer")

@@ -26,7 +26,7 @@ import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column
 
 from llmfeat.config import ValidationConf
-from llmfeat.reprs import FEATURE_LINEAGE, REPR_LINEAGE, REPR_SINGLE_VALUED
+from llmfeat.reprs import FEATURE_LINEAGE, REPR_LINEAGE, REPR_SINGLE_VALUED, STATE_LINEAGE
 from llmfeat.validation.derived import Derived
 
 DEFAULTS = ValidationConf()
@@ -265,6 +265,40 @@ def counters_suite(prefix: str, key: str, conf: ValidationConf = DEFAULTS) -> Su
             gxe.ExpectColumnValuesToBeBetween(column=clicks, min_value=0),
             gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A=impressions, column_B=clicks, or_equal=True),
         ),
+    )
+
+
+def state_suite(name: str, dim: int, conf: ValidationConf = DEFAULTS) -> Suite:
+    """user_state_<representation>_v<N>: one row per user and event time, stamped after its newest event
+    (strictly: a row joined at that event's time must not see it), counts consistent, means of width dim
+    and finite, one representation and version per table."""
+    means = ("liked_mean", "disliked_mean")
+    lineage = [
+        check
+        for c in STATE_LINEAGE
+        for check in (
+            gxe.ExpectColumnValuesToNotBeNull(column=c),
+            gxe.ExpectColumnUniqueValueCountToBeBetween(column=c, min_value=1, max_value=1),
+        )
+    ]
+    return Suite(
+        name,
+        ("user_id", "event_timestamp"),
+        (
+            *_ids(["user_id", "event_timestamp"]),
+            *_timestamps("event_timestamp", conf),
+            *[check for m in means for check in _vector_shape(m, dim)],
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A="event_timestamp", column_B="newest_event_at"
+            ),
+            gxe.ExpectColumnValuesToBeBetween(column="event_count", min_value=1),
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A="event_count", column_B="liked_count", or_equal=True
+            ),
+            gxe.ExpectColumnValuesToBeBetween(column="like_rate", min_value=0, max_value=1),
+            *lineage,
+        ),
+        derived=tuple(d for m in means for d in (Derived("dim", m), Derived("finite", m))),
     )
 
 

@@ -9,6 +9,7 @@ llmfeat tables                         # what is published, where, at which vers
 llmfeat maintain [--table NAME ...]    # compact (OPTIMIZE) and vacuum the Delta tables, keeping 7+ days
 llmfeat features [apply|init DIR]      # Feast: publish, apply, materialize-incremental; or register only
 llmfeat refresh                        # the daily refresh: encode, compress, materialize the new day
+llmfeat user-state                     # each user's fresh state over the item vectors, per event time
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
 llmfeat ctr-ablation                   # what LLM features add to the id model, by slice and layer
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ingest", "raw data -> Delta tables items, users, interactions, behaviors, user_behaviors"),
         ("refresh", "the daily refresh: encode new snapshots and items, compress, materialize"),
         ("tables", "list the Delta tables, their versions and row counts"),
+        ("user-state", "every user's events in time order -> user_state_item_marc_v<N> (fresh state)"),
     ):
         config_args(sub.add_parser(name, help=help_))
     maintain = sub.add_parser("maintain", help="compact and vacuum the Delta tables (delta.retention_hours)")
@@ -219,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_job("refresh", args.config, args.overrides, refresh)
     if args.command == "maintain":
         return maintain_command(args)
+    if args.command == "user-state":
+        from llmfeat.spark_jobs.user_state import run as user_state
+
+        return run_job("user-state", args.config, args.overrides, lambda s, c: print(user_state(s, c)))
     if args.command == "env":
         print(environment())
         return 0
