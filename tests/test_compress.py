@@ -246,7 +246,7 @@ def test_eval_compression_writes_table_plots_and_mlflow_run(settings: Settings, 
 
     torch.set_num_threads(1)
     cfg = SweepConfig(seeds=1, out_dim=3, widths=(2, 3), protocol=ProtocolConfig(n_boot=10))
-    result = evaluate(settings, cfg, tmp_path / "out")
+    result = evaluate(None, settings, cfg, tmp_path / "out")
     assert result.final_layer == 4 and result.best_layer == 2
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         "marc_results.json", "marc_results.md", "marc_layers.png", "marc_bytes.png",
