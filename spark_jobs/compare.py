@@ -1,4 +1,4 @@
-"""Offline A/B of two registered CTR models, and promotion of the challenger through a gate.
+"""Offline A/B of two registered CTR models, and promotion of the challenger by a rule (`promotion.*`).
 
     llmfeat compare [--a champion] [--b challenger]     # prints the side-by-side table, decision and reason
     spark-submit spark_jobs/compare.py --config local [--a champion] [--b challenger]
@@ -10,7 +10,7 @@ so each sees exactly the same rows and Delta versions. Per metric: value with a 
 model, the paired difference (b - a) with its interval, DeLong's test for AUC. One MLflow run per comparison
 (experiment ctr.experiment) with the table, a ROC plot, the decision, its reason and both model versions.
 
-Gate (config `promotion`): b passes when the lower end of the AUC-difference interval exceeds
+Promotion rule (config `promotion`): b passes when the lower end of the AUC-difference interval exceeds
 promotion.min_auc_lift, the user-resampled p is below promotion.max_delong_p, and the upper end of the
 LogLoss-difference interval is at most promotion.max_logloss_increase.
 
@@ -82,26 +82,26 @@ class Comparison:
         )
 
 
-def gate_decision(diff: dict[str, Interval], delong_p: float, gate: PromotionConf) -> tuple[bool, str]:
+def promotion_decision(diff: dict[str, Interval], delong_p: float, rule: PromotionConf) -> tuple[bool, str]:
     checks = [
         (
-            diff["auc"].low > gate.min_auc_lift,
-            f"AUC diff low {diff['auc'].low:+.4f} > {gate.min_auc_lift:+.4f}",
+            diff["auc"].low > rule.min_auc_lift,
+            f"AUC diff low {diff['auc'].low:+.4f} > {rule.min_auc_lift:+.4f}",
         ),
         (
-            diff["auc"].mean > 0 and diff["auc_p"].mean < gate.max_delong_p,
-            f"user-resampled p {diff['auc_p'].mean:.3g} < {gate.max_delong_p:g} with AUC(b) > AUC(a)",
+            diff["auc"].mean > 0 and diff["auc_p"].mean < rule.max_delong_p,
+            f"user-resampled p {diff['auc_p'].mean:.3g} < {rule.max_delong_p:g} with AUC(b) > AUC(a)",
         ),
         (
-            diff["logloss"].high <= gate.max_logloss_increase,
-            f"LogLoss diff high {diff['logloss'].high:+.4f} <= {gate.max_logloss_increase:+.4f}",
+            diff["logloss"].high <= rule.max_logloss_increase,
+            f"LogLoss diff high {diff['logloss'].high:+.4f} <= {rule.max_logloss_increase:+.4f}",
         ),
     ]
     held = [text for ok, text in checks if ok]
     failed = [text for ok, text in checks if not ok]
     if not failed:
-        return True, "all gate checks hold: " + "; ".join(held)
-    return False, "gate not met: fails " + "; ".join(failed) + (
+        return True, "every promotion check holds: " + "; ".join(held)
+    return False, "promotion rule not met: fails " + "; ".join(failed) + (
         f" (holds: {'; '.join(held)})" if held else ""
     )
 
@@ -131,7 +131,7 @@ def compare(
     y, users, n_boot = frame["label"].to_numpy(float), frame["user_id"].to_numpy(), settings.ctr.n_boot
     diff = paired_differences(y, p_a, p_b, users, n_boot=n_boot, seed=settings.ctr.seed)
     _, _, p_value = delong_test(y, p_b, p_a)
-    passed, reason = gate_decision(diff, p_value, settings.promotion)
+    passed, reason = promotion_decision(diff, p_value, settings.promotion)
     result = Comparison(
         a, b, len(frame), metric_intervals(y, p_a, users, n_boot), metric_intervals(y, p_b, users, n_boot),
         diff, p_value, passed, reason,
@@ -207,13 +207,13 @@ class Promotion:
 def promote(
     settings: Settings, tables: DeltaTables, store: FeatureStore, champion: str, challenger: str
 ) -> Promotion:
-    """Compare, then move `champion` to the challenger's version only when the gate passes; the decision and
-    its reason are recorded on the challenger's model version and on the comparison run."""
+    """Compare, then move `champion` to the challenger's version only when the promotion rule passes; the
+    decision and its reason are recorded on the challenger's model version and on the comparison run."""
     return record_promotion(settings, compare(settings, tables, store, champion, challenger))
 
 
 def record_promotion(settings: Settings, c: Comparison) -> Promotion:
-    """Apply a finished comparison's gate decision: move the champion alias (a) or not; record why."""
+    """Apply a finished comparison's promotion decision: move the champion alias (a) or not; record why."""
     import mlflow
 
     champion = c.a.alias

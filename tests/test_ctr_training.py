@@ -142,7 +142,7 @@ def test_compare_logs_a_run_and_the_gate_decides_promotion(lake: Settings, tmp_p
     strict = fresh_copy(lake, tmp_path, "promotion.min_auc_lift=0.5")
     tables, store = RustDelta(strict.delta_root), open_store(strict)
     kept = promote(strict, tables, store, "champion", "challenger")
-    assert not kept.moved and "gate not met" in kept.comparison.reason
+    assert not kept.moved and "promotion rule not met" in kept.comparison.reason
     c = client(strict)
     assert c.get_model_version_by_alias("llmfeat-ctr", "champion").tags["ctr.uses_llm"] == "false"
     challenger = c.get_model_version_by_alias("llmfeat-ctr", "challenger")

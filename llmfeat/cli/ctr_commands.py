@@ -35,7 +35,7 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
     compare.add_argument("--a", default="champion")
     compare.add_argument("--b", default="challenger")
     promote = sub.add_parser(
-        "promote", help="move champion to the challenger if the comparison passes the gate"
+        "promote", help="move champion to the challenger if the comparison passes the promotion rule"
     )
     promote.add_argument("--champion", default="champion")
     promote.add_argument("--challenger", default="challenger")

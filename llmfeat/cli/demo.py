@@ -151,7 +151,7 @@ def bahe_step(spark: SparkSession, settings: Settings) -> None:
 
 
 def ctr_step(settings: Settings) -> None:
-    """Train with and without LLM features, compare offline, run the online A/B, promote through the gate."""
+    """Train with and without LLM features, compare offline, run the online A/B, promote by the rule."""
     from llmfeat.cli.ctr_commands import online_ab, run_compare, train_models
     from llmfeat.delta_io import RustDelta
     from llmfeat.feast_repo import service_marc_views
@@ -171,7 +171,7 @@ def ctr_step(settings: Settings) -> None:
     print(comparison.report())
     print("\n== online A/B (replayed held-out traffic through the ranking service)")
     online_ab(settings)
-    print("\n== promotion (champion moves only if the offline comparison passes the gate)")
+    print("\n== promotion (champion moves only if the offline comparison passes the promotion rule)")
     from llmfeat.spark_jobs.compare import record_promotion
 
     print(record_promotion(settings, comparison).summary())
