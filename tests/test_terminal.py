@@ -115,3 +115,16 @@ def test_no_colour_codes_in_piped_output() -> None:
     assert piped.returncode == 0, piped.stderr.decode(errors="replace")
     assert piped.stdout == b"Materializing 2 feature views\n" and piped.stderr == b"user_marc_v1_fv:\n"
     assert b"\x1b[" in on_a_terminal(FEAST_COLOURS)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["training-set"], ["train-ctr", "--both"], ["user-state"], ["bahe", "evaluate"], ["eval-student",
+     "--student", "s", "--student-data", "d"], ["distil-student"], ["eval-compression"]],
+)  # fmt: skip
+def test_every_job_command_validates_its_config_first(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job started from the command line reads and checks its settings before any work: exit 2, one line."""
+    assert main([*command, "--config", "tiny", "--set", "nope.key=1"]) == 2
+    assert "unknown key 'nope'" in capsys.readouterr().err

@@ -23,12 +23,17 @@ from llmfeat.config import Settings
 if TYPE_CHECKING:
     from llmfeat.spark_jobs.train_ctr import TrainedCtr
 
-COMMANDS = ("train-ctr", "compare", "promote", "serve", "abtest")
+COMMANDS = ("training-set", "train-ctr", "compare", "promote", "serve", "abtest")
 
 
 def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
     from llmfeat.spark_jobs.train_ctr import train_args
+    from llmfeat.spark_jobs.training_set import llm_args
 
+    training_set = sub.add_parser(
+        "training-set", help="build, gate and describe the point-in-time training set"
+    )
+    llm_args(training_set)
     train = sub.add_parser("train-ctr", help="train a CTR ranker from Feast, track and register it in MLflow")
     train_args(train)
     compare = sub.add_parser("compare", help="offline A/B of two registry aliases on one held-out snapshot")
@@ -48,7 +53,7 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
         "--url", default=None, help="replay: the running service (default: serving.host:port)"
     )
     abtest.add_argument("--log", default=None, help="analyze: event-log folder (default: serving.log_dir)")
-    for p in (train, compare, promote, sub.choices["serve"], abtest):
+    for p in (training_set, train, compare, promote, sub.choices["serve"], abtest):
         config_args(p)
 
 
@@ -59,6 +64,7 @@ def dispatch(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     bodies: dict[str, Callable[[Settings, argparse.Namespace], None]] = {
+        "training-set": training_set_command,
         "train-ctr": train_command,
         "compare": lambda s, a: print(run_compare(s, a.a, a.b).report()),
         "promote": lambda s, a: print(run_promote(s, a.champion, a.challenger).report()),
@@ -77,6 +83,12 @@ def train_models(settings: Settings, llm: bool, both: bool, alias: str | None) -
     from llmfeat.spark_jobs.train_ctr import run
 
     return run(None, settings, llm, alias, both)
+
+
+def training_set_command(settings: Settings, args: argparse.Namespace) -> None:
+    from llmfeat.spark_jobs.training_set import run
+
+    print(run(None, settings, args.llm).report())
 
 
 def train_command(settings: Settings, args: argparse.Namespace) -> None:
