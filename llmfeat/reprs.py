@@ -39,7 +39,6 @@ ENTITY_KEYS = {
     "behaviors": "behavior_id",
     "users": "user_id",
 }
-TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
 class ReprError(UserError, ValueError):

@@ -141,7 +141,6 @@ def user_snapshot_texts(
     max_chars: int = 1500,
 ) -> DataFrame:
     """The user time series: (snapshot_id, text) for every snapshot of `snapshot_times`."""
-
     cuts = snapshot_times(user_behaviors, every_days)
     texts = user_texts_at(users, user_behaviors, behaviors, cuts, max_behaviors, max_chars)
     return texts.select(snapshot_id_column("user_id", "snapshot_at").alias("snapshot_id"), "text")
