@@ -121,15 +121,21 @@ def run(spark: SparkSession, settings: Settings) -> StateSummary:
     vectors = item_vectors(published, "item_vector")
     interactions = tables.read_spark("interactions")
     events = interactions.select("user_id", "item_id", "event_timestamp", "label")
-    rate = interactions.where("split = 'train'").agg(F.avg("label")).first()[0]  # one number to the driver
+    train = interactions.where("split = 'train'").agg(F.avg("label")).first()  # one number to the driver
+    if train is None or train[0] is None:
+        raise UserError("interactions has no train rows: the like rate's prior is the train split's rate")
+    rate = float(train[0])
     joined = events.join(vectors, "item_id", "left")
     missing = joined.where(F.col("vector").isNull()).select("item_id").limit(3).collect()
     if missing:
         raise UserError(
             f"{source} has no vector for item_id {[r[0] for r in missing]}: re-run `llmfeat compress`"
         )
-    dim = len(vectors.select("vector").first()[0])
-    cfg = StateConfig(float(rate), settings.state.prior_weight, settings.state.half_life_s)
+    example = vectors.select("vector").first()
+    if example is None:
+        raise UserError(f"{source} is empty: re-run `llmfeat compress` and `llmfeat features`")
+    dim = len(example[0])
+    cfg = StateConfig(rate, settings.state.prior_weight, settings.state.half_life_s)
     scan = functools.partial(scan_user, cfg, dim, ("item_marc", version, int(layers[0])))
     rows = (
         joined.select("user_id", "event_timestamp", "label", "vector")
@@ -147,10 +153,9 @@ def run(spark: SparkSession, settings: Settings) -> StateSummary:
             run_id=new_run_id("user-state"),
             conf=settings.validation,
         )
-        version = tables.upsert(view.table, rows, ["user_id", "event_timestamp"], delete_missing=True)
-        return StateSummary(
-            view.table, rows.count(), rows.select("user_id").distinct().count(), version, rate
-        )
+        committed = tables.upsert(view.table, rows, ["user_id", "event_timestamp"], delete_missing=True)
+        users = rows.select("user_id").distinct().count()
+        return StateSummary(view.table, rows.count(), users, committed, rate)
     finally:
         rows.unpersist()
 
