@@ -30,7 +30,7 @@ import pandas as pd
 
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
-from llmfeat.models.ctr.state import StateConfig, empty, update
+from llmfeat.models.ctr.state import StateConfig, empty, to_row, update
 from llmfeat.reprs import STATE_LINEAGE, USER_STATE_COLUMNS, MarcView, UserStateView
 
 if TYPE_CHECKING:
@@ -69,13 +69,8 @@ def scan_user(
     for lo, hi in zip(starts, [*starts[1:], len(times)], strict=True):
         at = pd.Timestamp(times[lo])
         state = update(state, at.value // 1000, labels[lo:hi], vectors[lo:hi], cfg)
-        liked, disliked = state.means()
-        liked_recent, disliked_recent = state.recent_means()
-        values = (
-            state.event_count, state.liked_count, state.disliked_count, state.like_rate(cfg),
-            liked, disliked, liked_recent, disliked_recent, state.liked_weight, state.disliked_weight, at,
-        )  # fmt: skip
-        rows.append((events["user_id"].iloc[0], at + ONE_US, *values, *lineage))
+        row = to_row(state, cfg) | {"newest_event_at": at}
+        rows.append((events["user_id"].iloc[0], at + ONE_US, *row.values(), *lineage))
     return pd.DataFrame(rows, columns=["user_id", "event_timestamp", *USER_STATE_COLUMNS, *STATE_LINEAGE])
 
 

@@ -65,3 +65,21 @@ def test_an_older_event_is_refused_and_an_equal_time_applied() -> None:
 def test_an_empty_state_serves_zeros_and_the_base_rate() -> None:
     state = empty(4)
     assert not state.means()[0].any() and state.like_rate(CFG) == pytest.approx(0.6)
+
+
+def test_a_state_continued_from_its_stored_row_equals_the_uninterrupted_one() -> None:
+    """What the online path does: read the newest row, apply the new events, store the row again."""
+    from llmfeat.models.ctr.state import from_row, to_row
+
+    rng = np.random.default_rng(2)
+    times = np.sort(rng.integers(0, 50, 60)) * 60_000_000
+    labels, vectors = rng.integers(0, 2, 60), rng.normal(size=(60, 8))
+    whole = to_row(replay(times, labels, vectors), CFG)
+    cut = times < times[30]
+    state = from_row(to_row(replay(times[cut], labels[cut], vectors[cut]), CFG))
+    for t in np.unique(times[~cut]):  # event time by event time, each from the row the last one stored
+        at = times == t
+        state = from_row(to_row(update(state, int(t), labels[at], vectors[at], CFG), CFG))
+    online = to_row(state, CFG)
+    for column, value in whole.items():
+        np.testing.assert_allclose(np.asarray(online[column]), np.asarray(value), rtol=1e-5, atol=1e-6)

@@ -18,11 +18,14 @@ older than the state's newest event is refused (`StateOrderError`); an equal tim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from llmfeat.errors import UserError
+from llmfeat.reprs import USER_STATE_COLUMNS
 
 
 class StateOrderError(UserError, ValueError):
@@ -101,4 +104,34 @@ def update(state: State, at_us: int, labels: np.ndarray, vectors: np.ndarray, cf
         disliked_decayed=state.disliked_decayed * decay + disliked,
         liked_weight=state.liked_weight * decay + n_liked,
         disliked_weight=state.disliked_weight * decay + (len(labels) - n_liked),
+    )
+
+
+def to_row(state: State, cfg: StateConfig) -> dict[str, Any]:
+    """The served columns (`USER_STATE_COLUMNS`) of a state; newest_event_at in epoch microseconds."""
+    liked, disliked = state.means()
+    liked_recent, disliked_recent = state.recent_means()
+    values = (
+        state.event_count, state.liked_count, state.disliked_count, state.like_rate(cfg), liked, disliked,
+        liked_recent, disliked_recent, state.liked_weight, state.disliked_weight, state.newest_us,
+    )  # fmt: skip
+    return dict(zip(USER_STATE_COLUMNS, values, strict=True))
+
+
+def from_row(row: Mapping[str, Any]) -> State:
+    """The state a stored row holds (what the online path continues from): sums are the means times their
+    counts or weights, so an update of the row equals the update of the state that wrote it."""
+    liked, disliked = (np.asarray(row[c], dtype=np.float64) for c in ("liked_mean", "disliked_mean"))
+    recent = [np.asarray(row[c], dtype=np.float64) for c in ("liked_recent_mean", "disliked_recent_mean")]
+    weights = float(row["liked_recent_weight"]), float(row["disliked_recent_weight"])
+    return State(
+        newest_us=int(row["newest_event_at"]),
+        event_count=int(row["event_count"]),
+        liked_count=int(row["liked_count"]),
+        liked_sum=liked * int(row["liked_count"]),
+        disliked_sum=disliked * int(row["disliked_count"]),
+        liked_decayed=recent[0] * weights[0],
+        disliked_decayed=recent[1] * weights[1],
+        liked_weight=weights[0],
+        disliked_weight=weights[1],
     )
