@@ -134,11 +134,22 @@ USER_STATE_COLUMNS = (
     "disliked_mean",
     "liked_recent_mean",  # the same, each event weighted by recency (state.half_life_s)
     "disliked_recent_mean",
-    "liked_recent_weight",  # the recency weights of those means, as of newest_event_at
+    "liked_recent_weight",  # the recency weights of those means, as of newest_event_us
     "disliked_recent_weight",
-    "newest_event_at",  # the newest event the state holds
+    "newest_event_us",  # the newest event the state holds, epoch microseconds (online stores keep seconds
+    # for timestamps; ordering pushed events needs the microseconds)
 )
 STATE_LINEAGE = ("representation", "representation_version", "layer")
+
+# The item's fresh counters, from the same update with no vectors: one row per item and event time, stamped
+# just after it. Not tied to a representation: one table and view.
+ITEM_STATE_TABLE = "item_state"
+ITEM_STATE_VIEW = "item_state_fv"
+ITEM_STATE_COLUMNS = ("item_event_count", "item_liked_count", "item_newest_event_us")
+
+# Events pushed online (POST /events, `llmfeat push`), appended here so the next batch run includes them.
+EVENTS_TABLE = "pushed_events"
+EVENT_COLUMNS = ("event_id", "user_id", "item_id", "label", "event_timestamp")
 
 # ---------------------------------------------------------------------------------------------- snapshot ids
 

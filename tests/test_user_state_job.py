@@ -43,7 +43,7 @@ def test_state_rows_equal_the_pure_update_replayed(spark, lake) -> None:  # type
             vectors = np.stack(group["item_id"].map(items).to_numpy())
             state = update(state, at.value // 1000, group["label"].to_numpy(), vectors, cfg)
             assert row["event_timestamp"] == at + pd.Timedelta(microseconds=1)  # strictly after its events
-            assert row["newest_event_at"] == at and row["event_count"] == state.event_count
+            assert row["newest_event_us"] == at.value // 1000 and row["event_count"] == state.event_count
             assert row["like_rate"] == pytest.approx(state.like_rate(cfg))
             for column, want in zip(
                 ("liked_mean", "disliked_mean", "liked_recent_mean", "disliked_recent_mean"),
@@ -54,6 +54,12 @@ def test_state_rows_equal_the_pure_update_replayed(spark, lake) -> None:  # type
     assert set(states["representation_version"]) == {"1"} and set(states["layer"]) == {
         states["layer"].iloc[0]
     }
+    items = tables.read_arrow("item_state").to_pandas()
+    assert summary.item_rows == len(items) == len(events.groupby(["item_id", "event_timestamp"]))
+    newest = items.sort_values("event_timestamp").groupby("item_id").last()
+    counts = events.groupby("item_id")["label"].agg(["count", "sum"])
+    assert (newest["item_event_count"] == counts["count"]).all()
+    assert (newest["item_liked_count"] == counts["sum"]).all()
 
 
 def test_a_rerun_mirrors_the_events_without_duplicates(spark, lake) -> None:  # type: ignore[no-untyped-def]

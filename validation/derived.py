@@ -8,6 +8,7 @@ and raises on Spark), so each vector check runs on a scalar column derived here:
     <vector>__norm     L2 norm, times the per-row `scale` when the table stores int8 codes
     <vector>__min/max  smallest and largest element (the int8 code range)
     <a>__<b>__cosine   cosine similarity of two vector columns (drift between two versions)
+    <time>__micros     a timestamp as epoch microseconds (compared with the states' newest_event_us)
 
 Every derived name contains "__" so the gate can drop them before rows go to quarantine.
 """
@@ -23,7 +24,7 @@ import pandas as pd
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame
 
-Kind = Literal["dim", "finite", "norm", "min", "max", "cosine"]
+Kind = Literal["dim", "finite", "norm", "min", "max", "cosine", "micros"]
 ROW_ID = "_row"  # position of a row in the validated batch: ties a failing row to its expectation
 SEP = "__"
 
@@ -58,6 +59,9 @@ def add_pandas(df: pd.DataFrame, specs: tuple[Derived, ...]) -> pd.DataFrame:
             assert spec.other is not None
             others = [_as_array(v) for v in out[spec.other]]
             out[spec.name] = [_cosine(a, b) for a, b in zip(vectors, others, strict=True)]
+        elif spec.kind == "micros":
+            stamps = pd.to_datetime(out[spec.column], utc=True)
+            out[spec.name] = pd.Series(stamps.astype("int64") // 1000, index=out.index).where(stamps.notna())
         elif spec.kind == "norm":
             scales = out[spec.scale] if spec.scale else pd.Series(1.0, index=out.index)
             out[spec.name] = [
@@ -74,7 +78,9 @@ def add_spark(df: DataFrame, specs: tuple[Derived, ...]) -> DataFrame:
 
     for spec in specs:
         v = F.col(spec.column)
-        if spec.kind == "dim":
+        if spec.kind == "micros":
+            col = F.unix_micros(v)
+        elif spec.kind == "dim":
             col = F.size(v)
         elif spec.kind == "finite":
             col = F.forall(v, lambda x: x.isNotNull() & ~F.isnan(x) & (F.abs(x) < float("inf")))

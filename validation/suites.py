@@ -26,7 +26,13 @@ import great_expectations.expectations as gxe
 from great_expectations.expectations.row_conditions import Column
 
 from llmfeat.config import ValidationConf
-from llmfeat.reprs import FEATURE_LINEAGE, REPR_LINEAGE, REPR_SINGLE_VALUED, STATE_LINEAGE
+from llmfeat.reprs import (
+    FEATURE_LINEAGE,
+    ITEM_STATE_TABLE,
+    REPR_LINEAGE,
+    REPR_SINGLE_VALUED,
+    STATE_LINEAGE,
+)
 from llmfeat.validation.derived import Derived
 
 DEFAULTS = ValidationConf()
@@ -288,9 +294,7 @@ def state_suite(name: str, dim: int, conf: ValidationConf = DEFAULTS) -> Suite:
             *_ids(["user_id", "event_timestamp"]),
             *_timestamps("event_timestamp", conf),
             *[check for m in means for check in _vector_shape(m, dim)],
-            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
-                column_A="event_timestamp", column_B="newest_event_at"
-            ),
+            *_stamped_after("newest_event_us"),
             gxe.ExpectColumnValuesToBeBetween(column="event_count", min_value=1),
             gxe.ExpectColumnPairValuesAToBeGreaterThanB(
                 column_A="event_count", column_B="liked_count", or_equal=True
@@ -298,7 +302,37 @@ def state_suite(name: str, dim: int, conf: ValidationConf = DEFAULTS) -> Suite:
             gxe.ExpectColumnValuesToBeBetween(column="like_rate", min_value=0, max_value=1),
             *lineage,
         ),
-        derived=tuple(d for m in means for d in (Derived("dim", m), Derived("finite", m))),
+        derived=(
+            *(d for m in means for d in (Derived("dim", m), Derived("finite", m))),
+            Derived("micros", "event_timestamp"),
+        ),
+    )
+
+
+def _stamped_after(newest_us: str) -> list[gxe.Expectation]:
+    """The row's stamp is strictly after the newest event it holds (both in epoch microseconds)."""
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column=newest_us),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A=Derived("micros", "event_timestamp").name,
+                                                    column_B=newest_us),
+    ]  # fmt: skip
+
+
+def item_state_suite(conf: ValidationConf = DEFAULTS) -> Suite:
+    """item_state: one row per item and event time, stamped after its newest event, clicks <= impressions."""
+    return Suite(
+        ITEM_STATE_TABLE,
+        ("item_id", "event_timestamp"),
+        (
+            *_ids(["item_id", "event_timestamp"]),
+            *_timestamps("event_timestamp", conf),
+            *_stamped_after("item_newest_event_us"),
+            gxe.ExpectColumnValuesToBeBetween(column="item_event_count", min_value=1),
+            gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A="item_event_count", column_B="item_liked_count", or_equal=True
+            ),
+        ),
+        derived=(Derived("micros", "event_timestamp"),),
     )
 
 

@@ -13,7 +13,9 @@ What a state holds, and why:
 - with `half_life_s` > 0, the same means weighted by recency (each event's weight halves every half-life).
 
 Events at one timestamp are applied together, in any order: the result does not depend on it. An update
-older than the state's newest event is refused (`StateOrderError`); an equal timestamp is applied.
+older than the state's newest event is refused (`StateOrderError`); an equal timestamp is applied. An item's
+counters take events in any order (`ordered=False`): counts commute, and an item hears from many users at
+once.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from llmfeat.errors import UserError
-from llmfeat.reprs import USER_STATE_COLUMNS
+from llmfeat.reprs import ITEM_STATE_COLUMNS, USER_STATE_COLUMNS
 
 
 class StateOrderError(UserError, ValueError):
@@ -79,10 +81,19 @@ def empty(dim: int) -> State:
     return State(liked_sum=z, disliked_sum=z, liked_decayed=z, disliked_decayed=z)
 
 
-def update(state: State, at_us: int, labels: np.ndarray, vectors: np.ndarray, cfg: StateConfig) -> State:
+def update(
+    state: State,
+    at_us: int,
+    labels: np.ndarray,
+    vectors: np.ndarray,
+    cfg: StateConfig,
+    ordered: bool = True,
+) -> State:
     """The state after the events of one entity at one time `at_us`: labels (k,) in {0, 1}, vectors (k, D)
-    the items' vectors (D = 0 for counters)."""
-    if at_us < state.newest_us:
+    the items' vectors (D = 0 for counters; a zero row for an item without a vector)."""
+    if not ordered:
+        at_us = max(at_us, state.newest_us)
+    elif at_us < state.newest_us:
         raise StateOrderError(
             f"event at {at_us} us is older than the newest event the state holds ({state.newest_us} us)"
         )
@@ -108,7 +119,7 @@ def update(state: State, at_us: int, labels: np.ndarray, vectors: np.ndarray, cf
 
 
 def to_row(state: State, cfg: StateConfig) -> dict[str, Any]:
-    """The served columns (`USER_STATE_COLUMNS`) of a state; newest_event_at in epoch microseconds."""
+    """The served columns (`USER_STATE_COLUMNS`) of a state."""
     liked, disliked = state.means()
     liked_recent, disliked_recent = state.recent_means()
     values = (
@@ -125,7 +136,7 @@ def from_row(row: Mapping[str, Any]) -> State:
     recent = [np.asarray(row[c], dtype=np.float64) for c in ("liked_recent_mean", "disliked_recent_mean")]
     weights = float(row["liked_recent_weight"]), float(row["disliked_recent_weight"])
     return State(
-        newest_us=int(row["newest_event_at"]),
+        newest_us=int(row["newest_event_us"]),
         event_count=int(row["event_count"]),
         liked_count=int(row["liked_count"]),
         liked_sum=liked * int(row["liked_count"]),
@@ -135,3 +146,13 @@ def from_row(row: Mapping[str, Any]) -> State:
         liked_weight=weights[0],
         disliked_weight=weights[1],
     )
+
+
+def item_row(state: State) -> dict[str, Any]:
+    """An item's served counters (`ITEM_STATE_COLUMNS`): impressions, clicks, newest event."""
+    return dict(zip(ITEM_STATE_COLUMNS, (state.event_count, state.liked_count, state.newest_us), strict=True))
+
+
+def item_from_row(row: Mapping[str, Any]) -> State:
+    count, liked, newest = (int(row[c]) for c in ITEM_STATE_COLUMNS)
+    return replace(empty(0), newest_us=newest, event_count=count, liked_count=liked)
