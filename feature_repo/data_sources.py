@@ -45,6 +45,9 @@ behavior_llm_source = _file(
 item_meta_source = _file("item_meta_source", "feast_item_meta", "Item metadata from the items table.")
 user_stats_source = _file("user_stats_source", "feast_user_stats", "Daily cumulative user counters.")
 item_stats_source = _file("item_stats_source", "feast_item_stats", "Daily cumulative item counters.")
+item_state_source = _file(
+    "item_state_source", "item_state", "Fresh item counters, one row per item and event time."
+)
 
 # The same tables through the Spark offline store, keyed by the file source they replace.
 SPARK_SOURCES = {
@@ -57,6 +60,7 @@ SPARK_SOURCES = {
         item_meta_source,
         user_stats_source,
         item_stats_source,
+        item_state_source,
     )
 }
 
@@ -73,4 +77,17 @@ def marc_source(side: str, version: int) -> FileSource:
     SPARK_SOURCES[source.name] = _spark(
         f"{side}_marc_v{version}_spark_source", f"feast_{side}_marc_v{version}", source.description
     )
+    return source
+
+
+def user_state_source(representation: str, version: int) -> FileSource:
+    """user_state_<representation>_v<version>: the fresh user state over that item representation's vectors
+    (spark_jobs/user_state.py), and its SparkSource twin."""
+    table = f"user_state_{representation}_v{version}"
+    source = _file(
+        f"{table}_source",
+        table,
+        f"Fresh user state over {representation} version {version}: one row per user and event time.",
+    )
+    SPARK_SOURCES[source.name] = _spark(f"{table}_spark_source", table, source.description)
     return source

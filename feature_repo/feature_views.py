@@ -10,6 +10,13 @@ them, and its vectors keep being materialized and served. (Separate views rather
 FeatureView(version=...): Feast keeps one active version per view name, so an old one could not stay served.)
 The BAHE views' `version` tag is bumped when what they mean changes.
 
+Fresh state views (spark_jobs/user_state.py): user_state_item_marc_v<N>_fv holds, per user, the state of every
+event up to a time (counts, smoothed like rate, the mean item vector of the liked and of the disliked items,
+over compressor version N's item vectors), stamped 1 microsecond after that time; item_state_fv the items'
+fresh impressions and clicks. Online they are written by the event path (POST /events, `llmfeat push`) and
+by materialization, never older over newer (serving/state_store.py); a new item-vector version gets its own
+user view, so no online state mixes two versions.
+
 TTL 0 means a value never expires: a vector or a cumulative counter stays valid until a newer row replaces it.
 Lineage columns are served too (the *_lineage_fv views), so a model can log which encoder, layer and
 compressor produced the vectors it was fed.
@@ -20,14 +27,16 @@ from datetime import timedelta
 from data_sources import (
     behavior_llm_source,
     item_meta_source,
+    item_state_source,
     item_stats_source,
     marc_source,
     user_bahe_source,
+    user_state_source,
     user_stats_source,
 )
 from entities import behavior, item, user
 from feast import FeatureView, Field
-from feast.types import Array, Float32, Int64, String, UnixTimestamp
+from feast.types import Array, Float32, Float64, Int64, String, UnixTimestamp
 
 VECTOR_DIM = 64  # the compressor's output dimension d; a table with another length is refused at publish
 NO_EXPIRY = timedelta(0)
@@ -179,4 +188,58 @@ item_stats_fv = FeatureView(
     online=True,
     description="Cumulative item counters, one row per active day, stamped at the start of the next day.",
     tags={"kind": "counter"},
+)
+
+
+def _state_vector(name: str, what: str) -> Field:
+    return Field(name=name, dtype=Array(Float32), vector_length=VECTOR_DIM, description=what)
+
+
+def user_state_view(version: int) -> FeatureView:
+    """user_state_item_marc_v<N>_fv: the fresh user state over MARC compressor version N's item vectors."""
+    recency = "weighted by recency (state.half_life_s; the plain mean when 0)"
+    return FeatureView(
+        name=f"user_state_item_marc_v{version}_fv",
+        entities=[user],
+        ttl=NO_EXPIRY,
+        schema=[
+            Field(name="event_count", dtype=Int64, description="events up to the row's time"),
+            Field(name="liked_count", dtype=Int64, description="of which liked (label 1)"),
+            Field(name="disliked_count", dtype=Int64, description="of which disliked (label 0)"),
+            Field(name="like_rate", dtype=Float64, description="liked share, smoothed to the fit period's"),
+            _state_vector("liked_mean", "mean item vector of the liked items"),
+            _state_vector("disliked_mean", "mean item vector of the disliked items"),
+            _state_vector("liked_recent_mean", f"liked_mean {recency}"),
+            _state_vector("disliked_recent_mean", f"disliked_mean {recency}"),
+            Field(name="liked_recent_weight", dtype=Float64, description="weight of liked_recent_mean"),
+            Field(name="disliked_recent_weight", dtype=Float64, description="weight of disliked_recent_mean"),
+            Field(name="newest_event_us", dtype=Int64, description="newest event held, epoch microseconds"),
+            Field(name="representation", dtype=String, description="item representation of the means"),
+            Field(name="representation_version", dtype=String, description="its compressor version"),
+            Field(name="layer", dtype=Int64, description="the tapped layer of its vectors"),
+        ],
+        source=user_state_source("item_marc", version),
+        online=True,
+        description="Fresh user state: every event strictly before the row, over item_marc_v"
+        f"{version}'s vectors",
+        tags={"kind": "state", "representation": "item_marc", "representation_version": str(version)},
+    )
+
+
+# One line per item-vector version a model reads its users' fresh state over.
+user_state_item_marc_v1_fv = user_state_view(1)
+
+item_state_fv = FeatureView(
+    name="item_state_fv",
+    entities=[item],
+    ttl=NO_EXPIRY,
+    schema=[
+        Field(name="item_event_count", dtype=Int64, description="impressions up to the row's time"),
+        Field(name="item_liked_count", dtype=Int64, description="clicks (label 1) up to the row's time"),
+        Field(name="item_newest_event_us", dtype=Int64, description="newest event held, epoch microseconds"),
+    ],
+    source=item_state_source,
+    online=True,
+    description="Fresh item counters: every event strictly before the row.",
+    tags={"kind": "state"},
 )

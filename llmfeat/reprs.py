@@ -147,6 +147,10 @@ ITEM_STATE_TABLE = "item_state"
 ITEM_STATE_VIEW = "item_state_fv"
 ITEM_STATE_COLUMNS = ("item_event_count", "item_liked_count", "item_newest_event_us")
 
+# The smoothing each state table was built with (table, base_rate, prior_weight, half_life_s), so the online
+# path computes the same numbers.
+STATE_PRIOR_TABLE = "state_prior"
+
 # Events pushed online (POST /events, `llmfeat push`), appended here so the next batch run includes them.
 EVENTS_TABLE = "pushed_events"
 EVENT_COLUMNS = ("event_id", "user_id", "item_id", "label", "event_timestamp")

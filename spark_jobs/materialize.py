@@ -14,6 +14,10 @@
 2. Apply the repo (feature_repo/ under this profile's feature_store.yaml).
 3. Materialize: incremental from the last materialized end time; a view never materialized, a static view and
    `--full` take the whole history. Tables that do not exist yet (compress not run) are skipped, with a note.
+4. The fresh state views (user_state_*_fv, item_state_fv; written by `llmfeat user-state`): each entity's
+   newest row goes to the online store unless the state there already holds that event or a later one (a
+   state pushed by POST /events or `llmfeat push` since the batch run), so a refresh never clobbers a newer
+   pushed state (serving/state_store.py `write_newer`).
 
 Steps 1 and 2 run on the executors: the Feast-facing tables stay Spark frames from read to MERGE, and only
 counts and example keys reach the driver. Step 3 is Feast's: with the embedded default (file offline store,
@@ -425,14 +429,68 @@ def _table_of(view: FeatureView) -> str:
     return str(getattr(source, "path", "") or "").rsplit("/", 1)[-1] if source is not None else ""
 
 
+def newest_rows(
+    spark: SparkSession | None, tables: DeltaTables, table: str, key: str, batch_rows: int = 10_000
+) -> Iterator[dict[str, Any]]:
+    """Each key's newest row of a state table: with a session ranked on the executors and streamed to the
+    driver a partition at a time; without one, read in bounded batches (the dict holds one row per key,
+    what the online store holds anyway)."""
+    if spark is not None:
+        from pyspark.sql import Window
+        from pyspark.sql import functions as F
+
+        newest = Window.partitionBy(key).orderBy(F.col("event_timestamp").desc())
+        frame = tables.read_spark(table).withColumn("_n", F.row_number().over(newest)).where("_n = 1")
+        for row in frame.drop("_n").toLocalIterator(prefetchPartitions=True):
+            yield row.asDict()
+        return
+    from deltalake import DeltaTable
+
+    latest: dict[str, dict[str, Any]] = {}
+    for batch in DeltaTable(tables.path(table)).to_pyarrow_dataset().to_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            held = latest.get(row[key])
+            if held is None or row["event_timestamp"] > held["event_timestamp"]:
+                latest[row[key]] = row
+    yield from latest.values()
+
+
+def materialize_state(
+    spark: SparkSession | None, settings: Settings, tables: DeltaTables, store: FeatureStore
+) -> list[Published]:
+    """Step 4: every declared state view whose table exists, newest row per entity, never over a newer one."""
+    from llmfeat.feast_repo import feature_views
+    from llmfeat.serving.state_store import state_backend, write_newer
+
+    out = []
+    backend = None
+    for view in feature_views().values():
+        if view.tags.get("kind") != "state":
+            continue
+        table = _table_of(view)
+        if not tables.exists(table):
+            out.append(Published(table, view.name, 0, -1, "no table yet: run `llmfeat user-state`"))
+            continue
+        backend = backend or state_backend(store, settings.feast.online_store)
+        key = view.entity_columns[0].name
+        applied = store.get_feature_view(view.name)
+        written = write_newer(backend, applied, key, newest_rows(spark, tables, table, key))
+        store.registry.apply_materialization(applied, store.project, EPOCH, datetime.now(UTC), commit=True)
+        version = tables.version(table)
+        out.append(Published(table, view.name, written, -1 if version is None else version,
+                             f"{written:,} states newer than the online ones written"))  # fmt: skip
+    return out
+
+
 def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> list[Published]:
     from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import apply_repo
 
-    published = publish(spark, open_tables(settings, spark), settings.validation)
+    tables = open_tables(settings, spark)
+    published = publish(spark, tables, settings.validation)
     store = apply_repo(settings)
     materialize(store, views_on([p.table for p in published if p.version >= 0]), full=full)
-    return published
+    return published + materialize_state(spark, settings, tables, store)
 
 
 def format_published(published: list[Published]) -> str:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from llmfeat.config import Settings
 from llmfeat.errors import UserError
@@ -43,6 +44,7 @@ from llmfeat.reprs import (
     ITEM_STATE_COLUMNS,
     ITEM_STATE_TABLE,
     STATE_LINEAGE,
+    STATE_PRIOR_TABLE,
     USER_STATE_COLUMNS,
     MarcView,
     UserStateView,
@@ -207,6 +209,9 @@ def run(spark: SparkSession, settings: Settings) -> StateSummary:
         item_version = tables.upsert(
             ITEM_STATE_TABLE, items, ["item_id", "event_timestamp"], delete_missing=True
         )
+        prior = pa.table({"table": [view.table], "base_rate": [rate], "prior_weight": [cfg.prior_weight],
+                          "half_life_s": [cfg.half_life_s]})  # fmt: skip
+        tables.upsert(STATE_PRIOR_TABLE, prior, ["table"])
         users = rows.select("user_id").distinct().count()
         return StateSummary(
             view.table, rows.count(), users, committed, rate, items.count(), item_version, pushed,

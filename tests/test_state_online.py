@@ -1,0 +1,178 @@
+"""The event path on the tiny lake: events pushed one by one online give the state the batch job computed for
+the same time; pushes are idempotent, ordered and safe from two workers at once; a refresh never clobbers a
+newer pushed state. On SQLite and on a real redis-server."""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_ctr_lake import build_lake, lake_settings
+
+from llmfeat.config import Settings
+from llmfeat.delta_io import RustDelta
+from llmfeat.feast_repo import apply_repo, open_store
+from llmfeat.models.ctr.state import from_row, update
+from llmfeat.reprs import USER_STATE_COLUMNS, UserStateView
+from llmfeat.serving.local_servers import redis_server
+from llmfeat.serving.state_store import Event, OnlineState
+from llmfeat.spark_jobs import materialize, user_state
+
+pytestmark = pytest.mark.spark
+
+TABLE = UserStateView("item_marc", "1").table
+
+
+@pytest.fixture(scope="module")
+def lake(spark, tmp_path_factory: pytest.TempPathFactory) -> Settings:  # type: ignore[no-untyped-def]
+    settings = build_lake(tmp_path_factory.mktemp("state_online"), "state.item_version=1")
+    user_state.run(spark, settings)
+    return settings
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_settings(request, lake: Settings, tmp_path: Path) -> Iterator[Settings]:  # type: ignore[no-untyped-def]
+    """The lake's Delta tables with an empty online store of each kind (the state not yet materialized)."""
+    fresh = {"feast.online_store": request.param, "feast.repo_dir": str(tmp_path / "feast")}
+    if request.param == "sqlite":
+        yield with_online(lake, fresh)
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make system-deps)")
+    with redis_server() as conn:
+        yield with_online(lake, fresh | {"feast.redis": conn})
+
+
+def with_online(lake: Settings, changes: dict[str, str]) -> Settings:
+    data = lake.model_dump()
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        data[section][key] = value
+    settings = Settings.model_validate(data)
+    store = apply_repo(settings)
+    materialize.materialize(store, ["item_marc_v1_fv", "item_marc_v1_lineage_fv"], full=True)
+    return settings
+
+
+def offline(settings: Settings) -> pd.DataFrame:
+    rows = RustDelta(settings.delta_root).read_arrow(TABLE).to_pandas()
+    return rows.sort_values(["user_id", "event_timestamp"]).reset_index(drop=True)
+
+
+def events_of(settings: Settings, user: str) -> list[Event]:
+    inter = RustDelta(settings.delta_root).read_arrow("interactions").to_pandas()
+    mine = inter[inter["user_id"] == user].sort_values("event_timestamp")
+    return [
+        Event(f"{user}-{i}", user, r.item_id, int(r.label), r.event_timestamp.value // 1000)
+        for i, r in enumerate(mine.itertuples())
+    ]
+
+
+def assert_same(online: dict, row: pd.Series) -> None:
+    for column in USER_STATE_COLUMNS:
+        want, got = row[column], online[column]
+        if isinstance(got, np.ndarray):
+            np.testing.assert_allclose(got, np.asarray(want, dtype=np.float32), rtol=1e-5, atol=1e-6)
+        else:
+            assert got == pytest.approx(want), column
+
+
+def test_events_pushed_one_by_one_equal_the_batch_rows(store_settings: Settings) -> None:
+    state = OnlineState.open(store_settings, open_store(store_settings))
+    rows = offline(store_settings)
+    for user in ("3", "17"):
+        mine = rows[rows["user_id"] == user].reset_index(drop=True)
+        for event, (_, row) in zip(events_of(store_settings, user), mine.iterrows(), strict=True):
+            assert state.push([event]).applied == [event.event_id]
+            assert_same(state.read(state.views.user, "user_id", user), row)
+        item = state.read(state.views.item, "item_id", event.item_id)
+        assert item is not None and item["item_event_count"] >= 1
+    # the ranking service's reader and Feast's own read see the pushed row
+    features = open_store(store_settings).get_online_features(
+        [f"{state.views.user.name}:event_count"], [{"user_id": "17"}]
+    )
+    assert features.to_dict()["event_count"] == [len(events_of(store_settings, "17"))]
+
+
+def test_a_repeated_event_and_an_older_one_change_nothing(store_settings: Settings) -> None:
+    state = OnlineState.open(store_settings, open_store(store_settings))
+    first, second, *_ = events_of(store_settings, "5")
+    assert state.push([first, second]).applied == [first.event_id, second.event_id]
+    before = state.read(state.views.user, "user_id", "5")
+    again = state.push([second])
+    assert again.duplicates == [second.event_id] and not again.applied
+    older = Event("late", "5", first.item_id, 1, first.at_us - 1)
+    refused = state.push([older]).refused
+    assert "older than user 5's newest event" in refused["late"]
+    equal = Event("same-time", "5", first.item_id, 1, second.at_us)  # an equal time is applied
+    assert state.push([equal]).applied == ["same-time"]
+    after = state.read(state.views.user, "user_id", "5")
+    assert after["event_count"] == before["event_count"] + 1
+
+
+def push_many(settings_json: str, worker: int, at_us: int, n: int) -> None:
+    settings = Settings.model_validate_json(settings_json)
+    state = OnlineState.open(settings, open_store(settings))
+    for k in range(n):
+        result = state.push([Event(f"w{worker}-{k}", "9", str(1 + (k % 40)), k % 2, at_us)])
+        assert result.applied, result
+
+
+def test_two_workers_pushing_the_same_user_lose_no_update(store_settings: Settings) -> None:
+    at_us = events_of(store_settings, "9")[-1].at_us + 10**6
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=push_many, args=(store_settings.model_dump_json(), w, at_us, 40))
+        for w in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+        assert w.exitcode == 0
+    state = OnlineState.open(store_settings, open_store(store_settings))
+    row = state.read(state.views.user, "user_id", "9")
+    assert row["event_count"] == 80 and row["liked_count"] == 40
+
+
+def test_a_refresh_never_clobbers_a_newer_pushed_state(spark, store_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    state = OnlineState.open(store_settings, open_store(store_settings))
+    rows = offline(store_settings)
+    newest = rows.groupby("user_id").last()
+    later = newest.loc["11", "newest_event_us"] + 3_600_000_000
+    pushed = [Event("after-1", "11", "4", 1, later), Event("after-2", "11", "7", 0, later + 1)]
+    state.push(pushed)  # user 11: offline state plus two events (pushed onto an empty online state first)
+    published = materialize.run(spark, store_settings)  # what `llmfeat refresh` ends with
+    assert {p.view for p in published} >= {state.views.user.name, state.views.item.name}
+    got = state.read(state.views.user, "user_id", "11")
+    assert got["event_count"] == 2  # the pushed state is newer than the batch's: kept
+    # the batch state of a user nobody pushed to is there
+    assert_same(state.read(state.views.user, "user_id", "12"), newest.loc["12"])
+    # after the refresh, events pushed on top of the offline state continue it
+    state.push([Event("after-3", "12", "4", 1, newest.loc["12", "newest_event_us"] + 5)])
+    expected = from_row(newest.loc["12"].to_dict())
+    vector = np.asarray(
+        RustDelta(store_settings.delta_root).read_arrow("feast_item_marc_v1").to_pandas()
+        .set_index("item_id").loc["4", "item_vector"]
+    )  # fmt: skip
+    expected = update(expected, newest.loc["12", "newest_event_us"] + 5, np.array([1]), vector[None], state.cfg)
+    got = state.read(state.views.user, "user_id", "12")
+    assert got["event_count"] == expected.event_count
+    np.testing.assert_allclose(got["liked_mean"], expected.means()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_event_that_is_not_one_is_named() -> None:
+    from llmfeat.serving.state_store import EventError
+
+    with pytest.raises(EventError, match="label must be 0 or 1"):
+        Event.parse({"event_id": "e", "user_id": "1", "item_id": "2", "label": 3})
+    with pytest.raises(EventError, match="event_timestamp 'yesterday'"):
+        Event.parse({"event_id": "e", "user_id": "1", "item_id": "2", "label": 1, "event_timestamp": "yesterday"})
+    at = Event.parse({"event_id": "e", "user_id": 1, "item_id": "2", "label": 1, "event_timestamp": "2001-01-01T00:00:00.5"})
+    assert at.at_us == 978307200_500000 and at.user_id == "1"
+    assert lake_settings  # the same lake helpers as the CTR tests
