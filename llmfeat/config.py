@@ -287,6 +287,8 @@ class ServingConf(Section):
     flush_interval_s: float = 2.0
     segment_mb: int = 64  # a log file is closed at this size or age, and on shutdown
     segment_s: float = 3600.0
+    events_flush_every: int = 500  # POST /events: applied events per Delta append, or every events_flush_s
+    events_flush_s: float = 1.0
 
 
 class AbtestConf(Section):

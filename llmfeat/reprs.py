@@ -124,6 +124,12 @@ class UserStateView:
     def table(self) -> str:
         return f"user_state_{self.representation}_v{self.version}"
 
+    @classmethod
+    def parse(cls, view: str) -> UserStateView | None:
+        """user_state_item_marc_v1_fv -> UserStateView("item_marc", "1"); None for any other view."""
+        found = re.fullmatch(r"user_state_(\w+?)_v(\d+)_fv", view)
+        return cls(found[1], found[2]) if found else None
+
 
 USER_STATE_COLUMNS = (
     "event_count",
@@ -146,6 +152,19 @@ STATE_LINEAGE = ("representation", "representation_version", "layer")
 ITEM_STATE_TABLE = "item_state"
 ITEM_STATE_VIEW = "item_state_fv"
 ITEM_STATE_COLUMNS = ("item_event_count", "item_liked_count", "item_newest_event_us")
+
+# Per side (the state view's entity), the field holding the newest event a state row holds (epoch
+# microseconds): a training row may only see a state whose newest event is strictly before it.
+NEWEST_EVENT_FIELDS = {"user": "newest_event_us", "item": "item_newest_event_us"}
+
+
+def state_table(view: str) -> str | None:
+    """The Delta table a state view serves (user_state_item_marc_v1_fv -> user_state_item_marc_v1,
+    item_state_fv -> item_state); None for any other view."""
+    if view == ITEM_STATE_VIEW:
+        return ITEM_STATE_TABLE
+    user = UserStateView.parse(view)
+    return user.table if user else None
 
 # The smoothing each state table was built with (table, base_rate, prior_weight, half_life_s), so the online
 # path computes the same numbers.

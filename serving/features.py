@@ -5,7 +5,8 @@
     row = features.fetch("196", ["242", "302", ...])         # OnlineColumns
     row.columns    {"year": [N] float64 (NaN = null), "genres": [N] object (None = null),
                     "user_vector": [N, D] float32 (NaN rows = missing), ...}   (user fields repeated N times)
-    row.user_cold  bool   row.item_cold  [N] bool   (an entity absent from one of its views)
+    row.user_cold  bool   row.item_cold  [N] bool   (an entity absent from one of its views; with a fresh
+                   state view, user_cold means no event in it)   row.missing_user_views  [view names]
 
     features = OnlineFeatures(store, online_store=kind)      # the user and item vectors only
     batch = features.fetch("196", ["242", "302", ...])       # RankingFeatures
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +106,7 @@ class OnlineColumns:
     columns: dict[str, Any]
     user_cold: bool
     item_cold: np.ndarray  # [N] bool
+    missing_user_views: list[str] = field(default_factory=list)
 
 
 class ServiceFeatures:
@@ -120,6 +122,10 @@ class ServiceFeatures:
         self._views: dict[tuple[str, str], tuple[FeatureView, list[ServedField]]] = {}
         for f in self.fields:
             self._views.setdefault((f.view.projection.name_to_use(), f.key), (f.view, []))[1].append(f)
+        # a fresh state view tells whether the user has any event (cold_user); else any missing user view
+        self._fresh = any(
+            v.tags.get("kind") == "state" and k == "user_id" for (_, k), (v, _) in self._views.items()
+        )
 
     @property
     def columns(self) -> list[str]:
@@ -137,17 +143,19 @@ class ServiceFeatures:
         except sqlite3.OperationalError as err:  # the table is created by apply, filled by materialize
             raise FeatureStoreError(f"online table is missing ({err}): {MATERIALIZE_HINT}") from None
         columns: dict[str, Any] = {}
-        user_cold, item_cold = False, np.zeros(n, dtype=bool)
-        for ((_, key), (_, fields)), found in zip(self._views.items(), rows, strict=True):
+        missing, no_events, item_cold = [], False, np.zeros(n, dtype=bool)
+        for ((name, key), (view, fields)), found in zip(self._views.items(), rows, strict=True):
             first = found[fields[0].name]  # a view's fields are written together: one tells presence
             absent = np.array([v is None for v in first], dtype=bool)
             for f in fields:
                 columns[f.name] = self._decode(f, found[f.name], n)
-            if key == "user_id":
-                user_cold |= bool(absent[0])
-            else:
+            if key == "item_id":
                 item_cold |= absent
-        return OnlineColumns(columns, user_cold, item_cold)
+            elif absent[0]:
+                missing.append(name)
+                no_events |= view.tags.get("kind") == "state"
+        user_cold = no_events if self._fresh else bool(missing)
+        return OnlineColumns(columns, user_cold, item_cold, missing)
 
     def _decode(self, f: ServedField, values: list[bytes | None], n: int) -> Any:
         if f.dim:

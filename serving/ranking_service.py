@@ -5,7 +5,9 @@
     POST /rank   {"user_id": "196", "item_ids": ["242", "302"], "request_id": "optional"}
               -> {"request_id", "user_id", "arm", "alias", "model", "model_version", "shown",
                   "cold_user", "cold_items", "items": [{"item_id", "score", "rank"}, ...]}   (best first)
-    POST /click  {"request_id", "item_id"}                                 -> 204
+    POST /click  {"request_id", "item_id"}                                 -> 204 (the experiment's log only)
+    POST /events {"event_id", "user_id", "item_id", "label", "event_timestamp"?}
+              -> {"applied": [...], "duplicates": [...], "refused": {id: reason}}   (409 when refused)
     GET  /health                                                           -> models, reload state, log, load
     POST /admin/reload                                                     -> re-resolve both aliases
 
@@ -15,11 +17,19 @@ or Redis, serving/features.py); one batched call of the registered ranker. The t
 what is shown: they alone are logged, as one compact line per request (serving/event_log.py), with the
 request id that clicks join on.
 
+Events (serving/state_store.py): an event updates the user's and the item's fresh state in the online store
+in one per-user transaction (idempotent by event id; an event older than the user's newest is refused with
+its reason; server time when no event_timestamp is given), and the next /rank reads it. Applied events are
+appended to the `pushed_events` Delta table in batches (serving/event_sink.py). The event path needs the
+state built once (`llmfeat user-state`, `llmfeat features`); until then /events answers 503 naming that.
+
 Cold start: a user or item that the online store lacks (in any view the model reads) is still ranked, with
 the model's own fallback for what is missing: the default vector (the training mean, flagged to the model as
 missing), zero counters, unknown year and genres, the unseen-id embedding. The reply and the log flag it
-(`cold_user`, `cold_items`). Bad input gets 400 (no candidates, more than serving.max_candidates, repeated
-ids) or 422 (a malformed body). Overload gets 503 with Retry-After (serving/admission.py).
+(`cold_items`; `cold_user`: with a fresh state view, the user has no event in it; without one, the user
+is missing from a user view; `missing_user_views` lists the user views the user is missing from). Bad
+input gets 400 (no candidates, more than serving.max_candidates, repeated ids) or 422 (a malformed body).
+Overload gets 503 with Retry-After (serving/admission.py).
 
 Several workers (`serving.workers`, serving/server.py): processes with a socket each on one port
 (SO_REUSEPORT: the kernel spreads connections over them); the parent pins the versions before they start
@@ -40,12 +50,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel
 
 from llmfeat.serving.admission import Admission
 from llmfeat.serving.arms import ModelPins, ServingModels, assign_arm, registry_loader
 from llmfeat.serving.event_log import EventLog
+from llmfeat.serving.event_sink import EventSink
+from llmfeat.serving.state_store import Event, EventError, OnlineState
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -100,6 +112,7 @@ def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dic
     reply = head | {
         "shown": shown,
         "cold_user": online.user_cold,
+        "missing_user_views": online.missing_user_views,
         "cold_items": cold_items,
         "items": [
             {"item_id": ids[j], "score": s, "rank": r}
@@ -121,8 +134,51 @@ def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dic
     return reply, impression
 
 
-def create_app(cfg: ServingConf, models: ServingModels, events: EventLog) -> Admission:
+class EventPath:
+    """POST /events: the online state and the Delta sink, or why they are not there."""
+
+    def __init__(self, state: OnlineState | None, sink: EventSink | None, unavailable: str = ""):
+        self.state, self.sink, self.unavailable = state, sink, unavailable
+
+    def push(self, body: Any) -> Response:
+        if self.state is None or self.sink is None:
+            raise HTTPException(503, f"the event path is not available: {self.unavailable}")
+        if not isinstance(body, dict):
+            raise HTTPException(400, "an event is a JSON object: event_id, user_id, item_id, label")
+        try:
+            event = Event.parse(body)
+        except EventError as err:
+            raise HTTPException(400, str(err)) from None
+        result = self.state.push([event])
+        if result.applied:
+            self.sink.append([event])
+        status = 409 if result.refused else 200
+        return Response(json.dumps(result.as_dict()), status_code=status, media_type="application/json")
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+def open_event_path(settings: Settings, store: FeatureStore) -> EventPath:
+    """The event path over the state the batch job built; not there yet: /events answers 503 saying so."""
+    from llmfeat.delta_io import open_tables
+    from llmfeat.errors import UserError
+
+    try:
+        state = OnlineState.open(settings, store)
+    except UserError as err:
+        log.warning("POST /events is off: %s", err)
+        return EventPath(None, None, str(err))
+    cfg = settings.serving
+    return EventPath(state, EventSink(open_tables(settings), cfg.events_flush_every, cfg.events_flush_s))
+
+
+def create_app(
+    cfg: ServingConf, models: ServingModels, events: EventLog, event_path: EventPath | None = None
+) -> Admission:
     """The FastAPI app behind the load-shedding wrapper (the wrapper is what uvicorn runs)."""
+    pushes = event_path or EventPath(None, None, "the service was built without one")
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -132,6 +188,7 @@ def create_app(cfg: ServingConf, models: ServingModels, events: EventLog) -> Adm
         if follower is not None:
             follower.cancel()
         events.close()  # the last batch reaches the disk on shutdown
+        pushes.close()  # and the last applied events reach the events table
 
     app = FastAPI(title="llmfeat ranking service", lifespan=lifespan)
     admission = Admission(app, cfg.max_inflight, cfg.max_wait_ms, cfg.retry_after_s)
@@ -149,6 +206,14 @@ def create_app(cfg: ServingConf, models: ServingModels, events: EventLog) -> Adm
         events.append({"type": "click", "ts": time.time(), **click.model_dump()})
         return Response(status_code=204)
 
+    @app.post("/events")
+    async def events_endpoint(request: Request) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "the body is not JSON") from None
+        return pushes.push(body)
+
     @app.get("/health")
     async def health() -> dict:
         return {
@@ -156,6 +221,8 @@ def create_app(cfg: ServingConf, models: ServingModels, events: EventLog) -> Adm
             **models.status(),
             "worker": os.getpid(),
             "events_written": events.written,
+            "pushed_events_written": pushes.sink.written if pushes.sink else 0,
+            "event_path": "on" if pushes.state else f"off: {pushes.unavailable}",
             "events_dropped": events.dropped,
             "shed": dict(admission.shed),
             "inflight": admission.inflight,
@@ -203,7 +270,7 @@ def build_app(
     events = EventLog(
         log_dir(settings), cfg.flush_every, cfg.flush_interval_s, cfg.segment_mb << 20, cfg.segment_s
     )
-    app = create_app(cfg, models, events)
+    app = create_app(cfg, models, events, open_event_path(settings, store))
     # Half a million objects are alive after loading (torch, mlflow, feast); a full collection that walks them
     # stops the worker for about 0.3 s. Frozen, later collections walk only what requests leave behind.
     gc.collect()

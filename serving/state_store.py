@@ -1,6 +1,6 @@
 """Fresh state in the online store: events in, the same update the batch job runs, states out.
 
-    state = OnlineState.open(settings, store)                  # the views of state.item_version (or marc.alias's)
+    state = OnlineState.open(settings, store)                   # over state.item_version, else marc.alias's
     result = state.push([Event("e1", "196", "242", 1, at_us)])  # PushResult: applied, duplicates, refused
     write_newer(state.backend, view, "user_id", rows)           # materialization: never older over newer
 
@@ -34,7 +34,16 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from llmfeat.errors import UserError
-from llmfeat.models.ctr.state import State, StateConfig, empty, from_row, item_from_row, item_row, to_row, update
+from llmfeat.models.ctr.state import (
+    State,
+    StateConfig,
+    empty,
+    from_row,
+    item_from_row,
+    item_row,
+    to_row,
+    update,
+)
 from llmfeat.reprs import ITEM_STATE_VIEW, STATE_LINEAGE, STATE_PRIOR_TABLE, MarcView, UserStateView
 from llmfeat.serving.online_read import check_online_store, decode_vectors, entity_key, rows_reader
 

@@ -89,7 +89,9 @@ def scan_user(
     times = events["event_timestamp"].to_numpy()
     labels = events["label"].to_numpy()
     zero = np.zeros(dim)
-    vectors = np.stack([zero if v is None else v for v in events["vector"]]) if len(events) else zero[None, :0]
+    vectors = (
+        np.stack([zero if v is None else v for v in events["vector"]]) if len(events) else zero[None, :0]
+    )
     state, rows = empty(dim), []
     for lo, hi, at in _times(times):
         state = update(state, at.value // 1000, labels[lo:hi], vectors[lo:hi], cfg)
@@ -98,7 +100,7 @@ def scan_user(
 
 
 def scan_item(events: pd.DataFrame) -> pd.DataFrame:
-    """applyInPandas body: one item's events (item_id, event_timestamp, label) -> one counters row per time."""
+    """applyInPandas body: one item's events (item_id, event_timestamp, label) -> a counters row per time."""
     events = events.sort_values("event_timestamp", kind="stable")
     labels = events["label"].to_numpy()
     state, rows, none = empty(0), [], np.zeros((0, 0))

@@ -160,7 +160,9 @@ def test_a_refresh_never_clobbers_a_newer_pushed_state(spark, store_settings: Se
         RustDelta(store_settings.delta_root).read_arrow("feast_item_marc_v1").to_pandas()
         .set_index("item_id").loc["4", "item_vector"]
     )  # fmt: skip
-    expected = update(expected, newest.loc["12", "newest_event_us"] + 5, np.array([1]), vector[None], state.cfg)
+    expected = update(
+        expected, newest.loc["12", "newest_event_us"] + 5, np.array([1]), vector[None], state.cfg
+    )
     got = state.read(state.views.user, "user_id", "12")
     assert got["event_count"] == expected.event_count
     np.testing.assert_allclose(got["liked_mean"], expected.means()[0], rtol=1e-5, atol=1e-6)
@@ -172,7 +174,17 @@ def test_an_event_that_is_not_one_is_named() -> None:
     with pytest.raises(EventError, match="label must be 0 or 1"):
         Event.parse({"event_id": "e", "user_id": "1", "item_id": "2", "label": 3})
     with pytest.raises(EventError, match="event_timestamp 'yesterday'"):
-        Event.parse({"event_id": "e", "user_id": "1", "item_id": "2", "label": 1, "event_timestamp": "yesterday"})
-    at = Event.parse({"event_id": "e", "user_id": 1, "item_id": "2", "label": 1, "event_timestamp": "2001-01-01T00:00:00.5"})
+        Event.parse(
+            {"event_id": "e", "user_id": "1", "item_id": "2", "label": 1, "event_timestamp": "yesterday"}
+        )
+    at = Event.parse(
+        {
+            "event_id": "e",
+            "user_id": 1,
+            "item_id": "2",
+            "label": 1,
+            "event_timestamp": "2001-01-01T00:00:00.5",
+        }
+    )
     assert at.at_us == 978307200_500000 and at.user_id == "1"
     assert lake_settings  # the same lake helpers as the CTR tests

@@ -61,7 +61,8 @@ def add_pandas(df: pd.DataFrame, specs: tuple[Derived, ...]) -> pd.DataFrame:
             out[spec.name] = [_cosine(a, b) for a, b in zip(vectors, others, strict=True)]
         elif spec.kind == "micros":
             stamps = pd.to_datetime(out[spec.column], utc=True)
-            out[spec.name] = pd.Series(stamps.astype("int64") // 1000, index=out.index).where(stamps.notna())
+            micros = stamps.dt.as_unit("us").astype("int64")  # floors; whatever unit the column has
+            out[spec.name] = pd.Series(micros, index=out.index).where(stamps.notna())
         elif spec.kind == "norm":
             scales = out[spec.scale] if spec.scale else pd.Series(1.0, index=out.index)
             out[spec.name] = [

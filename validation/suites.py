@@ -10,7 +10,7 @@ the previous version the batch is joined with.
                                          also their float32 copies feast_user_llm, feast_item_llm, ...)
     Feast-facing      item_meta_suite, counters_suite (feast_item_meta, feast_user_stats, feast_item_stats)
     candidates        candidates_suite  (user_candidates from Lite-LLM4Rec: k items, k finite scores per user)
-    training sets     training_set_suite (label rate, no feature from the future)
+    training sets     training_set_suite (label rate, no feature from the future, no state holding the row)
     drift             drift_suite       (two versions of a feature table over the same keys)
 """
 
@@ -370,11 +370,13 @@ def training_set_suite(
     name: str = "training_set",
     conf: ValidationConf = DEFAULTS,
     strictly_before: Sequence[str] = (),
+    newest_events: Sequence[str] = (),
 ) -> Suite:
     """A point-in-time training set: labels 0/1 at a plausible rate, and no feature newer than its event
     (a missing feature, null timestamp, is allowed: the row had none inside the TTL). Columns named in
     `strictly_before` (e.g. the newest behaviour a user text holds) must precede the event: the row's own
-    label must not be in them."""
+    label must not be in them. `newest_events` are the joined states' newest events in epoch microseconds
+    (newest_event_us): each strictly before the row's event_timestamp in microseconds (null: no event yet)."""
     lo, hi = conf.label_rate
     point_in_time = [
         gxe.ExpectColumnPairValuesAToBeGreaterThanB(
@@ -385,6 +387,13 @@ def training_set_suite(
         )
         for ts in feature_timestamps
     ]
+    micros = Derived("micros", "event_timestamp")
+    states_before = [
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+            column_A=micros.name, column_B=newest, or_equal=False, ignore_row_if="either_value_is_missing"
+        )
+        for newest in newest_events
+    ]
     return Suite(
         name,
         tuple(keys),
@@ -394,7 +403,9 @@ def training_set_suite(
             gxe.ExpectColumnMeanToBeBetween(column="label", min_value=lo, max_value=hi),
             *_timestamps("event_timestamp", conf),
             *point_in_time,
+            *states_before,
         ),
+        derived=(micros,) if newest_events else (),
     )
 
 

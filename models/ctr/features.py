@@ -11,12 +11,19 @@ Fitted once on the training rows (`FeatureEncoder.fit`) and stored as JSON next 
 Dense features F: year_z, year_missing, log1p item impressions, item click rate (smoothed), log1p user
 impressions, user click rate (smoothed), user has history; all from the point-in-time counters, so a row never
 counts its own label.
+
+With a fresh feature service (the event-time state, strictly before each row: columns event_count,
+like_rate, item_event_count, item_liked_count and, with LLM item vectors, liked_mean / disliked_mean), the
+dense features add `FRESH_COUNTERS` and, where the means are there, `FRESH_COSINES`: the candidate item
+vector's cosine with the mean vector of the user's liked and of their disliked items, computed here from the
+vectors (training, comparison and serving alike), never stored per pair.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,42 @@ BASE_DENSE = (
     "year_z", "year_missing", "item_log_count", "item_ctr", "user_log_count", "user_ctr", "user_has_history",
 )  # fmt: skip
 COUNTERS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks")
+FRESH_COLUMNS = ("event_count", "like_rate", "item_event_count", "item_liked_count")
+FRESH_VECTORS = ("liked_mean", "disliked_mean")
+FRESH_COUNTERS = ("user_log_events", "user_like_rate", "user_has_events", "item_log_events", "item_fresh_ctr")
+FRESH_COSINES = ("cos_liked", "cos_disliked")
+
+
+def fresh_dense(
+    scalar: Callable[[str], np.ndarray],
+    vector: Callable[[str], np.ndarray],
+    names: Sequence[str],
+    base_ctr: float,
+    prior: float,
+) -> list[np.ndarray]:
+    """The fresh dense features `names` (of FRESH_COUNTERS + FRESH_COSINES) from the state columns:
+    scalar(column) -> (B,) float64, NaN = null; vector(column) -> (B, D) float32, NaN or zero rows = none."""
+    out: dict[str, np.ndarray] = {}
+    events = np.nan_to_num(scalar("event_count"))
+    rate = scalar("like_rate")
+    out["user_log_events"] = np.log1p(events)
+    out["user_like_rate"] = np.where(np.isnan(rate), base_ctr, rate)
+    out["user_has_events"] = (events > 0).astype(np.float64)
+    shown, clicked = (np.nan_to_num(scalar(c)) for c in ("item_event_count", "item_liked_count"))
+    out["item_log_events"] = np.log1p(shown)
+    out["item_fresh_ctr"] = (clicked + prior * base_ctr) / (shown + prior)
+    if any(n in FRESH_COSINES for n in names):
+        item = np.nan_to_num(vector("item_vector"))
+        for name, column in zip(FRESH_COSINES, FRESH_VECTORS, strict=True):
+            out[name] = row_cosine(item, np.nan_to_num(vector(column)))
+    return [out[n].astype(np.float32) for n in names]
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B,) cosine of matching rows; 0 where either row is all zeros (no vector, no history)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("bd,bd->b", a, b)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
 
 
 @dataclass(frozen=True)
@@ -44,6 +87,7 @@ class FeatureEncoder:
     prior: float  # pseudo-impressions at the base rate in the smoothed click rates
     vec_mean: dict[str, list[float]]  # "user_vector" / "item_vector" -> (D,); empty without LLM features
     vec_std: dict[str, list[float]]
+    fresh: list[str] = field(default_factory=list)  # fresh dense features used (empty: no fresh service)
 
     @property
     def uses_llm(self) -> bool:
@@ -51,7 +95,15 @@ class FeatureEncoder:
 
     @property
     def dense_names(self) -> tuple[str, ...]:
-        return BASE_DENSE
+        return (*BASE_DENSE, *self.fresh)
+
+    @property
+    def fresh_columns(self) -> list[str]:
+        """The scoring-frame columns the fresh features read."""
+        if not self.fresh:
+            return []
+        cosines = any(n in FRESH_COSINES for n in self.fresh)
+        return [*FRESH_COLUMNS, *(FRESH_VECTORS if cosines else ()), *(["item_vector"] if cosines else [])]
 
     def vec_dim(self, column: str) -> int:
         return len(self.vec_mean.get(column, []))
@@ -78,7 +130,13 @@ class FeatureEncoder:
             if use_llm:
                 m, s = _vector_moments(fit, col)
                 mean[col], std[col] = m.tolist(), s.tolist()
+        fresh: list[str] = []
+        if "event_count" in frame.columns:
+            fresh = [*FRESH_COUNTERS]
+            if all(c in frame.columns for c in (*FRESH_VECTORS, "item_vector")):
+                fresh += FRESH_COSINES
         return cls(
+            fresh=fresh,
             user_ids=sorted(fit["user_id"].unique().tolist()),
             item_ids=sorted(fit["item_id"].unique().tolist()),
             genres=genres,
@@ -97,6 +155,14 @@ class FeatureEncoder:
         user = frame["user_id"].map(users).fillna(0).to_numpy(np.int64)  # (B,)
         item = frame["item_id"].map(items).fillna(0).to_numpy(np.int64)  # (B,)
         dense = [*self._year(frame), *self._counters(frame)]
+        if self.fresh:
+            dense += fresh_dense(
+                lambda c: _column(frame, c, fill=np.nan),
+                lambda c: _vector_column(frame, c, self._fresh_dim(frame)),
+                self.fresh,
+                self.base_ctr,
+                self.prior,
+            )
         vectors: list[np.ndarray] = []
         missing: list[np.ndarray] = []
         for col in VECTOR_COLUMNS:
@@ -148,6 +214,11 @@ class FeatureEncoder:
         z[missing] = 0.0
         return z.astype(np.float32), missing
 
+    def _fresh_dim(self, frame: pd.DataFrame) -> int:
+        """The width of the vectors the fresh cosines compare (the item vectors')."""
+        present = frame["item_vector"].map(_is_vector) if "item_vector" in frame.columns else None
+        return 0 if present is None or not present.any() else len(frame["item_vector"][present].iloc[0])
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
 
@@ -156,11 +227,18 @@ class FeatureEncoder:
         return cls(**json.loads(path.read_text()))
 
 
-def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
-    """A counter column as float64, 0 where null (no interaction yet) or absent."""
+def _column(frame: pd.DataFrame, name: str, fill: float = 0.0) -> np.ndarray:
+    """A counter column as float64, `fill` where null (no interaction yet) or absent."""
     if name not in frame.columns:
-        return np.zeros(len(frame))
-    return pd.to_numeric(frame[name], errors="coerce").fillna(0).to_numpy(np.float64)
+        return np.full(len(frame), fill)
+    return pd.to_numeric(frame[name], errors="coerce").fillna(fill).to_numpy(np.float64)
+
+
+def _vector_column(frame: pd.DataFrame, name: str, dim: int) -> np.ndarray:
+    """(B, D) float32 of a vector column, zero rows where null or absent."""
+    if name not in frame.columns or not dim:
+        return np.zeros((len(frame), dim), dtype=np.float32)
+    return stack_vectors(frame[name], dim)[0]
 
 
 def stack_vectors(column: pd.Series, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmfeat.models.ctr.features import COUNTERS, VECTOR_COLUMNS, FeatureEncoder
+from llmfeat.models.ctr.features import COUNTERS, VECTOR_COLUMNS, FeatureEncoder, fresh_dense
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
 
 ARTIFACTS = ("weights", "config", "encoder")
@@ -65,7 +65,8 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         """Scoring-frame columns this model reads."""
         assert self.encoder is not None
         extra = ["user_vector", "item_vector"] if self.encoder.uses_llm else []
-        return ["user_id", "item_id", "year", "genres", *COUNTERS, *extra]
+        fresh = [c for c in self.encoder.fresh_columns if c not in extra]
+        return ["user_id", "item_id", "year", "genres", *COUNTERS, *extra, *fresh]
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
         assert self.model is not None and self.encoder is not None, "load_context was not called"
@@ -115,6 +116,14 @@ class ArrayEncoder:
             n, c = (self._counter(columns, f"{who}_{k}", b) for k in ("impressions", "clicks"))
             dense += [np.log1p(n), (c + enc.prior * enc.base_ctr) / (n + enc.prior)]
         dense.append(dense[4] > 0)  # the user has history on an earlier day
+        if enc.fresh:
+            dense += fresh_dense(
+                lambda c: np.asarray(columns[c], dtype=np.float64) if c in columns else np.full(b, np.nan),
+                lambda c: np.asarray(columns[c], dtype=np.float32),
+                enc.fresh,
+                enc.base_ctr,
+                enc.prior,
+            )
         vectors, missing = [], []
         for col in VECTOR_COLUMNS:
             if col not in self.moments:
