@@ -166,6 +166,7 @@ def state_table(view: str) -> str | None:
     user = UserStateView.parse(view)
     return user.table if user else None
 
+
 # The smoothing each state table was built with (table, base_rate, prior_weight, half_life_s), so the online
 # path computes the same numbers.
 STATE_PRIOR_TABLE = "state_prior"

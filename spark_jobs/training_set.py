@@ -11,8 +11,10 @@ from the item's first availability; counters up to the previous day. The set hol
 rows (asserted). No snapshot join, no nulling at a cut.
 
 Leakage gate (`check_training_set`): besides the features, the join fetches when each vector became valid and,
-for user snapshots, the newest behaviour its text holds; the gate stops a row whose vector is stamped after it
-or whose text holds the row's own event (or a later one).
+for user snapshots, the newest behaviour its text holds, and for each fresh state view (Feast tag kind=state)
+the newest event the joined state holds (newest_event_us, item_newest_event_us: epoch microseconds); the gate
+stops a row whose vector is stamped after it, whose text holds the row's own event (or a later one), or whose
+state holds an event at or after the row's own time.
 
 Splits used by the trainer: fit = train + the earliest (1 - ctr.stop_frac) of valid; valid = the latest
 ctr.stop_frac of valid (early stopping and the reported valid metrics); test = the test split.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,7 @@ from llmfeat.delta_io import open_tables
 from llmfeat.errors import UserError
 from llmfeat.feast_join import TrainingSetError, historical_features, refs_by_view
 from llmfeat.feast_repo import open_store
-from llmfeat.reprs import FEATURE_LINEAGE, MarcView, marc_views_in
+from llmfeat.reprs import FEATURE_LINEAGE, NEWEST_EVENT_FIELDS, MarcView, marc_views_in, state_table
 from llmfeat.sample import Sample, distinct_values
 
 if TYPE_CHECKING:
@@ -44,7 +47,8 @@ if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
     from llmfeat.validation.gating import GateReport
 
-# Pinned for every training set; the MARC tables of the compressor version its services name are added.
+# Pinned for every training set; the MARC tables of the compressor version its services name, and the state
+# tables of its state views, are added.
 VERSIONED_TABLES = ("interactions", "items", "feast_item_meta", "feast_user_stats", "feast_item_stats")
 
 
@@ -66,6 +70,8 @@ class Snapshot:
     services: tuple[str, ...]
     features: dict[str, tuple[str, ...]]  # feature view -> its columns in the frame
     lineage: dict[str, str] = field(default_factory=dict)
+    # state view (Feast tag kind=state) -> the frame's column holding the newest event its state holds
+    newest_events: dict[str, str] = field(default_factory=dict)
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -82,8 +88,11 @@ class Snapshot:
         return out | {f"lineage.{k}": v for k, v in self.lineage.items()}
 
 
-def delta_versions(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, int]:
+def delta_versions(tables: DeltaTables, marcs: list[MarcView], states: Iterable[str] = ()) -> dict[str, int]:
+    """The current version of every table the set reads: the fixed ones, the MARC tables of `marcs` and the
+    state tables of the state views `states`."""
     names = [*VERSIONED_TABLES, *(t for m in marcs for t in (m.feast_table, m.features_table))]
+    names += [t for v in states if (t := state_table(v)) is not None]
     return {t: int(v) for t in names if tables.exists(t) and (v := tables.version(t)) is not None}
 
 
@@ -98,12 +107,32 @@ def vector_lineage(tables: DeltaTables, marcs: list[MarcView]) -> dict[str, str]
     return out
 
 
+def state_views(store: FeatureStore, views: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """The state views (Feast tag kind=state) among `views`, each with the field holding the newest event its
+    rows hold (by the view's entity: NEWEST_EVENT_FIELDS)."""
+    out = {}
+    for fv in store.list_feature_views():
+        if fv.name not in views or fv.tags.get("kind") != "state":
+            continue
+        sides = [e for e in fv.entities if e in NEWEST_EVENT_FIELDS]
+        newest = NEWEST_EVENT_FIELDS[sides[0]] if len(sides) == 1 else None
+        if newest is None or newest not in {f.name for f in fv.features}:
+            raise TrainingSetError(
+                f"state view {fv.name} (entities {fv.entities}) declares no newest-event field "
+                f"({' or '.join(NEWEST_EVENT_FIELDS.values())}): the leakage gate cannot check it"
+            )
+        out[fv.name] = newest
+    return dict(sorted(out.items()))
+
+
 def time_refs(store: FeatureStore, views: dict[str, tuple[str, ...]]) -> list[str]:
-    """The lineage time fields of the MARC views in `views` that the repository declares."""
+    """What the gate reads besides the features: the lineage time fields of the MARC views in `views` that the
+    repository declares, and the newest-event field of each state view."""
     declared = {v.name for v in store.list_feature_views()}
-    return [
+    marcs = [
         f"{m.lineage}:{f}" for m in marc_views_in(views) if m.lineage in declared for f in TIME_FIELDS[m.side]
     ]
+    return marcs + [f"{view}:{f}" for view, f in state_views(store, views).items()]
 
 
 def build_frame(
@@ -122,7 +151,8 @@ def build_frame(
         views.setdefault(view, set()).add(feature)
     features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
     marcs = marc_views_in(features)
-    versions = delta_versions(tables, marcs)
+    states = state_views(store, features)
+    versions = delta_versions(tables, marcs, states)
     columns = ["user_id", "item_id", "event_timestamp", "label", "split"]
     sample = Sample(tables, settings.sample, {"interactions": versions["interactions"]})
     rows = sample.read("interactions", columns).to_pandas()  # the sampled users' rows (llmfeat/sample.py)
@@ -131,20 +161,23 @@ def build_frame(
         rows = rows[rows["split"] == split]
     rows = rows.reset_index(drop=True)
     rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
-    frame = historical_features(store, rows, refs + time_refs(store, features))
+    frame = historical_features(store, rows, list(dict.fromkeys(refs + time_refs(store, features))))
     if len(frame) != len(rows):
         raise TrainingSetError(
             f"the point-in-time join returned {len(frame)} of {len(rows)} interaction rows"
         )
-    if delta_versions(tables, marcs) != versions:
+    if delta_versions(tables, marcs, states) != versions:
         raise SnapshotChanged(f"Delta tables changed while the training set was built: {versions}")
-    snapshot = Snapshot(as_of, versions, tuple(services), features, vector_lineage(tables, marcs))
+    lineage = vector_lineage(tables, marcs)
+    snapshot = Snapshot(as_of, versions, tuple(services), features, lineage, states)
     return frame, snapshot
 
 
-def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataFrame, list[str]]:
+def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataFrame, list[str], list[str]]:
     """What the training-set gate reads: keys, label, event time and, per vector view, when its value became
-    valid and the newest behaviour it holds (null where the row has no value)."""
+    valid and the newest behaviour it holds (null where the row has no value); per state view, the newest
+    event the joined state holds, epoch microseconds (null: no earlier event). Returns the frame, its
+    timestamp columns and its newest-event columns."""
     out = frame[["user_id", "item_id", "event_timestamp", "label"]].copy()
     out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
     columns = []
@@ -155,19 +188,33 @@ def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataF
             column = f"{m.name}_{f}"
             out[column] = pd.to_datetime(frame[f], utc=True)
             columns.append(column)
-    return out, columns
+    newest = []
+    for view, f in snapshot.newest_events.items():
+        if f not in frame.columns:
+            raise TrainingSetError(f"the training set lacks {f} of {view}: build it with build_frame")
+        column = f"{view}_{f}"
+        out[column] = pd.to_numeric(frame[f]).astype("float64")  # epoch microseconds, NaN where none
+        newest.append(column)
+    return out, columns, newest
 
 
 def check_training_set(
     settings: Settings, tables: DeltaTables, frame: pd.DataFrame, snapshot: Snapshot, name: str
 ) -> GateReport:
-    """The training set's great-expectations gate: label rate, sane times, no feature from the future.
-    Raises GateFailed (rows quarantined, nothing trained) or returns the report to link from the run."""
+    """The training set's great-expectations gate: label rate, sane times, no feature from the future, no
+    state holding the row's own event or a later one. Raises GateFailed (rows quarantined, nothing trained)
+    or returns the report to link from the run."""
     from llmfeat.validation import gate, new_run_id, training_set_suite
 
-    data, times = information_times(frame, snapshot)
+    data, times, newest = information_times(frame, snapshot)
     strictly_before = [c for c in times if c.endswith("_history_until")]  # the row's own event is not in it
-    suite = training_set_suite(times, name=name, conf=settings.validation, strictly_before=strictly_before)
+    suite = training_set_suite(
+        times,
+        name=name,
+        conf=settings.validation,
+        strictly_before=strictly_before,
+        newest_events=newest,
+    )
     run_id = new_run_id("train-ctr")
     return gate(data, suite, table=name, tables=tables, run_id=run_id, conf=settings.validation)
 

@@ -311,6 +311,118 @@ def test_training_set_gate_reads_when_each_vector_became_valid_and_what_it_holds
         check_training_set(settings, tables, same_instant, snap, "training_set")
 
 
+STATE_VIEWS = {"user_state_item_marc_v1_fv": "newest_event_us", "item_state_fv": "item_newest_event_us"}
+
+
+def fresh_frame() -> pd.DataFrame:
+    """Four rows of a fresh-state training set (Delta's microsecond stamps), each joined to the state of
+    strictly earlier events: the user state 1 microsecond before the row, the item's a minute before; the
+    first user has no earlier event (null)."""
+    events = pd.Series(
+        pd.to_datetime(
+            [
+                "1998-01-01 10:00:00.000007",
+                "1998-02-01 00:00:00.000000",
+                "1998-03-01 08:00:00.500000",
+                "1998-04-01 00:00:00.000000",
+            ],
+            utc=True,
+        )
+    ).dt.as_unit("us")
+    micros = events.astype("int64")
+    return pd.DataFrame(
+        {
+            "user_id": ["1", "2", "3", "4"],
+            "item_id": ["7", "7", "8", "8"],
+            "event_timestamp": events,
+            "label": [0, 1, 1, 0],
+            "event_count": [None, 3, 5, 2],
+            "like_rate": [None, 0.4, 0.6, 0.5],
+            "newest_event_us": pd.array([None, *(micros[1:] - 1)], dtype="Int64"),
+            "item_event_count": [4, 5, 1, 2],
+            "item_newest_event_us": micros - 60_000_000,
+        }
+    )
+
+
+def test_training_set_gate_stops_a_state_holding_the_rows_own_event_or_a_later_one(tables: RustDelta) -> None:
+    from llmfeat.config import load_settings
+    from llmfeat.spark_jobs.training_set import Snapshot, check_training_set
+
+    settings = load_settings("tiny", [f"data_dir={tables.root.parent}"])
+    frame = fresh_frame()
+    views = {
+        "user_state_item_marc_v1_fv": ("event_count", "like_rate"),
+        "item_state_fv": ("item_event_count", "item_newest_event_us"),
+    }
+    snap = Snapshot(frame["event_timestamp"].max(), {}, ("ctr_fresh_id_v1",), views, {}, STATE_VIEWS)
+    assert check_training_set(settings, tables, frame, snap, "training_set").success
+    micros = frame["event_timestamp"].astype("int64")
+    # user 3's state holds its own event (newest_event_us == the row's time)
+    own = frame.assign(newest_event_us=frame["newest_event_us"].where(frame.index != 2, micros[2]))
+    with pytest.raises(
+        GateFailed, match="column_B=user_state_item_marc_v1_fv_newest_event_us.*1 of 4 rows"
+    ) as e:
+        check_training_set(settings, tables, own, snap, "training_set_own")
+    (failure,) = e.value.report.failures
+    assert [(x["user_id"], x["item_id"]) for x in failure.examples] == [("3", "8")]
+    assert "user_id='3'" in str(e.value) and e.value.report.quarantined == 1
+    # later events: item 7's state at user 2's row holds one an hour after the row, user 4's one 1 us after
+    later = frame.assign(
+        item_newest_event_us=frame["item_newest_event_us"].where(frame.index != 1, micros + 3_600_000_000),
+        newest_event_us=frame["newest_event_us"].where(frame.index != 3, micros[3] + 1),
+    )
+    with pytest.raises(GateFailed, match="column_B=item_state_fv_item_newest_event_us.*1 of 4 rows") as e:
+        check_training_set(settings, tables, later, snap, "training_set_later")
+    failed = {
+        f.expectation.split("column_B=")[1].split(",")[0].rstrip(")"): f for f in e.value.report.failures
+    }
+    assert set(failed) == {"item_state_fv_item_newest_event_us", "user_state_item_marc_v1_fv_newest_event_us"}
+    named = {c: [(x["user_id"], x["item_id"]) for x in f.examples] for c, f in failed.items()}
+    assert named == {
+        "item_state_fv_item_newest_event_us": [("2", "7")],
+        "user_state_item_marc_v1_fv_newest_event_us": [("4", "8")],
+    }
+    quarantined = tables.read_arrow("quarantine").to_pandas()
+    keys = [json.loads(k) for k in quarantined.loc[quarantined["table"] == "training_set_later", "row_key"]]
+    assert sorted((k["user_id"], k["item_id"]) for k in keys) == [("2", "7"), ("4", "8")]
+    # without the field the gate cannot check the view: it says so instead of passing
+    with pytest.raises(ValueError, match="lacks newest_event_us of user_state_item_marc_v1_fv"):
+        check_training_set(settings, tables, frame.drop(columns="newest_event_us"), snap, "training_set")
+
+
+def test_training_set_fetches_the_newest_event_of_every_state_view_and_pins_its_table() -> None:
+    from types import SimpleNamespace as NS
+
+    from llmfeat.feast_join import TrainingSetError
+    from llmfeat.spark_jobs.training_set import delta_versions, state_views, time_refs
+
+    def view(name: str, entity: str, fields: list[str], kind: str) -> NS:
+        return NS(name=name, entities=[entity], features=[NS(name=f) for f in fields], tags={"kind": kind})
+
+    declared = [
+        view("user_state_item_marc_v1_fv", "user", ["event_count", "newest_event_us"], "state"),
+        view("item_state_fv", "item", ["item_event_count", "item_newest_event_us"], "state"),
+        view("user_stats_fv", "user", ["user_impressions"], "counter"),
+    ]
+    store = NS(list_feature_views=lambda: declared)
+    views = {"user_state_item_marc_v1_fv": ("event_count",), "item_state_fv": ("item_event_count",),
+             "user_stats_fv": ("user_impressions",)}  # fmt: skip
+    assert state_views(store, views) == STATE_VIEWS
+    assert time_refs(store, views) == [
+        "item_state_fv:item_newest_event_us",
+        "user_state_item_marc_v1_fv:newest_event_us",
+    ]
+    assert time_refs(store, {"user_stats_fv": ("user_impressions",)}) == []  # no state view: nothing more
+    tables = NS(exists=lambda t: t != "items", version=lambda t: 3)
+    pinned = delta_versions(tables, [], state_views(store, views))  # type: ignore[arg-type]
+    assert pinned["user_state_item_marc_v1"] == 3 and pinned["item_state"] == 3 and "items" not in pinned
+    assert "item_state" not in delta_versions(tables, [])  # type: ignore[arg-type]
+    declared[1] = view("item_state_fv", "item", ["item_event_count"], "state")
+    with pytest.raises(TrainingSetError, match="state view item_state_fv .* no newest-event field"):
+        state_views(store, views)
+
+
 def test_candidates_gate_stops_a_seen_item_scored_minus_infinity(tables: RustDelta) -> None:
     from llmfeat.validation.suites import candidates_suite
 

@@ -54,15 +54,16 @@ def is_derived(column: str) -> bool:
 def add_pandas(df: pd.DataFrame, specs: tuple[Derived, ...]) -> pd.DataFrame:
     out = df.reset_index(drop=True).copy()
     for spec in specs:
+        if spec.kind == "micros":  # a timestamp column, not vectors
+            stamps = pd.to_datetime(out[spec.column], utc=True)
+            micros = stamps.dt.as_unit("us").astype("int64")  # floors; whatever unit the column has
+            out[spec.name] = pd.Series(micros, index=out.index).where(stamps.notna())
+            continue
         vectors = [_as_array(v) for v in out[spec.column]]
         if spec.kind == "cosine":
             assert spec.other is not None
             others = [_as_array(v) for v in out[spec.other]]
             out[spec.name] = [_cosine(a, b) for a, b in zip(vectors, others, strict=True)]
-        elif spec.kind == "micros":
-            stamps = pd.to_datetime(out[spec.column], utc=True)
-            micros = stamps.dt.as_unit("us").astype("int64")  # floors; whatever unit the column has
-            out[spec.name] = pd.Series(micros, index=out.index).where(stamps.notna())
         elif spec.kind == "norm":
             scales = out[spec.scale] if spec.scale else pd.Series(1.0, index=out.index)
             out[spec.name] = [
