@@ -93,6 +93,11 @@ class Event:
 def _micros(name: Any, value: Any) -> int:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return int(round(value * 1e6))
+    if isinstance(value, str):
+        try:
+            return int(round(float(value) * 1e6))  # epoch seconds as text (a CSV column)
+        except ValueError:
+            pass
     if isinstance(value, datetime):
         at = value
     else:

@@ -188,3 +188,37 @@ def test_an_event_that_is_not_one_is_named() -> None:
     )
     assert at.at_us == 978307200_500000 and at.user_id == "1"
     assert lake_settings  # the same lake helpers as the CTR tests
+
+
+def test_push_file_applies_once_and_logs_for_the_batch_job(spark, lake: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from llmfeat.reprs import EVENTS_TABLE
+    from llmfeat.spark_jobs import push
+
+    settings = with_online(lake, {"feast.online_store": "sqlite", "feast.repo_dir": str(tmp_path / "feast")})
+    last = events_of(settings, "20")[-1].at_us / 1e6
+    lines = [
+        {"event_id": "p1", "user_id": "20", "item_id": "3", "label": 1, "event_timestamp": last + 60},
+        {"event_id": "p2", "user_id": "20", "item_id": "8", "label": 0, "event_timestamp": last + 120},
+        {"event_id": "p3", "user_id": "21", "item_id": "8", "label": 1, "event_timestamp": last},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    first = push.run(None, settings, path)
+    assert sorted(first.result.applied) == ["p1", "p2", "p3"]
+    again = push.run(None, settings, path)
+    assert sorted(again.result.duplicates) == ["p1", "p2", "p3"] and not again.result.applied
+    logged = RustDelta(settings.delta_root).read_arrow(EVENTS_TABLE).to_pandas()
+    assert sorted(logged["event_id"]) == ["p1", "p2", "p3"]  # once, though pushed twice
+    # the next batch run includes them: user 20's newest state holds the two pushed events
+    summary = user_state.run(spark, settings)
+    assert summary.pushed == 3
+    rows = offline(settings)
+    newest = rows[rows["user_id"] == "20"].iloc[-1]
+    assert newest["newest_event_us"] == int((last + 120) * 1e6)
+    assert newest["event_count"] == len(events_of(settings, "20")) + 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "label": "yes"}) + "\n")
+    with pytest.raises(push.EventError, match=r"bad.jsonl, line 2: .*label must be 0 or 1"):
+        push.run(None, settings, bad)

@@ -10,6 +10,7 @@ llmfeat maintain [--table NAME ...]    # compact (OPTIMIZE) and vacuum the Delta
 llmfeat features [apply|init DIR]      # Feast: publish, apply, materialize-incremental; or register only
 llmfeat refresh                        # the daily refresh: encode, compress, materialize the new day
 llmfeat user-state                     # each user's fresh state over the item vectors, per event time
+llmfeat push EVENTS.jsonl              # events through the online event path (as POST /events), logged
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
 llmfeat ctr-ablation                   # what LLM features add to the id model, by slice and layer
@@ -168,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         ("user-state", "every user's events in time order -> user_state_item_marc_v<N> (fresh state)"),
     ):
         config_args(sub.add_parser(name, help=help_))
+    from llmfeat.spark_jobs import push
+
+    push_parser = sub.add_parser("push", help="a file of events -> the online state (as POST /events)")
+    config_args(push_parser)
+    push.add_arguments(push_parser)
     maintain = sub.add_parser("maintain", help="compact and vacuum the Delta tables (delta.retention_hours)")
     config_args(maintain)
     maintain.add_argument("--table", action="append", default=[], help="only this table (repeatable)")
@@ -225,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmfeat.spark_jobs.user_state import run as user_state
 
         return run_job("user-state", args.config, args.overrides, lambda s, c: print(user_state(s, c)))
+    if args.command == "push":
+        return push.command(args)
     if args.command == "env":
         print(environment())
         return 0
