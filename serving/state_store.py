@@ -303,7 +303,7 @@ class _RedisTx(Transaction):
         return {e for e, f in zip(event_ids, flags, strict=True) if f}
 
     def write(self, view: FeatureView, key: bytes, row: Mapping[str, Any], stamp: datetime) -> None:
-        from google.protobuf.timestamp_pb2 import Timestamp
+        from google.protobuf.timestamp_pb2 import Timestamp  # type: ignore[import-untyped]
 
         ts = Timestamp()
         ts.FromDatetime(stamp)
@@ -349,15 +349,15 @@ def write_newer(
             written += 1
         return written
 
+    def commit(batch: list[tuple[bytes, Mapping[str, Any]]]) -> int:
+        return int(backend.run([k for k, _ in batch], lambda tx: body(tx, batch)))
+
     total, batch = 0, []
     for row in rows:
         batch.append((backend.key(join_key, str(row[join_key])), row))
         if len(batch) >= chunk:
-            total += backend.run([k for k, _ in batch], lambda tx, b=batch: body(tx, b))
-            batch = []
-    if batch:
-        total += backend.run([k for k, _ in batch], lambda tx, b=batch: body(tx, b))
-    return total
+            total, batch = total + commit(batch), []
+    return total + (commit(batch) if batch else 0)
 
 
 # ------------------------------------------------------------------------------------------- the state
@@ -420,7 +420,7 @@ class OnlineState:
                 f"the state views over item vectors v{version} are not applied ({err}): declare "
                 f"{state_view.name} in feature_repo/feature_views.py and run `llmfeat features apply`"
             ) from None
-        views = StateViews(*found, version, vector_dim(found[2]))
+        views = StateViews(found[0], found[1], found[2], found[3], version, vector_dim(found[2]))
         return cls(store, settings.feast.online_store, views, read_prior(settings, state_view.table))
 
     def push(self, events: Sequence[Event]) -> PushResult:

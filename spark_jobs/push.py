@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 def command(args: Any) -> int:
     from llmfeat.runner import run_in_process
 
-    refused = []
+    refused: list[str] = []
 
     def body(settings: Settings) -> None:
         summary = run(None, settings, args.events)
