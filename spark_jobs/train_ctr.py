@@ -26,6 +26,7 @@ import pandas as pd
 
 from llmfeat.delta_io import open_tables
 from llmfeat.feast_repo import marc_views_in, open_store
+from llmfeat.models.ctr.features import FRESH_VECTORS, VECTOR_COLUMNS
 from llmfeat.models.ctr.train import after_marc, fit_model, predict
 from llmfeat.models.evaluation.ctr_eval import calibration_figure, flat_metrics, metric_intervals, roc_figure
 from llmfeat.models.evaluation.metrics import Interval
@@ -118,7 +119,8 @@ def train_and_register(
         for subset, intervals in results.items():
             mlflow.log_metrics(flat_metrics(subset, intervals))
         log_plots(frame, p, masks["test"], label)
-        example = frame[masks["test"]].dropna(subset=[c for c in ("user_vector",) if use_llm]).head(5)
+        vectors = [c for c in (*VECTOR_COLUMNS, *FRESH_VECTORS) if use_llm and c in frame.columns]
+        example = frame[masks["test"]].dropna(subset=vectors).head(5)  # a signature needs real vectors
         info = log_ranker(model, encoder, example, cfg.registry_name)
         version = str(info.registered_model_version)
     client = mlflow.MlflowClient()

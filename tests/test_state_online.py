@@ -222,3 +222,30 @@ def test_push_file_applies_once_and_logs_for_the_batch_job(spark, lake: Settings
     bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "label": "yes"}) + "\n")
     with pytest.raises(push.EventError, match=r"bad.jsonl, line 2: .*label must be 0 or 1"):
         push.run(None, settings, bad)
+
+
+def test_the_service_turns_a_new_user_warm_with_a_model_trained_on_fresh_features(
+    spark,
+    lake: Settings,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A challenger trained on the fresh service; a user never seen is cold on /rank until POST /events."""
+    from test_serving_ranking import in_thread
+
+    from llmfeat.cli.ctr_commands import train_models
+    from llmfeat.cli.demo import FRESH_SERVICE, post, warm_user
+    from llmfeat.serving.ranking_service import build_app
+
+    settings = with_online(lake, {"feast.online_store": "sqlite", "feast.repo_dir": str(tmp_path / "feast"),
+                                  "ctr.llm_feature_service": FRESH_SERVICE,
+                                  "serving.log_dir": str(tmp_path / "log")})  # fmt: skip
+    materialize.run(spark, settings)  # the daily views and the state online
+    train_models(settings, True, True, None)  # the challenger reads ctr_fresh_marc_v1
+    items = [str(i) for i in range(1, 9)]
+    with in_thread(build_app(settings)) as url:
+        lines = warm_user(settings, url, items)
+        assert "cold_user=True" in lines[0] and "user_state_item_marc_v1_fv" in lines[0]
+        assert "cold_user=False, missing_user_views=['user_stats_fv']" in lines[4]  # no daily row yet
+        with pytest.raises(Exception, match="409"):
+            post(url, "/events", {"event_id": "old", "user_id": lines[0].split()[2], "item_id": "1", "label": 1,
+                                  "event_timestamp": "2001-01-01T00:00:00"})  # fmt: skip

@@ -9,7 +9,7 @@ day with new behaviour, plus each user's first appearance); every other step run
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from llmfeat.config import Settings
 
@@ -20,16 +20,17 @@ if TYPE_CHECKING:
 
 # What the CPU sample changes, and why: one tapped layer stops the forward pass half-way through SmolLM2,
 # and shorter user texts keep the encode of every user snapshot within a few minutes on 2 cores.
+FRESH_SERVICE, FRESH_VERSION = "ctr_fresh_marc_v1", 1  # feature_repo/feature_services.py: the state over v1
 DEMO_SAMPLE = {"layers": "the compressor's source layer only (marc.layer)", "user_max_chars": 200}
 
 
 def demo_settings(settings: Settings, full: bool) -> Settings:
     if full:
-        return settings
+        return settings.model_copy(update={"state": state_over_fresh_service(settings)})
     encode = settings.encode.model_copy(
         update={"layers": [settings.marc.layer], "user_max_chars": DEMO_SAMPLE["user_max_chars"]}
     )
-    return settings.model_copy(update={"encode": encode})
+    return settings.model_copy(update={"encode": encode, "state": state_over_fresh_service(settings)})
 
 
 def run(spark: SparkSession, settings: Settings, full: bool = False) -> None:
@@ -54,7 +55,8 @@ def run(spark: SparkSession, settings: Settings, full: bool = False) -> None:
     encode_step(spark, settings)
     marc_step(spark, settings)
     features_step(spark, settings)
-    ctr_step(settings)
+    state_step(spark, settings)
+    ctr_step(fresh_challenger(settings))
     bahe_step(spark, settings)
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
 
@@ -150,6 +152,67 @@ def bahe_step(spark: SparkSession, settings: Settings) -> None:
     print(format_published(materialize(spark, settings)))
 
 
+def state_step(spark: SparkSession, settings: Settings) -> None:
+    """The fresh state: every event in time order over the published item vectors, then online."""
+    from llmfeat.delta_io import open_tables
+    from llmfeat.feast_repo import open_store
+    from llmfeat.spark_jobs.materialize import format_published, materialize_state
+    from llmfeat.spark_jobs.user_state import run as user_state
+
+    print("\n== fresh user state (each user's events in time order over the LLM item vectors)")
+    print(user_state(spark, settings))
+    print(
+        format_published(
+            materialize_state(spark, settings, open_tables(settings, spark), open_store(settings))
+        )
+    )
+
+
+def state_over_fresh_service(settings: Settings) -> Any:
+    """The state over the item vectors the fresh service reads (unless state.item_version says otherwise)."""
+    if settings.state.item_version is not None:
+        return settings.state
+    return settings.state.model_copy(update={"item_version": FRESH_VERSION})
+
+
+def fresh_challenger(settings: Settings) -> Settings:
+    """The demo's challenger reads the fresh features: counters and user state as of the previous event."""
+    ctr = settings.ctr.model_copy(update={"llm_feature_service": FRESH_SERVICE})
+    return settings.model_copy(update={"ctr": ctr})
+
+
+def warm_user(settings: Settings, url: str, items: list[str]) -> list[str]:
+    """Events for a user the service has never seen, and the next /rank reading them: the lines to print."""
+    from llmfeat.serving.arms import assign_arm
+
+    user = next(
+        f"new-user-{k}" for k in range(1000) if assign_arm(f"new-user-{k}", settings.serving) == "challenger"
+    )
+    before = post(url, "/rank", {"user_id": user, "item_ids": items})
+    lines = [f"/rank for {user} (never seen): cold_user={before['cold_user']}, "
+             f"missing_user_views={before['missing_user_views']}"]  # fmt: skip
+    for k, (item, label) in enumerate(zip(items[:3], (1, 1, 0), strict=True)):
+        pushed = post(
+            url, "/events", {"event_id": f"{user}-{k}", "user_id": user, "item_id": item, "label": label}
+        )
+        lines.append(f"POST /events {user} {item} label={label}: applied={pushed['applied']}")
+    after = post(url, "/rank", {"user_id": user, "item_ids": items})
+    lines.append(f"/rank for {user} after 3 events: cold_user={after['cold_user']}, "
+                 f"missing_user_views={after['missing_user_views']}")  # fmt: skip
+    moved = {i["item_id"]: i["score"] for i in after["items"]}
+    lines += [f"  {i['item_id']}: {i['score']:.4f} -> {moved[i['item_id']]:.4f}" for i in before["items"]]
+    return lines
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return dict(json.loads(resp.read()))
+
+
 def ctr_step(settings: Settings) -> None:
     """Train with and without LLM features, compare offline, run the online A/B, promote by the rule."""
     from llmfeat.cli.ctr_commands import online_ab, run_compare, train_models
@@ -177,4 +240,10 @@ def ctr_step(settings: Settings) -> None:
     print(record_promotion(settings, comparison).summary())
     from llmfeat.registry import tracking_uri
 
+    print("\n== events online (POST /events updates the fresh state; the next /rank reads it)")
+    from llmfeat.serving.replay import running_service
+
+    items = [r["item_id"] for r in tables.read_arrow("items").slice(0, 8).to_pylist()]
+    with running_service(settings) as url:
+        print("\n".join(warm_user(settings, url, items)))
     print(f"\nbrowse it: mlflow ui --backend-store-uri {tracking_uri(settings)}")

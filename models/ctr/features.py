@@ -127,7 +127,7 @@ class FeatureEncoder:
         mean: dict[str, list[float]] = {}
         std: dict[str, list[float]] = {}
         for col in VECTOR_COLUMNS:
-            if use_llm:
+            if use_llm and col in frame.columns:  # a fresh service reads item vectors only
                 m, s = _vector_moments(fit, col)
                 mean[col], std[col] = m.tolist(), s.tolist()
         fresh: list[str] = []

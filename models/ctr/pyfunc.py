@@ -29,7 +29,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmfeat.models.ctr.features import COUNTERS, VECTOR_COLUMNS, FeatureEncoder, fresh_dense
+from llmfeat.models.ctr.features import (
+    COUNTERS,
+    FRESH_VECTORS,
+    VECTOR_COLUMNS,
+    FeatureEncoder,
+    fresh_dense,
+)
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
 
 ARTIFACTS = ("weights", "config", "encoder")
@@ -64,7 +70,7 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
     def columns(self) -> list[str]:
         """Scoring-frame columns this model reads."""
         assert self.encoder is not None
-        extra = ["user_vector", "item_vector"] if self.encoder.uses_llm else []
+        extra = [c for c in VECTOR_COLUMNS if c in self.encoder.vec_mean]
         fresh = [c for c in self.encoder.fresh_columns if c not in extra]
         return ["user_id", "item_id", "year", "genres", *COUNTERS, *extra, *fresh]
 
@@ -257,7 +263,7 @@ def log_ranker(
     ranker = CtrRanker()
     ranker.attach(model, encoder)
     example = example[ranker.columns].reset_index(drop=True)
-    for col in VECTOR_COLUMNS:  # JSON carries float64: the signature says Array(double) to match
+    for col in (*VECTOR_COLUMNS, *FRESH_VECTORS):  # JSON carries float64: the signature says Array(double)
         if col in example.columns:
             example[col] = example[col].map(lambda v: [float(x) for x in v])
     signature = infer_signature(example, ranker.score(example))
