@@ -246,6 +246,7 @@ def test_the_service_turns_a_new_user_warm_with_a_model_trained_on_fresh_feature
         lines = warm_user(settings, url, items)
         assert "cold_user=True" in lines[0] and "user_state_item_marc_v1_fv" in lines[0]
         assert "cold_user=False, missing_user_views=['user_stats_fv']" in lines[4]  # no daily row yet
+        old = {"event_id": "old", "user_id": lines[0].split()[2], "item_id": "1", "label": 1,
+               "event_timestamp": "2001-01-01T00:00:00"}  # fmt: skip
         with pytest.raises(Exception, match="409"):
-            post(url, "/events", {"event_id": "old", "user_id": lines[0].split()[2], "item_id": "1", "label": 1,
-                                  "event_timestamp": "2001-01-01T00:00:00"})  # fmt: skip
+            post(url, "/events", old)
