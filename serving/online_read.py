@@ -9,9 +9,13 @@ value into a protobuf; for 101 keys that is most of a 2-4 ms fetch. Here, for th
   - values are decoded without protobuf objects: a `FloatList` of D floats always serialises to the same
     header followed by D little-endian floats, so the rows are joined and viewed as one [N, D] array. A value
     with any other header (another dimension, another type) goes through the protobuf parser instead;
-  - SQLite rows are remembered until the database changes (`PRAGMA data_version`, checked on every read,
-    moves with any other connection's commit): the candidates of one request are mostly the items of the
-    last ones, and a materialization empties the memory at once. Redis has no such signal: always read.
+  - SQLite rows are remembered until their table changes: the candidates of one request are mostly the items
+    of the last ones. `PRAGMA data_version` (checked on every read) moves with any other connection's
+    commit; only then is `llmfeat_table_generation` read, a counter per online table that triggers on the
+    table bump on every insert, update and delete, whoever writes (a materialization, a pushed event), and
+    only the tables whose counter moved are forgotten. So an event pushed every few milliseconds (it
+    writes the state tables) leaves the item vectors and metadata remembered. Redis has no such signal:
+    always read.
 Which reader is the setting `feast.online_store` (sqlite or redis), checked against the online store Feast
 built. Keys, table names and field hashes come from the store's own helpers, so the layout is Feast's; the
 tests read the same rows through Feast's `online_read` and compare. A Redis cluster or sentinel goes through
@@ -20,6 +24,7 @@ tests read the same rows through Feast's `online_read` and compare. A Redis clus
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, cast
@@ -115,10 +120,15 @@ def _scalar(raw: bytes) -> Any:
     return None if kind is None or kind == "null_val" else getattr(value, kind)
 
 
+GENERATIONS = "llmfeat_table_generation"
+
+
 class SqliteRows:
-    """Rows of the SQLite online store, remembered until the database changes: `PRAGMA data_version` moves
-    whenever another connection (a materialization) commits, and then everything remembered is dropped, so a
-    read never returns what the store no longer holds. At most `max_entries` (key, field) values are kept."""
+    """Rows of the SQLite online store, remembered per table until that table changes (see the module
+    docstring): triggers count every write to a table the reader has read, and a read whose `PRAGMA
+    data_version` moved compares the counters and forgets the tables that changed. A table dropped and created
+    again (feast apply) loses its triggers: they are installed again and the table forgotten. At most
+    `max_entries` (key, field) values are kept."""
 
     def __init__(self, store: FeatureStore, max_entries: int = 250_000):
         from feast.infra.online_stores.sqlite import _quote_id, _table_id
@@ -131,6 +141,8 @@ class SqliteRows:
         self._known: dict[tuple[str, str], dict[bytes, bytes | None]] = {}  # (table, field) -> key -> value
         self._entries = 0
         self._data_version: int | None = None
+        self._generations: dict[str, int] = {}  # table -> its counter when last compared
+        self._watched: set[str] = set()  # tables with triggers installed by this reader
 
     def read(self, requests: Sequence[Request]) -> list[list[bytes | None]]:
         return single_fields(self, requests)
@@ -140,11 +152,16 @@ class SqliteRows:
         version = self.config.entity_key_serialization_version
         conn = self.online._get_conn(self.config)
         data_version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if data_version != self._data_version or self._entries > self.max_entries:
+        if data_version != self._data_version:
+            self._data_version = data_version
+            self._forget_changed(conn)
+        if self._entries > self.max_entries:
             self._known.clear()
-            self._entries, self._data_version = 0, data_version
+            self._entries = 0
         for view, fields, join_key, ids in requests:
             table = self.table(view)
+            if table not in self._watched:
+                self._watch(conn, table)
             known = [self._known.setdefault((table, f), {}) for f in fields]
             keys = [entity_key(join_key, i, version) for i in ids]
             unknown = _not_in_all(keys, known)
@@ -152,6 +169,53 @@ class SqliteRows:
                 self._select(conn, table, fields, list(unknown), known)
             out.append({f: [values[k] for k in keys] for f, values in zip(fields, known, strict=True)})
         return out
+
+    def _forget(self, table: str) -> None:
+        for key in [k for k in self._known if k[0] == table]:
+            self._entries -= len(self._known.pop(key))
+
+    def _forget_changed(self, conn: Any) -> None:
+        """Forget the tables whose write counter moved, and those whose triggers are gone."""
+        if not self._watched:
+            return
+        try:
+            counters = dict(conn.execute(f"SELECT table_name, generation FROM {GENERATIONS}").fetchall())
+        except sqlite3.OperationalError:  # the counters are gone (a new database file): start over
+            counters = {}
+        triggers = {r[0] for r in conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' "
+                                               "AND name LIKE 'llmfeat_gen_%'")}  # fmt: skip
+        for table in list(self._watched):
+            name = _unquoted(table)
+            if name not in triggers:  # dropped and created again: nothing says what it holds now
+                self._watched.discard(table)
+                self._forget(table)
+            elif counters.get(name) != self._generations.get(table):
+                self._generations[table] = counters.get(name, 0)
+                self._forget(table)
+
+    def _watch(self, conn: Any, table: str) -> None:
+        """Install the write counter's triggers on `table` (idempotent) and forget what was read before."""
+        name = _unquoted(table)
+        literal = name.replace("'", "''")
+        try:
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {GENERATIONS} (table_name TEXT PRIMARY KEY, generation "
+                         "INTEGER NOT NULL)")  # fmt: skip
+            conn.execute(f"INSERT OR IGNORE INTO {GENERATIONS} VALUES ('{literal}', 0)")
+            for event in ("INSERT", "UPDATE", "DELETE"):
+                trigger = _quoted(f"llmfeat_gen_{event.lower()}_{name}")
+                conn.execute(
+                    f"CREATE TRIGGER IF NOT EXISTS {trigger} AFTER {event} ON {table} BEGIN "
+                    f"UPDATE {GENERATIONS} SET generation = generation + 1 WHERE table_name = '{literal}';"
+                    " END"
+                )
+            conn.commit()
+        except sqlite3.OperationalError:  # no such table yet (apply not run): read as before, watch later
+            conn.rollback()
+            return
+        self._watched.add(table)
+        self._forget(table)
+        row = conn.execute(f"SELECT generation FROM {GENERATIONS} WHERE table_name = ?", (name,)).fetchone()
+        self._generations[table] = row[0] if row else 0
 
     def _select(
         self,
@@ -172,6 +236,14 @@ class SqliteRows:
         for key, name, value in conn.execute(sql, [*fields, *keys]):
             by_field[name][key] = value
         self._entries += len(keys) * len(fields)
+
+
+def _unquoted(table: str) -> str:
+    return table[1:-1].replace('""', '"') if table.startswith('"') else table
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _not_in_all(keys: list[bytes], known: list[dict[bytes, bytes | None]]) -> set[bytes]:

@@ -167,7 +167,7 @@ def open_event_path(settings: Settings, store: FeatureStore) -> EventPath:
 
     try:
         state = OnlineState.open(settings, store)
-    except UserError as err:
+    except (UserError, LookupError) as err:  # no state built yet, no compressor registered to build it on
         log.warning("POST /events is off: %s", err)
         return EventPath(None, None, str(err))
     cfg = settings.serving

@@ -236,3 +236,18 @@ def test_sqlite_reads_are_remembered_until_the_store_changes(lake: Settings, tmp
             [entity_key("item_id", "nobody", version), field.name, changed],
         )
     assert reader.read_fields(request)[0][field.name] == [changed, changed]
+    # a write to another table (a pushed event writes the state tables) leaves this table remembered
+    with sqlite3.connect(data / "feast" / "online.db") as other:
+        other.execute("CREATE TABLE IF NOT EXISTS elsewhere (x INTEGER)")
+        other.execute("INSERT INTO elsewhere VALUES (1)")
+    user_field = next(f for f in fields if f.key == "user_id")
+    other_table = reader.table(user_field.view)
+    reader.read_fields([(user_field.view, [user_field.name], "user_id", ["1"])])  # watched from now on
+    cached = reader._known[(table, field.name)]
+    with sqlite3.connect(data / "feast" / "online.db") as other:
+        gone = [entity_key("user_id", "1", version)]
+        other.execute(f"DELETE FROM {other_table} WHERE entity_key = ?", gone)
+    assert reader.read_fields(request)[0][field.name] == [changed, changed]
+    assert reader._known[(table, field.name)] is cached  # not forgotten, not read again
+    user_rows = reader.read_fields([(user_field.view, [user_field.name], "user_id", ["1"])])
+    assert user_rows[0][user_field.name] == [None]  # that table's rows were forgotten and read again
