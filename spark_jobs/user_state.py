@@ -26,8 +26,8 @@ impressions and clicks (`ITEM_STATE_COLUMNS`), stamped the same way.
 
 from __future__ import annotations
 
-import functools
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -82,7 +82,7 @@ class StateSummary:
 def scan_user(
     cfg: StateConfig, dim: int, lineage: tuple[str, str, int], events: pd.DataFrame
 ) -> pd.DataFrame:
-    """applyInPandas body (bound with functools.partial, so Spark sees one argument): one user's events
+    """applyInPandas body (bound by `bound_scan`, so Spark sees one argument): one user's events
     (user_id, event_timestamp, label, vector) -> one state row per event time; lineage: representation,
     its version, the tapped layer."""
     events = events.sort_values("event_timestamp", kind="stable")
@@ -97,6 +97,17 @@ def scan_user(
         state = update(state, at.value // 1000, labels[lo:hi], vectors[lo:hi], cfg)
         rows.append((events["user_id"].iloc[0], at + ONE_US, *to_row(state, cfg).values(), *lineage))
     return pd.DataFrame(rows, columns=["user_id", "event_timestamp", *USER_STATE_COLUMNS, *STATE_LINEAGE])
+
+
+def bound_scan(
+    cfg: StateConfig, dim: int, lineage: tuple[str, str, int]
+) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """scan_user with its settings bound, as a plain function (Spark reads the type hints of what it gets)."""
+
+    def scan(events: pd.DataFrame) -> pd.DataFrame:
+        return scan_user(cfg, dim, lineage, events)
+
+    return scan
 
 
 def scan_item(events: pd.DataFrame) -> pd.DataFrame:
@@ -188,7 +199,7 @@ def run(spark: SparkSession, settings: Settings) -> StateSummary:
         raise UserError(f"{source} is empty: re-run `llmfeat compress` and `llmfeat features`")
     dim = len(example[0])
     cfg = StateConfig(rate, settings.state.prior_weight, settings.state.half_life_s)
-    scan = functools.partial(scan_user, cfg, dim, ("item_marc", version, int(layers[0])))
+    scan = bound_scan(cfg, dim, ("item_marc", version, int(layers[0])))
     rows = (
         joined.select("user_id", "event_timestamp", "label", "vector")
         .groupBy("user_id")
