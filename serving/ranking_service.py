@@ -212,7 +212,9 @@ def create_app(
             body = await request.json()
         except ValueError:
             raise HTTPException(400, "the body is not JSON") from None
-        return pushes.push(body)
+        # off the event loop: a push waits on the store (SQLite's write lock, Redis round trips), and the
+        # /rank requests queued behind it need not
+        return await asyncio.to_thread(pushes.push, body)
 
     @app.get("/health")
     async def health() -> dict:

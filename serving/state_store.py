@@ -25,6 +25,7 @@ stored with its table (`state_prior`), so both sides compute the same numbers.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,11 @@ def decode_value(raw: bytes) -> Any:
 class Transaction:
     """What an update needs from a store inside one transaction (SqliteState, RedisState)."""
 
+    def prefetch(
+        self, reads: Sequence[tuple[FeatureView, bytes]], seen: tuple[FeatureView, bytes, list[str]]
+    ) -> None:
+        """The reads the body will make, announced first (Redis: one round trip for all of them)."""
+
     def read(self, view: FeatureView, key: bytes) -> dict[str, Any] | None:
         raise NotImplementedError
 
@@ -182,7 +188,7 @@ class SqliteState:
     """Feast's SQLite online store in WAL mode (a ranking read never waits on a push), written by transactions
     that hold the database's write lock from their first read (BEGIN IMMEDIATE)."""
 
-    def __init__(self, store: FeatureStore):
+    def __init__(self, store: FeatureStore, checkpoint_s: float = 1.0):
         from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _table_id
 
         config = store.config
@@ -193,23 +199,49 @@ class SqliteState:
         self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL's usual setting: no fsync per commit
+        # A push never copies the WAL back itself (SQLite's automatic checkpoint would, every ~1000 pages:
+        # a push in ~200 paid several ms); a thread does it every checkpoint_s, PASSIVE: never blocking.
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} (view TEXT, entity_key BLOB, event_id TEXT, "
             "PRIMARY KEY (view, event_id))"
         )
+        self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
+        self._checkpoints = threading.Thread(target=self._checkpoint, args=(checkpoint_s,), daemon=True)
+        self._checkpoints.start()
+
+    def _checkpoint(self, every_s: float) -> None:
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        while True:
+            time.sleep(every_s)
+            try:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:  # busy or the file went away: the next round tries again
+                continue
 
     def key(self, join_key: str, value: str) -> bytes:
         return entity_key(join_key, value, self.key_version)
 
+    def read_field(self, view: FeatureView, name: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """One field of many entities, on this connection (the service's reader is the event loop's)."""
+        sql = (
+            f"SELECT entity_key, value FROM {self.table(view)} WHERE feature_name = ? "
+            f"AND entity_key IN ({','.join('?' * len(keys))})"
+        )
+        with self._lock:
+            found = dict(self.conn.execute(sql, (name, *keys)).fetchall())
+        return [found.get(k) for k in keys]
+
     def run(self, keys: Sequence[bytes], body: Callable[[Transaction], Any]) -> Any:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            out = body(_SqliteTx(self))
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-        return out
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = body(_SqliteTx(self))
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+            return out
 
 
 class _SqliteTx(Transaction):
@@ -291,14 +323,36 @@ class _RedisTx(Transaction):
     def __init__(self, backend: RedisState, pipe: Any):
         self.b, self.pipe = backend, pipe
         self.writes: list[Callable[[Any], Any]] = []
+        self._rows: dict[tuple[str, bytes], dict[str, Any] | None] = {}
+        self._seen: dict[tuple[str, bytes], set[str]] = {}
 
-    def read(self, view: FeatureView, key: bytes) -> dict[str, Any] | None:
+    def prefetch(
+        self, reads: Sequence[tuple[FeatureView, bytes]], seen: tuple[FeatureView, bytes, list[str]]
+    ) -> None:
+        """One pipeline for every read (the keys are WATCHed already, so a change since fails the EXEC)."""
+        batch = self.b.client.pipeline(transaction=False)
+        for view, key in reads:
+            batch.hmget(key, [self.b.field(view, f.name) for f in view.features])
+        view, key, ids = seen
+        batch.smismember(self.b.applied_key(view, key), ids)
+        *rows, flags = batch.execute()
+        for (v, k), values in zip(reads, rows, strict=True):
+            self._rows[(v.name, k)] = self._decode(v, values)
+        self._seen[(view.name, key)] = {e for e, f in zip(ids, flags, strict=True) if f}
+
+    def _decode(self, view: FeatureView, values: list[Any]) -> dict[str, Any] | None:
         names = [f.name for f in view.features]
-        values = self.pipe.hmget(key, [self.b.field(view, n) for n in names])
         found = {n: decode_value(v) for n, v in zip(names, values, strict=True) if v is not None}
         return found or None
 
+    def read(self, view: FeatureView, key: bytes) -> dict[str, Any] | None:
+        if (view.name, key) in self._rows:
+            return self._rows[(view.name, key)]
+        return self._decode(view, self.pipe.hmget(key, [self.b.field(view, f.name) for f in view.features]))
+
     def seen(self, view: FeatureView, key: bytes, event_ids: Sequence[str]) -> set[str]:
+        if (view.name, key) in self._seen:
+            return self._seen[(view.name, key)] & set(event_ids)
         flags = self.pipe.smismember(self.b.applied_key(view, key), list(event_ids))
         return {e for e, f in zip(event_ids, flags, strict=True) if f}
 
@@ -403,7 +457,7 @@ class OnlineState:
     def __init__(self, store: FeatureStore, online_store: str, views: StateViews, cfg: StateConfig):
         self.views, self.cfg = views, cfg
         self.backend = state_backend(store, online_store)
-        self._rows = rows_reader(store, online_store)
+        self._rows = rows_reader(store, online_store) if online_store == "redis" else None
 
     @classmethod
     def open(cls, settings: Settings, store: FeatureStore, version: str | None = None) -> OnlineState:
@@ -443,11 +497,18 @@ class OnlineState:
 
     def _item_vectors(self, items: list[str]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         v = self.views
-        found = self._rows.read_fields(
-            [(v.vectors, ["item_vector"], "item_id", items), (v.lineage, ["layer"], "item_id", items)]
-        )
-        vectors, missing = decode_vectors(found[0]["item_vector"], v.dim)
-        layers = {i: decode_value(raw) for i, raw in zip(items, found[1]["layer"], strict=True) if raw}
+        if isinstance(self.backend, SqliteState):
+            keys = [self.backend.key("item_id", i) for i in items]
+            raw_vectors = self.backend.read_field(v.vectors, "item_vector", keys)
+            raw_layers = self.backend.read_field(v.lineage, "layer", keys)
+        else:  # Redis: the reader's script, one round trip (its client is safe across threads)
+            assert self._rows is not None
+            found = self._rows.read_fields(
+                [(v.vectors, ["item_vector"], "item_id", items), (v.lineage, ["layer"], "item_id", items)]
+            )
+            raw_vectors, raw_layers = found[0]["item_vector"], found[1]["layer"]
+        vectors, missing = decode_vectors(raw_vectors, v.dim)
+        layers = {i: decode_value(raw) for i, raw in zip(items, raw_layers, strict=True) if raw}
         return {i: vectors[j] for j, i in enumerate(items) if not missing[j]}, layers
 
     def _push_user(
@@ -462,6 +523,8 @@ class OnlineState:
 
         def body(tx: Transaction) -> PushResult:
             out = PushResult()
+            reads = [(v.user, user_key), *((v.item, k) for k in item_keys.values())]
+            tx.prefetch(reads, (v.user, user_key, [e.event_id for e in events]))
             row = tx.read(v.user, user_key)
             state = from_row(row) if row else empty(v.dim)
             seen = tx.seen(v.user, user_key, [e.event_id for e in events])
