@@ -212,9 +212,9 @@ def create_app(
             body = await request.json()
         except ValueError:
             raise HTTPException(400, "the body is not JSON") from None
-        # off the event loop: a push waits on the store (SQLite's write lock, Redis round trips), and the
-        # /rank requests queued behind it need not
-        return await asyncio.to_thread(pushes.push, body)
+        # On the event loop, like /rank: a push is short (about 0.5 ms on SQLite), and in a thread beside the
+        # loop it competes for the GIL; measured both ways, the tails moved less than between repeated runs.
+        return pushes.push(body)
 
     @app.get("/health")
     async def health() -> dict:
