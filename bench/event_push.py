@@ -64,6 +64,7 @@ from serving_load import (  # noqa: E402  (the lake, the service, the sampler an
     materialize_all,
     prepare,
     redis_pid,
+    run_loop,
     service,
 )
 
@@ -463,13 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
         target = urlparse(args.load)
         run = open_loop(str(target.hostname), int(target.port or 80), json.loads(args.streams), args.seconds)
-        try:
-            import uvloop
-
-            result = uvloop.run(run)
-        except ImportError:
-            result = asyncio.run(run)
-        print(json.dumps(result))
+        print(json.dumps(run_loop(run)))
         return 0
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stops the service and redis-server too

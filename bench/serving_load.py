@@ -438,6 +438,16 @@ HEADER = (
 )
 
 
+def run_loop(coroutine: Any) -> Any:
+    """Run the load generator's coroutine on uvloop where installed (less client overhead), else asyncio."""
+    try:
+        import uvloop
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, help="where the lake lives (kept; default: a temporary one)")
@@ -454,13 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         run = open_loop(
             str(target.hostname), int(target.port or 80), float(rate), float(seconds), int(candidates)
         )
-        try:
-            import uvloop
-
-            result = uvloop.run(run)
-        except ImportError:
-            result = asyncio.run(run)
-        print(json.dumps(result))
+        print(json.dumps(run_loop(run)))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
