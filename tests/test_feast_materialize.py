@@ -20,7 +20,8 @@ from llmfeat.spark_jobs import materialize
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration]
 
-NOW = datetime.now(UTC).replace(microsecond=0)
+# Noon yesterday: every event sits mid-day, so a daily counter never lands before a row 1 hour later.
+NOW = (datetime.now(UTC) - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
 USERS, ITEMS = ["1", "2"], ["10", "11", "12"]
 PAST, FUTURE = NOW - timedelta(days=20), NOW - timedelta(days=2)  # item 12's vector appears only at FUTURE
 
