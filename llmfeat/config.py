@@ -230,7 +230,7 @@ class CtrConf(Section):
 
     experiment: str = "llmfeat-ctr"
     registry_name: str = "llmfeat-ctr"  # one registered model; versions carry aliases champion / challenger
-    kind: Literal["dnn", "deepfm"] = "deepfm"
+    kind: Literal["dnn", "deepfm", "lightgbm"] = "deepfm"  # the model family (tag model.family)
     llm_feature_service: str = "ctr_marc_v2"  # feature_repo/feature_services.py: id side + MARC vectors
     id_feature_service: str = "ctr_id_v2"  # the same id side without the LLM vectors
     emb_dim: int = 16  # E: width of every field embedding
@@ -246,7 +246,21 @@ class CtrConf(Section):
     residual_width: int = 64  # the LLM residual branch's hidden width
     residual_lr: float = 1e-2  # chosen on the valid split (1e-3 and 3e-3 left the branch at zero there)
     residual_weight_decay: float = 1e-4  # the branch is regularised: uninformative vectors stay near zero
-    n_boot: int = 100  # bootstrap resamples for the intervals of the final metrics and comparisons
+    # While the branch trains, each batch's user (item) ids go to index 0 with this probability, so that it
+    # learns in the regime it is scored in (most test users are unseen): "valid_rate" = the share of valid
+    # rows whose user (item) is not in the fit vocabulary, for users and items apart; a float: both.
+    id_dropout: Literal["valid_rate"] | float = "valid_rate"
+    residual_folds: int = 3  # the branch is selected by valid LogLoss averaged over this many time folds
+    n_boot: int = 1000  # user resamples for the intervals of the final metrics and comparisons
+    # kind=lightgbm (models/ctr/tree.py): boosting early-stopped on the valid rows' log-loss
+    tree_learning_rate: float = 0.05
+    tree_leaves: int = 31
+    tree_min_leaf: int = 100
+    tree_feature_fraction: float = 0.8
+    tree_l2: float = 1.0
+    tree_rounds: int = 2000  # at most; early stopping usually ends far sooner
+    tree_early_stop: int = 50  # rounds without a better valid log-loss
+    tree_threads: int = 0  # 0: LightGBM's default (every core); serving scores with one thread per worker
 
 
 class StateConf(Section):

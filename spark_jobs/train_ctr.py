@@ -27,7 +27,8 @@ import pandas as pd
 from llmfeat.delta_io import open_tables
 from llmfeat.feast_repo import marc_views_in, open_store
 from llmfeat.models.ctr.features import FRESH_VECTORS, VECTOR_COLUMNS
-from llmfeat.models.ctr.train import after_marc, fit_model, predict
+from llmfeat.models.ctr.train import MetricLogger, after_marc, fit_model
+from llmfeat.models.ctr.tree import fit_tree
 from llmfeat.models.evaluation.ctr_eval import calibration_figure, flat_metrics, metric_intervals, roc_figure
 from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.registry import use_ctr_tracking
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
     from llmfeat.config import CtrConf, Settings
     from llmfeat.delta_io import DeltaTables
+    from llmfeat.models.ctr.pyfunc import CtrRanker
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,27 @@ def run_tags(snapshot: Snapshot, cfg: CtrConf, use_llm: bool) -> dict[str, str]:
     service = cfg.llm_feature_service if use_llm else cfg.id_feature_service
     return snapshot.tags() | {
         "ctr.kind": cfg.kind,
+        "model.family": cfg.kind,
         "ctr.uses_llm": str(use_llm).lower(),
         "feast.feature_service": service,
     }
+
+
+def fit_ranker(
+    settings: Settings,
+    frame: pd.DataFrame,
+    masks: dict[str, np.ndarray],
+    use_llm: bool,
+    log_metrics: MetricLogger | None = None,
+) -> CtrRanker:
+    """The ranker of family ctr.kind fitted on the frame: LightGBM, or the DNN's id part and LLM branch."""
+    from llmfeat.models.ctr.pyfunc import dnn_ranker, tree_ranker
+
+    cfg = settings.ctr
+    if cfg.kind == "lightgbm":
+        return tree_ranker(*fit_tree(frame, masks, use_llm, cfg, log_metrics))
+    residual_rows = after_marc(frame, settings.marc)
+    return dnn_ranker(*fit_model(frame, masks, use_llm, cfg, log_metrics, residual_rows))
 
 
 def train_and_register(
@@ -111,9 +131,8 @@ def train_and_register(
         inputs = ["interactions", *marc_tables, "feast_item_meta"]
         link_inputs(mlflow.MlflowClient(), run.info.run_id, locations(settings)[0].parent, inputs)
         mlflow.log_params({f"ctr.{k}": v for k, v in cfg.model_dump().items()} | describe(frame))
-        residual_rows = after_marc(frame, settings.marc)
-        model, encoder = fit_model(frame, masks, use_llm, cfg, mlflow.log_metrics, residual_rows)
-        p = predict(model, encoder, frame)
+        ranker = fit_ranker(settings, frame, masks, use_llm, mlflow.log_metrics)
+        p = ranker.score(frame)
         warm = frame["user_id"].isin(set(frame.loc[masks["train"], "user_id"])).to_numpy()
         results = evaluate(frame, p, masks, warm, cfg.n_boot)
         for subset, intervals in results.items():
@@ -121,7 +140,7 @@ def train_and_register(
         log_plots(frame, p, masks["test"], label)
         vectors = [c for c in (*VECTOR_COLUMNS, *FRESH_VECTORS) if use_llm and c in frame.columns]
         example = frame[masks["test"]].dropna(subset=vectors).head(5)  # a signature needs real vectors
-        info = log_ranker(model, encoder, example, cfg.registry_name)
+        info = log_ranker(ranker, example, cfg.registry_name)
         version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in tags.items():

@@ -7,7 +7,9 @@ The scoring frame is what training, the offline comparison and the ranking servi
 
 Fitted once on the training rows (`FeatureEncoder.fit`) and stored as JSON next to the weights:
 - id vocabularies (index 0 = an id unseen in training), the genre vocabulary, the base click rate;
-- per-dimension mean / std of the LLM vectors over distinct vectors (vectors arrive on one scale).
+- per-dimension mean / std of the LLM vectors over distinct vectors (vectors arrive on one scale). The user
+  side is the user vector (a daily snapshot) and, with a fresh service, the means of the liked and disliked
+  items' vectors (`USER_VECTOR_COLUMNS`): a model sees them together as the user's LLM representation.
 Dense features F: year_z, year_missing, log1p item impressions, item click rate (smoothed), log1p user
 impressions, user click rate (smoothed), user has history; all from the point-in-time counters, so a row never
 counts its own label.
@@ -42,6 +44,7 @@ FRESH_COLUMNS = ("event_count", "like_rate", "item_event_count", "item_liked_cou
 FRESH_VECTORS = ("liked_mean", "disliked_mean")
 FRESH_COUNTERS = ("user_log_events", "user_like_rate", "user_has_events", "item_log_events", "item_fresh_ctr")
 FRESH_COSINES = ("cos_liked", "cos_disliked")
+USER_VECTOR_COLUMNS = ("user_vector", *FRESH_VECTORS)  # the user side, in the order a model sees them
 
 
 def fresh_dense(
@@ -108,6 +111,15 @@ class FeatureEncoder:
     def vec_dim(self, column: str) -> int:
         return len(self.vec_mean.get(column, []))
 
+    @property
+    def user_columns(self) -> list[str]:
+        """The user-side vector columns this encoder standardises, in the order they are concatenated."""
+        return [c for c in USER_VECTOR_COLUMNS if c in self.vec_mean]
+
+    @property
+    def user_dim(self) -> int:
+        return sum(self.vec_dim(c) for c in self.user_columns)
+
     @classmethod
     def fit(
         cls,
@@ -126,8 +138,8 @@ class FeatureEncoder:
         years = frame["year"].astype(float)
         mean: dict[str, list[float]] = {}
         std: dict[str, list[float]] = {}
-        for col in VECTOR_COLUMNS:
-            if use_llm and col in frame.columns:  # a fresh service reads item vectors only
+        for col in (*USER_VECTOR_COLUMNS, "item_vector"):
+            if use_llm and col in frame.columns:  # a fresh service has no user_vector, a daily one no means
                 m, s = _vector_moments(fit, col)
                 mean[col], std[col] = m.tolist(), s.tolist()
         fresh: list[str] = []
@@ -165,10 +177,10 @@ class FeatureEncoder:
             )
         vectors: list[np.ndarray] = []
         missing: list[np.ndarray] = []
-        for col in VECTOR_COLUMNS:
-            v, m = self._vectors(frame, col)
-            vectors.append(v)
-            missing.append(m.astype(np.float32))
+        for side in (self.user_columns, ["item_vector"]):
+            parts = [self._vectors(frame, col) for col in side]
+            vectors.append(join_side([v for v, _ in parts], len(frame)))
+            missing.append(np.logical_and.reduce([m for _, m in parts] or [np.ones(len(frame), bool)]))
         return CtrInputs(
             user=torch.from_numpy(user),
             item=torch.from_numpy(item),
@@ -176,7 +188,7 @@ class FeatureEncoder:
             dense=torch.from_numpy(np.stack(dense, axis=1).astype(np.float32)),  # (B, F)
             user_vec=torch.from_numpy(vectors[0]),
             item_vec=torch.from_numpy(vectors[1]),
-            vec_missing=torch.from_numpy(np.stack(missing, axis=1)),  # (B, 2)
+            vec_missing=torch.from_numpy(np.stack(missing, axis=1).astype(np.float32)),  # (B, 2)
         )
 
     def _year(self, frame: pd.DataFrame) -> list[np.ndarray]:
@@ -225,6 +237,11 @@ class FeatureEncoder:
     @classmethod
     def load(cls, path: Path) -> FeatureEncoder:
         return cls(**json.loads(path.read_text()))
+
+
+def join_side(parts: list[np.ndarray], b: int) -> np.ndarray:
+    """One side's standardised vectors side by side: (B, sum of widths), (B, 0) without any."""
+    return np.concatenate(parts, axis=1) if parts else np.zeros((b, 0), dtype=np.float32)
 
 
 def _column(frame: pd.DataFrame, name: str, fill: float = 0.0) -> np.ndarray:

@@ -1,12 +1,13 @@
 """The registered form of a CTR ranker: an MLflow pyfunc holding the weights, the config and the fitted
 feature encoder, so that `models:/<name>@champion` scores a scoring frame (models/ctr/features.py) by itself.
 
-    ranker = load_ranker("models:/llmfeat-ctr@champion")   # CtrRanker
+    ranker = load_ranker("models:/llmfeat-ctr@champion")   # CtrRanker (DNN) or TreeRanker (LightGBM)
     p = ranker.score(frame)                                 # (B,) click probabilities
     p = ranker.score_arrays(columns)                        # the same from the frame's columns as arrays
 
 Self-contained: the model carries its code (code_paths: the whole ctr and evaluation packages and every
-llmfeat module they import, in the installed layout) and asks for mlflow, torch, numpy and pandas only, so
+llmfeat module they import, in the installed layout) and asks for mlflow, torch, numpy and pandas only (and
+lightgbm for the tree family: the encoder that both share builds torch tensors), so
 `mlflow.pyfunc.load_model` and `mlflow models serve` work where llmfeat is not installed.
 """
 
@@ -35,8 +36,10 @@ from llmfeat.models.ctr.features import (
     VECTOR_COLUMNS,
     FeatureEncoder,
     fresh_dense,
+    join_side,
 )
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
+from llmfeat.models.ctr.tree import tree_feature_names, tree_matrix
 
 ARTIFACTS = ("weights", "config", "encoder")
 # The code a registered ranker carries: these packages whole (new modules there travel without a change here)
@@ -45,7 +48,10 @@ CODE_PACKAGES = ("llmfeat.models.ctr", "llmfeat.models.evaluation")
 
 
 class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
-    """pyfunc wrapper: scoring frame -> click probabilities."""
+    """pyfunc wrapper: scoring frame -> click probabilities. The DNN family (dnn, deepfm); `TreeRanker` is
+    the LightGBM one. Both score what the same encoder makes of a frame or of its arrays."""
+
+    family = "dnn"
 
     def __init__(self) -> None:
         self.model: CtrModel | None = None
@@ -66,19 +72,30 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
             model.load_state_dict(state)
         self.model, self.encoder = model.eval(), encoder
 
+    def probabilities(self, x: CtrInputs) -> np.ndarray:
+        """Encoded inputs (B rows) -> (B,) click probabilities."""
+        assert self.model is not None, "load_context was not called"
+        with torch.no_grad():
+            return torch.sigmoid(self.model(x)).numpy().astype(np.float64)
+
+    def write_artifacts(self, folder: Path) -> dict[str, str]:
+        assert self.model is not None and self.encoder is not None
+        return write_artifacts(self.model, self.encoder, folder)
+
+    def pip_requirements(self) -> list[str]:
+        return pip_requirements()
+
     @property
     def columns(self) -> list[str]:
         """Scoring-frame columns this model reads."""
         assert self.encoder is not None
-        extra = [c for c in VECTOR_COLUMNS if c in self.encoder.vec_mean]
+        extra = [c for c in (*VECTOR_COLUMNS, *FRESH_VECTORS) if c in self.encoder.vec_mean]
         fresh = [c for c in self.encoder.fresh_columns if c not in extra]
         return ["user_id", "item_id", "year", "genres", *COUNTERS, *extra, *fresh]
 
     def score(self, frame: pd.DataFrame) -> np.ndarray:
-        assert self.model is not None and self.encoder is not None, "load_context was not called"
-        with torch.no_grad():
-            logit = self.model(self.encoder.transform(frame))  # (B,)
-        return torch.sigmoid(logit).numpy().astype(np.float64)
+        assert self.encoder is not None, "load_context was not called"
+        return self.probabilities(self.encoder.transform(frame))
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         return self.score(model_input)
@@ -88,13 +105,55 @@ class CtrRanker(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         transforming a frame): the scoring frame's columns as arrays of B rows, ids as str sequences, numbers
         as float arrays (NaN = null), genres as str-or-None, a vector column as (B, D) float32 (NaN rows =
         missing); absent counters count as 0, as in `score`. -> (B,) click probabilities."""
-        assert self.model is not None and self.encoder is not None, "load_context was not called"
+        assert self.encoder is not None, "load_context was not called"
         arrays = getattr(self, "_arrays", None)  # absent on rankers pickled before this method existed
         if arrays is None or arrays.encoder is not self.encoder:
             arrays = self._arrays = ArrayEncoder(self.encoder)
-        with torch.no_grad():
-            logit = self.model(arrays.transform(columns))  # (B,)
-        return torch.sigmoid(logit).numpy().astype(np.float64)
+        return self.probabilities(arrays.transform(columns))
+
+
+class TreeRanker(CtrRanker):
+    """The LightGBM family: the booster (LightGBM's text format), its feature names and the encoder."""
+
+    family = "lightgbm"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.booster: Any = None
+
+    def load_context(self, context: Any) -> None:
+        import lightgbm
+
+        names = json.loads(Path(context.artifacts["features"]).read_text())
+        booster = lightgbm.Booster(model_file=context.artifacts["booster"])
+        self.attach_tree(booster, FeatureEncoder.load(Path(context.artifacts["encoder"])), names)
+
+    def attach_tree(self, booster: Any, encoder: FeatureEncoder, names: list[str] | None = None) -> None:
+        expected = tree_feature_names(encoder)  # the layout is the model's contract with its inputs
+        for got in (booster.feature_name(), names):
+            if got is not None and got != expected:
+                odd = sorted(set(got) ^ set(expected))[:5] or "the same names in another order"
+                raise ValueError(f"the booster's features differ from what its encoder makes: {odd}")
+        self.booster, self.encoder = booster, encoder
+
+    def probabilities(self, x: CtrInputs) -> np.ndarray:
+        assert self.booster is not None, "load_context was not called"
+        # one thread: a ranking service runs a worker per core, and 100 rows do not pay for more
+        p = self.booster.predict(tree_matrix(x), num_iteration=self.booster.best_iteration, num_threads=1)
+        return np.asarray(p, dtype=np.float64)
+
+    def write_artifacts(self, folder: Path) -> dict[str, str]:
+        assert self.booster is not None and self.encoder is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {"booster": folder / "booster.txt", "features": folder / "features.json",
+                 "encoder": folder / "encoder.json"}  # fmt: skip
+        self.booster.save_model(str(paths["booster"]), num_iteration=self.booster.best_iteration)
+        paths["features"].write_text(json.dumps(self.booster.feature_name()))
+        self.encoder.save(paths["encoder"])
+        return {k: str(v) for k, v in paths.items()}
+
+    def pip_requirements(self) -> list[str]:
+        return [*pip_requirements(), f"lightgbm=={version('lightgbm')}"]
 
 
 class ArrayEncoder:
@@ -131,17 +190,18 @@ class ArrayEncoder:
                 enc.prior,
             )
         vectors, missing = [], []
-        for col in VECTOR_COLUMNS:
-            if col not in self.moments:
-                vectors.append(np.zeros((b, 0), dtype=np.float32))
-                missing.append(np.ones(b, dtype=np.float32))
-                continue
-            raw = np.asarray(columns[col], dtype=np.float32)  # (B, D)
-            absent = np.isnan(raw[:, 0])
-            mean, std = self.moments[col]
-            z = (raw - mean) / std
-            z[absent] = 0.0
-            vectors.append(z)
+        for side in (enc.user_columns, ["item_vector"] if "item_vector" in self.moments else []):
+            absent = np.ones(b, dtype=bool)
+            parts = []
+            for col in side:
+                raw = np.asarray(columns[col], dtype=np.float32)  # (B, D)
+                gone = np.isnan(raw[:, 0])
+                mean, std = self.moments[col]
+                z = (raw - mean) / std
+                z[gone] = 0.0
+                parts.append(z)
+                absent &= gone
+            vectors.append(join_side(parts, b))
             missing.append(absent.astype(np.float32))
         return CtrInputs(
             user=torch.tensor([self.users.get(u, 0) for u in columns["user_id"]], dtype=torch.int64),
@@ -253,15 +313,11 @@ def code_tree(folder: Path, packages: tuple[str, ...] = CODE_PACKAGES) -> Path:
     return folder / "llmfeat"
 
 
-def log_ranker(
-    model: CtrModel, encoder: FeatureEncoder, example: pd.DataFrame, registered_name: str | None
-) -> Any:
-    """Inside an active run: log the pyfunc with signature (inferred from the example and its scores), the
-    input example and explicit pip requirements; register it when a name is given. Returns ModelInfo."""
+def log_ranker(ranker: CtrRanker, example: pd.DataFrame, registered_name: str | None) -> Any:
+    """Inside an active run: log the pyfunc (either family) with signature (inferred from the example and its
+    scores), the input example and explicit pip requirements; register it when a name is given."""
     from mlflow.models import infer_signature
 
-    ranker = CtrRanker()
-    ranker.attach(model, encoder)
     example = example[ranker.columns].reset_index(drop=True)
     for col in (*VECTOR_COLUMNS, *FRESH_VECTORS):  # JSON carries float64: the signature says Array(double)
         if col in example.columns:
@@ -270,14 +326,26 @@ def log_ranker(
     with tempfile.TemporaryDirectory() as tmp:
         return mlflow.pyfunc.log_model(
             name="ctr_model",
-            python_model=CtrRanker(),
-            artifacts=write_artifacts(model, encoder, Path(tmp) / "artifacts"),
+            python_model=type(ranker)(),
+            artifacts=ranker.write_artifacts(Path(tmp) / "artifacts"),
             code_paths=[str(code_tree(Path(tmp) / "code"))],
             signature=signature,
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=ranker.pip_requirements(),
             registered_model_name=registered_name,
         )
+
+
+def dnn_ranker(model: CtrModel, encoder: FeatureEncoder) -> CtrRanker:
+    ranker = CtrRanker()
+    ranker.attach(model, encoder)
+    return ranker
+
+
+def tree_ranker(booster: Any, encoder: FeatureEncoder) -> TreeRanker:
+    ranker = TreeRanker()
+    ranker.attach_tree(booster, encoder)
+    return ranker
 
 
 def load_ranker(uri: str) -> CtrRanker:
