@@ -56,10 +56,13 @@ def train_early_stopping(
     on_epoch: Callable[[int, float, float], None] | None = None,
     params: list[nn.Parameter] | None = None,
     keep_start: bool = False,
+    train_module: nn.Module | None = None,
 ) -> TrainHistory:
     """Train on `rows` (indices given to loss_fn in batches); stop after `patience` epochs without a better
     score. `params`: the parameters to update (default: all). `keep_start`: score the model before training
-    too (epoch -1) and keep it when no epoch beats it, e.g. a residual branch that starts at zero."""
+    too (epoch -1) and keep it when no epoch beats it, e.g. a residual branch that starts at zero.
+    `train_module`: the part of `model` in train mode while training (default: all of it); the rest stays in
+    eval mode, e.g. a frozen part whose dropout must behave as it does at scoring."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     trained = list(model.parameters()) if params is None else params
@@ -72,7 +75,9 @@ def train_early_stopping(
             history.best_score = score_fn()
     epochs = epoch_bar(cfg.max_epochs)
     for epoch in epochs:
-        model.train()
+        model.train(train_module is None)
+        if train_module is not None:
+            train_module.train()
         perm = rng.permutation(rows)
         losses = []
         for start in range(0, len(perm), cfg.batch_size):

@@ -189,3 +189,18 @@ def test_two_interactions_in_one_second_both_get_their_features(lake: Settings) 
     assert len(out) == 2 and out["user_vector"].notna().all() and out["item_vector"].notna().all()
     assert out["item_id"].tolist() == ["3", "4"]
     assert not np.array_equal(out["item_vector"][0], out["item_vector"][1])
+
+
+def test_challenger_run_logs_the_branch_dropout_and_fold_logloss(lake: Settings, tmp_path: Path) -> None:
+    """The branch's id dropout rates (the valid period's cold rates) and its selection score are tracked."""
+    settings = fresh_copy(lake, tmp_path)
+    c = client(settings)
+    run = c.get_run(c.get_model_version_by_alias("llmfeat-ctr", "challenger").run_id)
+    for side in ("user", "item"):
+        assert 0.0 <= run.data.metrics[f"residual_{side}_id_dropout"] <= 1.0
+    folds = c.get_metric_history(run.info.run_id, "residual_valid_fold_logloss")
+    assert folds and all(m.step >= 1000 and m.value > 0 for m in folds)
+    assert (
+        "residual_valid_fold_logloss"
+        not in c.get_run(c.get_model_version_by_alias("llmfeat-ctr", "champion").run_id).data.metrics
+    )

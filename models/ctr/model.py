@@ -9,10 +9,11 @@ The id model (the champion on its own):
 - `FirstOrderArch` biases + linear terms     -> (B,)
 - `FmArch`         pairwise <e_a, e_b> sum   -> (B,)        (DeepFM only)
 - `DeepArch`       MLP over all fields       -> (B,)
-With LLM vectors, `LlmResidual` adds a logit of its own: [u, i, u * i, missing flags] -> MLP -> (B,), its last
-layer zero-initialised, so that the model starts as the id model and the vectors enter only as far as they
-help (the trainer fits it on top of a fitted id part, regularised, and keeps the zero branch when the
-vectors do not help on validation).
+With LLM vectors, `LlmResidual` adds a logit of its own: [u, i, u * i, missing flags, cold-id flags, dense]
+-> MLP -> (B,), its last layer zero-initialised, so that the model starts as the id model and the vectors
+enter only as far as they help (the trainer fits it on top of a fitted, frozen id part, with ids dropped to
+index 0 at the validation period's cold rate, and keeps the zero branch when the vectors do not help on
+validation).
 
 logit = first order + deep [+ fm] [+ residual]. The model is not the trainer (models/ctr/train.py).
 """
@@ -80,13 +81,17 @@ class FieldArch(nn.Module):
 
 
 class LlmResidual(nn.Module):
-    """LLM user and item vectors (standardised, zero where missing) -> a residual logit (B,), 0 at init."""
+    """LLM user and item vectors (standardised, zero where missing) -> a residual logit (B,), 0 at init.
+
+    Besides the vectors it sees what decides how much they can add to the id logit: whether each vector is
+    missing, whether each id is cold (index 0: the id part knows nothing of it) and the dense side features
+    (counts, click rates, has-history)."""
 
     def __init__(self, cfg: CtrConfig):
         super().__init__()
         du, di = cfg.user_vec_dim, cfg.item_vec_dim
         self.cross = du == di and du > 0  # u * i: the user-item affinity a dot product would measure
-        width = du + di + (du if self.cross else 0) + 2
+        width = du + di + (du if self.cross else 0) + 2 + 2 + cfg.n_dense
         out = nn.Linear(cfg.residual_width, 1)
         nn.init.zeros_(out.weight)  # the model starts as the id model
         nn.init.zeros_(out.bias)
@@ -102,7 +107,8 @@ class LlmResidual(nn.Module):
         parts = [x.user_vec, x.item_vec]  # (B, Du), (B, Di)
         if self.cross:
             parts.append(x.user_vec * x.item_vec)  # (B, D)
-        parts.append(x.vec_missing)  # (B, 2)
+        cold = torch.stack([x.user == 0, x.item == 0], dim=-1).float()  # (B, 2)
+        parts += [x.vec_missing, cold, x.dense]  # (B, 2), (B, 2), (B, F)
         return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
 
 

@@ -98,7 +98,7 @@ def fit_booster(
     )
     valid = lightgbm.Dataset(x[stop], y[stop], reference=train)
     record: dict[str, Any] = {}
-    callbacks = [
+    callbacks: list[Any] = [
         lightgbm.early_stopping(cfg.tree_early_stop, verbose=False),
         lightgbm.record_evaluation(record),
     ]
@@ -123,6 +123,6 @@ def fit_tree(
     x = tree_matrix(encoder.transform(frame))
     names = tree_feature_names(encoder)
     booster = fit_booster(x, y, masks["fit"], masks["valid"], names, cfg, log_metrics)
-    p = booster.predict(x[masks["valid"]], num_iteration=booster.best_iteration)
+    p = np.asarray(booster.predict(x[masks["valid"]], num_iteration=booster.best_iteration))
     log.info("tree valid AUC %.4f", auc(y[masks["valid"]], p))
     return booster, encoder
