@@ -1,24 +1,35 @@
-"""The CTR ablation: what LLM features add to the id model, on the same point-in-time rows, by slice.
+"""The CTR ablation: where LLM features pay, under three freshness protocols, for either model family.
 
-    llmfeat ctr-ablation [--seeds 3] [--layers 8,15] [--item-layers 22,30] [--out docs]
-    spark-submit spark_jobs/ctr_ablation.py --config local --seeds 3
+    llmfeat ctr-ablation [--family lightgbm | dnn] [--protocols daily,fresh,cold_items] [--cold-items 0.2]
+                         [--layers 8,15,22,30] [--seeds 5] [--out docs]
+    spark-submit spark_jobs/ctr_ablation.py --config local --family lightgbm
 
-Every arm is the same id model (ids, item metadata, point-in-time counters: the champion) plus a residual
-branch fitted on top of it (id part frozen, zero at start, regularised, on the rows after MARC's period),
-so arms differ only in the vectors the branch sees:
+Protocols (every feature strictly before its row; models/ctr/history.py computes them in-process from the
+interactions, with the same rules as the daily counters and the event-time state of models/ctr/state.py):
+- daily: counters and histories of the user's and item's earlier days;
+- fresh: of strictly earlier events (the state pushed at every event), daily counters kept beside them;
+- cold_items: a seeded `--cold-items` share of items is launched when the test period starts. Their earlier
+  events are taken out of the world: no fit row, counter or history holds them, the PCA is fitted without
+  them, and their ids are unseen. Fresh features otherwise; results on the cold items' test rows and the rest.
 
-- ids: the id model alone;
-- + item (MARC), + user (MARC), + both (MARC): the published views, joined by Feast per row;
-- + both (PCA): PCA of the same tapped layer at the same bytes (64 x int8);
-- history arms over the same point-in-time history (the user's earlier days, liked and disliked items):
-  genre multi-hots (no LLM), item-id embeddings of the id model (no LLM), MARC item vectors (LLM);
-- the layer curve: user snapshots and items at each tapped layer in `--layers` (items only for
-  `--item-layers`), PCA and MARC (fitted once per layer on point-in-time rows, MARC's fitting period) at
-  equal bytes.
+Arms, all with the ids, counters and content (genres, year) of the production encoder
+(models/ctr/features.py), differing only in what else the model sees:
+- ids + counters + content;
+- + LLM item vector: PCA (64 dims, int8 round trip: the published size) of the tapped layer's item states;
+- + LLM history: the user's liked and disliked means of those vectors and the candidate's cosine with each;
+- + both;
+- + genre history: the same history over genre multi-hots (no LLM);
+- + id-embedding history (out-of-fold): over item factors from the fit rows' user-item matrix (no LLM);
+  the fit rows of one half of the users see factors fitted on the other half only.
+The layer is chosen per protocol on the valid rows (the "+ both" arm at each of `--layers`, first seed; the
+curve is reported, tree family only), then every arm uses it. The DNN family runs the arms whose vectors its
+LLM branch takes as a whole (ids, + item, + both, + genre history with its item vector).
 
-Metrics on the test split, whole and by slice (users with history on an earlier day, users new that day,
-warm users = train-period history), averaged over seeds; 95% intervals resample users; differences against
-the id model are paired over the same user resamples. Results: <out>/ctr_results.json and .md.
+Statistics: every difference is paired over one set of `ctr.n_boot` user resamples (the whole test set's
+users; a slice keeps its own rows of each drawn user), AUC and LogLoss, with the half-width of its interval:
+the smallest difference it could detect. The headline pairs (ids vs + both) average `--seeds` seeds'
+predictions; the rest use the first seed. Results: <out>/ctr_results.json (its `comparisons` list) and
+<out>/ctr_results.md.
 """
 
 from __future__ import annotations
@@ -37,285 +48,485 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.config import Settings
-from llmfeat.models.evaluation.ab_stats import paired_differences
-from llmfeat.models.evaluation.ctr_eval import metric_intervals
-from llmfeat.reprs import dequantise_int8, layer_matrix, parse_snapshot_id, quantise_int8, repr_table
+from llmfeat.models.ctr.history import earlier_counts, history_means
+from llmfeat.models.evaluation.ab_stats import paired_deltas
+from llmfeat.models.evaluation.metrics import auc, user_weights
+from llmfeat.reprs import dequantise_int8, layer_matrix, quantise_int8, repr_table
 from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger("llmfeat.ablation")
-DIM = 64  # the published vectors' width: every arm compares at 64 x int8
+DIM = 64  # the published vectors' width: every LLM arm compares at 64 x int8
+PROTOCOLS = ("daily", "fresh", "cold_items")
+BASE, ITEM, HISTORY, BOTH = "ids + counters + content", "+ LLM item vector", "+ LLM history", "+ both"
+GENRE, ID_EMB = "+ genre history", "+ id-embedding history (out-of-fold)"
+# arm -> (representation, blocks of the tree matrix beyond the base)
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    BASE: ("llm", ()),
+    ITEM: ("llm", ("item",)),
+    HISTORY: ("llm", ("history",)),
+    BOTH: ("llm", ("item", "history")),
+    GENRE: ("genre", ("history",)),
+    ID_EMB: ("id", ("history",)),
+}
+DNN_ARMS = {
+    BASE: ("llm", ()),
+    ITEM: ("llm", ("item",)),
+    BOTH: ("llm", ("item", "history")),
+    GENRE: ("genre", ("item", "history")),
+}
+PAIRS = [
+    (BASE, ITEM),
+    (BASE, HISTORY),
+    (BASE, BOTH),
+    (BASE, GENRE),
+    (BASE, ID_EMB),
+    (GENRE, HISTORY),
+    (GENRE, BOTH),
+]
+LLM_ARMS = {ITEM, HISTORY, BOTH}
 
 
 @dataclass
-class Rows:
-    """The point-in-time frame and the arrays the arms are built from (N rows)."""
+class Events:
+    """Every interaction of the sampled users, in one frame, with the per-item inputs of the arms."""
 
-    frame: pd.DataFrame
-    masks: dict[str, np.ndarray]
-    residual_rows: np.ndarray
-    snapshot_idx: np.ndarray  # (N,) each row's user snapshot (index into snapshot_keys)
-    snapshot_keys: np.ndarray  # (S,)
-    item_idx: np.ndarray  # (N,) into item_keys
+    frame: pd.DataFrame  # user_id, item_id, label, split, event_timestamp, year, genres
+    user: np.ndarray  # (N,) int
+    item: np.ndarray  # (N,) int into item_keys
+    micros: np.ndarray  # (N,) int64 epoch microseconds
+    day: np.ndarray  # (N,) int
     item_keys: np.ndarray  # (I,)
-    slices: dict[str, np.ndarray]  # name -> (N,) bool over all rows
+    genres: np.ndarray  # (I, G) multi-hot
+    states: dict[int, np.ndarray]  # layer -> (I, H) the LLM's item states
 
 
-def load_rows(settings: Settings, spark: SparkSession | None) -> Rows:
+def load_events(settings: Settings, layers: Sequence[int], spark: SparkSession | None = None) -> Events:
     from llmfeat.delta_io import open_tables
-    from llmfeat.feast_repo import open_store
-    from llmfeat.models.ctr.data import ctr_arrays, point_in_time
-    from llmfeat.models.ctr.train import after_marc
-    from llmfeat.spark_jobs.training_set import build_frame, split_masks
 
-    tables = open_tables(settings, spark)
-    frame, _ = build_frame(settings, tables, open_store(settings), [settings.ctr.llm_feature_service])
-    masks = split_masks(frame, settings.ctr.stop_frac)
-    sample = Sample(tables, settings.sample)  # the same users as build_frame's
-    inter, users_table, items = sample.ctr_tables()
-    a = ctr_arrays(inter, users_table, items)
-    snapshot_ids = set(sample.read(repr_table("user_snapshots"), ["snapshot_id"])["snapshot_id"].to_pylist())
-    sampled = {str(u) for u in a.user_keys}
-    parsed = [(k, *parse_snapshot_id(k)) for k in sorted(snapshot_ids)]
-    parsed = [p for p in parsed if p[1] in sampled]  # the snapshots of the sampled users
-    keys = np.array([k for k, _, _ in parsed], dtype=object)
-    users = np.array([u for _, u, _ in parsed], dtype=object)
-    micros = np.array([int(t.timestamp() * 1_000_000) for _, _, t in parsed], dtype=np.int64)
-    pit = point_in_time(a, keys, users, micros)
-    # the interactions table and the frame hold the same rows; align by (user, item, time)
-    order = _align(frame, inter.to_pandas())
-    earlier = frame["user_impressions"].fillna(0).to_numpy() > 0
-    warm = frame["user_id"].isin(set(frame.loc[masks["train"], "user_id"])).to_numpy()
-    slices = {"all": np.ones(len(frame), bool), "earlier-day history": earlier, "new that day": ~earlier}
-    slices["warm users"] = warm
-    residual_rows = after_marc(frame, settings.marc)
-    return Rows(
-        frame, masks, residual_rows, pit.user_idx[order], keys, a.item_idx[order], a.item_keys, slices
-    )  # fmt: skip
-
-
-def _align(frame: pd.DataFrame, inter: pd.DataFrame) -> np.ndarray:
-    """For each frame row, its row in the interactions table."""
-    key = ["user_id", "item_id", "event_timestamp"]
-    left = frame[key].assign(event_timestamp=pd.to_datetime(frame["event_timestamp"], utc=True))
-    right = inter[key].assign(event_timestamp=pd.to_datetime(inter["event_timestamp"], utc=True))
-    right = right.astype({"user_id": str, "item_id": str}).reset_index(names="_row")
-    merged = left.merge(right, on=key, how="left", validate="one_to_one")
-    return merged["_row"].to_numpy(np.int64)
+    sample = Sample(open_tables(settings, spark), settings.sample)
+    inter = sample.read("interactions")
+    items = sample.items_of(inter)
+    f = inter.select(["user_id", "item_id", "label", "split", "event_timestamp"]).to_pandas()
+    meta = items.select(["item_id", "year", "genres"]).to_pandas()
+    f = f.merge(meta, on="item_id", how="left", validate="many_to_one")
+    f = f.sort_values("event_timestamp", kind="mergesort").reset_index(drop=True)
+    item_keys = meta["item_id"].to_numpy(object)
+    item = pd.Index(item_keys).get_indexer(f["item_id"])
+    since = pd.to_datetime(f["event_timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")
+    ts = (since // pd.Timedelta(1, "us")).to_numpy(np.int64)  # whatever unit the table stores
+    names = sorted({g for s in meta["genres"].dropna() for g in str(s).split("|") if g})
+    genres = np.zeros((len(item_keys), len(names)), np.float32)
+    for row, value in enumerate(meta["genres"]):
+        for g in str(value).split("|") if isinstance(value, str) else ():
+            genres[row, names.index(g)] = 1.0
+    table = sample.read(repr_table("items"), item_id=item_keys)
+    states = {layer: layer_matrix(table, "items", layer, item_keys) for layer in layers}
+    return Events(f, pd.factorize(f["user_id"])[0], item, ts, ts // 86_400_000_000, item_keys, genres, states)
 
 
 def int8_round_trip(z: np.ndarray) -> np.ndarray:
-
     return dequantise_int8(*quantise_int8(z.astype(np.float32)))
 
 
-def layer_arms(settings: Settings, rows: Rows, layer: int, users_too: bool) -> dict[str, tuple[Any, Any]]:
-    """PCA and MARC at one tapped layer: (user vectors (N, 64) or None, item vectors (N, 64)) per arm."""
-    from llmfeat.delta_io import open_tables
-    from llmfeat.models.ctr.data import CtrArrays
+def pca_items(states: np.ndarray, fit_items: np.ndarray) -> np.ndarray:
+    """(I, 64) int8-round-tripped PCA of the item states, fitted on `fit_items` only (unsupervised)."""
     from llmfeat.models.marc.baselines import pca
-    from llmfeat.models.marc.train import compress, fit_marc, marc_periods
-    from llmfeat.spark_jobs.train_compressor import marc_config, train_config
 
-    sample = Sample(open_tables(settings), settings.sample)
-    xi = layer_matrix(
-        sample.read(repr_table("items"), item_id=rows.item_keys), "items", layer, rows.item_keys
-    )
-    snapshots = (
-        sample.read(repr_table("user_snapshots"), snapshot_id=rows.snapshot_keys) if users_too else None
-    )
-    xu = (
-        layer_matrix(snapshots, "user_snapshots", layer, rows.snapshot_keys)
-        if users_too
-        else np.zeros((len(rows.snapshot_keys), xi.shape[1]), np.float32)
-    )
-    f = rows.frame
-    ts = pd.to_datetime(f["event_timestamp"], utc=True).astype("int64").to_numpy() // 1000
-    periods = marc_periods(ts, f["split"].to_numpy(), settings.marc.fit_frac, settings.marc.stop_frac)
-    fit = periods["marc_fit"]
-    arms: dict[str, tuple[Any, Any]] = {}
-    p_items = pca(xi[np.unique(rows.item_idx[fit])], DIM)
-    p_users = pca(xu[np.unique(rows.snapshot_idx[fit])], DIM) if users_too else None
-    zi = int8_round_trip(p_items(xi))[rows.item_idx]
-    zu = int8_round_trip(p_users(xu))[rows.snapshot_idx] if p_users else None
-    arms[f"layer {layer}: PCA"] = (zu, zi)
-    a = CtrArrays(
-        rows.snapshot_keys, rows.item_keys, rows.snapshot_idx, rows.item_idx, f["label"].to_numpy(np.float32),
-        f["split"].to_numpy(), ts, np.zeros((len(f), 0), np.float32), rows.slices["warm users"],
-    )  # fmt: skip
-    cfg = settings.marc
-    marc = fit_marc(
-        a, xu, xi, marc_config(cfg, xi.shape[1]), train_config(cfg),
-        fit_rows=np.flatnonzero(fit), stop_rows=np.flatnonzero(periods["marc_stop"]),
-        max_fit_rows=cfg.max_fit_rows,
-    )  # fmt: skip
-    zi = int8_round_trip(compress(marc.compressor("items"), xi))[rows.item_idx]
-    zu = int8_round_trip(compress(marc.compressor("users"), xu))[rows.snapshot_idx] if users_too else None
-    arms[f"layer {layer}: MARC"] = (zu, zi)
-    return arms
+    return int8_round_trip(pca(states[fit_items], DIM)(states))
 
 
-def history_arms(
-    rows: Rows, id_item_emb: np.ndarray, item_emb_index: np.ndarray
-) -> dict[str, tuple[Any, Any]]:
-    """Non-LLM and LLM history arms over the same point-in-time history."""
-    from llmfeat.feast_join import vector_matrix
-    from llmfeat.models.ctr.history import history_means
+def item_factors(
+    users: np.ndarray, items: np.ndarray, labels: np.ndarray, n_items: int, k: int = 32
+) -> np.ndarray:
+    """(I, k) item factors of the like (+1) / dislike (-1) matrix of these rows (truncated SVD): an id
+    representation learned from labels, without an LLM."""
+    u = pd.factorize(users)[0]
+    m = np.zeros((u.max() + 1 if len(u) else 1, n_items), np.float32)
+    np.add.at(m, (u, items), 2.0 * labels - 1.0)
+    _, s, vt = np.linalg.svd(m, full_matrices=False)
+    out = np.zeros((n_items, k), np.float32)  # fewer users than k: the missing factors stay zero
+    r = min(k, len(s))
+    out[:, :r] = vt[:r].T * np.sqrt(s[:r])
+    return out
 
-    f = rows.frame
-    users = pd.factorize(f["user_id"])[0]
-    days = (pd.to_datetime(f["event_timestamp"], utc=True).astype("int64") // (86400 * 10**9)).to_numpy()
-    labels = f["label"].to_numpy()
-    genres = sorted({g for s in f["genres"].dropna() for g in str(s).split("|") if g})
-    item_genres = np.zeros((len(rows.item_keys), len(genres)), np.float32)
-    index = {g: i for i, g in enumerate(genres)}
-    for idx, value in zip(rows.item_idx, f["genres"], strict=True):
-        for g in str(value).split("|") if isinstance(value, str) else ():
-            item_genres[idx, index[g]] = 1.0
-    llm_items, _ = vector_matrix(f, "item_vector", DIM)  # (N, 64): each row's item, as published
-    item_llm = np.zeros((len(rows.item_keys), DIM), np.float32)
-    item_llm[rows.item_idx] = llm_items
-    arms: dict[str, tuple[Any, Any]] = {}
-    for name, per_item in (
-        ("history: genres (no LLM)", item_genres),
-        ("history: item-id embeddings (no LLM)", id_item_emb[item_emb_index]),
-        ("history: LLM item vectors (MARC)", item_llm),
+
+@dataclass
+class World:
+    """One protocol's rows: the scoring frame (all vector columns of each representation), masks, slices."""
+
+    name: str
+    frames: dict[str, pd.DataFrame]  # representation -> scoring frame
+    masks: dict[str, np.ndarray]
+    slices: dict[str, np.ndarray]  # name -> (N,) bool
+
+
+def build_world(
+    ev: Events, protocol: str, layer: int, cold: np.ndarray, settings: Settings, reps: Sequence[str]
+) -> World:
+    """The protocol's rows and features; `reps`: which item representations to build frames for."""
+    from llmfeat.spark_jobs.training_set import split_masks
+
+    keep = np.ones(len(ev.frame), bool)
+    if protocol == "cold_items":  # launched at the test period: their earlier events never happened
+        keep = ~(cold[ev.item] & (ev.frame["split"] != "test").to_numpy())
+    f = ev.frame[keep].reset_index(drop=True)
+    user, item, micros, day = ev.user[keep], ev.item[keep], ev.micros[keep], ev.day[keep]
+    y = f["label"].to_numpy(np.int64)
+    masks = split_masks(f, settings.ctr.stop_frac)
+    clock = day if protocol == "daily" else micros
+    for who, key in (("user", user), ("item", item)):  # as of the previous day, as Feast's daily counters
+        f[f"{who}_impressions"], f[f"{who}_clicks"] = earlier_counts(key, day, y)
+    n, liked = earlier_counts(user, clock, y)
+    base, prior = float(y[masks["train"]].mean()), settings.state.prior_weight
+    f["event_count"] = n
+    f["like_rate"] = np.where(n > 0, (liked + prior * base) / (n + prior), np.nan)
+    f["item_event_count"], f["item_liked_count"] = earlier_counts(item, clock, y)
+    fit_items = np.unique(item[masks["fit"]])
+    frames = {}
+    for rep in reps:
+        vectors: np.ndarray | tuple[np.ndarray, np.ndarray]
+        if rep == "llm":
+            vectors = pca_items(ev.states[layer], fit_items)
+        elif rep == "genre":
+            vectors = ev.genres
+        else:
+            vectors = out_of_fold_histories(f, user, item, clock, y, masks, len(ev.item_keys))
+        frames[rep] = with_vectors(f, user, item, clock, y, n, vectors)
+    return World(protocol, frames, masks, slices(f, user, item, micros, day, y, cold[item], protocol))
+
+
+def with_vectors(
+    f: pd.DataFrame,
+    user: np.ndarray,
+    item: np.ndarray,
+    clock: np.ndarray,
+    y: np.ndarray,
+    n: np.ndarray,
+    vectors: np.ndarray | tuple[np.ndarray, np.ndarray],
+) -> pd.DataFrame:
+    """f plus item_vector, liked_mean and disliked_mean (null before the user's first event). `vectors`:
+    (I, D), or (per-row item vectors (N, D), per-row histories (N, 2D)) when rows differ in what they see."""
+    if isinstance(vectors, tuple):
+        per_row, hist = vectors
+    else:
+        per_row, hist = vectors[item], history_means(user, item, clock, y, vectors)
+    d = per_row.shape[1]
+    none = n == 0
+    out = f.copy()
+    out["item_vector"] = list(per_row.astype(np.float32))
+    out["liked_mean"] = [None if m else v for v, m in zip(hist[:, :d], none, strict=True)]
+    out["disliked_mean"] = [None if m else v for v, m in zip(hist[:, d:], none, strict=True)]
+    return out
+
+
+def out_of_fold_histories(
+    f: pd.DataFrame,
+    user: np.ndarray,
+    item: np.ndarray,
+    clock: np.ndarray,
+    y: np.ndarray,
+    masks: dict[str, np.ndarray],
+    n_items: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Id-embedding item vectors and histories: a fit row of a user in one half sees factors fitted on the
+    other half's fit rows (its own label never shaped them); other rows see factors of all fit rows."""
+    fit = masks["fit"]
+    half = (user % 2).astype(bool)
+    every = item_factors(user[fit], item[fit], y[fit], n_items)
+    per_row, hist = every[item], history_means(user, item, clock, y, every)
+    for side in (False, True):
+        other = fit & (half != side)
+        factors = item_factors(user[other], item[other], y[other], n_items)
+        rows = fit & (half == side)
+        per_row[rows] = factors[item[rows]]
+        hist[rows] = history_means(user, item, clock, y, factors)[rows]
+    return per_row, hist
+
+
+def slices(
+    f: pd.DataFrame,
+    user: np.ndarray,
+    item: np.ndarray,
+    micros: np.ndarray,
+    day: np.ndarray,
+    y: np.ndarray,
+    cold: np.ndarray,
+    protocol: str,
+) -> dict[str, np.ndarray]:
+    """Row slices: items by their strictly earlier events, users by what came before the row."""
+    item_events, _ = earlier_counts(item, micros, y)
+    user_events, _ = earlier_counts(user, micros, y)
+    user_days, _ = earlier_counts(user, day, y)
+    out = {"all": np.ones(len(f), bool)}
+    for name, lo, hi in (
+        ("item events 0", 0, 0),
+        ("item events 1-4", 1, 4),
+        ("item events 5-19", 5, 19),
+        ("item events 20+", 20, np.inf),
     ):
-        hist = history_means(users, rows.item_idx, days, labels, per_item)
-        arms[name] = (hist, per_item[rows.item_idx])
-    return arms
+        out[name] = (item_events >= lo) & (item_events <= hi)
+    out["user: first event"] = user_events == 0
+    out["user: earlier events that day"] = (user_events > 0) & (user_days == 0)
+    out["user: earlier days"] = user_days > 0
+    if protocol == "cold_items":
+        out["cold items"], out["warm items"] = cold, ~cold
+    return out
 
 
-def fit_arm(settings: Settings, rows: Rows, vectors: tuple[Any, Any], seed: int, id_state: Any) -> np.ndarray:
-    from llmfeat.models.ctr.train import fit_model, predict
+def usable(frame: pd.DataFrame, fit: np.ndarray) -> pd.DataFrame:
+    """The frame without vector columns that no fit row has (e.g. daily histories where every user's rows
+    fall on one day): the encoder cannot fit what it never sees, and the arm then equals the one without."""
+    empty = [c for c in ("liked_mean", "disliked_mean") if c in frame and frame.loc[fit, c].isna().all()]
+    if empty:
+        log.warning("no fit row has %s: those arms see no history", ", ".join(empty))
+    return frame.drop(columns=empty)
 
-    user, item = vectors
-    n = len(rows.frame)
-    frame = rows.frame.assign(
-        user_vector=list(user) if user is not None else [None] * n,
-        item_vector=list(item) if item is not None else [None] * n,
-    )
-    if user is None:  # an arm without user vectors: a constant placeholder the encoder standardises to 0
-        frame["user_vector"] = [np.zeros(1, np.float32)] * n
-    if item is None:
-        frame["item_vector"] = [np.zeros(1, np.float32)] * n
-    cfg = settings.ctr.model_copy(update={"seed": seed})
-    model, encoder = fit_model(
-        frame, rows.masks, True, cfg, residual_rows=rows.residual_rows, id_state=id_state
-    )
-    return predict(model, encoder, frame)
+
+def block_columns(names: list[str], blocks: Sequence[str]) -> np.ndarray:
+    """Indices of the tree matrix's columns an arm sees: the base, plus item vectors and/or the history."""
+    from llmfeat.models.ctr.features import FRESH_COSINES
+
+    def block(name: str) -> str:
+        if name.startswith("item_vector_"):
+            return "item"
+        if name.startswith(("liked_mean_", "disliked_mean_")) or name in FRESH_COSINES:
+            return "history"
+        return "base"
+
+    return np.array([k for k, n in enumerate(names) if block(n) == "base" or block(n) in blocks])
+
+
+class TreeArms:
+    """The tree family: one encoder and matrix per representation, an arm is a set of its columns."""
+
+    def __init__(self, world: World, settings: Settings):
+        from llmfeat.models.ctr.features import FeatureEncoder
+        from llmfeat.models.ctr.tree import tree_feature_names, tree_matrix
+
+        self.world, self.cfg = world, settings.ctr
+        self.matrices: dict[str, tuple[np.ndarray, list[str]]] = {}
+        for rep, frame in world.frames.items():
+            frame = usable(frame, world.masks["fit"])
+            y = frame["label"].to_numpy(np.float32)
+            encoder = FeatureEncoder.fit(frame, y, world.masks["fit"], world.masks["train"], True)
+            self.matrices[rep] = (tree_matrix(encoder.transform(frame)), tree_feature_names(encoder))
+        self.y = next(iter(world.frames.values()))["label"].to_numpy(np.float32)
+
+    def predict(self, rep: str, blocks: Sequence[str], seed: int) -> np.ndarray:
+        from llmfeat.models.ctr.tree import fit_booster
+
+        x, names = self.matrices[rep]
+        cols = block_columns(names, blocks)
+        cfg = self.cfg.model_copy(update={"seed": seed})
+        m = self.world.masks
+        booster = fit_booster(x[:, cols], self.y, m["fit"], m["valid"], [names[c] for c in cols], cfg)
+        return np.asarray(booster.predict(x[:, cols], num_iteration=booster.best_iteration), np.float64)
+
+
+class DnnArms:
+    """The DNN family: the id model and its LLM branch (models/ctr/train.py) on the arm's columns."""
+
+    def __init__(self, world: World, settings: Settings):
+        self.world, self.cfg = world, settings.ctr
+
+    def predict(self, rep: str, blocks: Sequence[str], seed: int) -> np.ndarray:
+        from llmfeat.models.ctr.train import fit_model, predict
+
+        frame = usable(self.world.frames[rep], self.world.masks["fit"])
+        drop = [] if "history" in blocks else ["liked_mean", "disliked_mean"]
+        drop += [] if "item" in blocks else ["item_vector"]
+        frame = frame.drop(columns=[c for c in drop if c in frame])
+        cfg = self.cfg.model_copy(update={"seed": seed})
+        model, encoder = fit_model(frame, self.world.masks, bool(blocks), cfg)
+        return predict(model, encoder, frame)
 
 
 def run(
     spark: SparkSession | None,
     settings: Settings,
-    seeds: int = 3,
-    layers: Sequence[int] = (15,),
-    item_layers: Sequence[int] = (),
+    family: str = "lightgbm",
+    protocols: Sequence[str] = PROTOCOLS,
+    layers: Sequence[int] = (8, 15, 22, 30),
+    seeds: int = 5,
+    cold_frac: float = 0.2,
     out: Path = Path("docs"),
 ) -> dict[str, Any]:
-    """Every arm over `seeds` seeds, the layer curve over `layers` and `item_layers` (items only); writes
-    <out>/ctr_results.{json,md} after each seed. Without `spark`, Delta is read with delta-rs."""
-    from llmfeat.feast_join import vector_matrix
-    from llmfeat.models.ctr.train import fit_model, predict
-
+    """Every protocol's layer curve (trees), arms and comparisons; results merged into <out>/ctr_results.json
+    (this family's entries replaced) after each protocol, so a long run leaves what it has."""
     started = time.monotonic()
-    rows = load_rows(settings, spark)
-    f = rows.frame
-    published = tuple(vector_matrix(f, c, DIM)[0] for c in ("user_vector", "item_vector"))
-    preds: dict[str, list[np.ndarray]] = {}
-    # The layer curve's compressors are fitted once, and its arms trained with the first seed only (the
-    # main arms get every seed): a CPU budget choice, stated in the table.
-    curve: dict[str, tuple[Any, Any]] = {}
-    for layer in layers:
-        curve |= layer_arms(settings, rows, layer, True)
-    for layer in item_layers:
-        curve |= {f"{k} (items only)": v for k, v in layer_arms(settings, rows, layer, False).items()}
-    results: dict[str, Any] = {}
-    for seed in range(seeds):
-        cfg = settings.ctr.model_copy(update={"seed": seed})
-        ids = f.drop(columns=["user_vector", "item_vector"])
-        champion, encoder = fit_model(ids, rows.masks, False, cfg)
-        preds.setdefault("ids", []).append(predict(champion, encoder, ids))
-        state = {k: v for k, v in champion.state_dict().items()}
-        emb = champion.fields.item_emb.weight.detach().numpy()
-        emb_index = np.array([encoder.item_ids.index(k) + 1 if k in encoder.item_ids else 0
-                              for k in rows.item_keys])  # fmt: skip
-        arms: dict[str, tuple[Any, Any]] = {
-            "+ item (MARC)": (None, published[1]),
-            "+ user (MARC)": (published[0], None),
-            "+ both (MARC)": (published[0], published[1]),
+    ev = load_events(settings, layers, spark)
+    cold = np.random.default_rng(settings.ctr.seed).random(len(ev.item_keys)) < cold_frac
+    results: dict[str, Any] = {
+        "family": family,
+        "n_boot": settings.ctr.n_boot,
+        "cold_items_frac": cold_frac,
+        "protocols": {},
+        "comparisons": [],
+    }
+    arms = ARMS if family == "lightgbm" else DNN_ARMS
+    for protocol in protocols:
+        curve = {}
+        if family == "lightgbm":
+            for layer in layers:
+                world = build_world(ev, protocol, layer, cold, settings, ["llm"])
+                p = TreeArms(world, settings).predict("llm", ARMS[BOTH][1], 0)
+                curve[layer] = {"valid_auc": _auc(world, p, "valid"), "test_auc": _auc(world, p, "test")}
+                log.info("%s layer %d: valid AUC %.4f", protocol, layer, curve[layer]["valid_auc"])
+            chosen = max(curve, key=lambda k: curve[k]["valid_auc"])
+        else:
+            chosen = _chosen_layer(out, protocol, layers)
+        reps = sorted({rep for rep, _ in arms.values()})
+        world = build_world(ev, protocol, chosen, cold, settings, reps)
+        fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
+        preds: dict[str, list[np.ndarray]] = {}
+        for name, (rep, blocks) in arms.items():
+            n_seeds = seeds if name in (BASE, BOTH) else 1
+            preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(n_seeds)]
+            log.info(
+                "%s %s: %d seed(s), valid AUC %.4f",
+                protocol,
+                name,
+                n_seeds,
+                _auc(world, preds[name][0], "valid"),
+            )
+        results["protocols"][protocol] = {
+            "layer": chosen,
+            "layer_curve": curve,
+            "slices": _slice_sizes(world),
+            "arms": {
+                k: {"seeds": len(v), "valid_auc": _auc(world, np.mean(v, 0), "valid")}
+                for k, v in preds.items()
+            },
         }
-        arms |= history_arms(rows, emb, emb_index) | (curve if seed == 0 else {})
-        for name, vectors in arms.items():
-            log.info("seed %d: %s", seed, name)
-            preds.setdefault(name, []).append(fit_arm(settings, rows, vectors, seed, state))
-        # written after every seed: a long run leaves its results so far
-        results = summarise(rows, preds, settings.ctr.n_boot)
-        results["seeds"] = {k: len(v) for k, v in preds.items()}
+        results["comparisons"] += compare_arms(world, preds, family, settings.ctr.n_boot)
         results["seconds"] = time.monotonic() - started
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ctr_results.json").write_text(json.dumps(results, indent=1))
-        (out / "ctr_results.md").write_text(markdown(results))
+        write_results(out, results)
     return results
 
 
-def summarise(rows: Rows, preds: dict[str, list[np.ndarray]], n_boot: int) -> dict[str, Any]:
-    """Seed-mean predictions per arm; each arm's difference is taken against the id model averaged over the
-    same seeds (an arm trained with the first seed only is compared with the first seed's id model)."""
-    p = {k: np.mean(v, axis=0) for k, v in preds.items()}
-    f = rows.frame
-    y, users = f["label"].to_numpy(float), f["user_id"].to_numpy()
-    out: dict[str, Any] = {"n_boot": n_boot, "arms": {}, "slices": {}}
-    test = rows.masks["test"]
-    for slice_name, m in rows.slices.items():
-        sel = test & m
-        out["slices"][slice_name] = {"rows": int(sel.sum()), "users": int(len(set(users[sel])))}
-    for name, pred in p.items():
-        arm: dict[str, Any] = {}
-        for slice_name, m in rows.slices.items():
-            sel = test & m
-            if sel.sum() < 2:
+def _auc(world: World, p: np.ndarray, split: str) -> float:
+    m = world.masks[split]
+    return auc(next(iter(world.frames.values()))["label"].to_numpy()[m], p[m])
+
+
+def _slice_sizes(world: World) -> dict[str, dict[str, int]]:
+    f, test = next(iter(world.frames.values())), world.masks["test"]
+    return {
+        name: {"rows": int((test & m).sum()), "users": int(f.loc[test & m, "user_id"].nunique())}
+        for name, m in world.slices.items()
+    }
+
+
+def _chosen_layer(out: Path, protocol: str, layers: Sequence[int]) -> int:
+    """The DNN uses the layer the trees chose on validation (the curve is a tree-only cost)."""
+    path = out / "ctr_results.json"
+    if path.exists():
+        chosen = json.loads(path.read_text()).get("lightgbm", {}).get("protocols", {}).get(protocol, {})
+        if "layer" in chosen:
+            return int(chosen["layer"])
+    return 15 if 15 in layers else layers[0]
+
+
+def compare_arms(
+    world: World, preds: dict[str, list[np.ndarray]], family: str, n_boot: int
+) -> list[dict[str, Any]]:
+    """Paired differences (b - a) of every pair whose arms were run, on every slice of the test rows."""
+    f, test = next(iter(world.frames.values())), world.masks["test"]
+    y, users = f["label"].to_numpy(np.float64), f["user_id"].to_numpy()
+    weights = user_weights(users[test], n_boot)  # one set of user resamples for every comparison
+    out = []
+    for a, b in PAIRS:
+        if a not in preds or b not in preds:
+            continue
+        k = min(len(preds[a]), len(preds[b]))  # the seeds both have
+        pa, pb = np.mean(preds[a][:k], axis=0)[test], np.mean(preds[b][:k], axis=0)[test]
+        for name, m in world.slices.items():
+            sel = m[test]
+            if sel.sum() < 20 or len(set(y[test][sel])) < 2:
                 continue
-            metrics = metric_intervals(y[sel], pred[sel], users[sel], n_boot)
-            entry = {k: [v.mean, v.low, v.high] for k, v in metrics.items()}
-            if name != "ids":
-                base = np.mean(preds["ids"][: len(preds[name])], axis=0)
-                diff = paired_differences(y[sel], base[sel], pred[sel], users[sel], n_boot)
-                entry |= {f"diff_{k}": [v.mean, v.low, v.high] for k, v in diff.items()}
-            arm[slice_name] = entry
-        valid = rows.masks["valid"]
-        arm["valid_auc"] = float(metric_intervals(y[valid], pred[valid], users[valid], 0)["auc"].mean)
-        out["arms"][name] = arm
+            deltas = paired_deltas(y[test][sel], pa[sel], pb[sel], weights[:, sel])
+            for metric, iv in deltas.items():
+                out.append(
+                    {
+                        "protocol": world.name,
+                        "slice": name,
+                        "a": a,
+                        "b": b,
+                        "a_uses_llm": a in LLM_ARMS,
+                        "b_uses_llm": b in LLM_ARMS,
+                        "family": family,
+                        "metric": metric,
+                        "diff": [iv.mean, iv.low, iv.high],
+                        "detectable": (iv.high - iv.low) / 2,
+                        "rows": int(sel.sum()),
+                        "users": int(len(set(users[test][sel]))),
+                        "n_boot": n_boot,
+                        "seeds": k,
+                    }
+                )
     return out
 
 
-def markdown(r: dict[str, Any]) -> str:
-    slices = list(r["slices"])
-    head = "| arm | seeds | valid AUC | " + " | ".join(f"test AUC {s}" for s in slices)
-    head += " | AUC - ids, all [95%] | AUC - ids, earlier-day history [95%] | LogLoss - ids, all |"
-    lines = [head, "|" + "---|" * (len(slices) + 6)]
-    for name, arm in r["arms"].items():
-        cells = [f"{arm[s]['auc'][0]:.4f}" if s in arm else "-" for s in slices]
-        diffs = []
-        for s, key in (("all", "diff_auc"), ("earlier-day history", "diff_auc"), ("all", "diff_logloss")):
-            d = arm.get(s, {}).get(key)
-            diffs.append(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]" if d else "-")
-        seeds = r["seeds"][name]
-        lines.append(f"| {name} | {seeds} | {arm['valid_auc']:.4f} | " + " | ".join(cells + diffs) + " |")
-    sizes = ", ".join(f"{s}: {v['rows']:,} rows / {v['users']} users" for s, v in r["slices"].items())
-    lines.append(
-        f"\nTest slices: {sizes}. Predictions averaged over the seeds shown; intervals resample users."
-    )
-    return "\n".join(lines) + "\n"
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """Merge this family's results into <out>/ctr_results.json and rewrite <out>/ctr_results.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ctr_results.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored = stored if "comparisons" in stored else {}  # a file of an older layout is replaced
+    family = results["family"]
+    stored[family] = {k: v for k, v in results.items() if k != "comparisons"}
+    kept = [c for c in stored.get("comparisons", []) if c["family"] != family]
+    stored["comparisons"] = kept + results["comparisons"]
+    path.write_text(json.dumps(stored, indent=1))
+    (out / "ctr_results.md").write_text(markdown(stored))
+
+
+def markdown(stored: dict[str, Any]) -> str:
+    lines = [
+        "# CTR ablation: what LLM features add, by protocol, family and slice",
+        "",
+        "Written by `llmfeat ctr-ablation` from ctr_results.json. AUC(b) - AUC(a) on the test rows, 95% "
+        "interval over user resamples; `±` is the half-width, the smallest difference the comparison "
+        "could detect.",
+        "",
+    ]
+    for family in ("lightgbm", "dnn"):
+        if family not in stored:
+            continue
+        r = stored[family]
+        lines += [f"## {family} ({r['n_boot']} user resamples, cold items {r['cold_items_frac']:.0%})", ""]
+        for protocol, p in r["protocols"].items():
+            curve = ", ".join(f"{k}: {v['valid_auc']:.4f}" for k, v in p["layer_curve"].items())
+            lines += [
+                f"### {protocol}: layer {p['layer']}" + (f" (valid AUC by layer: {curve})" if curve else ""),
+                "",
+                "| b | a | slice | rows / users | seeds | AUC b - a [95%] | ± |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for c in stored["comparisons"]:
+                if c["family"] == family and c["protocol"] == protocol and c["metric"] == "auc":
+                    d = c["diff"]
+                    lines.append(
+                        f"| {c['b']} | {c['a']} | {c['slice']} | {c['rows']:,} / {c['users']} | "
+                        f"{c['seeds']} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] | {c['detectable']:.4f} |"
+                    )
+            lines.append("")
+    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--layers", default="15", help="layers with user snapshots and items (comma list)")
-    parser.add_argument("--item-layers", default="", help="layers with items only (comma list)")
+    parser.add_argument("--family", choices=("lightgbm", "dnn"), default="lightgbm")
+    parser.add_argument(
+        "--protocols", default=",".join(PROTOCOLS), help="comma list of daily, fresh, cold_items"
+    )
+    parser.add_argument(
+        "--cold-items", type=float, default=0.2, help="share of items launched at the test period"
+    )
+    parser.add_argument("--layers", default="8,15,22,30", help="tapped layers of the curve (comma list)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of the headline pairs (the rest: 1)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
 
 
@@ -325,9 +536,18 @@ def command(args: argparse.Namespace) -> int:
     settings = command_settings("ctr-ablation", args.config, args.overrides)
     if settings is None:
         return 2
+    protocols = [p for p in args.protocols.split(",") if p]
+    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or not 0 < args.cold_items < 1:
+        print(
+            f"ctr-ablation: unknown protocol {unknown} (expected {', '.join(PROTOCOLS)}) or --cold-items "
+            f"{args.cold_items} not in (0, 1)",
+            file=sys.stderr,
+        )
+        return 2
     layers = [int(x) for x in args.layers.split(",") if x]
-    item_layers = [int(x) for x in args.item_layers.split(",") if x]
-    print(markdown(run(None, settings, args.seeds, layers, item_layers, args.out)))
+    run(None, settings, args.family, protocols, layers, args.seeds, args.cold_items, args.out)
+    print((args.out / "ctr_results.md").read_text())
     return 0
 
 

@@ -13,7 +13,7 @@ llmfeat user-state                     # each user's fresh state over the item v
 llmfeat push EVENTS.jsonl              # events through the online event path (as POST /events), logged
 llmfeat bahe encode|train|evaluate     # BAHE: behaviour table, hierarchical user encoder, comparison
 llmfeat train-ctr | compare | promote  # CTR models in MLflow: train, offline A/B, gated promotion
-llmfeat ctr-ablation                   # what LLM features add to the id model, by slice and layer
+llmfeat ctr-ablation                   # what LLM features add, by freshness protocol, family, slice, layer
 llmfeat serve | abtest replay|analyze|run  # ranking service and the online A/B
 llmfeat demo                           # the end-to-end job on the embedded defaults
 """
@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     from llmfeat.spark_jobs import ctr_ablation
 
     ablation = sub.add_parser(
-        "ctr-ablation", help="what LLM features add to the id model, by slice and layer"
+        "ctr-ablation",
+        help="what LLM features add to ids, counters and content: daily, fresh and cold-item protocols, "
+        "either model family, by slice and layer",
     )
     config_args(ablation)
     ctr_ablation.add_arguments(ablation)

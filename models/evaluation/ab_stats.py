@@ -151,3 +151,24 @@ def unit_hash(text: str) -> float:
 def item_bid(item_id: str, bid_min: float, bid_max: float) -> float:
     """The assumed cost-per-click bid of an item (see the module docstring)."""
     return bid_min + (bid_max - bid_min) * unit_hash(f"bid:{item_id}")
+
+
+def paired_deltas(
+    y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, weights: np.ndarray
+) -> dict[str, Interval]:
+    """AUC(b) - AUC(a) and LogLoss(b) - LogLoss(a), paired, with percentile intervals over the user
+    resamples `weights` (n_boot, N) of `user_weights`: `paired_differences` as matrix products, for
+    ablations that compare many pairs and slices on one set of resamples."""
+    from llmfeat.models.evaluation.metrics import row_logloss, weighted_aucs
+
+    out = {}
+    ones = np.ones((1, len(y)), np.float32)
+    for name, f in (
+        ("auc", lambda w: weighted_aucs(y, p_b, w) - weighted_aucs(y, p_a, w)),
+        ("logloss", lambda w: w @ (row_logloss(y, p_b) - row_logloss(y, p_a)) / w.sum(axis=1)),
+    ):
+        values = np.asarray(f(weights), np.float64)
+        values = values[np.isfinite(values)]
+        low, high = np.quantile(values, [0.025, 0.975]) if len(values) else (np.nan, np.nan)
+        out[name] = Interval(float(f(ones)[0]), float(low), float(high))
+    return out

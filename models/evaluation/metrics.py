@@ -129,3 +129,35 @@ def paired_auc_difference(
     or over users when `groups` is given."""
     fa, fb = seed_mean_auc(y, preds_a), seed_mean_auc(y, preds_b)
     return bootstrap_interval(lambda idx: fa(idx) - fb(idx), len(y), n_boot, seed, groups=groups)
+
+
+def user_weights(groups: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """(n_boot, N) float32 row weights of `n_boot` user resamples: each row counts as often as its user was
+    drawn. The same draws as `resamples(..., groups=groups)` would make, as weights instead of indices, so
+    that many metrics over one set of resamples are a few matrix products."""
+    _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    k = int(inverse.max()) + 1 if len(inverse) else 0
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.bincount(rng.integers(0, k, k), minlength=k) for _ in range(n_boot)])  # (B, U)
+    return draws[:, inverse].astype(np.float32)
+
+
+def weighted_aucs(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC under each row of `weights` (B, N) -> (B,): a positive outranks the negatives below it, and half
+    of those tied with it; nan where a resample has one class only."""
+    order = np.argsort(p, kind="mergesort")
+    sorted_p, pos = np.asarray(p)[order], np.asarray(y)[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])  # tie blocks
+    w = weights[:, order]
+    pos_w = np.add.reduceat(np.where(pos, w, 0.0), starts, axis=1)  # (B, G)
+    neg_w = np.add.reduceat(np.where(pos, 0.0, w), starts, axis=1)
+    below = np.cumsum(neg_w, axis=1) - neg_w
+    total = pos_w.sum(axis=1) * neg_w.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, (pos_w * (below + 0.5 * neg_w)).sum(axis=1) / total, np.nan)
+
+
+def row_logloss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(y, dtype=np.float64)
+    return -(y * np.log(p) + (1 - y) * np.log(1 - p))

@@ -1,0 +1,118 @@
+"""The CTR ablation: point-in-time counters and histories at either freshness, the cold-items world, the
+user-resampled paired differences, and a run of every protocol and both families on the tiny lake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_ctr_lake import build_lake
+
+from llmfeat.delta_io import RustDelta
+from llmfeat.models.ctr.history import earlier_counts, history_means
+from llmfeat.models.evaluation.ab_stats import paired_deltas, paired_differences
+from llmfeat.models.evaluation.metrics import user_weights
+from llmfeat.spark_jobs import ctr_ablation
+
+
+def brute_counts(keys: np.ndarray, times: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    earlier = (keys[:, None] == keys[None, :]) & (times[None, :] < times[:, None])  # (row, other)
+    return earlier.sum(axis=1), (earlier * labels[None, :]).sum(axis=1)
+
+
+@pytest.mark.unit
+def test_counts_and_histories_see_strictly_earlier_times_only() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    keys, times, labels = rng.integers(0, 9, n), rng.integers(0, 30, n), rng.integers(0, 2, n)
+    events, liked = earlier_counts(keys, times, labels)
+    want_events, want_liked = brute_counts(keys, times, labels)
+    np.testing.assert_array_equal(events, want_events)  # rows at the same time never see each other
+    np.testing.assert_array_equal(liked, want_liked)
+    items = rng.integers(0, 5, n)
+    vectors = rng.normal(size=(5, 3))
+    hist = history_means(keys, items, times, labels, vectors)
+    for row in rng.choice(n, 20, replace=False):
+        seen = (keys == keys[row]) & (times < times[row])
+        for lab, part in ((1, hist[row, :3]), (0, hist[row, 3:])):
+            chosen = items[seen & (labels == lab)]
+            want = vectors[chosen].mean(axis=0) if len(chosen) else np.zeros(3)
+            np.testing.assert_allclose(part, want, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_paired_deltas_are_the_user_bootstrap_of_paired_differences() -> None:
+    rng = np.random.default_rng(0)
+    n = 2000
+    y, users = rng.integers(0, 2, n), rng.integers(0, 80, n)
+    p_a, p_b = rng.random(n) * 0.5 + 0.2 * y, rng.random(n) * 0.5 + 0.3 * y
+    fast = paired_deltas(y, p_a, p_b, user_weights(users, 200))
+    slow = paired_differences(y, p_a, p_b, users, 200)
+    for metric in ("auc", "logloss"):
+        for got, want in zip(vars(fast[metric]).values(), vars(slow[metric]).values(), strict=True):
+            assert got == pytest.approx(want, abs=1e-6), metric
+    assert fast["auc"].low > 0  # b is better, and its interval says so
+
+
+def with_item_states(settings, layers: tuple[int, ...] = (1, 2), dim: int = 12) -> None:  # type: ignore[no-untyped-def]
+    """An items_repr table (the encode job's layout, the columns the ablation reads) for the tiny lake."""
+    tables = RustDelta(settings.delta_root)
+    items = tables.read_arrow("items")["item_id"].to_pylist()
+    rng = np.random.default_rng(1)
+    rows = [(i, layer, rng.normal(size=dim).astype(np.float32).tolist()) for layer in layers for i in items]
+    table = pa.table(
+        {
+            "item_id": [r[0] for r in rows],
+            "layer": pa.array([r[1] for r in rows], pa.int32()),
+            "vector": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+        }
+    )
+    tables.write("items_repr", table)
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    settings = build_lake(tmp_path_factory.mktemp("ablation"), "ctr.tree_min_leaf=5", "ctr.n_boot=100")
+    with_item_states(settings)
+    return settings
+
+
+@pytest.mark.integration
+def test_cold_items_are_launched_at_the_test_period(lake) -> None:  # type: ignore[no-untyped-def]
+    ev = ctr_ablation.load_events(lake, [1])
+    cold = np.zeros(len(ev.item_keys), bool)
+    cold[:10] = True
+    world = ctr_ablation.build_world(ev, "cold_items", 1, cold, lake, ["llm"])
+    f = world.frames["llm"]
+    is_cold = f["item_id"].isin(set(ev.item_keys[:10])).to_numpy()
+    assert is_cold.any() and not (is_cold & ~world.masks["test"]).any()  # no earlier row holds them
+    assert world.slices["cold items"].tolist() == is_cold.tolist()
+    # their first test rows see no earlier event of theirs, in any counter
+    first = f[is_cold].groupby("item_id").head(1)
+    assert first["item_event_count"].eq(0).all() and first["item_impressions"].eq(0).all()
+
+
+@pytest.mark.integration
+def test_every_protocol_and_family_writes_comparisons(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "docs"
+    ctr_ablation.run(None, lake, "lightgbm", ctr_ablation.PROTOCOLS, (1, 2), 2, 0.5, out)
+    dnn = lake.model_copy(update={"ctr": lake.ctr.model_copy(update={"max_epochs": 1, "hidden": [8]})})
+    ctr_ablation.run(None, dnn, "dnn", ["fresh"], (1, 2), 1, 0.5, out)
+    stored = json.loads((out / "ctr_results.json").read_text())
+    assert stored["lightgbm"]["protocols"]["fresh"]["layer"] in (1, 2)
+    assert set(stored["lightgbm"]["protocols"]["daily"]["layer_curve"]) == {"1", "2"}
+    comparisons = stored["comparisons"]
+    keys = {"protocol", "slice", "a", "b", "a_uses_llm", "b_uses_llm", "family", "metric", "diff", "rows",
+            "users", "n_boot", "seeds", "detectable"}  # fmt: skip
+    assert all(keys <= set(c) for c in comparisons)
+    assert {c["family"] for c in comparisons} == {"lightgbm", "dnn"}
+    assert {c["protocol"] for c in comparisons if c["family"] == "lightgbm"} == set(ctr_ablation.PROTOCOLS)
+    headline = [c for c in comparisons if c["family"] == "lightgbm" and c["b"] == ctr_ablation.BOTH
+                and c["a"] == ctr_ablation.BASE and c["slice"] == "all" and c["metric"] == "auc"]  # fmt: skip
+    assert len(headline) == 3 and all(c["seeds"] == 2 and c["n_boot"] == 100 for c in headline)
+    assert all(c["diff"][1] <= c["diff"][0] <= c["diff"][2] for c in headline)
+    assert any(c["slice"] == "cold items" for c in comparisons)
+    assert "| + both | ids + counters + content | all |" in (out / "ctr_results.md").read_text()
