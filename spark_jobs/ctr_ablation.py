@@ -51,7 +51,7 @@ from llmfeat.config import Settings
 from llmfeat.models.ctr.history import earlier_counts, history_means
 from llmfeat.models.evaluation.ab_stats import paired_deltas
 from llmfeat.models.evaluation.metrics import auc, user_weights
-from llmfeat.reprs import dequantise_int8, layer_matrix, quantise_int8, repr_table
+from llmfeat.reprs import ReprError, dequantise_int8, layer_matrix, quantise_int8, repr_table
 from llmfeat.sample import Sample
 
 if TYPE_CHECKING:
@@ -163,8 +163,72 @@ class World:
     slices: dict[str, np.ndarray]  # name -> (N,) bool
 
 
+class LlmItems:
+    """The LLM item vectors (I, 64) of a tapped layer, as the arms see them (int8 round trip: the published
+    size). `pca`: principal components of the item states, fitted on the items of the fit rows (no labels).
+    `marc`: the MARC compressor fitted as `llmfeat train-compressor` fits it (user snapshots and items of
+    the layer, MARC's fitting period, marc.* settings), without the rows of held-out items; one fit per layer
+    and held-out set. MARC needs the layer in user_snapshots_repr too."""
+
+    def __init__(self, ev: Events, settings: Settings, kind: str):
+        self.ev, self.settings, self.kind = ev, settings, kind
+        self.fits: dict[tuple[int, bytes], np.ndarray] = {}
+
+    def layers(self, wanted: Sequence[int]) -> list[int]:
+        if self.kind == "pca":
+            return list(wanted)
+        from llmfeat.delta_io import open_tables
+        from llmfeat.sample import distinct_values
+
+        tables = open_tables(self.settings)
+        users = set(distinct_values(tables, repr_table("user_snapshots"), ["layer"]).get("layer", []))
+        kept = [k for k in wanted if k in users]
+        if not kept:
+            raise ReprError(f"marc: none of layers {list(wanted)} is in {repr_table('user_snapshots')}")
+        return kept
+
+    def __call__(self, layer: int, fit_items: np.ndarray, held_out: np.ndarray) -> np.ndarray:
+        if self.kind == "pca":
+            return pca_items(self.ev.states[layer], fit_items)
+        key = (layer, held_out.tobytes())
+        if key not in self.fits:
+            self.fits[key] = self._marc(layer, set(self.ev.item_keys[held_out]))
+        return self.fits[key]
+
+    def _marc(self, layer: int, held_out: set[str]) -> np.ndarray:
+        from llmfeat.models.marc.train import compress, fit_marc, marc_periods
+        from llmfeat.spark_jobs.train_compressor import load_inputs, marc_config, train_config
+
+        cfg = self.settings.marc.model_copy(update={"layer": layer})
+        a, states, _ = load_inputs(None, self.settings.model_copy(update={"marc": cfg}))
+        periods = marc_periods(a.timestamp, a.split, cfg.fit_frac, cfg.stop_frac)
+        kept = ~np.isin(a.item_keys[a.item_idx], list(held_out))
+        fit = fit_marc(
+            a,
+            states["users"],
+            states["items"],
+            marc_config(cfg, states["items"].shape[1]),
+            train_config(cfg),
+            fit_rows=np.flatnonzero(periods["marc_fit"] & kept),
+            stop_rows=np.flatnonzero(periods["marc_stop"] & kept),
+            max_fit_rows=cfg.max_fit_rows,
+        )
+        z = int8_round_trip(compress(fit.compressor("items"), states["items"]))  # (I', 64), a.item_keys order
+        out = np.zeros((len(self.ev.item_keys), z.shape[1]), np.float32)
+        found = pd.Index(a.item_keys).get_indexer(self.ev.item_keys)
+        out[found >= 0] = z[found[found >= 0]]
+        log.info("MARC at layer %d fitted without %d held-out items", layer, len(held_out))
+        return out
+
+
 def build_world(
-    ev: Events, protocol: str, layer: int, cold: np.ndarray, settings: Settings, reps: Sequence[str]
+    ev: Events,
+    protocol: str,
+    layer: int,
+    cold: np.ndarray,
+    settings: Settings,
+    reps: Sequence[str],
+    llm: LlmItems | None = None,
 ) -> World:
     """The protocol's rows and features; `reps`: which item representations to build frames for."""
     from llmfeat.spark_jobs.training_set import split_masks
@@ -189,7 +253,8 @@ def build_world(
     for rep in reps:
         vectors: np.ndarray | tuple[np.ndarray, np.ndarray]
         if rep == "llm":
-            vectors = pca_items(ev.states[layer], fit_items)
+            held_out = cold if protocol == "cold_items" else np.zeros_like(cold)
+            vectors = (llm or LlmItems(ev, settings, "pca"))(layer, fit_items, held_out)
         elif rep == "genre":
             vectors = ev.genres
         else:
@@ -353,14 +418,18 @@ def run(
     seeds: int = 5,
     cold_frac: float = 0.2,
     out: Path = Path("docs"),
+    representation: str = "marc",
 ) -> dict[str, Any]:
     """Every protocol's layer curve (trees), arms and comparisons; results merged into <out>/ctr_results.json
     (this family's entries replaced) after each protocol, so a long run leaves what it has."""
     started = time.monotonic()
-    ev = load_events(settings, layers, spark)
+    ev = load_events(settings, layers if representation == "pca" else [], spark)
+    llm = LlmItems(ev, settings, representation)
+    layers = llm.layers(layers)
     cold = np.random.default_rng(settings.ctr.seed).random(len(ev.item_keys)) < cold_frac
     results: dict[str, Any] = {
         "family": family,
+        "representation": representation,
         "n_boot": settings.ctr.n_boot,
         "cold_items_frac": cold_frac,
         "protocols": {},
@@ -371,15 +440,15 @@ def run(
         curve = {}
         if family == "lightgbm":
             for layer in layers:
-                world = build_world(ev, protocol, layer, cold, settings, ["llm"])
+                world = build_world(ev, protocol, layer, cold, settings, ["llm"], llm)
                 p = TreeArms(world, settings).predict("llm", ARMS[BOTH][1], 0)
                 curve[layer] = {"valid_auc": _auc(world, p, "valid"), "test_auc": _auc(world, p, "test")}
                 log.info("%s layer %d: valid AUC %.4f", protocol, layer, curve[layer]["valid_auc"])
             chosen = max(curve, key=lambda k: curve[k]["valid_auc"])
         else:
-            chosen = _chosen_layer(out, protocol, layers)
+            chosen = _chosen_layer(out, protocol, layers, representation)
         reps = sorted({rep for rep, _ in arms.values()})
-        world = build_world(ev, protocol, chosen, cold, settings, reps)
+        world = build_world(ev, protocol, chosen, cold, settings, reps, llm)
         fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
         preds: dict[str, list[np.ndarray]] = {}
         for name, (rep, blocks) in arms.items():
@@ -401,7 +470,7 @@ def run(
                 for k, v in preds.items()
             },
         }
-        results["comparisons"] += compare_arms(world, preds, family, settings.ctr.n_boot)
+        results["comparisons"] += compare_arms(world, preds, family, representation, settings.ctr.n_boot)
         results["seconds"] = time.monotonic() - started
         write_results(out, results)
     return results
@@ -420,18 +489,19 @@ def _slice_sizes(world: World) -> dict[str, dict[str, int]]:
     }
 
 
-def _chosen_layer(out: Path, protocol: str, layers: Sequence[int]) -> int:
+def _chosen_layer(out: Path, protocol: str, layers: Sequence[int], representation: str) -> int:
     """The DNN uses the layer the trees chose on validation (the curve is a tree-only cost)."""
     path = out / "ctr_results.json"
     if path.exists():
-        chosen = json.loads(path.read_text()).get("lightgbm", {}).get("protocols", {}).get(protocol, {})
+        trees = json.loads(path.read_text()).get("runs", {}).get(run_key("lightgbm", representation), {})
+        chosen = trees.get("protocols", {}).get(protocol, {})
         if "layer" in chosen:
             return int(chosen["layer"])
     return 15 if 15 in layers else layers[0]
 
 
 def compare_arms(
-    world: World, preds: dict[str, list[np.ndarray]], family: str, n_boot: int
+    world: World, preds: dict[str, list[np.ndarray]], family: str, representation: str, n_boot: int
 ) -> list[dict[str, Any]]:
     """Paired differences (b - a) of every pair whose arms were run, on every slice of the test rows."""
     f, test = next(iter(world.frames.values())), world.masks["test"]
@@ -458,6 +528,7 @@ def compare_arms(
                         "a_uses_llm": a in LLM_ARMS,
                         "b_uses_llm": b in LLM_ARMS,
                         "family": family,
+                        "representation": representation,
                         "metric": metric,
                         "diff": [iv.mean, iv.low, iv.high],
                         "detectable": (iv.high - iv.low) / 2,
@@ -470,15 +541,21 @@ def compare_arms(
     return out
 
 
+def run_key(family: str, representation: str) -> str:
+    return f"{family} / {representation}"
+
+
 def write_results(out: Path, results: dict[str, Any]) -> None:
-    """Merge this family's results into <out>/ctr_results.json and rewrite <out>/ctr_results.md."""
+    """Merge this run's results (one family and representation) into <out>/ctr_results.json, replacing that
+    pair's earlier ones, and rewrite <out>/ctr_results.md."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "ctr_results.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
-    stored = stored if "comparisons" in stored else {}  # a file of an older layout is replaced
-    family = results["family"]
-    stored[family] = {k: v for k, v in results.items() if k != "comparisons"}
-    kept = [c for c in stored.get("comparisons", []) if c["family"] != family]
+    stored = stored if "runs" in stored else {"runs": {}}  # a file of an older layout is replaced
+    key = run_key(results["family"], results["representation"])
+    stored["runs"][key] = {k: v for k, v in results.items() if k != "comparisons"}
+    mine = {(c["family"], c["representation"]) for c in results["comparisons"]}
+    kept = [c for c in stored.get("comparisons", []) if (c["family"], c["representation"]) not in mine]
     stored["comparisons"] = kept + results["comparisons"]
     path.write_text(json.dumps(stored, indent=1))
     (out / "ctr_results.md").write_text(markdown(stored))
@@ -493,11 +570,9 @@ def markdown(stored: dict[str, Any]) -> str:
         "could detect.",
         "",
     ]
-    for family in ("lightgbm", "dnn"):
-        if family not in stored:
-            continue
-        r = stored[family]
-        lines += [f"## {family} ({r['n_boot']} user resamples, cold items {r['cold_items_frac']:.0%})", ""]
+    for key, r in sorted(stored["runs"].items()):
+        family, representation = r["family"], r["representation"]
+        lines += [f"## {key} ({r['n_boot']} user resamples, cold items {r['cold_items_frac']:.0%})", ""]
         for protocol, p in r["protocols"].items():
             curve = ", ".join(f"{k}: {v['valid_auc']:.4f}" for k, v in p["layer_curve"].items())
             lines += [
@@ -507,7 +582,8 @@ def markdown(stored: dict[str, Any]) -> str:
                 "|---|---|---|---|---|---|---|",
             ]
             for c in stored["comparisons"]:
-                if c["family"] == family and c["protocol"] == protocol and c["metric"] == "auc":
+                mine = c["family"] == family and c["representation"] == representation
+                if mine and c["protocol"] == protocol and c["metric"] == "auc":
                     d = c["diff"]
                     lines.append(
                         f"| {c['b']} | {c['a']} | {c['slice']} | {c['rows']:,} / {c['users']} | "
@@ -528,6 +604,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default="8,15,22,30", help="tapped layers of the curve (comma list)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the headline pairs (the rest: 1)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
+    parser.add_argument(
+        "--representation",
+        choices=("marc", "pca"),
+        default="marc",
+        help="how the LLM item states are compressed",
+    )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -546,7 +628,17 @@ def command(args: argparse.Namespace) -> int:
         )
         return 2
     layers = [int(x) for x in args.layers.split(",") if x]
-    run(None, settings, args.family, protocols, layers, args.seeds, args.cold_items, args.out)
+    run(
+        None,
+        settings,
+        args.family,
+        protocols,
+        layers,
+        args.seeds,
+        args.cold_items,
+        args.out,
+        args.representation,
+    )
     print((args.out / "ctr_results.md").read_text())
     return 0
 

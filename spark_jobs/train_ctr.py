@@ -51,9 +51,11 @@ class TrainedCtr:
     uses_llm: bool
     alias: str | None
     test: dict[str, Interval]
+    valid: dict[str, Interval]
+    family: str = "deepfm"
 
     def summary(self) -> str:
-        kind = "with LLM features" if self.uses_llm else "without LLM features"
+        kind = f"{self.family}, {'with' if self.uses_llm else 'without'} LLM features"
         alias = f" @{self.alias}" if self.alias else ""
         metrics = "  ".join(f"{k.upper()} {v}" for k, v in self.test.items())
         return f"{self.name} v{self.version}{alias} ({kind}) test: {metrics}"
@@ -148,7 +150,8 @@ def train_and_register(
     client.set_model_version_tag(cfg.registry_name, version, "train_run_id", run.info.run_id)
     if alias:
         client.set_registered_model_alias(cfg.registry_name, alias, version)
-    return TrainedCtr(cfg.registry_name, version, run.info.run_id, use_llm, alias, results["test"])
+    test, valid = results["test"], results["valid"]
+    return TrainedCtr(cfg.registry_name, version, run.info.run_id, use_llm, alias, test, valid, cfg.kind)
 
 
 def run(

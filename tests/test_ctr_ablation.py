@@ -98,15 +98,16 @@ def test_cold_items_are_launched_at_the_test_period(lake) -> None:  # type: igno
 @pytest.mark.integration
 def test_every_protocol_and_family_writes_comparisons(lake, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "docs"
-    ctr_ablation.run(None, lake, "lightgbm", ctr_ablation.PROTOCOLS, (1, 2), 2, 0.5, out)
+    ctr_ablation.run(None, lake, "lightgbm", ctr_ablation.PROTOCOLS, (1, 2), 2, 0.5, out, "pca")
     dnn = lake.model_copy(update={"ctr": lake.ctr.model_copy(update={"max_epochs": 1, "hidden": [8]})})
-    ctr_ablation.run(None, dnn, "dnn", ["fresh"], (1, 2), 1, 0.5, out)
+    ctr_ablation.run(None, dnn, "dnn", ["fresh"], (1, 2), 1, 0.5, out, "pca")
     stored = json.loads((out / "ctr_results.json").read_text())
-    assert stored["lightgbm"]["protocols"]["fresh"]["layer"] in (1, 2)
-    assert set(stored["lightgbm"]["protocols"]["daily"]["layer_curve"]) == {"1", "2"}
+    trees = stored["runs"]["lightgbm / pca"]["protocols"]
+    assert trees["fresh"]["layer"] in (1, 2) and set(trees["daily"]["layer_curve"]) == {"1", "2"}
+    assert stored["runs"]["dnn / pca"]["protocols"]["fresh"]["layer"] == trees["fresh"]["layer"]
     comparisons = stored["comparisons"]
-    keys = {"protocol", "slice", "a", "b", "a_uses_llm", "b_uses_llm", "family", "metric", "diff", "rows",
-            "users", "n_boot", "seeds", "detectable"}  # fmt: skip
+    keys = {"protocol", "slice", "a", "b", "a_uses_llm", "b_uses_llm", "family", "representation", "metric",
+            "diff", "rows", "users", "n_boot", "seeds", "detectable"}  # fmt: skip
     assert all(keys <= set(c) for c in comparisons)
     assert {c["family"] for c in comparisons} == {"lightgbm", "dnn"}
     assert {c["protocol"] for c in comparisons if c["family"] == "lightgbm"} == set(ctr_ablation.PROTOCOLS)

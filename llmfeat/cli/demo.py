@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # What the CPU sample changes, and why: one tapped layer stops the forward pass half-way through SmolLM2,
 # and shorter user texts keep the encode of every user snapshot within a few minutes on 2 cores.
 FRESH_SERVICE, FRESH_VERSION = "ctr_fresh_marc_v1", 1  # feature_repo/feature_services.py: the state over v1
+FRESH_ID_SERVICE = "ctr_fresh_id_v1"  # the same fresh counters without the LLM's item vectors and history
+FAMILIES = ("lightgbm", "dnn")  # the demo trains both and keeps the one that wins on validation
 DEMO_SAMPLE = {"layers": "the compressor's source layer only (marc.layer)", "user_max_chars": 200}
 
 
@@ -176,9 +178,32 @@ def state_over_fresh_service(settings: Settings) -> Any:
 
 
 def fresh_challenger(settings: Settings) -> Settings:
-    """The demo's challenger reads the fresh features: counters and user state as of the previous event."""
-    ctr = settings.ctr.model_copy(update={"llm_feature_service": FRESH_SERVICE})
-    return settings.model_copy(update={"ctr": ctr})
+    """The demo's pair reads the fresh features (counters and user state as of the previous event): the
+    champion ids, fresh counters and content; the challenger adds the LLM item vector and LLM history."""
+    services = {"llm_feature_service": FRESH_SERVICE, "id_feature_service": FRESH_ID_SERVICE}
+    return settings.model_copy(update={"ctr": settings.ctr.model_copy(update=services)})
+
+
+def train_pair(settings: Settings, families: tuple[str, ...] = FAMILIES) -> list[Any]:
+    """Champion and challenger of each family; the family whose challenger has the better valid AUC gets
+    the aliases (validation chooses, test is read once by the comparison). -> its two TrainedCtr."""
+    import mlflow
+
+    from llmfeat.cli.ctr_commands import train_models
+
+    pairs = {}
+    for family in families:
+        kind = settings.model_copy(update={"ctr": settings.ctr.model_copy(update={"kind": family})})
+        pairs[family] = train_models(kind, True, True, None)
+        for trained in pairs[family]:
+            print(trained.summary(), f"valid AUC {trained.valid['auc']}")
+    chosen = max(pairs, key=lambda f: pairs[f][1].valid["auc"].mean)
+    print(f"family chosen on validation: {chosen}")
+    client = mlflow.MlflowClient()
+    serving = settings.serving
+    for trained, alias in zip(pairs[chosen], (serving.champion_alias, serving.challenger_alias), strict=True):
+        client.set_registered_model_alias(trained.name, alias, trained.version)
+    return pairs[chosen]
 
 
 def warm_user(settings: Settings, url: str, items: list[str]) -> list[str]:
@@ -215,7 +240,7 @@ def post(url: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def ctr_step(settings: Settings) -> None:
     """Train with and without LLM features, compare offline, run the online A/B, promote by the rule."""
-    from llmfeat.cli.ctr_commands import online_ab, run_compare, train_models
+    from llmfeat.cli.ctr_commands import online_ab, run_compare
     from llmfeat.delta_io import RustDelta
     from llmfeat.feast_repo import service_marc_views
 
@@ -226,9 +251,8 @@ def ctr_step(settings: Settings) -> None:
             "\n== CTR models: skipped, no published LLM vectors yet (llmfeat compress; features materialize)"
         )
         return
-    print("\n== CTR models (Feast training set -> MLflow runs and registry)")
-    for trained in train_models(settings, True, True, None):
-        print(trained.summary())
+    print("\n== CTR models (Feast training set -> MLflow runs and registry; both families)")
+    train_pair(settings)
     print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
     comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
     print(comparison.report())

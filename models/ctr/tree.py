@@ -5,7 +5,8 @@ Notation: B rows, G genres, F dense features, Du / Di the user / item vector wid
 The encoder (models/ctr/features.py) turns a scoring frame or its arrays into `CtrInputs`; `tree_matrix`
 lays them out as one (B, 2 + G + F + Du + Di) float matrix, in the order `tree_feature_names` gives:
 - user and item ids as LightGBM categoricals, by the encoder's index: 0 is the one "unseen" level that every
-  id outside the fit rows maps to;
+  id outside the fit rows maps to, and that fit rows are given at the valid rows' rate of unseen ids
+  (`unseen_ids`), so the trees learn it;
 - genres (multi-hot) and the dense features, fresh counters and the candidate's cosines with the user's liked
   and disliked means included (the encoder computes them from the vectors, so the pyfunc does too);
 - the standardised vectors, NaN where the row has none: LightGBM learns a direction for missing values
@@ -93,8 +94,9 @@ def fit_booster(
 
     params = tree_params(cfg)
     categorical = [n for n in CATEGORICAL if n in names]
+    x_fit = unseen_ids(x, fit, stop, names, cfg)
     train = lightgbm.Dataset(
-        x[fit], y[fit], feature_name=names, categorical_feature=categorical, free_raw_data=True
+        x_fit, y[fit], feature_name=names, categorical_feature=categorical, free_raw_data=True
     )
     valid = lightgbm.Dataset(x[stop], y[stop], reference=train)
     record: dict[str, Any] = {}
@@ -112,6 +114,25 @@ def fit_booster(
     log.info("trees: %d (best %d), valid log-loss %.4f", len(losses), booster.best_iteration,
              min(losses))  # fmt: skip
     return booster
+
+
+def unseen_ids(
+    x: np.ndarray, fit: np.ndarray, stop: np.ndarray, names: list[str], cfg: CtrConf
+) -> np.ndarray:
+    """The fit rows of x with each id set to the "unseen" level (0) at the rate the stop rows have unseen ids
+    (`ctr.id_dropout`: "valid_rate", or a fixed rate). Every fit row's id is known, while most scored users
+    are new: without this the trees never learn what the unseen level means, and a new user falls to
+    whichever side of each id split it happens to land on (on ML-100k, ids as plain categoricals made the
+    trees worse than no ids at all)."""
+    out = x[fit].copy()
+    rng = np.random.default_rng((cfg.seed, 1))
+    for col, name in enumerate(names[: len(CATEGORICAL)]):
+        if name not in CATEGORICAL:
+            continue
+        rate = float((x[stop, col] == 0).mean()) if cfg.id_dropout == "valid_rate" else float(cfg.id_dropout)
+        out[rng.random(len(out)) < rate, col] = 0.0
+        log.info("trees: %s unseen in %.1f%% of fit rows", name, 100 * rate)
+    return out
 
 
 def fit_tree(
