@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -56,6 +56,9 @@ class Comparison:
     passed: bool
     reason: str
     run_id: str = ""
+    slices: dict[str, tuple[int, int, Interval]] = field(
+        default_factory=dict
+    )  # name -> rows, users, AUC b - a
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(
@@ -76,10 +79,21 @@ class Comparison:
                 self.table().to_string(index=False),
                 f"paired AUC difference, users resampled: p = {self.diff['auc_p'].mean:.3g}; DeLong's test "
                 f"(rows as independent, for reference): p = {self.delong_p:.3g}",
+                *self.slice_lines(),
                 f"decision: {decision}",
                 f"reason: {self.reason}",
             ]
         )
+
+    def slice_lines(self) -> list[str]:
+        """AUC(b) - AUC(a) by slice (models/evaluation/slices.py), each with its rows and users."""
+        if not self.slices:
+            return []
+        lines = ["AUC b - a by slice (what was known before each row; same user resamples):"]
+        for name, (rows, users, iv) in self.slices.items():
+            lines.append(f"  {name:<32} {rows:>7,} rows {users:>5} users  {iv.mean:+.4f} [{iv.low:+.4f}, "
+                         f"{iv.high:+.4f}]")  # fmt: skip
+        return lines
 
 
 def promotion_decision(diff: dict[str, Interval], delong_p: float, rule: PromotionConf) -> tuple[bool, str]:
@@ -135,6 +149,7 @@ def compare(
     result = Comparison(
         a, b, len(frame), metric_intervals(y, p_a, users, n_boot), metric_intervals(y, p_b, users, n_boot),
         diff, p_value, passed, reason,
+        slices=slice_differences(settings, tables, frame, snapshot, p_a, p_b),
     )  # fmt: skip
     tags = snapshot.tags() | {
         "compare.a": a.uri, "compare.b": b.uri, "compare.a_alias": a_alias, "compare.b_alias": b_alias,
@@ -144,6 +159,42 @@ def compare(
     with mlflow.start_run(run_name=f"compare-v{a.version}-vs-v{b.version}", tags=tags) as run:
         _log_comparison(result, frame, p_a, p_b)
     return Comparison(**{**result.__dict__, "run_id": run.info.run_id})
+
+
+def slice_differences(
+    settings: Settings, tables: DeltaTables, frame: pd.DataFrame, snapshot: Snapshot, p_a: np.ndarray,
+    p_b: np.ndarray,
+) -> dict[str, tuple[int, int, Interval]]:  # fmt: skip
+    """AUC(b) - AUC(a) on each history slice of the scored rows with at least 20 rows and both labels, over
+    one set of user resamples. The slices count the pinned interactions strictly before each row."""
+    from llmfeat.models.evaluation.ab_stats import paired_deltas
+    from llmfeat.models.evaluation.metrics import user_weights
+    from llmfeat.models.evaluation.slices import history_slices
+    from llmfeat.sample import Sample
+
+    versions = {"interactions": snapshot.delta_versions.get("interactions")}
+    key = ["user_id", "item_id", "event_timestamp"]
+    inter = Sample(tables, settings.sample, versions).read("interactions", [*key, "label"]).to_pandas()
+    since = pd.to_datetime(inter["event_timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")
+    micros = (since // pd.Timedelta(1, "us")).to_numpy(np.int64)
+    masks = history_slices(pd.factorize(inter["user_id"])[0], pd.factorize(inter["item_id"])[0], micros,
+                           micros // 86_400_000_000, inter["label"].to_numpy(np.int64))  # fmt: skip
+    right = inter[key].assign(
+        event_timestamp=pd.to_datetime(inter["event_timestamp"], utc=True), _row=range(len(inter))
+    )
+    left = frame[key].assign(event_timestamp=pd.to_datetime(frame["event_timestamp"], utc=True))
+    rows = left.merge(right, on=key, how="left")["_row"].to_numpy()
+    y, users = frame["label"].to_numpy(np.float64), frame["user_id"].to_numpy()
+    weights = user_weights(users, settings.ctr.n_boot, settings.ctr.seed)
+    out = {}
+    for name, mask in masks.items():
+        m = np.zeros(len(frame), bool)
+        found = ~np.isnan(rows.astype(np.float64))
+        m[found] = mask[rows[found].astype(np.int64)]
+        if m.sum() >= 20 and 0 < y[m].sum() < m.sum():
+            iv = paired_deltas(y[m], p_a[m], p_b[m], weights[:, m])["auc"]
+            out[name] = (int(m.sum()), len(set(users[m])), iv)
+    return out
 
 
 def run(
@@ -162,6 +213,11 @@ def _log_comparison(c: Comparison, frame: pd.DataFrame, p_a: np.ndarray, p_b: np
     for prefix, values in (("a", c.metrics_a), ("b", c.metrics_b), ("diff", c.diff)):
         for m, iv in values.items():
             metrics |= {f"{prefix}_{m}": iv.mean, f"{prefix}_{m}_low": iv.low, f"{prefix}_{m}_high": iv.high}
+    for name, (rows, users, iv) in c.slices.items():
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name)
+        metrics |= {f"slice_{slug}_diff_auc": iv.mean, f"slice_{slug}_diff_auc_low": iv.low,
+                    f"slice_{slug}_diff_auc_high": iv.high, f"slice_{slug}_rows": float(rows),
+                    f"slice_{slug}_users": float(users)}  # fmt: skip
     mlflow.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)})
     mlflow.log_table(c.table(), "comparison.json")
     mlflow.log_text(c.report(), "comparison.txt")

@@ -51,6 +51,7 @@ from llmfeat.config import Settings
 from llmfeat.models.ctr.history import earlier_counts, history_means
 from llmfeat.models.evaluation.ab_stats import paired_deltas
 from llmfeat.models.evaluation.metrics import auc, user_weights
+from llmfeat.models.evaluation.slices import history_slices
 from llmfeat.reprs import ReprError, dequantise_int8, layer_matrix, quantise_int8, repr_table
 from llmfeat.sample import Sample
 
@@ -260,7 +261,7 @@ def build_world(
         else:
             vectors = out_of_fold_histories(f, user, item, clock, y, masks, len(ev.item_keys))
         frames[rep] = with_vectors(f, user, item, clock, y, n, vectors)
-    return World(protocol, frames, masks, slices(f, user, item, micros, day, y, cold[item], protocol))
+    return World(protocol, frames, masks, slices(user, item, micros, day, y, cold[item], protocol))
 
 
 def with_vectors(
@@ -312,30 +313,11 @@ def out_of_fold_histories(
 
 
 def slices(
-    f: pd.DataFrame,
-    user: np.ndarray,
-    item: np.ndarray,
-    micros: np.ndarray,
-    day: np.ndarray,
-    y: np.ndarray,
-    cold: np.ndarray,
+    user: np.ndarray, item: np.ndarray, micros: np.ndarray, day: np.ndarray, y: np.ndarray, cold: np.ndarray,
     protocol: str,
-) -> dict[str, np.ndarray]:
-    """Row slices: items by their strictly earlier events, users by what came before the row."""
-    item_events, _ = earlier_counts(item, micros, y)
-    user_events, _ = earlier_counts(user, micros, y)
-    user_days, _ = earlier_counts(user, day, y)
-    out = {"all": np.ones(len(f), bool)}
-    for name, lo, hi in (
-        ("item events 0", 0, 0),
-        ("item events 1-4", 1, 4),
-        ("item events 5-19", 5, 19),
-        ("item events 20+", 20, np.inf),
-    ):
-        out[name] = (item_events >= lo) & (item_events <= hi)
-    out["user: first event"] = user_events == 0
-    out["user: earlier events that day"] = (user_events > 0) & (user_days == 0)
-    out["user: earlier days"] = user_days > 0
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """The history slices (models/evaluation/slices.py) and, under the cold-items protocol, cold and warm."""
+    out = history_slices(user, item, micros, day, y)
     if protocol == "cold_items":
         out["cold items"], out["warm items"] = cold, ~cold
     return out

@@ -65,13 +65,15 @@ def test_wheel_holds_one_import_name_and_its_files(wheel: Path) -> None:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A SQLite store holding a tiny CTR ranker (llmfeat-ctr@champion) and a tiny MARC compressor
-    (test-marc-users@champion), trained and logged here, in the project's venv; yields its URI."""
+    """A SQLite store holding tiny CTR rankers of both families (llmfeat-ctr@champion, a DNN;
+    llmfeat-ctr-tree@champion, LightGBM) and a tiny MARC compressor (test-marc-users@champion), trained and
+    logged here, in the project's venv; yields its URI."""
     import mlflow
 
     from llmfeat.config import load_settings
-    from llmfeat.models.ctr.pyfunc import log_ranker
+    from llmfeat.models.ctr.pyfunc import dnn_ranker, log_ranker, tree_ranker
     from llmfeat.models.ctr.train import fit_model
+    from llmfeat.models.ctr.tree import fit_tree
     from llmfeat.models.marc.model import MarcCompressor
     from llmfeat.registry import log_and_register, tracking_uri, use_tracking
     from llmfeat.reprs import COMPRESSOR_LINEAGE
@@ -86,8 +88,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         use_tracking(settings, settings.marc.experiment)
         frame, masks = tiny_ctr_frame()
         model, encoder = fit_model(frame, masks, True, settings.ctr)
+        tree = settings.ctr.model_copy(update={"kind": "lightgbm", "tree_min_leaf": 5})
         with mlflow.start_run():
-            info = log_ranker(model, encoder, frame[masks["test"]].head(5), "llmfeat-ctr")
+            example = frame[masks["test"]].head(5)
+            info = log_ranker(dnn_ranker(model, encoder), example, "llmfeat-ctr")
+            tree_info = log_ranker(
+                tree_ranker(*fit_tree(frame, masks, True, tree)), example, "llmfeat-ctr-tree"
+            )
             compressor = MarcCompressor(in_dim=8, out_dim=3, hidden_dim=4)
             lineage = {
                 k: "8" if k == "in_dim" else "3" if k == "out_dim" else "x" for k in COMPRESSOR_LINEAGE
@@ -95,6 +102,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             log_and_register(compressor, settings, "users", lineage)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias("llmfeat-ctr", "champion", info.registered_model_version)
+        client.set_registered_model_alias("llmfeat-ctr-tree", "champion", tree_info.registered_model_version)
         yield tracking_uri(settings)
 
 
@@ -154,6 +162,29 @@ def test_registered_models_load_and_predict_with_only_mlflow_torch_pandas(
     for model in (ranker, compressor):
         assert "llmfeat" not in model["requirements"] and "torch==" in model["requirements"]
     assert "/code/llmfeat/" in out["llmfeat"]  # the code the ranker carries
+
+
+def test_a_tree_ranker_loads_and_predicts_after_installing_its_own_requirements(
+    clean_venv: Path, registry: str, tmp_path: Path
+) -> None:
+    """The venv gets what the tree's MLmodel records (lightgbm beside mlflow, torch and pandas), nothing
+    from the project."""
+    env = {**clean_env(), "MLFLOW_TRACKING_URI": registry}
+    find = "import mlflow; print(mlflow.pyfunc.get_model_dependencies('models:/llmfeat-ctr-tree@champion'))"
+    done = subprocess.run(
+        [str(BIN / "python"), "-c", find], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    requirements = Path(done.stdout.strip().splitlines()[-1])
+    assert "lightgbm==" in requirements.read_text() and "llmfeat" not in requirements.read_text()
+    pip("-r", str(requirements))
+    script = LOAD_AND_PREDICT.replace('"models:/llmfeat-ctr@champion", "models:/test-marc-users@champion"',
+                                      '"models:/llmfeat-ctr-tree@champion",')  # fmt: skip
+    done = subprocess.run([str(BIN / "python"), "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    tree = json.loads(done.stdout.strip().splitlines()[-1])["models:/llmfeat-ctr-tree@champion"]
+    assert tree["rows"] == 5 and tree["finite"]
 
 
 def free_port() -> int:
