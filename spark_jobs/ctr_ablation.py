@@ -9,8 +9,9 @@ interactions, with the same rules as the daily counters and the event-time state
 - daily: counters and histories of the user's and item's earlier days;
 - fresh: of strictly earlier events (the state pushed at every event), daily counters kept beside them;
 - cold_items: a seeded `--cold-items` share of items is launched when the test period starts. Their earlier
-  events are taken out of the world: no fit row, counter or history holds them, the PCA is fitted without
-  them, and their ids are unseen. Fresh features otherwise; results on the cold items' test rows and the rest.
+  events are taken out of the world: no fit row, counter or history holds them, the compressor (MARC or
+  PCA) is fitted without them, and their ids are unseen. Daily features otherwise (a new item is on its
+  first day: nothing but its content is known of it); results on the cold items' test rows and the rest.
 
 Arms, all with the ids, counters and content (genres, year) of the production encoder
 (models/ctr/features.py), differing only in what else the model sees:
@@ -241,7 +242,7 @@ def build_world(
     user, item, micros, day = ev.user[keep], ev.item[keep], ev.micros[keep], ev.day[keep]
     y = f["label"].to_numpy(np.int64)
     masks = split_masks(f, settings.ctr.stop_frac)
-    clock = day if protocol == "daily" else micros
+    clock = micros if protocol == "fresh" else day  # cold items: daily, as a new item is on its first day
     for who, key in (("user", user), ("item", item)):  # as of the previous day, as Feast's daily counters
         f[f"{who}_impressions"], f[f"{who}_clicks"] = earlier_counts(key, day, y)
     n, liked = earlier_counts(user, clock, y)
