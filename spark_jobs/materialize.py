@@ -494,10 +494,12 @@ def run(spark: SparkSession | None, settings: Settings, full: bool = False) -> l
 
 
 def format_published(published: list[Published]) -> str:
-    lines = [f"{'table':<20}{'feature view':<18}{'rows':>9}{'version':>9}  note"]
+    t = max([len("table"), *(len(p.table) for p in published)]) + 2  # columns as wide as the longest name
+    v = max([len("feature view"), *(len(p.view) for p in published)]) + 2
+    lines = [f"{'table':<{t}}{'feature view':<{v}}{'rows':>9}{'version':>9}  note"]
     for p in published:
         version = str(p.version) if p.version >= 0 else "-"
-        lines.append(f"{p.table:<20}{p.view:<18}{p.rows:>9,}{version:>9}  {p.note or 'materialized'}")
+        lines.append(f"{p.table:<{t}}{p.view:<{v}}{p.rows:>9,}{version:>9}  {p.note or 'materialized'}")
     return "\n".join(lines)
 
 
