@@ -28,8 +28,8 @@ LLM branch takes as a whole (ids, + item, + both, + genre history with its item 
 
 Statistics: every difference is paired over one set of `ctr.n_boot` user resamples (the whole test set's
 users; a slice keeps its own rows of each drawn user), AUC and LogLoss, with the half-width of its interval:
-the smallest difference it could detect. The headline pairs (ids vs + both) average `--seeds` seeds'
-predictions; the rest use the first seed. Results: <out>/ctr_results.json (its `comparisons` list) and
+the smallest difference it could detect. Predictions are averaged over `--seeds` seeds: every arm of the
+tree family, the headline pair (ids vs + both) of the DNN (its other arms use the first seed). Results: <out>/ctr_results.json (its `comparisons` list) and
 <out>/ctr_results.md.
 """
 
@@ -435,7 +435,8 @@ def run(
         fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
         preds: dict[str, list[np.ndarray]] = {}
         for name, (rep, blocks) in arms.items():
-            n_seeds = seeds if name in (BASE, BOTH) else 1
+            # trees are cheap: every arm gets every seed; a DNN, the headline pair only
+            n_seeds = seeds if family == "lightgbm" or name in (BASE, BOTH) else 1
             preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(n_seeds)]
             log.info(
                 "%s %s: %d seed(s), valid AUC %.4f",
