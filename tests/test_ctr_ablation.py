@@ -117,3 +117,29 @@ def test_every_protocol_and_family_writes_comparisons(lake, tmp_path: Path) -> N
     assert all(c["diff"][1] <= c["diff"][0] <= c["diff"][2] for c in headline)
     assert any(c["slice"] == "cold items" for c in comparisons)
     assert "| + both | ids + counters + content | all |" in (out / "ctr_results.md").read_text()
+
+
+@pytest.mark.integration
+def test_marc_items_are_fitted_without_the_held_out_items(tmp_path: Path) -> None:
+    """The MARC representation: fitted per layer on user snapshots and items like train-compressor, once
+    for the protocols that hold nothing out and once more without the cold items' rows."""
+    from deltalake import write_deltalake
+    from test_compress import N_ITEMS, tiny_settings, write_inputs
+
+    write_inputs(tmp_path / "delta")
+    keys = [str(k) for k in range(N_ITEMS)]
+    genres = ["A|B" if k % 2 else "C" for k in range(N_ITEMS)]
+    items = pa.table({"item_id": keys, "year": pa.array([1990] * N_ITEMS, pa.int64()), "genres": genres})
+    write_deltalake(str(tmp_path / "delta" / "items"), items, mode="overwrite", schema_mode="overwrite")
+    settings = tiny_settings(tmp_path)
+    settings = settings.model_copy(update={"ctr": settings.ctr.model_copy(update={"tree_min_leaf": 5})})
+    ev = ctr_ablation.load_events(settings, [])
+    llm = ctr_ablation.LlmItems(ev, settings, "marc")
+    assert llm.layers([2, 3, 4]) == [2, 4]  # the layers the user snapshots have
+    cold = np.zeros(len(ev.item_keys), bool)
+    cold[:3] = True
+    everything = llm(4, np.arange(len(ev.item_keys)), np.zeros_like(cold))
+    without = llm(4, np.arange(len(ev.item_keys)), cold)
+    assert everything.shape == without.shape == (N_ITEMS, 3) and len(llm.fits) == 2
+    assert not np.allclose(everything, without)  # a different fit: the held-out items' rows are gone
+    assert np.array_equal(llm(4, np.arange(len(ev.item_keys)), cold), without)  # fitted once per held-out set
