@@ -29,8 +29,8 @@ LLM branch takes as a whole (ids, + item, + both, + genre history with its item 
 Statistics: every difference is paired over one set of `ctr.n_boot` user resamples (the whole test set's
 users; a slice keeps its own rows of each drawn user), AUC and LogLoss, with the half-width of its interval:
 the smallest difference it could detect. Predictions are averaged over `--seeds` seeds: every arm of the
-tree family, the headline pair (ids vs + both) of the DNN (its other arms use the first seed). Results: <out>/ctr_results.json (its `comparisons` list) and
-<out>/ctr_results.md.
+tree family, the headline pair (ids vs + both) of the DNN (its other arms use the first seed). Results:
+<out>/ctr_results.json (its `comparisons` list) and <out>/ctr_results.md.
 """
 
 from __future__ import annotations
@@ -545,6 +545,35 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     (out / "ctr_results.md").write_text(markdown(stored))
 
 
+def headline(stored: dict[str, Any]) -> str:
+    """One table of every run's AUC differences on all test rows (and the cold items' rows): the summary
+    docs/ctr.md shows."""
+    pairs = [(BASE, ITEM), (BASE, HISTORY), (BASE, BOTH), (BASE, GENRE), (BASE, ID_EMB), (GENRE, HISTORY)]
+    head = ["| run | protocol | layer | slice (rows / users) |", "|---|---|---|---|"]
+    head[0] += "".join(f" {b} - {'ids' if a == BASE else a} |" for a, b in pairs)
+    head[1] += "---|" * len(pairs)
+    lines = []
+    for key, r in sorted(stored["runs"].items()):
+        for protocol, p in r["protocols"].items():
+            for name in ("all", "cold items"):
+                cells = []
+                size = ""
+                for a, b in pairs:
+                    want = {"family": r["family"], "representation": r["representation"],
+                            "protocol": protocol, "slice": name, "a": a, "b": b, "metric": "auc"}  # fmt: skip
+                    found = [c for c in stored["comparisons"] if all(c[k] == v for k, v in want.items())]
+                    if found:
+                        d, size = found[0]["diff"], f"{found[0]['rows']:,} / {found[0]['users']}"
+                        cells.append(f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]")
+                    else:
+                        cells.append("-")
+                if size:
+                    lines.append(
+                        f"| {key} | {protocol} | {p['layer']} | {name} ({size}) | " + " | ".join(cells) + " |"
+                    )
+    return "\n".join(head + lines)
+
+
 def markdown(stored: dict[str, Any]) -> str:
     lines = [
         "# CTR ablation: what LLM features add, by protocol, family and slice",
@@ -552,6 +581,8 @@ def markdown(stored: dict[str, Any]) -> str:
         "Written by `llmfeat ctr-ablation` from ctr_results.json. AUC(b) - AUC(a) on the test rows, 95% "
         "interval over user resamples; `±` is the half-width, the smallest difference the comparison "
         "could detect.",
+        "",
+        headline(stored),
         "",
     ]
     for key, r in sorted(stored["runs"].items()):
