@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -249,7 +249,7 @@ class CtrConf(Section):
     # While the branch trains, each batch's user (item) ids go to index 0 with this probability, so that it
     # learns in the regime it is scored in (most test users are unseen): "valid_rate" = the share of valid
     # rows whose user (item) is not in the fit vocabulary, for users and items apart; a float: both.
-    id_dropout: Literal["valid_rate"] | float = "valid_rate"
+    id_dropout: Literal["valid_rate"] | Annotated[float, Field(ge=0.0, le=1.0)] = "valid_rate"
     residual_folds: int = 3  # the branch is selected by valid LogLoss averaged over this many time folds
     n_boot: int = 1000  # user resamples for the intervals of the final metrics and comparisons
     # kind=lightgbm (models/ctr/tree.py): boosting early-stopped on the valid rows' log-loss

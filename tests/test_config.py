@@ -60,6 +60,12 @@ def test_wrong_type_names_key_and_value() -> None:
         load_settings("local", ["delta.backend=parquet"])
 
 
+def test_id_dropout_is_the_valid_rate_or_a_probability() -> None:
+    assert load_settings("tiny", ["ctr.id_dropout=0.3"]).ctr.id_dropout == 0.3
+    with pytest.raises(ConfigError, match=r"ctr.id_dropout.*less than or equal to 1"):
+        load_settings("tiny", ["ctr.id_dropout=1.5"])
+
+
 def test_settings_are_frozen() -> None:
     s = load_settings("local")
     with pytest.raises(Exception, match="frozen"):
