@@ -167,30 +167,32 @@ def slice_differences(
 ) -> dict[str, tuple[int, int, Interval]]:  # fmt: skip
     """AUC(b) - AUC(a) on each history slice of the scored rows with at least 20 rows and both labels, over
     one set of user resamples. The slices count the pinned interactions strictly before each row."""
+    from llmfeat.models.ctr.history import epoch_micros
     from llmfeat.models.evaluation.ab_stats import paired_deltas
     from llmfeat.models.evaluation.metrics import user_weights
     from llmfeat.models.evaluation.slices import history_slices
     from llmfeat.sample import Sample
 
+    ids = ["user_id", "item_id"]  # with the time, an interaction row's key
     versions = {"interactions": snapshot.delta_versions.get("interactions")}
-    key = ["user_id", "item_id", "event_timestamp"]
-    inter = Sample(tables, settings.sample, versions).read("interactions", [*key, "label"]).to_pandas()
-    since = pd.to_datetime(inter["event_timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")
-    micros = (since // pd.Timedelta(1, "us")).to_numpy(np.int64)
-    masks = history_slices(pd.factorize(inter["user_id"])[0], pd.factorize(inter["item_id"])[0], micros,
-                           micros // 86_400_000_000, inter["label"].to_numpy(np.int64))  # fmt: skip
-    right = inter[key].assign(
-        event_timestamp=pd.to_datetime(inter["event_timestamp"], utc=True), _row=range(len(inter))
+    inter = (
+        Sample(tables, settings.sample, versions)
+        .read("interactions", [*ids, "event_timestamp", "label"])
+        .to_pandas()
     )
-    left = frame[key].assign(event_timestamp=pd.to_datetime(frame["event_timestamp"], utc=True))
-    rows = left.merge(right, on=key, how="left")["_row"].to_numpy()
+    micros = epoch_micros(inter["event_timestamp"])
+    masks = history_slices(pd.factorize(inter["user_id"])[0], pd.factorize(inter["item_id"])[0], micros,
+                           inter["label"].to_numpy(np.int64))  # fmt: skip
+    # each scored row's position in the interactions (-1: not there, in no slice)
+    right = inter[ids].assign(micros=micros, _row=np.arange(len(inter)))
+    left = frame[ids].assign(micros=epoch_micros(frame["event_timestamp"]))
+    rows = left.merge(right, on=[*ids, "micros"], how="left")["_row"].fillna(-1).to_numpy(np.int64)
+    found = rows >= 0
     y, users = frame["label"].to_numpy(np.float64), frame["user_id"].to_numpy()
     weights = user_weights(users, settings.ctr.n_boot, settings.ctr.seed)
     out = {}
     for name, mask in masks.items():
-        m = np.zeros(len(frame), bool)
-        found = ~np.isnan(rows.astype(np.float64))
-        m[found] = mask[rows[found].astype(np.int64)]
+        m = found & mask[np.where(found, rows, 0)]
         if m.sum() >= 20 and 0 < y[m].sum() < m.sum():
             iv = paired_deltas(y[m], p_a[m], p_b[m], weights[:, m])["auc"]
             out[name] = (int(m.sum()), len(set(users[m])), iv)

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.config import Settings
-from llmfeat.models.ctr.history import earlier_counts, history_means
+from llmfeat.models.ctr.history import DAY_US, earlier_counts, epoch_micros, history_means
 from llmfeat.models.evaluation.ab_stats import paired_deltas
 from llmfeat.models.evaluation.metrics import auc, user_weights
 from llmfeat.models.evaluation.slices import history_slices
@@ -117,8 +117,7 @@ def load_events(settings: Settings, layers: Sequence[int], spark: SparkSession |
     f = f.sort_values("event_timestamp", kind="mergesort").reset_index(drop=True)
     item_keys = meta["item_id"].to_numpy(object)
     item = pd.Index(item_keys).get_indexer(f["item_id"])
-    since = pd.to_datetime(f["event_timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")
-    ts = (since // pd.Timedelta(1, "us")).to_numpy(np.int64)  # whatever unit the table stores
+    ts = epoch_micros(f["event_timestamp"])
     names = sorted({g for s in meta["genres"].dropna() for g in str(s).split("|") if g})
     genres = np.zeros((len(item_keys), len(names)), np.float32)
     for row, value in enumerate(meta["genres"]):
@@ -126,7 +125,7 @@ def load_events(settings: Settings, layers: Sequence[int], spark: SparkSession |
             genres[row, names.index(g)] = 1.0
     table = sample.read(repr_table("items"), item_id=item_keys)
     states = {layer: layer_matrix(table, "items", layer, item_keys) for layer in layers}
-    return Events(f, pd.factorize(f["user_id"])[0], item, ts, ts // 86_400_000_000, item_keys, genres, states)
+    return Events(f, pd.factorize(f["user_id"])[0], item, ts, ts // DAY_US, item_keys, genres, states)
 
 
 def int8_round_trip(z: np.ndarray) -> np.ndarray:
@@ -262,7 +261,7 @@ def build_world(
         else:
             vectors = out_of_fold_histories(f, user, item, clock, y, masks, len(ev.item_keys))
         frames[rep] = with_vectors(f, user, item, clock, y, n, vectors)
-    return World(protocol, frames, masks, slices(user, item, micros, day, y, cold[item], protocol))
+    return World(protocol, frames, masks, slices(user, item, micros, y, cold[item], protocol))
 
 
 def with_vectors(
@@ -314,11 +313,10 @@ def out_of_fold_histories(
 
 
 def slices(
-    user: np.ndarray, item: np.ndarray, micros: np.ndarray, day: np.ndarray, y: np.ndarray, cold: np.ndarray,
-    protocol: str,
-) -> dict[str, np.ndarray]:  # fmt: skip
+    user: np.ndarray, item: np.ndarray, micros: np.ndarray, y: np.ndarray, cold: np.ndarray, protocol: str
+) -> dict[str, np.ndarray]:
     """The history slices (models/evaluation/slices.py) and, under the cold-items protocol, cold and warm."""
-    out = history_slices(user, item, micros, day, y)
+    out = history_slices(user, item, micros, y)
     if protocol == "cold_items":
         out["cold items"], out["warm items"] = cold, ~cold
     return out

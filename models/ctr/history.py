@@ -12,6 +12,15 @@ LLM's history of the user.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+
+DAY_US = 86_400_000_000  # microseconds in a day: epoch microseconds // DAY_US is the UTC day number
+
+
+def epoch_micros(timestamps: pd.Series) -> np.ndarray:
+    """(N,) int64 epoch microseconds of a timestamp column, whatever unit the table stores it in."""
+    since = pd.to_datetime(timestamps, utc=True) - pd.Timestamp(0, tz="UTC")
+    return (since // pd.Timedelta(1, "us")).to_numpy(np.int64)
 
 
 def earlier_counts(keys: np.ndarray, times: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

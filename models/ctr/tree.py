@@ -27,7 +27,6 @@ import pandas as pd
 
 from llmfeat.models.ctr.features import FeatureEncoder
 from llmfeat.models.ctr.model import CtrInputs
-from llmfeat.models.evaluation.metrics import auc
 
 if TYPE_CHECKING:
     import lightgbm
@@ -143,7 +142,4 @@ def fit_tree(
     encoder = FeatureEncoder.fit(frame, y, masks["fit"], masks["train"], use_llm)
     x = tree_matrix(encoder.transform(frame))
     names = tree_feature_names(encoder)
-    booster = fit_booster(x, y, masks["fit"], masks["valid"], names, cfg, log_metrics)
-    p = np.asarray(booster.predict(x[masks["valid"]], num_iteration=booster.best_iteration))
-    log.info("tree valid AUC %.4f", auc(y[masks["valid"]], p))
-    return booster, encoder
+    return fit_booster(x, y, masks["fit"], masks["valid"], names, cfg, log_metrics), encoder
