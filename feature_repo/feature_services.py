@@ -77,3 +77,13 @@ ctr_fresh_id_v1 = FeatureService(
     tags={"model": "ctr", "llm": "false", "fresh": "true"},
 )
 ctr_fresh_marc_v1 = ctr_fresh("ctr_fresh_marc_v1", user_state_item_marc_v1_fv, item_marc_v1_fv)
+
+ctr_content_v1 = FeatureService(
+    name="ctr_content_v1",
+    features=[item_meta_fv[["year", "genres"]]],
+    description=(
+        "Ids and item content only, no counters: the replay's deliberately weakened ranker, a comparison "
+        "whose answer is known (it must lose)."
+    ),
+    tags={"model": "ctr", "llm": "false"},
+)

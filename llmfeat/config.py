@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmfeat.errors import UserError
 from llmfeat.paths import conf_dir
@@ -261,6 +261,21 @@ class CtrConf(Section):
     tree_rounds: int = 2000  # at most; early stopping usually ends far sooner
     tree_early_stop: int = 50  # rounds without a better valid log-loss
     tree_threads: int = 0  # 0: LightGBM's default (every core); serving scores with one thread per worker
+    # stream: train-ctr writes the checked training set to a Delta table and trains over its files in bounded
+    # Arrow batches (models/ctr/stream.py) instead of one in-memory frame; rows held at once stay below
+    # stream_buffer_rows + stream_batch_rows, however many rows the table has.
+    stream: bool = False
+    stream_buffer_rows: int = Field(default=65_536, ge=2)  # rows shuffled together (a mini-batch draws here)
+    stream_batch_rows: int = Field(default=8_192, ge=1)  # rows per Arrow batch read from a file
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_batch(self) -> CtrConf:
+        if self.stream and self.stream_buffer_rows < self.batch_size:
+            raise ValueError(
+                f"ctr.stream_buffer_rows={self.stream_buffer_rows} is below ctr.batch_size={self.batch_size}: "
+                "the shuffle buffer must hold at least one mini-batch"
+            )
+        return self
 
 
 class StateConf(Section):
@@ -303,6 +318,10 @@ class ServingConf(Section):
     segment_s: float = 3600.0
     events_flush_every: int = 500  # POST /events: applied events per Delta append, or every events_flush_s
     events_flush_s: float = 1.0
+    events_root: str | None = None  # Delta root applied events are appended to; default <data_dir>/delta
+    # ab: each user sees one arm (stable hash); interleave: every request shows a team draft of both arms
+    experiment: Literal["ab", "interleave"] = "ab"
+    shadow_aliases: list[str] = []  # also scored on every request, logged, never shown (the replay's rankers)
 
 
 class AbtestConf(Section):
@@ -315,6 +334,9 @@ class AbtestConf(Section):
     bid_max: float = 1.5
     srm_alpha: float = 0.001  # sample-ratio-mismatch alarm threshold (chi-square p-value)
     n_boot: int = 500
+    days: int = 3  # `abtest run` replays the test period's first N days in event order
+    workspace: str = "replays"  # under data_dir: each run's online store, registry copies and event log
+    weakened_service: str = "ctr_content_v1"  # the sensitivity check's known loser reads only item content
 
 
 class BaheBaselineConf(Section):
@@ -473,6 +495,21 @@ def load_settings(profile: str = "local", overrides: list[str] | tuple[str, ...]
         raise ConfigError(_explain(err, source=str(path))) from None
     # Relative data paths are taken from where the command runs, then fixed for Spark workers.
     return settings.model_copy(update={"data_dir": str(Path(settings.data_dir).resolve())})
+
+
+def with_changes(settings: Settings, changes: dict[str, Any]) -> Settings:
+    """A copy of `settings` with dotted keys set ({"feast.repo_dir": "/tmp/x"}), validated again."""
+    doc = settings.model_dump()
+    for dotted, value in changes.items():
+        keys = _check_path(dotted.split("."), source=dotted)
+        node = doc
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    try:
+        return Settings.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source="changed settings")) from None
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:

@@ -61,10 +61,12 @@ def default_store(settings: Settings, create: bool = True) -> str:
 
 
 def artifact_location(settings: Settings) -> str | None:
-    """Local artefacts next to the default SQLite store; any other store decides for itself."""
-    if tracking_uri(settings) != default_store(settings, create=False):
+    """Local artefacts next to a SQLite store (the default one, or a copy such as a replay's); any other
+    store decides for itself."""
+    uri = tracking_uri(settings)
+    if not uri.startswith("sqlite:///"):
         return None
-    return (Path(settings.data_dir) / "mlflow" / "artifacts").resolve().as_uri()
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
 def use_tracking(settings: Settings, experiment: str) -> str:

@@ -146,7 +146,7 @@ class ModelPins:
 
 
 class ServingModels:
-    """The champion and challenger models with their online features and scorers."""
+    """The champion and challenger models (and any shadow arms) with their online features and scorers."""
 
     def __init__(
         self,
@@ -210,6 +210,11 @@ class ServingModels:
             self.models[arm] = served
         self.reload_errors.pop(arm, None)
         return True
+
+    @property
+    def shadows(self) -> list[str]:
+        """Arms beyond champion and challenger: scored on every request, never shown."""
+        return [arm for arm in self.aliases if arm not in ARMS]
 
     def get(self, arm: str) -> ServedModel:
         with self._lock:

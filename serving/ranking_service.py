@@ -2,9 +2,12 @@
 
     llmfeat serve [--set serving.port=8077] [--set serving.workers=2] [--set serving.challenger_share=0.2]
 
-    POST /rank   {"user_id": "196", "item_ids": ["242", "302"], "request_id": "optional"}
-              -> {"request_id", "user_id", "arm", "alias", "model", "model_version", "shown",
+    POST /rank   {"user_id": "196", "item_ids": ["242", "302"], "request_id"?, "request_time"?}
+              -> {"request_id", "user_id", "experiment", "arm", "alias", "model", "model_version", "shown",
                   "cold_user", "cold_items", "items": [{"item_id", "score", "rank"}, ...]}   (best first)
+              serving.experiment=interleave: {..., "versions": {arm: version}, "first": arm,
+                  "rankings": {arm: [item ids]}, "items": [{"item_id", "team", "rank"}, ...]}  (shown only)
+              with request_time: {..., "request_time", "read_ts": {view: newest timestamp read}}
     POST /click  {"request_id", "item_id"}                                 -> 204 (the experiment's log only)
     POST /events {"event_id", "user_id", "item_id", "label", "event_timestamp"?}
               -> {"applied": [...], "duplicates": [...], "refused": {id: reason}}   (409 when refused)
@@ -16,6 +19,14 @@ every field of the model's feature service for 1 user + N items through the in-p
 or Redis, serving/features.py); one batched call of the registered ranker. The top `serving.slots` items are
 what is shown: they alone are logged, as one compact line per request (serving/event_log.py), with the
 request id that clicks join on.
+
+Interleaving (`serving.experiment: interleave`): both arms rank every request and the shown slots are their
+team draft (models/evaluation/interleaving.py): a coin flip by a stable hash of the request id picks the
+first team, then the teams alternate. The reply and the log carry both full rankings, each slot's team, the
+coin, both versions; a click is credited to its slot's team (`llmfeat abtest analyze`). Shadow arms
+(`serving.shadow_aliases`) rank every request too and are logged, never shown: a replay compares them all
+from one pass. A `request_time` asks what the request read: the newest stamp per view (Feast's own read),
+which a replay checks is strictly before it.
 
 Events (serving/state_store.py): an event updates the user's and the item's fresh state in the online store
 in one per-user transaction (idempotent by event id; an event older than the user's newest is refused with
@@ -53,11 +64,13 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from pydantic import BaseModel
 
+from llmfeat.models.evaluation.ab_stats import unit_hash
+from llmfeat.models.evaluation.interleaving import team_draft
 from llmfeat.serving.admission import Admission
-from llmfeat.serving.arms import ModelPins, ServingModels, assign_arm, registry_loader
+from llmfeat.serving.arms import ARMS, ModelPins, ServingModels, assign_arm, registry_loader
 from llmfeat.serving.event_log import EventLog
 from llmfeat.serving.event_sink import EventSink
-from llmfeat.serving.state_store import Event, EventError, OnlineState
+from llmfeat.serving.state_store import Event, EventError, OnlineState, micros_to_datetime, parse_micros
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -71,6 +84,7 @@ class RankRequest(BaseModel):
     user_id: str
     item_ids: list[str]
     request_id: str | None = None
+    request_time: str | float | None = None  # ISO 8601 or epoch seconds: the reply then says what it read
 
 
 class ClickEvent(BaseModel):
@@ -88,50 +102,112 @@ def check_candidates(req: RankRequest, cfg: ServingConf) -> None:
         raise HTTPException(400, "repeated item ids in the candidate list")
 
 
+def request_micros(req: RankRequest) -> int | None:
+    if req.request_time is None:
+        return None
+    try:
+        return parse_micros(req.request_id, req.request_time)
+    except EventError as err:
+        raise HTTPException(400, str(err).replace("event_timestamp", "request_time")) from None
+
+
 def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dict[str, Any], dict[str, Any]]:
-    """-> (reply, impression log line)."""
+    """-> (reply, impression log line). `ab`: the user's arm ranks and its top slots are shown; `interleave`:
+    both arms rank and the shown slots are their team draft (models/evaluation/interleaving.py). Shadow
+    arms rank every request too, logged, never shown. With a request_time, the reply says what it read."""
     check_candidates(req, cfg)
-    arm = assign_arm(req.user_id, cfg)
-    served = models.get(arm)
-    n = len(req.item_ids)
-    online = served.features.fetch(req.user_id, req.item_ids)
-    columns = {"user_id": [req.user_id] * n, "item_id": req.item_ids, **online.columns}
-    scores = served.score(columns)  # (N,)
-    order = np.argsort(-scores, kind="stable")
-    ids, ranked = req.item_ids, scores[order].tolist()
-    shown = min(cfg.slots, n)
+    at_us = request_micros(req)
+    request_id = req.request_id or uuid.uuid4().hex
+    ranked = [assign_arm(req.user_id, cfg)] if cfg.experiment == "ab" else list(ARMS)
+    scored = Scored(req, models, [*ranked, *models.shadows])
+    ids, first = req.item_ids, scored.served[ranked[0]]
+    online = scored.online[first.ref.feature_service]
     cold_items = [ids[j] for j in np.flatnonzero(online.item_cold)]
     head = {
-        "request_id": req.request_id or uuid.uuid4().hex,
+        "request_id": request_id,
         "user_id": req.user_id,
-        "arm": arm,
-        "alias": served.ref.alias,
-        "model": served.ref.name,
-        "model_version": served.ref.version,
+        "experiment": cfg.experiment,
+        "model": first.ref.name,
     }
-    reply = head | {
-        "shown": shown,
-        "cold_user": online.user_cold,
-        "missing_user_views": online.missing_user_views,
-        "cold_items": cold_items,
-        "items": [
-            {"item_id": ids[j], "score": s, "rank": r}
-            for r, (j, s) in enumerate(zip(order, ranked, strict=True))
-        ],
+    if cfg.experiment == "ab":
+        arm = ranked[0]
+        head |= {"arm": arm, "alias": first.ref.alias, "model_version": first.ref.version}
+        order, scores = scored.orders[arm], scored.scores[arm]
+        top, teams, extra = [ids[j] for j in order[: min(cfg.slots, len(ids))]], None, {}
+        items = [{"item_id": ids[j], "score": float(scores[j]), "rank": r} for r, j in enumerate(order)]
+    else:
+        a_first = unit_hash(f"{cfg.salt}:draft:{request_id}") < 0.5
+        top, drafted = team_draft(
+            scored.ranking("champion"), scored.ranking("challenger"), cfg.slots, a_first
+        )
+        teams = [ARMS[t] for t in drafted]
+        head |= {"versions": {a: scored.served[a].ref.version for a in ARMS}}
+        extra = {"first": ARMS[0] if a_first else ARMS[1]}
+        items = [
+            {"item_id": i, "team": t, "rank": r} for r, (i, t) in enumerate(zip(top, teams, strict=True))
+        ]
+    rankings = {
+        a: scored.ranking(a) for a in scored.orders if cfg.experiment == "interleave" or a not in ARMS
     }
-    top = [ids[j] for j in order[:shown]]
+    if rankings:
+        extra["rankings"] = rankings
+    if at_us is not None:
+        extra["request_time"] = micros_to_datetime(at_us).isoformat()
+        extra["read_ts"] = scored.stamps()
+    reply = (
+        head
+        | extra
+        | {
+            "shown": len(top),
+            "cold_user": online.user_cold,
+            "missing_user_views": online.missing_user_views,
+            "cold_items": cold_items,
+            "items": items,
+        }
+    )
     cold = set(cold_items)
     impression = (
         {"type": "impression", "ts": time.time()}
         | head
-        | {
-            "items": top,
-            "scores": [round(s, 6) for s in ranked[:shown]],
-            "cold_user": online.user_cold,
-            "cold_items": [i for i in top if i in cold],
-        }
+        | extra
+        | {"items": top, "cold_user": online.user_cold, "cold_items": [i for i in top if i in cold]}
     )
+    if teams is not None:
+        impression["teams"] = teams
+    else:
+        impression["scores"] = [
+            round(float(scored.scores[ranked[0]][j]), 6) for j in scored.orders[ranked[0]][: len(top)]
+        ]
     return reply, impression
+
+
+class Scored:
+    """One request ranked by several arms: each feature service is read once, each arm scores once."""
+
+    def __init__(self, req: RankRequest, models: ServingModels, arms: list[str]):
+        self.req, self.served = req, {a: models.get(a) for a in arms}
+        self.online: dict[str, Any] = {}
+        self.scores: dict[str, np.ndarray] = {}
+        self.orders: dict[str, np.ndarray] = {}
+        n = len(req.item_ids)
+        for arm, served in self.served.items():
+            service = served.ref.feature_service
+            if service not in self.online:
+                self.online[service] = served.features.fetch(req.user_id, req.item_ids)
+            columns = {"user_id": [req.user_id] * n, "item_id": req.item_ids, **self.online[service].columns}
+            self.scores[arm] = served.score(columns)  # (N,)
+            self.orders[arm] = np.argsort(-self.scores[arm], kind="stable")
+
+    def ranking(self, arm: str) -> list[str]:
+        return [self.req.item_ids[j] for j in self.orders[arm]]
+
+    def stamps(self) -> dict[str, str]:
+        """Every view read for this request -> the newest timestamp among the rows read (ISO 8601)."""
+        newest: dict[str, int] = {}
+        for served in {s.ref.feature_service: s for s in self.served.values()}.values():
+            for view, us in served.features.stamps(self.req.user_id, self.req.item_ids).items():
+                newest[view] = max(us, newest.get(view, us))
+        return {view: micros_to_datetime(us).isoformat() for view, us in sorted(newest.items())}
 
 
 class EventPath:
@@ -162,7 +238,7 @@ class EventPath:
 
 def open_event_path(settings: Settings, store: FeatureStore) -> EventPath:
     """The event path over the state the batch job built; not there yet: /events answers 503 saying so."""
-    from llmfeat.delta_io import open_tables
+    from llmfeat.delta_io import RustDelta, open_tables
     from llmfeat.errors import UserError
 
     try:
@@ -171,7 +247,8 @@ def open_event_path(settings: Settings, store: FeatureStore) -> EventPath:
         log.warning("POST /events is off: %s", err)
         return EventPath(None, None, str(err))
     cfg = settings.serving
-    return EventPath(state, EventSink(open_tables(settings), cfg.events_flush_every, cfg.events_flush_s))
+    tables = RustDelta(Path(cfg.events_root)) if cfg.events_root else open_tables(settings)
+    return EventPath(state, EventSink(tables, cfg.events_flush_every, cfg.events_flush_s))
 
 
 def create_app(
@@ -261,11 +338,16 @@ def build_app(
     feature service, or a `store` whose online store is not the one feast.online_store names, fails here."""
     import torch
 
+    from llmfeat.errors import UserError
     from llmfeat.feast_repo import open_store
 
     torch.set_num_threads(1)  # small per-request batches: threads cost more than they give
     cfg = settings.serving
     aliases = {"champion": cfg.champion_alias, "challenger": cfg.challenger_alias}
+    clash = set(cfg.shadow_aliases) & {*aliases, *aliases.values()}
+    if clash:
+        raise UserError(f"serving.shadow_aliases {sorted(clash)} clash with the champion or challenger arm")
+    aliases |= {alias: alias for alias in cfg.shadow_aliases}
     store = store or open_store(settings)
     models = ServingModels(aliases, registry_loader(settings), store, settings.feast.online_store, pins)
     models.load()

@@ -1,19 +1,26 @@
-"""Replay of logged traffic against the running ranking service (the online A/B without live users).
+"""Replays of logged traffic against the ranking service.
 
-    llmfeat abtest replay --url http://127.0.0.1:8077      # against a service started with `llmfeat serve`
-    llmfeat abtest run                                     # starts the service on a free loopback port,
-                                                           # replays, stops it, analyses
+    llmfeat abtest run [--days N]      # the time-ordered replay (spark_jobs/abtest_replay.py: its workspace)
+    llmfeat abtest replay --url URL    # held-out requests against a running service: load and smoke only
 
-What is replayed: the held-out (test) split of the interactions log. Each request is one test-split user
-(drawn in proportion to their held-out rows) with up to abtest.candidates of the items that user rated in
-the held-out period, in a random order. The service ranks them and shows (and logs) its top serving.slots;
-a click is sent for a shown item the user rated >= the label threshold in the log. This replays what users
-did, it is not live traffic: an item the user never rated cannot be a candidate, so CTR here measures how well
-each arm orders items the user really saw.
+The time-ordered replay (`Timeline`, `replay_timeline`): the test period's logged ratings in event order.
+Each user's ratings are cut, in time order, into requests of up to abtest.candidates items (a request needs
+two); a request is sent at its first rating's time as `request_time`, the service ranks, a click is sent for
+every shown item the user liked, and after it, each rating goes to POST /events at its own time, so later
+requests read it. At each midnight the caller's `at_boundary` materializes the daily features up to it.
+Order at one instant: requests, then the boundary, then events, so a request never reads its own instant.
+Every reply says the newest stamp it read per view; one at or after the request's time stops the replay
+(`FutureRead`). The replay knows every candidate's rating, so it keeps each request's rankings and labels:
+any design (A/B split, interleaving) of any pair of the arms it ranked is simulated exactly from one pass,
+because what was shown never changes what is pushed.
+
+`held_out_requests` + `replay`: random test-split users against whatever the service's store holds now (it
+reads the future when that store is materialized to now): a load generator, not an experiment.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -22,9 +29,10 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,12 +40,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from llmfeat.config import SampleConf
 from llmfeat.errors import UserError
+from llmfeat.models.ctr.history import DAY_US, epoch_micros
 from llmfeat.sample import Sample
 from llmfeat.serving.local_servers import stop_process
+from llmfeat.serving.state_store import micros_to_datetime, parse_micros
 
 if TYPE_CHECKING:
     from llmfeat.config import Settings
@@ -140,6 +151,205 @@ def replay(base_url: str, requests: list[ReplayRequest], workers: int = 4) -> Re
             summary.clicks += clicks
     summary.seconds = time.monotonic() - started
     return summary
+
+
+class FutureRead(UserError, RuntimeError):
+    """A request read a value stamped at or after its request_time: the replay is not point-in-time."""
+
+
+@dataclass(frozen=True)
+class TimedRequest:
+    request_id: str
+    user_id: str
+    at_us: int  # request_time: its first rating's time
+    labels: dict[str, int]  # candidate item -> logged label, in logged order
+
+
+@dataclass(frozen=True)
+class TimedEvent:
+    event_id: str
+    user_id: str
+    item_id: str
+    label: int
+    at_us: int
+
+
+@dataclass
+class Timeline:
+    """Requests, events and midnights of a replay, in the order they are sent (module docstring)."""
+
+    requests: list[TimedRequest]
+    events: list[TimedEvent]
+    boundaries: list[int]  # midnights (epoch microseconds) inside the period
+    start_us: int
+    end_us: int
+
+    @classmethod
+    def of(cls, rows: pd.DataFrame, candidates: int, days: int) -> Timeline:
+        """rows: user_id, item_id, label, event_timestamp of the test split; the first `days` days (from the
+        first rating's midnight) are replayed."""
+        if rows.empty:
+            raise UserError("the test split is empty: nothing to replay")
+        at = epoch_micros(rows["event_timestamp"])
+        first_day = at.min() // DAY_US * DAY_US
+        keep = at < first_day + days * DAY_US
+        frame = rows.loc[keep, ["user_id", "item_id", "label"]].astype({"user_id": str, "item_id": str})
+        frame = frame.assign(at_us=at[keep]).sort_values(["at_us", "user_id", "item_id"], kind="stable")
+        frame = frame.drop_duplicates(["user_id", "item_id"])  # a rating is one event
+        events = [
+            TimedEvent(f"{r.user_id}:{r.item_id}:{r.at_us}", r.user_id, r.item_id, int(r.label), int(r.at_us))
+            for r in frame.itertuples(index=False)
+        ]
+        requests = []
+        for user, mine in frame.groupby("user_id", sort=True):
+            for k in range(0, len(mine), candidates):
+                chunk = mine.iloc[k : k + candidates]
+                if len(chunk) >= 2:
+                    at_us = int(chunk["at_us"].iloc[0])
+                    labels = dict(zip(chunk["item_id"], chunk["label"].astype(int), strict=True))
+                    requests.append(TimedRequest(f"{user}:{at_us}", str(user), at_us, labels))
+        requests.sort(key=lambda r: (r.at_us, r.user_id))
+        start, end = int(frame["at_us"].min()), int(frame["at_us"].max())
+        midnights = list(range(first_day + DAY_US, end + 1, DAY_US))
+        return cls(requests, events, midnights, start, end)
+
+    def steps(self) -> list[tuple[int, int, Any]]:
+        """(time, order, step): requests (0) before a boundary (1) before events (2) at one instant."""
+        steps: list[tuple[int, int, Any]] = [(r.at_us, 0, r) for r in self.requests]
+        steps += [(b, 1, b) for b in self.boundaries] + [(e.at_us, 2, e) for e in self.events]
+        return sorted(steps, key=lambda s: (s[0], s[1]))
+
+
+@dataclass(frozen=True)
+class RankedRequest:
+    """One replayed request: what every arm ranked, the coin of the served draft, the logged labels."""
+
+    request: TimedRequest
+    rankings: dict[str, list[str]]
+    first: str | None  # the team that picked first (interleave), else None
+    read_ts: dict[str, int]  # view -> newest stamp read (epoch microseconds)
+
+
+@dataclass
+class TimelineSummary:
+    replayed: list[RankedRequest] = field(default_factory=list)
+    events_applied: int = 0
+    events_refused: dict[str, str] = field(default_factory=dict)
+    clicks: int = 0
+    boundaries: int = 0
+    seconds: float = 0.0
+    min_lead_us: int | None = None  # smallest (request_time - newest stamp read) over all requests
+
+    def as_of_line(self) -> str:
+        views = len({v for r in self.replayed for v in r.read_ts})
+        lead = (
+            ""
+            if self.min_lead_us is None
+            else f"; the nearest stamp was {self.min_lead_us / 1e6:,.3f} s before"
+        )
+        return (
+            f"the replay served features as of each request: all {len(self.replayed):,} requests read only "
+            f"values stamped strictly before their request_time ({views} views checked{lead})"
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"replayed {len(self.replayed):,} requests and {self.events_applied:,} events in event order, "
+            f"{self.boundaries} daily materializations, in {self.seconds:.1f} s; {self.clicks:,} clicks; "
+            f"{len(self.events_refused)} events refused"
+        )
+
+
+class Client:
+    """One keep-alive HTTP connection to the service (a replay is sequential)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 60.0):
+        parsed = urllib.parse.urlsplit(base_url)
+        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout_s)
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = self.conn.getresponse()
+        text = resp.read()
+        return resp.status, json.loads(text) if text else {}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def replay_timeline(
+    base_url: str, timeline: Timeline, at_boundary: Callable[[int], None], progress: bool = True
+) -> TimelineSummary:
+    """Send the timeline to the service in order (module docstring); `at_boundary(midnight_us)` runs at each
+    midnight. A reply that read the future raises `FutureRead` naming the request, the view and the stamp."""
+    from tqdm import tqdm
+
+    summary, client = TimelineSummary(), Client(base_url)
+    started = time.monotonic()
+    steps = timeline.steps()
+    try:
+        for at_us, _, step in tqdm(steps, "replay", unit="step", disable=not progress, mininterval=2):
+            if isinstance(step, TimedRequest):
+                summary.replayed.append(_rank(client, step, summary))
+            elif isinstance(step, TimedEvent):
+                _push(client, step, summary)
+            else:
+                at_boundary(at_us)
+                summary.boundaries += 1
+    finally:
+        client.close()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _rank(client: Client, request: TimedRequest, summary: TimelineSummary) -> RankedRequest:
+    body = {
+        "user_id": request.user_id,
+        "item_ids": list(request.labels),
+        "request_id": request.request_id,
+        "request_time": micros_to_datetime(request.at_us).isoformat(),
+    }
+    status, reply = client.post("/rank", body)
+    if status != 200:
+        raise RuntimeError(f"/rank answered {status} for request {request.request_id}: {reply}")
+    read = {view: parse_micros(view, ts) for view, ts in reply["read_ts"].items()}
+    for view, stamp in read.items():
+        if stamp >= request.at_us:
+            raise FutureRead(
+                f"request {request.request_id} (user {request.user_id}, request_time "
+                f"{body['request_time']}) read {view} stamped {micros_to_datetime(stamp).isoformat()}, "
+                "not strictly before it: the replay's store holds the future"
+            )
+        lead = request.at_us - stamp
+        summary.min_lead_us = lead if summary.min_lead_us is None else min(summary.min_lead_us, lead)
+    shown = [i["item_id"] for i in reply["items"][: reply["shown"]]]
+    for item in shown:
+        if request.labels.get(item) == 1:
+            client.post(
+                "/click", {"request_id": reply["request_id"], "item_id": item, "user_id": request.user_id}
+            )
+            summary.clicks += 1
+    rankings = reply.get("rankings") or {reply["arm"]: [i["item_id"] for i in reply["items"]]}
+    return RankedRequest(request, rankings, reply.get("first"), read)
+
+
+def _push(client: Client, event: TimedEvent, summary: TimelineSummary) -> None:
+    body = {
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "label": event.label,
+        "event_timestamp": micros_to_datetime(event.at_us).isoformat(),
+    }
+    status, reply = client.post("/events", body)
+    if status == 503:
+        raise UserError(
+            f"the replay pushes every rating through POST /events, which is off: {reply.get('detail')}"
+        )
+    if status not in (200, 409):
+        raise RuntimeError(f"POST /events answered {status} for {event.event_id}: {reply}")
+    summary.events_applied += len(reply.get("applied", []))
+    summary.events_refused |= reply.get("refused", {})
 
 
 def free_port() -> int:

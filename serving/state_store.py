@@ -87,11 +87,12 @@ class Event:
         if at is None:
             at_us = now_us if now_us is not None else time.time_ns() // 1000
         else:
-            at_us = _micros(name, at)
+            at_us = parse_micros(name, at)
         return cls(str(raw["event_id"]), str(raw["user_id"]), str(raw["item_id"]), int(label), at_us)
 
 
-def _micros(name: Any, value: Any) -> int:
+def parse_micros(name: Any, value: Any) -> int:
+    """A time as ISO 8601 (no zone = UTC), epoch seconds or a datetime -> exact epoch microseconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         return int(round(value * 1e6))
     if isinstance(value, str):

@@ -1,4 +1,4 @@
-"""Analysis of the online A/B from the ranking service's event log.
+"""Analysis of the online experiment from the ranking service's event log: an A/B split or interleaving.
 
     llmfeat abtest analyze [--log DIR]
     spark-submit spark_jobs/abtest.py --config local [--log DIR]
@@ -13,13 +13,18 @@ and eCPM with 95% intervals from resampling users (the unit of randomisation), a
 test of users per arm against serving.challenger_share. One MLflow run, tagged with both model versions and
 their training runs; both model versions get a tag pointing back at it. Needs no Spark: `run` takes
 `spark=None`.
+
+A log of `serving.experiment: interleave` (one line per request with both rankings, the teams, the coin) is
+analysed as interleaving (models/evaluation/interleaving.py): the challenger's share of credited clicks with
+ties excluded, the share of users it won, a sign test, intervals that resample users and redraw the coins
+(re-drafting from the logged rankings; an item the re-draft shows and the log did not counts as unclicked).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +33,7 @@ import pandas as pd
 
 from llmfeat.errors import UserError
 from llmfeat.models.evaluation.ab_stats import Arm, item_bid, lift_interval, srm_test
+from llmfeat.models.evaluation.interleaving import Draft, InterleavingResult, analyze_draft
 from llmfeat.models.evaluation.metrics import Interval
 from llmfeat.registry import use_ctr_tracking
 from llmfeat.serving.event_log import read_events
@@ -143,6 +149,46 @@ def analyze_events(events: list[dict], settings: Settings) -> AbResult:
     )
 
 
+@dataclass(frozen=True)
+class InterleaveResult:
+    result: InterleavingResult
+    versions: dict[str, str]  # arm -> model versions seen (comma list)
+    model: str
+    run_id: str = ""
+
+    def report(self, bid_rule: str = "") -> str:
+        a, b = self.result.credits
+        return "\n".join(
+            [
+                "online interleaving (team draft of both arms in every request):",
+                f"champion v{self.versions['champion']}: {a:,} credited clicks; "
+                f"challenger v{self.versions['challenger']}: {b:,}",
+                self.result.line(),
+            ]
+        )
+
+
+def interleaved(events: list[dict], slots: int, n_boot: int, seed: int) -> InterleaveResult | None:
+    """The interleaving analysis of the log's interleaved requests; None when it has none."""
+    lines = [e for e in events if e.get("type") == "impression" and e.get("experiment") == "interleave"]
+    if not lines:
+        return None
+    clicked: dict[str, set[str]] = {}
+    for e in events:
+        if e.get("type") == "click":
+            clicked.setdefault(e["request_id"], set()).add(e["item_id"])
+    draft = Draft.of(
+        [str(e["user_id"]) for e in lines],
+        [e["rankings"]["champion"] for e in lines],
+        [e["rankings"]["challenger"] for e in lines],
+        [clicked.get(e["request_id"], set()) for e in lines],
+        [e["first"] == "champion" for e in lines],
+        slots,
+    )
+    versions = {arm: ",".join(sorted({str(e["versions"][arm]) for e in lines})) for arm in ARMS}
+    return InterleaveResult(analyze_draft(draft, n_boot, seed), versions, str(lines[0]["model"]))
+
+
 def bid_rule(settings: Settings) -> str:
     cfg = settings.abtest
     return (
@@ -150,33 +196,43 @@ def bid_rule(settings: Settings) -> str:
     )
 
 
-def analyze(settings: Settings, folder: Path) -> AbResult:
+def analyze(settings: Settings, folder: Path) -> AbResult | InterleaveResult:
     """Analyse the log in `folder` and record it as an MLflow run linked to both model versions."""
     import mlflow
 
-    result = analyze_events(list(read_events(folder)), settings)
+    events = list(read_events(folder))
+    result: AbResult | InterleaveResult
+    cfg = settings.abtest
+    found = interleaved(events, settings.serving.slots, cfg.n_boot, cfg.seed)
+    result = found or analyze_events(events, settings)
     use_ctr_tracking(settings)
     client = mlflow.MlflowClient()
     tags = {f"abtest.{arm}_versions": v for arm, v in result.versions.items()} | {
         "abtest.model": result.model,
         "abtest.log": str(folder),
-        "abtest.srm_alarm": str(result.srm_alarm).lower(),
-        "abtest.bid_rule": bid_rule(settings),
+        "abtest.experiment": "interleave" if isinstance(result, InterleaveResult) else "ab",
     }
+    if isinstance(result, AbResult):
+        tags |= {"abtest.srm_alarm": str(result.srm_alarm).lower(), "abtest.bid_rule": bid_rule(settings)}
     for arm, versions in result.versions.items():
         for v in filter(None, versions.split(",")):
             run = client.get_model_version(result.model, v).run_id
             tags[f"abtest.{arm}_train_run.v{v}"] = str(run)
     name = "abtest-" + "-vs-".join(f"v{result.versions[a]}" for a in ARMS)
     with mlflow.start_run(run_name=name, tags=tags) as run:
-        _log_result(result, settings)
+        if isinstance(result, AbResult):
+            _log_result(result, settings)
+        else:
+            _log_interleaving(result)
     for versions in result.versions.values():
         for v in filter(None, versions.split(",")):
             client.set_model_version_tag(result.model, v, "abtest.run_id", run.info.run_id)
-    return AbResult(**{**result.__dict__, "run_id": run.info.run_id})
+    return replace(result, run_id=run.info.run_id)
 
 
-def run(spark: SparkSession | None, settings: Settings, log_dir: Path | str | None = None) -> AbResult:
+def run(
+    spark: SparkSession | None, settings: Settings, log_dir: Path | str | None = None
+) -> AbResult | InterleaveResult:
     """Analyse the event log in `log_dir` (default: serving.log_dir) and record it in MLflow (`analyze`).
     Reads JSON lines: `spark` is unused."""
     from llmfeat.serving.ranking_service import log_dir as serving_log_dir  # imports FastAPI
@@ -184,8 +240,20 @@ def run(spark: SparkSession | None, settings: Settings, log_dir: Path | str | No
     return analyze(settings, Path(log_dir) if log_dir else serving_log_dir(settings))
 
 
-def format_result(settings: Settings, result: AbResult) -> str:
+def format_result(settings: Settings, result: AbResult | InterleaveResult) -> str:
     return f"{result.report(bid_rule(settings))}\nMLflow run {result.run_id}"
+
+
+def _log_interleaving(result: InterleaveResult) -> None:
+    import mlflow
+
+    r = result.result
+    metrics = {"il_requests": r.requests, "il_users": r.users, "il_sign_p": r.sign_p}
+    metrics |= {"il_champion_credits": r.credits[0], "il_challenger_credits": r.credits[1]}
+    for name, iv in (("il_share", r.credit_share), ("il_user_share", r.user_share)):
+        metrics |= {name: iv.mean, f"{name}_low": iv.low, f"{name}_high": iv.high}
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    mlflow.log_text(result.report(), "abtest.txt")
 
 
 def _log_result(result: AbResult, settings: Settings) -> None:

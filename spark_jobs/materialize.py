@@ -421,33 +421,43 @@ def views_on(tables: list[str]) -> list[str]:
     from llmfeat.feast_repo import feature_views
 
     names = set(tables)
-    return [v.name for v in feature_views().values() if _table_of(v) in names]
+    return [v.name for v in feature_views().values() if table_of(v) in names]
 
 
-def _table_of(view: FeatureView) -> str:
+def table_of(view: FeatureView) -> str:
     source = view.batch_source
     return str(getattr(source, "path", "") or "").rsplit("/", 1)[-1] if source is not None else ""
 
 
 def newest_rows(
-    spark: SparkSession | None, tables: DeltaTables, table: str, key: str, batch_rows: int = 10_000
+    spark: SparkSession | None,
+    tables: DeltaTables,
+    table: str,
+    key: str,
+    batch_rows: int = 10_000,
+    before: datetime | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Each key's newest row of a state table: with a session ranked on the executors and streamed to the
-    driver a partition at a time; without one, read in bounded batches (the dict holds one row per key,
-    what the online store holds anyway)."""
+    """Each key's newest row of a state table (stamped strictly `before`, when given: the state as of then):
+    with a session ranked on the executors and streamed to the driver a partition at a time; without one,
+    read in bounded batches (the dict holds one row per key, what the online store holds anyway)."""
     if spark is not None:
         from pyspark.sql import Window
         from pyspark.sql import functions as F
 
         newest = Window.partitionBy(key).orderBy(F.col("event_timestamp").desc())
-        frame = tables.read_spark(table).withColumn("_n", F.row_number().over(newest)).where("_n = 1")
+        rows = tables.read_spark(table)
+        rows = rows if before is None else rows.where(F.col("event_timestamp") < F.lit(before))
+        frame = rows.withColumn("_n", F.row_number().over(newest)).where("_n = 1")
         for row in frame.drop("_n").toLocalIterator(prefetchPartitions=True):
             yield row.asDict()
         return
+    import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
     latest: dict[str, dict[str, Any]] = {}
-    for batch in DeltaTable(tables.path(table)).to_pyarrow_dataset().to_batches(batch_size=batch_rows):
+    dataset = DeltaTable(tables.path(table)).to_pyarrow_dataset()
+    wanted = None if before is None else ds.field("event_timestamp") < before
+    for batch in dataset.to_batches(batch_size=batch_rows, filter=wanted):
         for row in batch.to_pylist():
             held = latest.get(row[key])
             if held is None or row["event_timestamp"] > held["event_timestamp"]:
@@ -467,7 +477,7 @@ def materialize_state(
     for view in feature_views().values():
         if view.tags.get("kind") != "state":
             continue
-        table = _table_of(view)
+        table = table_of(view)
         if not tables.exists(table):
             out.append(Published(table, view.name, 0, -1, "no table yet: run `llmfeat user-state`"))
             continue

@@ -4,7 +4,7 @@
     llmfeat compare [--a champion] [--b challenger]            offline A/B on one held-out snapshot
     llmfeat promote [--champion champion] [--challenger challenger]
     llmfeat serve                                              ranking service (FastAPI on uvicorn)
-    llmfeat abtest replay --url URL | analyze [--log DIR] | run
+    llmfeat abtest run [--days N] | analyze [--log DIR] | replay --url URL
 None of them needs Spark: train-ctr, compare and `abtest analyze` call their jobs' `run(None, settings, ...)`
 (spark_jobs/train_ctr.py, compare.py, abtest.py); Delta is read with delta-rs and features come from Feast.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +52,9 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
         "--url", default=None, help="replay: the running service (default: serving.host:port)"
     )
     abtest.add_argument("--log", default=None, help="analyze: event-log folder (default: serving.log_dir)")
+    abtest.add_argument(
+        "--days", type=int, default=None, help="run: test days replayed (default abtest.days)"
+    )
     for p in (training_set, train, compare, promote, sub.choices["serve"], abtest):
         config_args(p)
 
@@ -124,7 +126,7 @@ def abtest_command(settings: Settings, args: argparse.Namespace) -> None:
     elif args.action == "analyze":
         print(analyze_log(settings, args.log))
     else:
-        online_ab(settings)
+        online_ab(settings, args.days)
 
 
 def replay_against(settings: Settings, url: str) -> Any:
@@ -144,19 +146,10 @@ def analyze_log(settings: Settings, folder: Path | str | None) -> str:
     return format_result(settings, run(None, settings, folder))
 
 
-def online_ab(settings: Settings) -> None:
-    """Start the service on a free loopback port with a fresh event log, replay, stop it, analyse."""
-    from llmfeat.serving.ranking_service import log_dir
-    from llmfeat.serving.replay import running_service
+def online_ab(settings: Settings, days: int | None = None) -> Any:
+    """The time-ordered replay in its own workspace (spark_jobs/abtest_replay.py); prints and returns it."""
+    from llmfeat.spark_jobs.abtest_replay import run
 
-    folder = log_dir(settings) / f"run-{time.strftime('%Y%m%dT%H%M%S')}"
-    run_settings = settings.model_copy(
-        update={"serving": settings.serving.model_copy(update={"log_dir": str(folder.resolve())})}
-    )
-    with running_service(run_settings) as url:
-        print(
-            f"ranking service up at {url} (challenger share {settings.serving.challenger_share:g}, "
-            f"events in {folder})"
-        )
-        print(replay_against(run_settings, url))
-    print(analyze_log(run_settings, folder))
+    result = run(None, settings, days)
+    print(result.report())
+    return result

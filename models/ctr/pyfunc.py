@@ -318,7 +318,8 @@ def log_ranker(ranker: CtrRanker, example: pd.DataFrame, registered_name: str | 
     scores), the input example and explicit pip requirements; register it when a name is given."""
     from mlflow.models import infer_signature
 
-    example = example[ranker.columns].reset_index(drop=True)
+    # a service without counters (or content) leaves those inputs null, exactly as they are served
+    example = example.reindex(columns=ranker.columns).reset_index(drop=True)
     for col in (*VECTOR_COLUMNS, *FRESH_VECTORS):  # JSON carries float64: the signature says Array(double)
         if col in example.columns:
             example[col] = example[col].map(lambda v: [float(x) for x in v])
