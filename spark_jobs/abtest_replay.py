@@ -31,6 +31,7 @@ import argparse
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -261,7 +262,8 @@ def prepare(settings: Settings, days: int | None = None) -> Workspace:
     days = days or settings.abtest.days
     if days < 1:
         raise UserError(f"--days must be at least 1, got {days}")
-    root = Path(settings.data_dir) / settings.abtest.workspace / f"run-{time.strftime('%Y%m%dT%H%M%S')}"
+    run_name = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    root = Path(settings.data_dir) / settings.abtest.workspace / run_name
     ws = workspace_settings(settings, root)
     print(f"replay workspace {root}")
     store = apply_repo(ws)

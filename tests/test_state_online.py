@@ -250,3 +250,64 @@ def test_the_service_turns_a_new_user_warm_with_a_model_trained_on_fresh_feature
                "event_timestamp": "2001-01-01T00:00:00"}  # fmt: skip
         with pytest.raises(Exception, match="409"):
             post(url, "/events", old)
+
+
+def test_the_replay_reads_only_the_past_and_refuses_a_planted_future_value(
+    spark,
+    lake: Settings,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    """`abtest run` on the tiny lake: the fresh pair interleaved over 3 test days in event order, every read
+    strictly before its request, nothing written outside the workspace; then a value stamped after the
+    first request, planted in a new workspace, stops the replay naming it."""
+    import mlflow
+    from test_serving_ranking import in_thread
+
+    from llmfeat.cli.ctr_commands import train_models
+    from llmfeat.cli.demo import FRESH_ID_SERVICE, FRESH_SERVICE
+    from llmfeat.registry import tracking_uri
+    from llmfeat.serving.ranking_service import build_app
+    from llmfeat.serving.replay import FutureRead, replay_timeline
+    from llmfeat.spark_jobs import abtest_replay
+
+    settings = with_online(lake, {"feast.online_store": "sqlite", "feast.repo_dir": str(tmp_path / "feast"),
+                                  "ctr.llm_feature_service": FRESH_SERVICE, "ctr.kind": "lightgbm",
+                                  "ctr.id_feature_service": FRESH_ID_SERVICE})  # fmt: skip
+    materialize.run(spark, settings)
+    train_models(settings, True, True, None)
+    tables = RustDelta(settings.delta_root)
+    pushed = tables.version("pushed_events")
+    online = (tmp_path / "feast" / "online.db").stat().st_mtime_ns
+
+    result = abtest_replay.run(None, settings, days=3)
+    summary = result.summary
+    test = offline_test_days(settings, 3)
+    assert summary.events_applied == len(test) and not summary.events_refused
+    assert len(summary.replayed) >= 3 and summary.boundaries == 2
+    assert all(ts < r.request.at_us for r in summary.replayed for ts in r.read_ts.values())
+    assert all(set(r.rankings) == {"champion", "challenger", "weakened"} for r in summary.replayed)
+    assert [c.b for c in result.comparisons] == ["champion", "challenger", "weakened"]
+    client = mlflow.MlflowClient(tracking_uri(settings))
+    assert "weakened" not in client.get_registered_model(settings.ctr.registry_name).aliases  # the copy's
+    assert tables.version("pushed_events") == pushed  # events went to the workspace's table
+    assert (tmp_path / "feast" / "online.db").stat().st_mtime_ns == online
+    tags = client.get_run(result.live.run_id).data.tags
+    assert tags["abtest.experiment"] == "interleave" and "abtest.champion_train_run.v1" in tags
+
+    ws = abtest_replay.prepare(settings, days=3)
+    first = ws.timeline.requests[0]
+    item = next(iter(first.labels))
+    stamp = pd.Timestamp(first.at_us + 1, unit="us", tz="UTC")  # 1 microsecond after the first request
+    planted = pd.DataFrame(
+        {"item_id": [item], "item_impressions": [99], "item_clicks": [99], "event_timestamp": [stamp]}
+    )
+    ws.store.write_to_online_store("item_stats_fv", planted)
+    with in_thread(build_app(ws.settings)) as url, pytest.raises(FutureRead, match="item_stats_fv"):
+        replay_timeline(url, ws.timeline, ws.at_midnight, progress=False)
+
+
+def offline_test_days(settings: Settings, days: int) -> pd.DataFrame:
+    inter = RustDelta(settings.delta_root).read_arrow("interactions").to_pandas()
+    test = inter[inter["split"] == "test"]
+    first = test["event_timestamp"].min().floor("D")
+    return test[test["event_timestamp"] < first + pd.Timedelta(days=days)]
