@@ -261,20 +261,30 @@ class CtrConf(Section):
     tree_rounds: int = 2000  # at most; early stopping usually ends far sooner
     tree_early_stop: int = 50  # rounds without a better valid log-loss
     tree_threads: int = 0  # 0: LightGBM's default (every core); serving scores with one thread per worker
-    # stream: train-ctr writes the checked training set to a Delta table and trains over its files in bounded
-    # Arrow batches (models/ctr/stream.py) instead of one in-memory frame; rows held at once stay below
-    # stream_buffer_rows + stream_batch_rows, however many rows the table has.
+    # stream: train-ctr trains over the training set's files in bounded Arrow batches (models/ctr/stream.py)
+    # instead of one in-memory frame; rows held at once stay below stream_buffer_rows + stream_batch_rows,
+    # however many rows the set has. The set: the Delta table stream_table names ("{service}" is replaced by
+    # the feature service, e.g. "training_set_{service}", as the Spark training-set job writes it), every row
+    # of it; with stream_table empty, the set this process builds (Feast's join over sample.*), written to
+    # scratch Parquet files under data_dir, then streamed.
     stream: bool = False
+    stream_table: str = ""
     stream_buffer_rows: int = Field(default=65_536, ge=2)  # rows shuffled together (a mini-batch draws here)
     stream_batch_rows: int = Field(default=8_192, ge=1)  # rows per Arrow batch read from a file
 
     @model_validator(mode="after")
-    def _buffer_holds_a_batch(self) -> CtrConf:
+    def _stream_fits(self) -> CtrConf:
         if self.stream and self.stream_buffer_rows < self.batch_size:
             raise ValueError(
-                f"ctr.stream_buffer_rows={self.stream_buffer_rows} is below ctr.batch_size={self.batch_size}: "
-                "the shuffle buffer must hold at least one mini-batch"
+                f"ctr.stream_buffer_rows={self.stream_buffer_rows} is below "
+                f"ctr.batch_size={self.batch_size}: the shuffle buffer must hold at least one mini-batch"
             )
+        try:
+            self.stream_table.format(service="s")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                f"ctr.stream_table={self.stream_table!r}: the only placeholder is {{service}}"
+            ) from None
         return self
 
 

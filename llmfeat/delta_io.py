@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from llmfeat.config import MIN_RETENTION_HOURS
 from llmfeat.delta_jars import maven_coordinate
+from llmfeat.errors import UserError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -421,6 +422,21 @@ def _arrow(data: Any) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
     return pa.Table.from_pandas(data, preserve_index=False)
+
+
+def version_files(tables: DeltaTables, name: str, version: int | None = None) -> list[str]:
+    """The data files (paths or URIs) of a table's version, for readers that know Parquet but not Delta; a
+    UserError where the files are not the table as they are (deletion vectors or column mapping: reader
+    protocol above 1; partition columns, whose values live in the log)."""
+    from deltalake import DeltaTable
+
+    table = DeltaTable(tables.path(name), version=version)
+    if table.protocol().min_reader_version > 1 or table.metadata().partition_columns:
+        raise UserError(
+            f"Delta table {name} (version {table.version()}) uses deletion vectors, column mapping or "
+            "partition columns: its Parquet files are not its rows; rewrite it without them to stream it"
+        )
+    return list(table.file_uris())
 
 
 def open_tables(settings: Settings, spark: SparkSession | None = None) -> DeltaTables:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
+
+B = TypeVar("B")  # a batch: row indices, or the tensors of a streamed batch
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,34 @@ def train_early_stopping(
     too (epoch -1) and keep it when no epoch beats it, e.g. a residual branch that starts at zero.
     `train_module`: the part of `model` in train mode while training (default: all of it); the rest stays in
     eval mode, e.g. a frozen part whose dropout must behave as it does at scoring."""
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+
+    def index_batches(_epoch: int) -> Iterator[np.ndarray]:
+        perm = rng.permutation(rows)  # a fresh order each epoch, the seed's
+        for start in range(0, len(perm), cfg.batch_size):
+            yield perm[start : start + cfg.batch_size]
+
+    return train_on_batches(
+        model, index_batches, len, loss_fn, score_fn, cfg, on_epoch, params, keep_start, train_module
+    )
+
+
+def train_on_batches(
+    model: nn.Module,
+    epoch_batches: Callable[[int], Iterable[B]],
+    batch_rows: Callable[[B], int],
+    loss_fn: Callable[[B], Tensor | tuple[Tensor, dict[str, float]]],
+    score_fn: Callable[[], float],
+    cfg: TrainConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+    params: list[nn.Parameter] | None = None,
+    keep_start: bool = False,
+    train_module: nn.Module | None = None,
+) -> TrainHistory:
+    """The loop of `train_early_stopping` over any batches: `epoch_batches(epoch)` gives one epoch's batches
+    (row indices, or tensors a stream reads from files: models/ctr/stream.py), `batch_rows(batch)` their
+    size; a batch of fewer than 2 rows is skipped."""
+    torch.manual_seed(cfg.seed)
     trained = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory()
@@ -78,11 +107,9 @@ def train_early_stopping(
         model.train(train_module is None)
         if train_module is not None:
             train_module.train()
-        perm = rng.permutation(rows)
         losses = []
-        for start in range(0, len(perm), cfg.batch_size):
-            batch = perm[start : start + cfg.batch_size]
-            if len(batch) < 2:
+        for batch in epoch_batches(epoch):
+            if batch_rows(batch) < 2:
                 continue
             out = loss_fn(batch)
             loss, parts = out if isinstance(out, tuple) else (out, {})

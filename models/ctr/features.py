@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +161,20 @@ class FeatureEncoder:
             vec_std=std,
         )
 
+    # Built once per encoder, not per batch: a stream (models/ctr/stream.py) transforms many small batches.
+    @cached_property
+    def user_index(self) -> dict[str, int]:
+        """user id -> embedding index (1..U; 0 is every id outside the fit rows)."""
+        return {k: i + 1 for i, k in enumerate(self.user_ids)}
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        return {k: i + 1 for i, k in enumerate(self.item_ids)}
+
     def transform(self, frame: pd.DataFrame) -> CtrInputs:
         """Scoring frame (B rows) -> CtrInputs tensors."""
-        users = {k: i + 1 for i, k in enumerate(self.user_ids)}
-        items = {k: i + 1 for i, k in enumerate(self.item_ids)}
-        user = frame["user_id"].map(users).fillna(0).to_numpy(np.int64)  # (B,)
-        item = frame["item_id"].map(items).fillna(0).to_numpy(np.int64)  # (B,)
+        user = frame["user_id"].map(self.user_index).fillna(0).to_numpy(np.int64)  # (B,)
+        item = frame["item_id"].map(self.item_index).fillna(0).to_numpy(np.int64)  # (B,)
         dense = [*self._year(frame), *self._counters(frame)]
         if self.fresh:
             dense += fresh_dense(

@@ -73,6 +73,48 @@ def drop_ids(x: CtrInputs, rates: tuple[float, float], rng: np.random.Generator)
     return x._replace(user=x.user.masked_fill(cold_user, 0), item=x.item.masked_fill(cold_item, 0))
 
 
+def score_valid(
+    metrics: dict[str, float], y: np.ndarray, p: np.ndarray, folds: list[np.ndarray]
+) -> dict[str, float]:
+    """The valid metrics of scores p (N,) for labels y (N,), into `metrics`: AUC, LogLoss and the LogLoss
+    averaged over the time folds (positions in y)."""
+    metrics["valid_auc"], metrics["valid_logloss"] = auc(y, p), logloss(y, p)
+    metrics["valid_fold_logloss"] = float(np.mean([logloss(y[f], p[f]) for f in folds]))
+    return metrics
+
+
+def epoch_logger(
+    stage: str, metrics: dict[str, float], log_metrics: MetricLogger | None
+) -> Callable[[int, float, float], None]:
+    """An epoch's log line and metrics (steps: id epochs, 1000 + residual epochs), reading the latest valid
+    metrics from `metrics`."""
+    offset = 0 if stage == "id" else 1000
+
+    def log_epoch(epoch: int, train_loss: float, _score: float) -> None:
+        log.info(
+            "%s epoch %d: train loss %.4f, valid AUC %.4f, LogLoss %.4f (time folds %.4f)",
+            stage, epoch, train_loss, metrics["valid_auc"], metrics["valid_logloss"],
+            metrics["valid_fold_logloss"],
+        )  # fmt: skip
+        if log_metrics is not None:
+            named = {f"{stage}_{k}": v for k, v in metrics.items()}
+            log_metrics(named | {f"{stage}_train_loss": train_loss}, offset + epoch)
+
+    return log_epoch
+
+
+def branch_id_dropout(
+    cfg: CtrConf, valid_cold: tuple[float, float], log_metrics: MetricLogger | None
+) -> tuple[float, float]:
+    """The (user, item) id dropout of the LLM branch: the valid rows' cold rates or ctr.id_dropout; logged
+    at step 999."""
+    rates = valid_cold if cfg.id_dropout == "valid_rate" else (cfg.id_dropout, cfg.id_dropout)
+    log.info("residual id dropout: users %.3f, items %.3f", *rates)
+    if log_metrics is not None:
+        log_metrics({"residual_user_id_dropout": rates[0], "residual_item_id_dropout": rates[1]}, 999)
+    return rates
+
+
 def time_folds(frame: pd.DataFrame, rows: np.ndarray, k: int) -> list[np.ndarray]:
     """Positions in `rows` cut into `k` folds of equal time span (by event_timestamp; row order without it),
     empty folds left out: each span weighs the same, however many rows a burst puts in one."""
@@ -117,27 +159,13 @@ def fit_model(
 
     def valid_metrics(forward: Callable[[CtrInputs], torch.Tensor]) -> dict[str, float]:
         p = torch.sigmoid(forward(x_valid)).numpy()
-        metrics["valid_auc"], metrics["valid_logloss"] = auc(y_valid, p), logloss(y_valid, p)
-        metrics["valid_fold_logloss"] = float(np.mean([logloss(y_valid[f], p[f]) for f in folds]))
-        return metrics
+        return score_valid(metrics, y_valid, p, folds)
 
     def bce(logit: torch.Tensor, batch: np.ndarray) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(logit, y_t[batch])
 
     def on_epoch(stage: str) -> Callable[[int, float, float], None]:
-        offset = 0 if stage == "id" else 1000
-
-        def log_epoch(epoch: int, train_loss: float, _score: float) -> None:
-            log.info(
-                "%s epoch %d: train loss %.4f, valid AUC %.4f, LogLoss %.4f (time folds %.4f)",
-                stage, epoch, train_loss, metrics["valid_auc"], metrics["valid_logloss"],
-                metrics["valid_fold_logloss"],
-            )  # fmt: skip
-            if log_metrics is not None:
-                named = {f"{stage}_{k}": v for k, v in metrics.items()}
-                log_metrics(named | {f"{stage}_train_loss": train_loss}, offset + epoch)
-
-        return log_epoch
+        return epoch_logger(stage, metrics, log_metrics)
 
     id_train = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed)
     fit = np.flatnonzero(masks["fit"])
@@ -161,10 +189,7 @@ def fit_model(
         rows = fit if residual_rows is None else np.intersect1d(fit, residual_rows)
         # The fit rows' ids are all known, the scored rows' mostly not: the branch sees ids as cold as valid's
         # (its own random stream, so the trainer's batch order is still the seed's).
-        rates = cold_rates(x, valid) if cfg.id_dropout == "valid_rate" else (cfg.id_dropout, cfg.id_dropout)
-        log.info("residual id dropout: users %.3f, items %.3f", *rates)
-        if log_metrics is not None:
-            log_metrics({"residual_user_id_dropout": rates[0], "residual_item_id_dropout": rates[1]}, 999)
+        rates = branch_id_dropout(cfg, cold_rates(x, valid), log_metrics)
         drop_rng = np.random.default_rng((cfg.seed, 1))
         res_train = TrainConfig(
             cfg.residual_lr, cfg.residual_weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed

@@ -91,13 +91,26 @@ def fit_booster(
     booster at its best iteration."""
     import lightgbm
 
-    params = tree_params(cfg)
-    categorical = [n for n in CATEGORICAL if n in names]
     x_fit = unseen_ids(x, fit, stop, names, cfg)
     train = lightgbm.Dataset(
-        x_fit, y[fit], feature_name=names, categorical_feature=categorical, free_raw_data=True
+        x_fit, y[fit], feature_name=names, categorical_feature=categorical_names(names), free_raw_data=True
     )
     valid = lightgbm.Dataset(x[stop], y[stop], reference=train)
+    return boost(train, valid, cfg, log_metrics)
+
+
+def categorical_names(names: list[str]) -> list[str]:
+    return [n for n in CATEGORICAL if n in names]
+
+
+def boost(
+    train: lightgbm.Dataset, valid: lightgbm.Dataset, cfg: CtrConf, log_metrics: Any = None
+) -> lightgbm.Booster:
+    """Boost on `train`, early-stopped on the log-loss of `valid` (built with reference=train); the booster at
+    its best iteration, the valid log-loss curve logged (at most 50 points)."""
+    import lightgbm
+
+    params = tree_params(cfg)
     record: dict[str, Any] = {}
     callbacks: list[Any] = [
         lightgbm.early_stopping(cfg.tree_early_stop, verbose=False),
