@@ -24,6 +24,7 @@ __all__ = [
     "SampleConf",
     "SampleTooLarge",
     "distinct_values",
+    "scan",
     "scalar",
     "shortest_histories",
     "spark_user_sample",
@@ -145,11 +146,16 @@ def _values(v: Collection[Any]) -> pa.Array:
     return v if isinstance(v, pa.Array) else pa.array(list(v))
 
 
-def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Iterator[pa.RecordBatch]:
-    """The table's rows in file order, filtered: a pyarrow scan with the filter pushed down (files and row
+SCAN_BATCH_ROWS = 131_072  # pyarrow's default batch size
+
+
+def scan(
+    table: Any, columns: list[str], where: Any = None, batch_rows: int = SCAN_BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """A Delta table version's `columns`, in file order and in record batches of at most `batch_rows` rows,
+    filtered by the pyarrow expression `where`: a pyarrow scan with the filter pushed down (files and row
     groups pruned by their statistics), or delta-rs's own scan where deletion vectors or column mapping make
     the Parquet files differ from the table."""
-    import pyarrow.dataset as ds
     from deltalake import QueryBuilder
     from deltalake.exceptions import DeltaProtocolError
 
@@ -158,15 +164,22 @@ def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Itera
     except DeltaProtocolError:
         sql = "SELECT " + ", ".join(f'"{c}"' for c in columns) + " FROM t"
         for batch in pa.RecordBatchReader.from_stream(QueryBuilder().register("t", table).execute(sql)):
-            for c, values in sets.items():
-                batch = batch.filter(pc.is_in(batch.column(c), value_set=values))
-            yield batch
+            kept = batch if where is None else batch.filter(where)
+            for start in range(0, kept.num_rows, batch_rows):
+                yield kept.slice(start, batch_rows)
         return
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=batch_rows)
+
+
+def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Iterator[pa.RecordBatch]:
+    """The table's rows whose column values are in `sets`."""
+    import pyarrow.dataset as ds
+
     expr = None
     for c, values in sets.items():
         term = ds.field(c).isin(values)
         expr = term if expr is None else expr & term
-    yield from dataset.to_batches(columns=columns, filter=expr)
+    return scan(table, columns, expr)
 
 
 def shortest_histories(user_behaviors: Any, cut: Any, n: int) -> list[str]:

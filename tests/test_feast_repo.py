@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from llmfeat.config import Settings, load_settings
 from llmfeat.paths import feature_repo_dir
 from llmfeat.reprs import MarcView
 from llmfeat.serving.features import parse_response
+from llmfeat.session import DELTA_SQL
 from llmfeat.spark_jobs.materialize import FeatureTableError, VectorTable, decode_vectors
 
 DIM = 64
@@ -211,7 +213,7 @@ def test_feast_cli_plans_in_feature_repo_with_no_variable_set(tmp_path: Path) ->
 
 @pytest.mark.unit
 def test_cluster_file_takes_registry_and_redis_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both files through Feast's own loader: the default with no variable, the cluster one with its four."""
+    """Both files through Feast's own loader: the default with no variable, the cluster one with its six."""
     from feast.repo_config import load_repo_config
 
     repo = feature_repo_dir()
@@ -223,11 +225,25 @@ def test_cluster_file_takes_registry_and_redis_from_the_environment(monkeypatch:
     url = "postgresql+psycopg://feast:secret@db.internal:5432/feast"
     monkeypatch.setenv("LLMFEAT_REGISTRY", url)
     monkeypatch.setenv("LLMFEAT_REDIS", "redis.internal:6379")
+    monkeypatch.setenv("LLMFEAT_SPARK_MASTER", "spark://spark-master.internal:7077")
+    monkeypatch.setenv("LLMFEAT_DELTA_JARS", "/opt/jars/delta-spark_4.1_2.13-4.4.0.jar")
+    text = (repo / "feature_store.cluster.yaml").read_text()
+    named = set(re.findall(r"\$\{(\w+)\}", text))
+    exported = set(re.findall(r"^#   export (\w+)=", text, re.MULTILINE))
+    assert named <= exported and len(exported) == 6  # the header lists every variable the file reads
     cluster = load_repo_config(repo, repo / "feature_store.cluster.yaml")
     assert cluster.registry.registry_type == "sql" and cluster.registry.path == url
     assert cluster.online_store.type == "redis"
     assert cluster.online_store.connection_string == "redis.internal:6379"
     assert cluster.offline_store.type == "spark"
+    # Materialized by Feast's Spark engine, in a session with the offline store's Delta jars and catalog
+    assert cluster.batch_engine.type == "spark.engine"
+    assert cluster.batch_engine.spark_conf == cluster.offline_store.spark_conf
+    conf = cluster.offline_store.spark_conf
+    assert conf["spark.master"] == "spark://spark-master.internal:7077"
+    assert conf["spark.jars"] == "/opt/jars/delta-spark_4.1_2.13-4.4.0.jar"
+    assert DELTA_SQL.items() <= conf.items() and conf["spark.sql.session.timeZone"] == "UTC"
+    assert cluster.materialization_config.pull_latest_features
 
 
 @pytest.mark.unit
