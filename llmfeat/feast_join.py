@@ -1,5 +1,6 @@
 """Feast's point-in-time join, guarded: every entity row kept, each joined to the latest value at or before
 its own event_timestamp (never a later one). The CTR training set built on it: spark_jobs/training_set.py.
+The same join on the executors (`spark_historical_features`), for sets larger than one process, is below.
 
 Feast's file offline store silently drops entity rows that have no feature value in the TTL window (here: an
 interaction older than the first vector of its user or item). The guard joins one view at a time on
@@ -11,6 +12,9 @@ rows that share keys and time: two interactions of one user in one second).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,3 +108,116 @@ def interactions_entity_df(
     if split is not None:
         df = df[df["split"] == split]
     return df[["user_id", "item_id", "event_timestamp", "label", "split"]].reset_index(drop=True)
+
+
+# The Spark as-of join: Feast's point-in-time semantics on the executors, for training sets larger than one
+# process. Each entity row of `rows` gets, per view, the newest row of the view's source with the same join
+# keys stamped at or before the row's own event_timestamp (and, for a view with a TTL, not before the row's
+# time minus it); none leaves its features null. The views sharing one set of join keys are joined in one
+# pass: their rows and the entity rows are unioned, sorted by time within each key (a feature row before an
+# entity row of the same time, later created timestamps after earlier ones) and every entity row takes, per
+# view, the last feature row before it (`last(..., ignorenulls)` over a running window): one shuffle per set
+# of keys, whatever a key's history (no range join), and nothing collected.
+AS_OF_TIME, AS_OF_SIDE, AS_OF_CREATED = "__as_of_time", "__as_of_side", "__as_of_created"
+
+
+@dataclass(frozen=True)
+class ViewRows:
+    """One feature view as the Spark as-of join reads it: its source rows and what to take from them."""
+
+    name: str
+    frame: Any  # a Spark DataFrame of the view's source
+    keys: tuple[str, ...]
+    features: tuple[str, ...]  # feature names; `mapping` names their source columns where they differ
+    timestamp: str = "event_timestamp"
+    created: str | None = None
+    ttl: timedelta | None = None  # None or zero: a value never expires
+    mapping: dict[str, str] = field(default_factory=dict)  # feature -> source column
+
+
+def as_of_join(rows: Any, views: list[ViewRows]) -> Any:
+    """`rows` (a Spark DataFrame with the views' join keys and event_timestamp) with every feature of `views`,
+    all sharing one set of join keys, as of each row's own time (see above)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    keys = list(views[0].keys)
+    if any(list(v.keys) != keys for v in views):
+        raise TrainingSetError(f"one as-of pass joins views of one set of keys: {[v.keys for v in views]}")
+    if missing := [c for c in [*keys, "event_timestamp"] if c not in rows.columns]:
+        raise TrainingSetError(f"the rows lack {missing}, the join keys of {views[0].name}")
+    added = [f for v in views for f in v.features]
+    if clash := sorted({f for f in added if f in rows.columns or added.count(f) > 1}):
+        raise TrainingSetError(f"features {clash} would be joined twice: name each once in the references")
+    parts = [rows.withColumn(AS_OF_TIME, F.col("event_timestamp")).withColumn(AS_OF_SIDE, F.lit(1))]
+    for i, view in enumerate(views):
+        stamped = view.frame.where(F.col(view.timestamp).isNotNull())
+        for k in keys:
+            stamped = stamped.where(F.col(k).isNotNull())
+        columns = [F.col(view.mapping.get(f, f)).alias(f) for f in view.features]
+        parts.append(stamped.select(
+            *keys,
+            F.col(view.timestamp).alias(AS_OF_TIME),
+            F.lit(0).alias(AS_OF_SIDE),
+            (F.col(view.created) if view.created else F.lit(None).cast("timestamp")).alias(AS_OF_CREATED),
+            F.struct(F.col(view.timestamp).alias(AS_OF_TIME), *columns).alias(f"__as_of_{i}"),
+        ))  # fmt: skip
+    both = parts[0]
+    for part in parts[1:]:
+        both = both.unionByName(part, allowMissingColumns=True)
+    before = (
+        Window.partitionBy(*keys)
+        .orderBy(AS_OF_TIME, AS_OF_SIDE, AS_OF_CREATED)
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    newest = [
+        F.last(f"__as_of_{i}", ignorenulls=True).over(before).alias(f"__as_of_{i}") for i in range(len(views))
+    ]
+    picked = both.select(*rows.columns, AS_OF_TIME, AS_OF_SIDE, *newest).where(F.col(AS_OF_SIDE) == 1)
+    out = [F.col(c) for c in rows.columns]
+    for i, view in enumerate(views):
+        value = F.col(f"__as_of_{i}")
+        if view.ttl:  # Feast: a value older than the row's time minus the TTL is no value
+            oldest = F.col(AS_OF_TIME) - F.expr(f"INTERVAL {int(view.ttl.total_seconds())} SECONDS")
+            value = F.when(value[AS_OF_TIME] >= oldest, value)
+        out += [value[f].alias(f) for f in view.features]
+    return picked.select(*out)
+
+
+def source_table(source: Any) -> str:
+    """The Delta table a view's source reads: a SparkSource's table, or the last folder of a FileSource's
+    path (data_sources.py: <data dir>/delta/<table>)."""
+    return str(getattr(source, "table", None) or str(source.path).rstrip("/").rsplit("/", 1)[-1])
+
+
+def spark_historical_features(
+    store: FeatureStore, rows: Any, features: Any, read: Callable[[str], Any]
+) -> Any:
+    """`historical_features` on the executors: `rows` (a Spark DataFrame of join keys, event_timestamp and
+    labels) with the features of a FeatureService, its name, or "view:feature" references, each as of the
+    row's own time. `read(table)` gives a source's Delta table as a Spark DataFrame (a pinned version)."""
+    by_keys: dict[tuple[str, ...], list[ViewRows]] = {}
+    for refs in refs_by_view(store, features):
+        name = refs[0].split(":", 1)[0]
+        view = store.get_feature_view(name)
+        source = view.batch_source
+        if source is None:
+            raise TrainingSetError(f"feature view {name} has no batch source to join")
+        keys = tuple(_join_keys(store, name))
+        mapping = {feature: column for column, feature in (source.field_mapping or {}).items()}
+        by_keys.setdefault(keys, []).append(
+            ViewRows(
+                name,
+                read(source_table(source)),
+                keys,
+                tuple(r.split(":", 1)[1] for r in refs),
+                source.timestamp_field or "event_timestamp",
+                source.created_timestamp_column or None,
+                view.ttl,
+                mapping,
+            )  # fmt: skip
+        )
+    out = rows
+    for views in by_keys.values():
+        out = as_of_join(out, views)
+    return out

@@ -135,6 +135,22 @@ def time_refs(store: FeatureStore, views: dict[str, tuple[str, ...]]) -> list[st
     return marcs + [f"{view}:{f}" for view, f in state_views(store, views).items()]
 
 
+def join_plan(
+    store: FeatureStore, services: list[str]
+) -> tuple[list[str], dict[str, tuple[str, ...]], list[MarcView], dict[str, str]]:
+    """What a training set of these services joins: the feature references with the gate's time fields, the
+    features per view, the MARC views and the state views (with their newest-event field)."""
+    refs = [r for name in services for group in refs_by_view(store, name) for r in group]
+    refs = list(dict.fromkeys(refs))
+    views: dict[str, set[str]] = {}
+    for r in refs:
+        view, feature = r.split(":", 1)
+        views.setdefault(view, set()).add(feature)
+    features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
+    joined = list(dict.fromkeys(refs + time_refs(store, features)))
+    return joined, features, marc_views_in(features), state_views(store, features)
+
+
 def build_frame(
     settings: Settings,
     tables: DeltaTables,
@@ -143,15 +159,7 @@ def build_frame(
     split: str | None = None,
 ) -> tuple[pd.DataFrame, Snapshot]:
     """Interactions (optionally one split) + the services' features, each as of the row's own time."""
-    refs = [r for name in services for group in refs_by_view(store, name) for r in group]
-    refs = list(dict.fromkeys(refs))
-    views: dict[str, set[str]] = {}
-    for r in refs:
-        view, feature = r.split(":", 1)
-        views.setdefault(view, set()).add(feature)
-    features = {v: tuple(sorted(f)) for v, f in sorted(views.items())}
-    marcs = marc_views_in(features)
-    states = state_views(store, features)
+    refs, features, marcs, states = join_plan(store, services)
     versions = delta_versions(tables, marcs, states)
     columns = ["user_id", "item_id", "event_timestamp", "label", "split"]
     sample = Sample(tables, settings.sample, {"interactions": versions["interactions"]})
@@ -161,7 +169,7 @@ def build_frame(
         rows = rows[rows["split"] == split]
     rows = rows.reset_index(drop=True)
     rows[["user_id", "item_id"]] = rows[["user_id", "item_id"]].astype(str)
-    frame = historical_features(store, rows, list(dict.fromkeys(refs + time_refs(store, features))))
+    frame = historical_features(store, rows, refs)
     if len(frame) != len(rows):
         raise TrainingSetError(
             f"the point-in-time join returned {len(frame)} of {len(rows)} interaction rows"
@@ -173,29 +181,41 @@ def build_frame(
     return frame, snapshot
 
 
-def information_times(frame: pd.DataFrame, snapshot: Snapshot) -> tuple[pd.DataFrame, list[str], list[str]]:
+def gate_columns(snapshot: Snapshot) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """(view, field, gate column) of the lineage times and of the newest events the gate reads."""
+    times = [
+        (m.name, f, f"{m.name}_{f}") for m in marc_views_in(snapshot.features) for f in TIME_FIELDS[m.side]
+    ]
+    newest = [(view, f, f"{view}_{f}") for view, f in snapshot.newest_events.items()]
+    return times, newest
+
+
+def information_times(frame: Any, snapshot: Snapshot) -> tuple[Any, list[str], list[str]]:
     """What the training-set gate reads: keys, label, event time and, per vector view, when its value became
     valid and the newest behaviour it holds (null where the row has no value); per state view, the newest
-    event the joined state holds, epoch microseconds (null: no earlier event). Returns the frame, its
-    timestamp columns and its newest-event columns."""
-    out = frame[["user_id", "item_id", "event_timestamp", "label"]].copy()
-    out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
-    columns = []
-    for m in marc_views_in(snapshot.features):
-        for f in TIME_FIELDS[m.side]:
-            if f not in frame.columns:
-                raise TrainingSetError(f"the training set lacks {f} of {m.name}: re-run `llmfeat features`")
-            column = f"{m.name}_{f}"
-            out[column] = pd.to_datetime(frame[f], utc=True)
-            columns.append(column)
-    newest = []
-    for view, f in snapshot.newest_events.items():
+    event the joined state holds, epoch microseconds (null: no earlier event). Returns the frame (pandas, or
+    Spark for a set built on the executors), its timestamp columns and its newest-event columns."""
+    times, newest = gate_columns(snapshot)
+    for view, f, _ in times:
+        if f not in frame.columns:
+            raise TrainingSetError(f"the training set lacks {f} of {view}: re-run `llmfeat features`")
+    for view, f, _ in newest:
         if f not in frame.columns:
             raise TrainingSetError(f"the training set lacks {f} of {view}: build it with build_frame")
-        column = f"{view}_{f}"
-        out[column] = pd.to_numeric(frame[f]).astype("float64")  # epoch microseconds, NaN where none
-        newest.append(column)
-    return out, columns, newest
+    keys = ["user_id", "item_id", "event_timestamp", "label"]
+    if isinstance(frame, pd.DataFrame):
+        out = frame[keys].copy()
+        out["event_timestamp"] = pd.to_datetime(out["event_timestamp"], utc=True)
+        for _, f, column in times:
+            out[column] = pd.to_datetime(frame[f], utc=True)
+        for _, f, column in newest:
+            out[column] = pd.to_numeric(frame[f]).astype("float64")  # epoch microseconds, NaN where none
+    else:
+        from pyspark.sql import functions as F
+
+        out = frame.select(*keys, *(F.col(f).alias(c) for _, f, c in times),
+                           *(F.col(f).cast("double").alias(c) for _, f, c in newest))  # fmt: skip
+    return out, [c for *_, c in times], [c for *_, c in newest]
 
 
 def check_training_set(
@@ -271,6 +291,7 @@ class TrainingSetSummary:
     described: dict[str, Any]  # describe(frame): rows, share of rows with each vector
     snapshot: Snapshot
     gate: str  # the gate's summary line
+    written: str = ""  # the Delta table (and version) holding the set, when it was written (on Spark)
 
     def report(self) -> str:
         s = self.snapshot
@@ -292,6 +313,8 @@ class TrainingSetSummary:
         if s.lineage:
             lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in s.lineage.items()))
         lines.append(f"  gate: {self.gate}")
+        if self.written:
+            lines.append(f"  written to: {self.written}")
         return "\n".join(lines)
 
 
