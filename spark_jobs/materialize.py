@@ -21,8 +21,9 @@
 
 Steps 1 and 2 run on the executors: the Feast-facing tables stay Spark frames from read to MERGE, and only
 counts and example keys reach the driver. Step 3 is Feast's: with the embedded default (file offline store,
-local engine) Feast reads each view's rows for the window into this process; `feast.batch_engine: spark`
-(with the Spark offline store) materializes on the executors instead.
+local engine) this process reads each view's window in bounded batches and keeps each entity's newest row
+(llmfeat/feast_delta.py); `feast.batch_engine: spark` (with the Spark offline store) materializes on the
+executors instead (docs/scale.md).
 """
 
 from __future__ import annotations
