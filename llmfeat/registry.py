@@ -9,6 +9,8 @@ in_dim, out_dim, entity.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,22 @@ ENV = {
         "MLFLOW_EXPERIMENT_NAME",
     )
 }  # fmt: skip
+
+
+@contextmanager
+def set_aside_env() -> Iterator[None]:
+    """The MLflow variables set aside (for this module and for child processes), restored on exit: for work
+    on another store named in the settings, such as a replay's copy, inside `mlflow run`."""
+    saved, names = dict(ENV), list(ENV)
+    environ = {k: os.environ.pop(k) for k in names if k in os.environ}
+    ENV.update(dict.fromkeys(names))
+    try:
+        yield
+    finally:
+        ENV.update(saved)
+        for k in names:
+            os.environ.pop(k, None)
+        os.environ.update(environ)
 
 
 def tracking_uri(settings: Settings) -> str:

@@ -234,6 +234,7 @@ class RankedRequest:
 class TimelineSummary:
     replayed: list[RankedRequest] = field(default_factory=list)
     events_applied: int = 0
+    events_skipped: int = 0  # not pushed: no ranker reads the fresh state
     events_refused: dict[str, str] = field(default_factory=dict)
     clicks: int = 0
     boundaries: int = 0
@@ -253,8 +254,10 @@ class TimelineSummary:
         )
 
     def __str__(self) -> str:
+        skipped = f" ({self.events_skipped:,} not pushed: no ranker reads the fresh state)"
         return (
-            f"replayed {len(self.replayed):,} requests and {self.events_applied:,} events in event order, "
+            f"replayed {len(self.replayed):,} requests and {self.events_applied:,} events in event order"
+            f"{skipped if self.events_skipped else ''}, "
             f"{self.boundaries} daily materializations, in {self.seconds:.1f} s; {self.clicks:,} clicks; "
             f"{len(self.events_refused)} events refused"
         )
@@ -278,10 +281,16 @@ class Client:
 
 
 def replay_timeline(
-    base_url: str, timeline: Timeline, at_boundary: Callable[[int], None], progress: bool = True
+    base_url: str,
+    timeline: Timeline,
+    at_boundary: Callable[[int], None],
+    progress: bool = True,
+    push: bool = True,
 ) -> TimelineSummary:
     """Send the timeline to the service in order (module docstring); `at_boundary(midnight_us)` runs at each
-    midnight. A reply that read the future raises `FutureRead` naming the request, the view and the stamp."""
+    midnight. A reply that read the future raises `FutureRead` naming the request, the view and the stamp.
+    `push=False` skips POST /events, for rankers that read no fresh state (the ratings change nothing they
+    read before the next midnight)."""
     from tqdm import tqdm
 
     summary, client = TimelineSummary(), Client(base_url)
@@ -292,7 +301,10 @@ def replay_timeline(
             if isinstance(step, TimedRequest):
                 summary.replayed.append(_rank(client, step, summary))
             elif isinstance(step, TimedEvent):
-                _push(client, step, summary)
+                if push:
+                    _push(client, step, summary)
+                else:
+                    summary.events_skipped += 1
             else:
                 at_boundary(at_us)
                 summary.boundaries += 1

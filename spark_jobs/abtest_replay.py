@@ -83,15 +83,13 @@ class ReplayResult:
         )
 
 
-def workspace_settings(settings: Settings, root: Path) -> Settings:
-    """The settings the replay's service and jobs run with: everything they write goes under `root`."""
-    from llmfeat.registry import ENV, tracking_uri
-
-    uri = tracking_uri(settings)
-    if ENV["MLFLOW_TRACKING_URI"] or not uri.startswith("sqlite:///"):
+def workspace_settings(settings: Settings, root: Path, uri: str) -> Settings:
+    """The settings the replay's service and jobs run with: everything they write goes under `root`; the
+    MLflow store `uri` is copied there."""
+    if not uri.startswith("sqlite:///"):
         raise UserError(
             f"abtest run copies the MLflow store to replay in isolation, and {uri} is not a SQLite file of "
-            "this machine's (set mlflow.tracking_uri to one, and leave MLFLOW_TRACKING_URI unset)"
+            "this machine's: point mlflow.tracking_uri (or MLFLOW_TRACKING_URI) at one"
         )
     from llmfeat.feast_repo import store_dir
 
@@ -143,7 +141,8 @@ def weaken(settings: Settings) -> str:
 
 
 def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], list[Any]]:
-    """(daily views, state views) the three rankers read, with the item vectors the event path folds in."""
+    """(daily views, state views) the three rankers read; with a state view, the item vectors the event path
+    folds into it."""
     import mlflow
 
     from llmfeat.registry import use_ctr_tracking
@@ -154,8 +153,9 @@ def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], li
     aliases = (settings.serving.champion_alias, settings.serving.challenger_alias, WEAKENED)
     services = {client.get_model_version_by_alias(name, a).tags["feast.feature_service"] for a in aliases}
     views = {f.view.name for s in sorted(services) for f in service_fields(store, s)}
-    marc = MarcView("item", state_version(settings)).name
-    views |= {marc, marc.removesuffix("_fv") + "_lineage_fv"}
+    if any(store.get_feature_view(v).tags.get("kind") == "state" for v in views):
+        marc = MarcView("item", state_version(settings)).name
+        views |= {marc, marc.removesuffix("_fv") + "_lineage_fv"}
     found = [store.get_feature_view(v) for v in sorted(views)]
     return [v.name for v in found if v.tags.get("kind") != "state"], [
         v for v in found if v.tags.get("kind") == "state"
@@ -244,6 +244,7 @@ class Workspace:
     store: FeatureStore
     timeline: Timeline
     daily: list[str]
+    push: bool  # ratings go through POST /events: some ranker reads the fresh state they update
     weakened_version: str
     materialized_to: int  # epoch microseconds
 
@@ -254,17 +255,20 @@ class Workspace:
         self.materialized_to = at_us
 
 
-def prepare(settings: Settings, days: int | None = None) -> Workspace:
-    """Steps 1-3 of the module docstring: a new workspace with the online store as of the replay's start."""
+def prepare(settings: Settings, days: int | None = None, store_uri: str | None = None) -> Workspace:
+    """Steps 1-3 of the module docstring: a new workspace with the online store as of the replay's start.
+    The MLflow store copied is `store_uri` (default: `tracking_uri(settings)`), and the workspace's settings
+    name the copy: inside `mlflow run`, call it within `set_aside_env`, as `run` does."""
     from llmfeat.delta_io import RustDelta
     from llmfeat.feast_repo import apply_repo
+    from llmfeat.registry import tracking_uri
 
     days = days or settings.abtest.days
     if days < 1:
         raise UserError(f"--days must be at least 1, got {days}")
     run_name = f"run-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     root = Path(settings.data_dir) / settings.abtest.workspace / run_name
-    ws = workspace_settings(settings, root)
+    ws = workspace_settings(settings, root, store_uri or tracking_uri(settings))
     print(f"replay workspace {root}")
     store = apply_repo(ws)
     version = weaken(ws)
@@ -278,7 +282,7 @@ def prepare(settings: Settings, days: int | None = None) -> Workspace:
         f"{len(states)} state views; {len(timeline.requests):,} requests and {len(timeline.events):,} events "
         f"over {days} days"
     )
-    return Workspace(root, ws, store, timeline, daily, version, timeline.start_us)
+    return Workspace(root, ws, store, timeline, daily, bool(states), version, timeline.start_us)
 
 
 def finish(settings: Settings, ws: Workspace, summary: TimelineSummary) -> ReplayResult:
@@ -295,10 +299,14 @@ def finish(settings: Settings, ws: Workspace, summary: TimelineSummary) -> Repla
 def run(spark: SparkSession | None, settings: Settings, days: int | None = None) -> ReplayResult:
     """Replay the test period's first `days` days (default abtest.days) in a new workspace. Reads Delta with
     delta-rs: `spark` is unused."""
-    ws = prepare(settings, days)
-    with running_service(ws.settings) as url:
-        summary = replay_timeline(url, ws.timeline, ws.at_midnight)
-    return finish(settings, ws, summary)
+    from llmfeat.registry import set_aside_env, tracking_uri
+
+    live = tracking_uri(settings)
+    with set_aside_env():  # under `mlflow run`, the copy (named in the workspace's settings) is the store
+        ws = prepare(settings, days, live)
+        with running_service(ws.settings) as url:
+            summary = replay_timeline(url, ws.timeline, ws.at_midnight, push=ws.push)
+    return finish(settings, ws, summary)  # recorded in the live store (the `mlflow run` run, if any)
 
 
 def main(argv: list[str] | None = None) -> int:

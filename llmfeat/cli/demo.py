@@ -256,7 +256,10 @@ def ctr_step(settings: Settings) -> None:
     print("\n== offline A/B (champion vs challenger, same held-out snapshot)")
     comparison = run_compare(settings, settings.serving.champion_alias, settings.serving.challenger_alias)
     print(comparison.report())
-    print("\n== online A/B (replayed held-out traffic through the ranking service)")
+    print(
+        f"\n== online experiment (the first {settings.abtest.days} test days replayed in event order through "
+        "the ranking service: interleaving, and the same pair as an A/B split)"
+    )
     online_ab(settings)
     print("\n== promotion (champion moves only if the offline comparison passes the promotion rule)")
     from llmfeat.spark_jobs.compare import record_promotion
