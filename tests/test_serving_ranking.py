@@ -21,12 +21,13 @@ from test_ctr_lake import build_lake, fresh_copy, no_open_run, train_both  # noq
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.feast_repo import open_store
+from llmfeat.models.evaluation.interleaving import team_draft
 from llmfeat.registry import ModelNotFound, tracking_uri
 from llmfeat.serving.arms import ServingModels, assign_arm, registry_loader
 from llmfeat.serving.event_log import EventLog, read_events
 from llmfeat.serving.ranking_service import build_app, create_app
 from llmfeat.serving.replay import free_port, held_out_requests, replay, running_service, wait_ready
-from llmfeat.spark_jobs.abtest import analyze
+from llmfeat.spark_jobs.abtest import analyze, interleaved
 
 pytestmark = pytest.mark.integration
 
@@ -116,6 +117,39 @@ def test_rank_returns_sorted_items_and_logs_only_the_shown_ones(service: tuple[s
     assert logged[0]["scores"] == [round(i["score"], 6) for i in reply["items"][:3]]
     assert logged[0]["model_version"] == reply["model_version"]
     assert logged[1]["items"] == [i["item_id"] for i in again["items"]]
+
+
+def test_interleaving_drafts_both_rankings_and_credits_clicks_per_team(
+    lake: Settings, tmp_path: Path
+) -> None:
+    settings = fresh_copy(lake, tmp_path, "serving.experiment=interleave", "serving.shadow_aliases=[champ2]")
+    uri = tracking_uri(settings)
+    mlflow.MlflowClient(uri, uri).set_registered_model_alias("llmfeat-ctr", "champ2", "1")
+    events = EventLog(tmp_path / "events", flush_every=5, flush_interval_s=0.2)
+    aliases = {"champion": "champion", "challenger": "challenger", "champ2": "champ2"}
+    models = ServingModels(aliases, registry_loader(settings), open_store(settings), "sqlite")
+    models.load()
+    items = [str(i) for i in range(1, 11)]
+    with in_thread(create_app(settings.serving, models, events)) as url:
+        body = {"user_id": "3", "item_ids": items, "request_time": "2001-03-01T00:00:00"}
+        replies = [call(url, "/rank", body | {"request_id": f"r{k}"})[1] for k in range(8)]
+        for r in replies:
+            drafted = team_draft(
+                r["rankings"]["champion"], r["rankings"]["challenger"], 3, r["first"] == "champion"
+            )
+            assert [i["item_id"] for i in r["items"]] == drafted[0] and r["shown"] == 3
+            assert [i["team"] for i in r["items"]] == [("champion", "challenger")[t] for t in drafted[1]]
+            assert r["rankings"]["champ2"] == r["rankings"]["champion"]  # the shadow: same model, never shown
+            assert r["versions"] == {"champion": "1", "challenger": "2"} and r["read_ts"]
+        assert {r["first"] for r in replies} == {"champion", "challenger"}  # the coin, by request id
+        for r in replies:
+            call(url, "/click", {"request_id": r["request_id"], "item_id": r["items"][1]["item_id"]})
+        assert call(url, "/rank", {"user_id": "3", "item_ids": items, "request_time": "soon"})[0] == 400
+    events.close()
+    found = interleaved(list(read_events(events.folder)), 3, 50, 0)
+    assert found is not None and found.result.requests == 8 and sum(found.result.credits) == 8
+    second = sum(r["items"][1]["team"] == "challenger" for r in replies)
+    assert found.result.credits == (8 - second, second)  # each click credited to its slot's team
 
 
 def test_cold_users_and_items_are_ranked_with_the_fallback_and_flagged(
