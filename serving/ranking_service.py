@@ -123,7 +123,7 @@ def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dic
     ids, first = req.item_ids, scored.served[ranked[0]]
     online = scored.online[first.ref.feature_service]
     cold_items = [ids[j] for j in np.flatnonzero(online.item_cold)]
-    head = {
+    head: dict[str, Any] = {
         "request_id": request_id,
         "user_id": req.user_id,
         "experiment": cfg.experiment,
@@ -133,7 +133,8 @@ def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dic
         arm = ranked[0]
         head |= {"arm": arm, "alias": first.ref.alias, "model_version": first.ref.version}
         order, scores = scored.orders[arm], scored.scores[arm]
-        top, teams, extra = [ids[j] for j in order[: min(cfg.slots, len(ids))]], None, {}
+        top, teams = [ids[j] for j in order[: min(cfg.slots, len(ids))]], None
+        extra: dict[str, Any] = {}
         items = [{"item_id": ids[j], "score": float(scores[j]), "rank": r} for r, j in enumerate(order)]
     else:
         a_first = unit_hash(f"{cfg.salt}:draft:{request_id}") < 0.5
@@ -142,7 +143,7 @@ def rank(req: RankRequest, cfg: ServingConf, models: ServingModels) -> tuple[dic
         )
         teams = [ARMS[t] for t in drafted]
         head |= {"versions": {a: scored.served[a].ref.version for a in ARMS}}
-        extra = {"first": ARMS[0] if a_first else ARMS[1]}
+        extra = {"first": ARMS[0] if a_first else ARMS[1]}  # the team that picked first
         items = [
             {"item_id": i, "team": t, "rank": r} for r, (i, t) in enumerate(zip(top, teams, strict=True))
         ]

@@ -268,7 +268,7 @@ class Client:
 
     def __init__(self, base_url: str, timeout_s: float = 60.0):
         parsed = urllib.parse.urlsplit(base_url)
-        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout_s)
+        self.conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
 
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         self.conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
