@@ -271,6 +271,10 @@ class CtrConf(Section):
     stream_table: str = ""
     stream_buffer_rows: int = Field(default=65_536, ge=2)  # rows shuffled together (a mini-batch draws here)
     stream_batch_rows: int = Field(default=8_192, ge=1)  # rows per Arrow batch read from a file
+    # > 1: the DNN trains on this many processes on the executors (pyspark's TorchDistributor, one task each;
+    # torch.distributed with gloo), each streaming its share of the files; the set's files must be readable
+    # there (a shared data_dir, as on the cluster profile)
+    stream_workers: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _stream_fits(self) -> CtrConf:
@@ -278,6 +282,12 @@ class CtrConf(Section):
             raise ValueError(
                 f"ctr.stream_buffer_rows={self.stream_buffer_rows} is below "
                 f"ctr.batch_size={self.batch_size}: the shuffle buffer must hold at least one mini-batch"
+            )
+        if self.stream_workers > 1 and (not self.stream or self.kind == "lightgbm"):
+            raise ValueError(
+                f"ctr.stream_workers={self.stream_workers} trains the DNN family over a stream: it needs "
+                "ctr.stream=true and ctr.kind dnn or deepfm "
+                f"(got ctr.stream={self.stream}, ctr.kind={self.kind})"
             )
         try:
             self.stream_table.format(service="s")

@@ -89,10 +89,12 @@ def train_on_batches(
     params: list[nn.Parameter] | None = None,
     keep_start: bool = False,
     train_module: nn.Module | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> TrainHistory:
     """The loop of `train_early_stopping` over any batches: `epoch_batches(epoch)` gives one epoch's batches
     (row indices, or tensors a stream reads from files: models/ctr/stream.py), `batch_rows(batch)` their
-    size; a batch of fewer than 2 rows is skipped."""
+    size; a batch of fewer than 2 rows is skipped. `after_backward`: called between each backward pass and
+    its step (workers average their gradients there: models/ctr/workers.py)."""
     torch.manual_seed(cfg.seed)
     trained = list(model.parameters()) if params is None else params
     opt = torch.optim.Adam(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,6 +117,8 @@ def train_on_batches(
             loss, parts = out if isinstance(out, tuple) else (out, {})
             opt.zero_grad()
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             opt.step()
             losses.append(float(loss.detach()))
             for k, v in parts.items():

@@ -12,6 +12,16 @@ signature, input example and pip requirements; its version carries the same line
 
 The fitting itself (torch only) is models/ctr/train.py; the training set, spark_jobs/training_set.py. Needs no
 Spark (Delta is read with delta-rs, features come from Feast): `run` takes `spark=None`.
+
+Streaming (ctr.stream=true): the fitting reads the training set's Parquet files in bounded batches instead of
+one frame (models/ctr/stream.py; the DNN in stream_train.py, LightGBM from Sequences in tree_stream.py), and
+the valid and test rows are scored batch by batch. The set is the Delta table ctr.stream_table names, whole
+(e.g. training_set_{service}, written by the Spark training-set job; its data files at its current version),
+or, with ctr.stream_table empty, the set built here, written to scratch Parquet files that are removed after.
+With ctr.stream_workers > 1 the DNN trains on that many processes on Spark's executors (TorchDistributor).
+
+    llmfeat train-ctr --set ctr.stream=true [--set ctr.stream_table='training_set_{service}']
+    llmfeat train-ctr --config cluster --set ctr.stream=true --set ctr.stream_workers=4
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,11 +41,12 @@ import pyarrow.parquet as pq
 from llmfeat.delta_io import open_tables, version_files
 from llmfeat.errors import UserError
 from llmfeat.feast_repo import marc_views_in, open_store
-from llmfeat.models.ctr.features import FRESH_VECTORS, VECTOR_COLUMNS
+from llmfeat.models.ctr.features import FRESH_VECTORS, VECTOR_COLUMNS, FeatureEncoder
+from llmfeat.models.ctr.model import CtrModel
 from llmfeat.models.ctr.roles import ROLE_COLUMNS, row_roles
 from llmfeat.models.ctr.stream import scan_files
 from llmfeat.models.ctr.stream_train import StreamSource, fit_model_stream
-from llmfeat.models.ctr.train import MetricLogger, after_marc, fit_model
+from llmfeat.models.ctr.train import MetricLogger, after_marc, fit_model, model_config
 from llmfeat.models.ctr.tree import fit_tree
 from llmfeat.models.evaluation.ctr_eval import calibration_figure, flat_metrics, metric_intervals, roc_figure
 from llmfeat.models.evaluation.metrics import Interval
@@ -197,7 +208,48 @@ def fit_streamed(
         from llmfeat.models.ctr.tree_stream import fit_tree_stream  # imports lightgbm
 
         return tree_ranker(*fit_tree_stream(source, use_llm, settings.ctr, log_metrics))
+    if settings.ctr.stream_workers > 1:
+        return dnn_ranker(*fit_on_workers(settings.ctr, source, use_llm, log_metrics))
     return dnn_ranker(*fit_model_stream(source, use_llm, settings.ctr, log_metrics))
+
+
+def fit_on_workers(
+    cfg: CtrConf, source: StreamSource, use_llm: bool, log_metrics: MetricLogger | None
+) -> tuple[CtrModel, FeatureEncoder]:
+    """The DNN trained by ctr.stream_workers processes on the executors (pyspark's TorchDistributor, the
+    active session's cluster); rank 0's model, encoder and epoch metrics come back to the driver."""
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(num_processes=cfg.stream_workers, local_mode=False, use_gpu=False)
+    output = distributor.run(train_on_worker, source, use_llm, cfg)
+    if output is None:
+        raise RuntimeError("TorchDistributor returned nothing from rank 0: see the executors' logs")
+    state, encoder, logged = output
+    model = CtrModel(model_config(cfg, encoder))
+    model.load_state_dict(state)
+    model.eval()
+    for metrics, step in logged:
+        if log_metrics is not None:
+            log_metrics(metrics, step)
+    return model, encoder
+
+
+def train_on_worker(
+    source: StreamSource, use_llm: bool, cfg: CtrConf
+) -> tuple[dict[str, Any], FeatureEncoder, list[tuple[dict[str, float], int]]]:
+    """One worker's training (run by TorchDistributor in each process): join the group, stream this worker's
+    share of the files, return the model's state, the encoder and the epoch metrics."""
+    from llmfeat.models.ctr.workers import Workers
+
+    workers = Workers.join()
+    logged: list[tuple[dict[str, float], int]] = []
+    try:
+        model, encoder = fit_model_stream(
+            source, use_llm, cfg, lambda m, step: logged.append((dict(m), step)), workers
+        )
+    finally:
+        workers.leave()
+    return model.state_dict(), encoder, logged
 
 
 def score_streamed(ranker: CtrRanker, source: StreamSource, use_llm: bool) -> Scored:
@@ -339,12 +391,27 @@ def run(
 ) -> list[TrainedCtr]:
     """Train one ranker, with or without LLM vectors, and set `alias` on it; with `both`, the model without
     LLM vectors under serving.champion_alias and the one with them under serving.challenger_alias.
-    Reads with delta-rs: `spark` is unused."""
+    Reads with delta-rs; `spark`: the session whose executors run the workers (ctr.stream_workers > 1),
+    else unused."""
+    if settings.ctr.stream_workers > 1 and spark is None:
+        raise UserError(
+            f"ctr.stream_workers={settings.ctr.stream_workers} trains on Spark's executors: run train-ctr "
+            "with a session (`llmfeat train-ctr` and spark-submit start one for it)"
+        )
     store, tables = open_store(settings), open_tables(settings)
     plan: list[tuple[bool, str | None]] = [(use_llm, alias)]
     if both:
         plan = [(False, settings.serving.champion_alias), (True, settings.serving.challenger_alias)]
     return [train_and_register(settings, tables, store, llm, name) for llm, name in plan]
+
+
+def worker_session(settings: Settings) -> SparkSession | None:
+    """The Spark session the stream's workers run in (ctr.stream_workers > 1); None: no Spark needed."""
+    if settings.ctr.stream_workers <= 1:
+        return None
+    from llmfeat.session import build_session
+
+    return build_session(settings.spark, settings.delta)
 
 
 def train_args(parser: argparse.ArgumentParser) -> None:
@@ -364,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(settings: Settings) -> None:
-        for trained in run(None, settings, args.llm, args.alias, args.both):
+        for trained in run(worker_session(settings), settings, args.llm, args.alias, args.both):
             print(trained.summary())
 
     return run_in_process("train-ctr", args.config, args.overrides, body)

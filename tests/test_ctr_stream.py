@@ -5,7 +5,12 @@ ctr.stream=true on the tiny lake."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -265,10 +270,105 @@ def test_lightgbm_boosts_from_sequences_and_one_seed_gives_one_model(
 
 
 @pytest.mark.unit
-def test_a_buffer_smaller_than_a_batch_is_a_config_error_naming_both_keys() -> None:
+def test_stream_settings_that_cannot_work_are_config_errors_naming_the_keys() -> None:
     with pytest.raises(ConfigError, match=r"ctr.stream_buffer_rows=100 .* ctr.batch_size=1024"):
         load_settings("tiny", ["ctr.stream=true", "ctr.stream_buffer_rows=100"])
     assert load_settings("tiny", ["ctr.stream_buffer_rows=100"]).ctr.stream is False  # off: not checked
+    with pytest.raises(ConfigError, match=r"ctr.stream_workers=2 .* ctr.stream=true"):
+        load_settings("tiny", ["ctr.stream_workers=2"])
+    with pytest.raises(ConfigError, match=r"ctr.stream_table='t_\{x\}': the only placeholder is \{service\}"):
+        load_settings("tiny", ["ctr.stream_table=t_{x}"])
+
+
+WORKER_CFG = CtrConf(max_epochs=3, batch_size=64, hidden=[16], stream=True, stream_buffer_rows=512)
+
+
+def train_as_worker(rank: int, files: list[str], folder: str, port: int) -> None:
+    """One of two workers (a spawned process): join the group on loopback, train, save what comes back."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from llmfeat.spark_jobs.train_ctr import train_on_worker
+
+    state, encoder, logged = train_on_worker(source_of(files), True, WORKER_CFG)
+    torch.save({"state": state, "encoder": encoder, "logged": logged}, Path(folder) / f"rank{rank}.pt")
+
+
+@pytest.mark.unit
+def test_two_workers_hold_one_model_trained_on_their_shares(
+    files: list[str], frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """torch.distributed on loopback, as TorchDistributor starts it: the workers average their gradients,
+    so they end with the same weights, and the model learns from both shares."""
+    from test_gpu_cluster import free_port
+
+    from llmfeat.models.ctr.model import CtrModel
+    from llmfeat.models.ctr.train import model_config
+
+    args = (files, str(tmp_path), free_port())
+    torch.multiprocessing.start_processes(train_as_worker, args=args, nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, weights in ranks[0]["state"].items():
+        torch.testing.assert_close(weights, ranks[1]["state"][name], rtol=0, atol=0, msg=name)
+    model = CtrModel(model_config(WORKER_CFG, ranks[0]["encoder"]))
+    model.load_state_dict(ranks[0]["state"])
+    assert auc_on_test((model.eval(), ranks[0]["encoder"]), frame) > 0.7
+    # every worker scored the whole valid set and agreed on it: one selection, the same epochs
+    valid = [[m["id_valid_auc"] for m, _ in r["logged"] if "id_valid_auc" in m] for r in ranks]
+    assert valid[0] == valid[1] and len(valid[0]) == WORKER_CFG.max_epochs
+
+
+# The driver of the cluster test: a session on the standalone master, TorchDistributor's two tasks (one on
+# each worker) train on the files, rank 0's model comes back; prints what the test checks.
+ON_CLUSTER = textwrap.dedent(
+    """
+    import json, sys
+    from test_ctr_stream import WORKER_CFG, auc_on_test, source_of
+    import pandas as pd, pyarrow.parquet as pq
+    from llmfeat.config import load_settings
+    from llmfeat.session import build_session
+    from llmfeat.spark_jobs.train_ctr import fit_on_workers
+
+    master, data_dir, *files = sys.argv[1:]
+    executors = ["spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1"]
+    overrides = [f"spark.master={master}", f"data_dir={data_dir}", "spark.driver_memory=1g", *executors]
+    settings = load_settings("tiny", overrides)
+    spark = build_session(settings.spark, settings.delta)
+    cfg = WORKER_CFG.model_copy(update={"stream_workers": 2})
+    logged = []
+    model, encoder = fit_on_workers(cfg, source_of(files), True, lambda m, step: logged.append((m, step)))
+    frame = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+    infos = spark.sparkContext._jsc.sc().statusTracker().getExecutorInfos()
+    epochs = sum("id_valid_auc" in m for m, _ in logged)
+    print(json.dumps({"auc": auc_on_test((model, encoder), frame), "epochs": epochs,
+                      "executors": len(infos) - 1}))
+    """
+)
+
+
+@pytest.mark.spark
+@pytest.mark.integration
+def test_train_ctr_workers_run_on_a_standalone_cluster_through_torch_distributor(
+    files: list[str], tmp_path: Path
+) -> None:
+    from test_gpu_cluster import cluster_env
+    from test_standalone_cluster import start_cluster
+
+    master = start_cluster(tmp_path / "cluster", cluster_env())
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", ON_CLUSTER, master.url, str(tmp_path / "data"), *files],
+            cwd=Path(__file__).parent,
+            env=cluster_env(),
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
+    finally:
+        master.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["executors"] == 2 and result["epochs"] == WORKER_CFG.max_epochs
+    assert result["auc"] > 0.7
 
 
 STREAM = ("ctr.stream=true", "ctr.stream_buffer_rows=256", "ctr.stream_batch_rows=64")

@@ -82,9 +82,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def train_models(settings: Settings, llm: bool, both: bool, alias: str | None) -> list[TrainedCtr]:
-    from llmfeat.spark_jobs.train_ctr import run
+    from llmfeat.spark_jobs.train_ctr import run, worker_session
 
-    return run(None, settings, llm, alias, both)
+    return run(worker_session(settings), settings, llm, alias, both)
 
 
 def training_set_command(settings: Settings, args: argparse.Namespace) -> None:

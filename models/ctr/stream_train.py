@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,6 +39,7 @@ from llmfeat.models.ctr.train import (
     score_valid,
     time_folds,
 )
+from llmfeat.models.ctr.workers import Workers
 from llmfeat.models.trainer import TrainConfig, train_on_batches
 
 if TYPE_CHECKING:
@@ -125,12 +126,13 @@ class ValidRows:
         return np.concatenate(parts)
 
 
-def epochs(stream: TrainingSetStream) -> Callable[[int], Iterable[Encoded]]:
-    """The trainer's epoch -> batches, each epoch reading the stream in that epoch's order."""
+def epochs(stream: TrainingSetStream, workers: Workers | None = None) -> Callable[[int], Iterable[Encoded]]:
+    """The trainer's epoch -> batches, each epoch reading the stream in that epoch's order (in lockstep with
+    the other workers)."""
 
     def batches(epoch: int) -> Iterable[Encoded]:
         stream.set_epoch(epoch)
-        return stream
+        return stream if workers is None else workers.lockstep(stream)
 
     return batches
 
@@ -140,12 +142,19 @@ def bce(logit: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def fit_model_stream(
-    source: StreamSource, use_llm: bool, cfg: CtrConf, log_metrics: MetricLogger | None = None
+    source: StreamSource,
+    use_llm: bool,
+    cfg: CtrConf,
+    log_metrics: MetricLogger | None = None,
+    workers: Workers | None = None,
 ) -> tuple[CtrModel, FeatureEncoder]:
     """`fit_model` over a stream: the encoder in one pass, the id model early-stopped on valid AUC, then with
     LLM vectors the residual branch on the residual rows (source.roles), id part frozen in eval mode, ids
     dropped at ctr.id_dropout, selected by the valid LogLoss over time folds with the zero branch a
-    candidate."""
+    candidate. `workers`: this process is one of several training the same model (models/ctr/workers.py),
+    each on its share of the files."""
+    if workers is not None:
+        source = replace(source, shard=(workers.rank, workers.world))
     schema = source.schema()
     encoder = fit_encoder_stream(source.scan(fit_columns(schema, use_llm)), schema, source.roles, use_llm)
     torch.manual_seed(cfg.seed)  # before the model exists: the same id part with and without LLM fields
@@ -164,13 +173,14 @@ def fit_model_stream(
     id_train = TrainConfig(cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed)
     train_on_batches(
         model,
-        epochs(fit),
+        epochs(fit, workers),
         rows,
         lambda b: bce(model.id_logit(b[0]), b[1]),
-        lambda: valid_metrics(model.id_logit)["valid_auc"],
+        agreed(lambda: valid_metrics(model.id_logit)["valid_auc"], workers),
         id_train,
         epoch_logger("id", metrics, log_metrics),
         params=model.id_parameters(),
+        after_backward=None if workers is None else workers.average_gradients(model.id_parameters()),
     )
     held(log_metrics, "id", fit)
     if model.residual is not None:
@@ -182,22 +192,28 @@ def fit_model_stream(
         res_train = TrainConfig(
             cfg.residual_lr, cfg.residual_weight_decay, cfg.batch_size, cfg.max_epochs, cfg.patience, cfg.seed
         )
+        branch = list(model.residual.parameters())
         train_on_batches(
             model,
-            epochs(branch_rows),
+            epochs(branch_rows, workers),
             rows,
             lambda b: bce(model(drop_ids(b[0], rates, drop_rng)), b[1]),
-            lambda: -valid_metrics(model)["valid_fold_logloss"],
+            agreed(lambda: -valid_metrics(model)["valid_fold_logloss"], workers),
             res_train,
             epoch_logger("residual", metrics, log_metrics),
-            list(model.residual.parameters()),
+            branch,
             keep_start=True,
             train_module=model.residual,
+            after_backward=None if workers is None else workers.average_gradients(branch),
         )
         held(log_metrics, "residual", branch_rows)
         for p in model.id_parameters():
             p.requires_grad_(True)
     return model, encoder
+
+
+def agreed(score_fn: Callable[[], float], workers: Workers | None) -> Callable[[], float]:
+    return score_fn if workers is None else workers.agree(score_fn)
 
 
 def held(log_metrics: MetricLogger | None, stage: str, stream: TrainingSetStream) -> None:
