@@ -210,8 +210,11 @@ def warm_user(settings: Settings, url: str, items: list[str]) -> list[str]:
     """Events for a user the service has never seen, and the next /rank reading them: the lines to print."""
     from llmfeat.serving.arms import assign_arm
 
+    run = time.strftime("%Y%m%d%H%M%S")  # a user no earlier demo has pushed events for
     user = next(
-        f"new-user-{k}" for k in range(1000) if assign_arm(f"new-user-{k}", settings.serving) == "challenger"
+        f"new-user-{run}-{k}"
+        for k in range(1000)
+        if assign_arm(f"new-user-{run}-{k}", settings.serving) == "challenger"
     )
     before = post(url, "/rank", {"user_id": user, "item_ids": items})
     lines = [f"/rank for {user} (never seen): cold_user={before['cold_user']}, "
