@@ -57,7 +57,9 @@ def test_tracking_uri_env_beats_config_beats_default(
     assert artifact_location(configured) is None  # that store decides
     started_with_store(monkeypatch, f"sqlite:///{tmp_path / 'env.db'}")
     assert tracking_uri(configured) == f"sqlite:///{tmp_path / 'env.db'}"
-    assert artifact_location(settings) == (tmp_path / "artifacts").resolve().as_uri()  # beside any SQLite file
+    assert (
+        artifact_location(settings) == (tmp_path / "artifacts").resolve().as_uri()
+    )  # beside any SQLite file
 
 
 def test_a_run_opened_by_mlflow_run_is_resumed_in_its_own_experiment(
