@@ -33,6 +33,12 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
         "training-set", help="build, gate and describe the point-in-time training set"
     )
     llm_args(training_set)
+    training_set.add_argument(
+        "--spark",
+        action="store_true",
+        help="every interaction row, joined on the Spark executors, written to Delta as "
+        "training_set_<service> (spark_jobs/training_set_spark.py)",
+    )
     train = sub.add_parser("train-ctr", help="train a CTR ranker from Feast, track and register it in MLflow")
     train_args(train)
     compare = sub.add_parser("compare", help="offline A/B of two registry aliases on one held-out snapshot")
@@ -46,7 +52,9 @@ def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]
     sub.add_parser(
         "serve", help="ranking service: champion/challenger split, Feast online features, event log"
     )
-    abtest = sub.add_parser("abtest", help="online A/B: replay held-out traffic, analyse the event log")
+    abtest = sub.add_parser(
+        "abtest", help="online experiments: replay the test period in event order, analyse an event log"
+    )
     abtest.add_argument("action", choices=["replay", "analyze", "run"])
     abtest.add_argument(
         "--url", default=None, help="replay: the running service (default: serving.host:port)"
@@ -88,6 +96,12 @@ def train_models(settings: Settings, llm: bool, both: bool, alias: str | None) -
 
 
 def training_set_command(settings: Settings, args: argparse.Namespace) -> None:
+    if args.spark:
+        from llmfeat.session import build_session
+        from llmfeat.spark_jobs.training_set_spark import run as on_spark
+
+        print(on_spark(build_session(settings.spark, settings.delta), settings, args.llm).report())
+        return
     from llmfeat.spark_jobs.training_set import run
 
     print(run(None, settings, args.llm).report())
