@@ -292,7 +292,8 @@ def test_the_replay_reads_only_the_past_and_refuses_a_planted_future_value(
     assert tables.version("pushed_events") == pushed  # events went to the workspace's table
     assert (tmp_path / "feast" / "online.db").stat().st_mtime_ns == online
     tags = client.get_run(result.live.run_id).data.tags
-    assert tags["abtest.experiment"] == "interleave" and "abtest.champion_train_run.v1" in tags
+    assert tags["abtest.experiment"] == "interleave"
+    assert f"abtest.champion_train_run.v{tags['abtest.champion_versions']}" in tags
 
     ws = abtest_replay.prepare(settings, days=3)
     first = ws.timeline.requests[0]
