@@ -87,10 +87,3 @@ ctr_content_v1 = FeatureService(
     ),
     tags={"model": "ctr", "llm": "false"},
 )
-
-ctr_year_v1 = FeatureService(
-    name="ctr_year_v1",
-    features=[item_meta_fv[["year"]]],
-    description="The item's release year only: a weaker known loser than ctr_content_v1 for the replay.",
-    tags={"model": "ctr", "llm": "false"},
-)
