@@ -82,8 +82,8 @@ ctr_content_v1 = FeatureService(
     name="ctr_content_v1",
     features=[item_meta_fv[["year", "genres"]]],
     description=(
-        "Ids and item content only, no counters: the replay's deliberately weakened ranker, a comparison "
-        "whose answer is known (it must lose)."
+        "Item content only (year, genres), no counters: what the replay's deliberately weakened ranker reads "
+        "(trained with every id hidden), a comparison whose answer is known."
     ),
     tags={"model": "ctr", "llm": "false"},
 )
