@@ -4,10 +4,13 @@
     spark-submit spark_jobs/push.py EVENTS.parquet --config conf/local.yaml
 
 The file: JSON lines, CSV or Parquet with event_id, user_id, item_id, label and optionally event_timestamp
-(ISO 8601 or epoch seconds; server time when absent). Every row is checked before anything is applied: a bad
-one stops the job naming its line. Events are applied in time order, each user's in one transaction
-(serving/state_store.py), `chunk` at a time; applied ones are appended to `pushed_events` (one Delta commit
-per chunk), so the next `llmfeat user-state` includes them. A re-run applies nothing twice (duplicates are
+(ISO 8601 or epoch seconds; server time when absent). The file is read twice, a batch at a time, so memory
+stays bounded whatever its size: first every row is checked before anything is applied (a bad one stops the
+job naming its line), then events are applied `CHUNK` rows at a time in file order, each chunk in time order
+and each user's in one transaction (serving/state_store.py); applied ones are appended to `pushed_events`
+(one Delta commit per chunk), so the next `llmfeat user-state` includes them. A user's events may be in any
+order within a chunk; one older than the same user's event in an earlier chunk stops the check naming both
+lines (sort the file by event_timestamp). A re-run applies nothing twice (duplicates are
 counted, not applied). Events older than their user's newest state are refused and listed; the exit code is
 then 1, after the rest were applied.
 """
@@ -53,11 +56,12 @@ class PushSummary:
         return "\n".join(lines)
 
 
-def read_events(path: Path, batch_rows: int = CHUNK) -> Iterator[list[Event]]:
-    """The file's events in batches; a bad row fails naming its line (1-based, after a CSV header)."""
+def read_events(path: Path, batch_rows: int = CHUNK, now_us: int | None = None) -> Iterator[list[Event]]:
+    """The file's events in batches; a bad row fails naming its line (1-based, after a CSV header). Rows
+    without a timestamp get `now_us` (default: the time of the call)."""
     if not path.is_file():
         raise UserError(f"{path}: no such file")
-    now_us = time.time_ns() // 1000  # one server time for the rows without a timestamp
+    now_us = now_us if now_us is not None else time.time_ns() // 1000
     out: list[Event] = []
     for line, row in enumerate(_rows(path, batch_rows), start=1):
         try:
@@ -97,27 +101,45 @@ def _rows(path: Path, batch_rows: int) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def run(spark: SparkSession | None, settings: Settings, path: Path | str) -> PushSummary:
+def run(spark: SparkSession | None, settings: Settings, path: Path | str, chunk: int = CHUNK) -> PushSummary:
     """Apply the file's events; `spark` is unused (the event path writes the online store directly)."""
     from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import open_store
     from llmfeat.serving.event_sink import append_events
     from llmfeat.serving.state_store import OnlineState
 
-    path = Path(path)
-    events = [e for batch in read_events(path) for e in batch]  # checked in full before any is applied
+    path, now_us = Path(path), time.time_ns() // 1000  # one server time for rows without a timestamp
+    count = check_file(path, chunk, now_us)  # every row, before any is applied
     state = OnlineState.open(settings, open_store(settings))
     tables = open_tables(settings)
-    summary, started = PushSummary(len(events)), time.monotonic()
-    events.sort(key=lambda e: e.at_us)
-    for lo in range(0, len(events), CHUNK):
-        chunk = events[lo : lo + CHUNK]
-        result = state.push(chunk)
+    summary, started = PushSummary(count), time.monotonic()
+    for events in read_events(path, chunk, now_us):
+        result = state.push(events)
         applied = set(result.applied)
-        append_events(tables, [e for e in chunk if e.event_id in applied])
+        append_events(tables, [e for e in events if e.event_id in applied])
         summary.result.add(result)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def check_file(path: Path, chunk: int, now_us: int) -> int:
+    """Check every row, and that no user's event is older than their event in an earlier chunk (it would be
+    refused there): -> the number of events. Holds one chunk and each user's newest time."""
+    newest: dict[str, tuple[int, int, int]] = {}  # user -> (time, line, chunk)
+    count = 0
+    for k, events in enumerate(read_events(path, chunk, now_us)):
+        for e in events:
+            count += 1
+            held = newest.get(e.user_id)
+            if held is not None and e.at_us < held[0] and held[2] < k:
+                raise EventError(
+                    f"{path}, line {count}: event {e.event_id!r} of user {e.user_id} is older than their "
+                    f"event on line {held[1]}, in an earlier chunk (events are applied {chunk:,} rows at a "
+                    "time, in file order): sort the file by event_timestamp"
+                )
+            if held is None or e.at_us >= held[0]:
+                newest[e.user_id] = (e.at_us, count, k)
+    return count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

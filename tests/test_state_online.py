@@ -222,6 +222,13 @@ def test_push_file_applies_once_and_logs_for_the_batch_job(spark, lake: Settings
     bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "label": "yes"}) + "\n")
     with pytest.raises(push.EventError, match=r"bad.jsonl, line 2: .*label must be 0 or 1"):
         push.run(None, settings, bad)
+    late = [{**lines[0], "event_id": "q1"}, {**lines[2], "event_id": "q2"}, {**lines[0], "event_id": "q3",
+            "event_timestamp": last - 60}]  # fmt: skip
+    bad.write_text("".join(json.dumps(x) + "\n" for x in late))
+    with pytest.raises(push.EventError, match=r"line 3: event 'q3' of user 20 is older than .* line 1"):
+        push.run(None, settings, bad, chunk=2)  # q3 would come after q1, a chunk later
+    in_one = push.run(None, settings, bad, chunk=3).result  # one chunk: sorted by time, then applied
+    assert {"q1", "q3"} <= set(in_one.refused)  # older than the state p2 left, as the event path refuses
 
 
 def test_the_service_turns_a_new_user_warm_with_a_model_trained_on_fresh_features(
