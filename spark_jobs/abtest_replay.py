@@ -93,8 +93,12 @@ def workspace_settings(settings: Settings, root: Path, uri: str) -> Settings:
         )
     from llmfeat.feast_repo import store_dir
 
+    registry = store_dir(settings) / "registry.db"
+    if not registry.is_file():
+        raise UserError(f"abtest run copies the Feast registry file {registry}, which is not there: run "
+                        "`llmfeat features` first (a SQL registry is not copied)")  # fmt: skip
     (root / "feast").mkdir(parents=True)
-    shutil.copy(store_dir(settings) / "registry.db", root / "feast" / "registry.db")
+    shutil.copy(registry, root / "feast" / "registry.db")
     (root / "mlflow").mkdir()
     shutil.copy(uri.removeprefix("sqlite:///"), root / "mlflow" / "mlflow.db")
     serving = settings.serving
@@ -163,7 +167,6 @@ def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], li
 
 
 def materialize_as_of(
-    settings: Settings,
     tables: DeltaTables,
     store: FeatureStore,
     daily: list[str],
@@ -276,7 +279,7 @@ def prepare(settings: Settings, days: int | None = None, store_uri: str | None =
     tables = RustDelta(settings.delta_root)
     timeline = Timeline.of(test_rows(settings, tables), settings.abtest.candidates, days)
     daily, states = served_views(ws, store)
-    materialize_as_of(ws, tables, store, daily, states, timeline.start_us)
+    materialize_as_of(tables, store, daily, states, timeline.start_us)
     print(
         f"online store as of {micros_to_datetime(timeline.start_us).isoformat()}: {len(daily)} daily views, "
         f"{len(states)} state views; {len(timeline.requests):,} requests and {len(timeline.events):,} events "
