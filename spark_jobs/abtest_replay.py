@@ -10,19 +10,20 @@ service appends) and log/ (the service's event log). The live online store, regi
 read. The analysis is recorded in the live MLflow store, linked to both versions like `abtest analyze`.
 
 1. The feature repository is applied to the copy (the online tables are created empty).
-2. The weakened ranker, a comparison whose answer is known (it must lose): the champion's family without
-   its counters and ids, trained on abtest.weakened_service (item content) with every id hidden, alias
-   `weakened` in the copy.
+2. Two known losers, registered in the copy only: the weakened ranker, the champion's family without its
+   counters and ids (trained on abtest.weakened_service, item content, with every id hidden; alias
+   `weakened`), and a ranker that knows nothing (items in a fixed order by a hash of their ids; alias
+   `no-information`).
 3. The online store as of the test period's start: every daily view the three rankers read, and the item
    vectors the event path folds into the user state, materialized up to then; the state views' newest rows
    stamped before then.
-4. `llmfeat serve` on the workspace interleaves champion and challenger, with the weakened ranker as a
-   shadow arm; serving/replay.py replays the first abtest.days days of the test period in event order
+4. `llmfeat serve` on the workspace interleaves champion and challenger, with the known losers as shadow
+   arms; serving/replay.py replays the first abtest.days days of the test period in event order
    (ratings through POST /events), materializing the daily views at each midnight, and refuses any reply
    that read a value stamped at or after its request_time.
 5. The service's log is analysed as the live interleaving experiment (spark_jobs/abtest.py), and the
-   sensitivity table (models/evaluation/sensitivity.py) compares A/A, challenger vs champion and weakened vs
-   champion, each under the A/B split and under interleaving, all from the one pass.
+   sensitivity table (models/evaluation/sensitivity.py) compares A/A, challenger vs champion and each known
+   loser vs champion, each under the A/B split and under interleaving, all from the one pass.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from llmfeat.config import with_changes
 from llmfeat.errors import UserError
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
     from llmfeat.delta_io import DeltaTables
 
 WEAKENED = "weakened"
+NO_INFO = "no-information"
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -76,7 +80,7 @@ class ReplayResult:
                 f"the same pair as an A/B split by user: CTR lift {ab.mean:+.2%} "
                 f"[{ab.low:+.2%}, {ab.high:+.2%}] (95%, users resampled; {pair.ab.users} users)",
                 f"sensitivity (weakened: v{self.weakened_version} in the workspace registry, the champion's "
-                "family without its counters and ids):",
+                "family without its counters and ids; no-information: items in a fixed order by id hash):",
                 table(self.comparisons),
                 f"MLflow run {self.live.run_id}; workspace {self.workspace}",
             ]
@@ -112,7 +116,7 @@ def workspace_settings(settings: Settings, root: Path, uri: str) -> Settings:
             "serving.log_dir": str(root / "log"),
             "serving.events_root": str(root / "delta"),
             "serving.experiment": "interleave",
-            "serving.shadow_aliases": [WEAKENED],
+            "serving.shadow_aliases": [WEAKENED, NO_INFO],
             "serving.workers": 1,
             "serving.flush_every": max(serving.flush_every, 1000),
         },
@@ -144,6 +148,27 @@ def weaken(settings: Settings) -> str:
     return str(trained.version)
 
 
+def register_no_info(settings: Settings) -> str:
+    """The ranker that knows nothing (models/ctr/pyfunc.py NoInfoRanker), registered in the copy under
+    `no-information` and served the weakened service; -> its version."""
+    import mlflow
+    import pandas as pd
+
+    from llmfeat.models.ctr.pyfunc import NoInfoRanker, log_ranker
+    from llmfeat.registry import use_ctr_tracking
+
+    use_ctr_tracking(settings)
+    name = settings.ctr.registry_name
+    with mlflow.start_run(run_name="no-information ranker"):
+        info = log_ranker(NoInfoRanker(), pd.DataFrame({"user_id": ["u"], "item_id": ["i"]}), name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in (("feast.feature_service", settings.abtest.weakened_service), ("model.family", "none")):
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, NO_INFO, version)
+    return version
+
+
 def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], list[Any]]:
     """(daily views, state views) the three rankers read; with a state view, the item vectors the event path
     folds into it."""
@@ -154,7 +179,7 @@ def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], li
 
     use_ctr_tracking(settings)
     client, name = mlflow.MlflowClient(), settings.ctr.registry_name
-    aliases = (settings.serving.champion_alias, settings.serving.challenger_alias, WEAKENED)
+    aliases = (settings.serving.champion_alias, settings.serving.challenger_alias, WEAKENED, NO_INFO)
     services = {client.get_model_version_by_alias(name, a).tags["feast.feature_service"] for a in aliases}
     views = {f.view.name for s in sorted(services) for f in service_fields(store, s)}
     if any(store.get_feature_view(v).tags.get("kind") == "state" for v in views):
@@ -209,6 +234,7 @@ def sensitivity(settings: Settings, summary: TimelineSummary) -> list[DesignComp
         ("A/A (champion vs itself)", "champion", "champion", False),
         ("challenger vs champion", "champion", "challenger", True),
         ("weakened vs champion", "champion", WEAKENED, False),
+        ("no-information vs champion", "champion", NO_INFO, False),
     ]
     return [
         compare(requests, n, a, b, in_b, slots, cfg.n_boot, cfg.seed, served) for n, a, b, served in pairs
@@ -226,16 +252,10 @@ def log_sensitivity(settings: Settings, run_id: str, comparisons: list[DesignCom
         frame = pd.DataFrame([c.row() for c in comparisons])
         mlflow.log_table(frame, "sensitivity.json")
         mlflow.log_text(text, "replay.txt")
-        key = {
-            "A/A (champion vs itself)": "aa",
-            "challenger vs champion": "pair",
-            "weakened vs champion": "weak",
-        }
-        for c in comparisons:
-            row = {
-                k: v for k, v in c.row().items() if isinstance(v, float) and v == v and abs(v) != float("inf")
-            }
-            mlflow.log_metrics({f"{key[c.name]}_{k}": v for k, v in row.items()})
+        for c in comparisons:  # metrics named by the ranker compared with the champion: aa_, challenger_, ...
+            prefix = "aa" if c.a == c.b else c.b.replace("-", "_")
+            row = {k: v for k, v in c.row().items() if isinstance(v, float) and np.isfinite(v)}
+            mlflow.log_metrics({f"{prefix}_{k}": v for k, v in row.items()})
 
 
 @dataclass
@@ -276,6 +296,7 @@ def prepare(settings: Settings, days: int | None = None, store_uri: str | None =
     store = apply_repo(ws)
     version = weaken(ws)
     print(f"weakened ranker: v{version}, {settings.abtest.weakened_service} without ids or counters")
+    print(f"no-information ranker: v{register_no_info(ws)}, items in a fixed order by a hash of their ids")
     tables = RustDelta(settings.delta_root)
     timeline = Timeline.of(test_rows(settings, tables), settings.abtest.candidates, days)
     daily, states = served_views(ws, store)

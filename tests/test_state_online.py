@@ -292,8 +292,9 @@ def test_the_replay_reads_only_the_past_and_refuses_a_planted_future_value(
     assert summary.events_applied == len(test) and not summary.events_refused
     assert len(summary.replayed) >= 3 and summary.boundaries == 2
     assert all(ts < r.request.at_us for r in summary.replayed for ts in r.read_ts.values())
-    assert all(set(r.rankings) == {"champion", "challenger", "weakened"} for r in summary.replayed)
-    assert [c.b for c in result.comparisons] == ["champion", "challenger", "weakened"]
+    arms = ["champion", "challenger", "weakened", "no-information"]
+    assert all(set(r.rankings) == set(arms) for r in summary.replayed)
+    assert [c.b for c in result.comparisons] == arms
     client = mlflow.MlflowClient(tracking_uri(settings))
     assert "weakened" not in client.get_registered_model(settings.ctr.registry_name).aliases  # the copy's
     assert tables.version("pushed_events") == pushed  # events went to the workspace's table

@@ -40,6 +40,7 @@ from llmfeat.models.ctr.features import (
 )
 from llmfeat.models.ctr.model import CtrConfig, CtrInputs, CtrModel
 from llmfeat.models.ctr.tree import tree_feature_names, tree_matrix
+from llmfeat.models.evaluation.ab_stats import unit_hash
 
 ARTIFACTS = ("weights", "config", "encoder")
 # The code a registered ranker carries: these packages whole (new modules there travel without a change here)
@@ -154,6 +155,30 @@ class TreeRanker(CtrRanker):
 
     def pip_requirements(self) -> list[str]:
         return [*pip_requirements(), f"lightgbm=={version('lightgbm')}"]
+
+
+class NoInfoRanker(CtrRanker):
+    """A ranker that knows nothing: every item gets a fixed score from a stable hash of its id, whoever the
+    user is. An online comparison's known loser (spark_jobs/abtest_replay.py): any ranker that learned
+    something beats it."""
+
+    family = "none"
+
+    def load_context(self, context: Any) -> None:
+        pass
+
+    @property
+    def columns(self) -> list[str]:
+        return ["user_id", "item_id"]
+
+    def write_artifacts(self, folder: Path) -> dict[str, str]:
+        return {}
+
+    def score(self, frame: pd.DataFrame) -> np.ndarray:
+        return self.score_arrays({"item_id": frame["item_id"].astype(str).tolist()})
+
+    def score_arrays(self, columns: Mapping[str, Any]) -> np.ndarray:
+        return np.array([unit_hash(f"no-information:{i}") for i in columns["item_id"]], dtype=np.float64)
 
 
 class ArrayEncoder:
