@@ -46,7 +46,7 @@ from llmfeat.models.evaluation.sensitivity import DesignComparison, Replayed, co
 from llmfeat.reprs import MarcView
 from llmfeat.serving.arms import assign_arm
 from llmfeat.serving.replay import Timeline, TimelineSummary, replay_timeline, running_service
-from llmfeat.serving.state_store import micros_to_datetime, state_backend, state_version, write_newer
+from llmfeat.serving.state_store import micros_to_datetime, state_version
 from llmfeat.spark_jobs.abtest import InterleaveResult, analyze
 
 if TYPE_CHECKING:
@@ -192,22 +192,14 @@ def served_views(settings: Settings, store: FeatureStore) -> tuple[list[str], li
 
 
 def materialize_as_of(
-    tables: DeltaTables,
-    store: FeatureStore,
-    daily: list[str],
-    states: list[Any],
-    at_us: int,
+    settings: Settings, tables: DeltaTables, store: FeatureStore, daily: list[str], at_us: int
 ) -> None:
     """The online store as of `at_us`: daily views up to just before it, states stamped before it."""
-    from llmfeat.spark_jobs.materialize import newest_rows, table_of
+    from llmfeat.spark_jobs.materialize import materialize_state
 
     at = micros_to_datetime(at_us)
     store.materialize(start_date=EPOCH, end_date=at - timedelta(microseconds=1), feature_views=daily)
-    backend = state_backend(store, "sqlite")
-    for view in states:
-        key = view.entity_columns[0].name
-        write_newer(backend, view, key, newest_rows(None, tables, table_of(view), key, before=at))
-        store.registry.apply_materialization(view, store.project, EPOCH, at, commit=True)
+    materialize_state(None, settings, tables, store, before=at)
 
 
 def test_rows(settings: Settings, tables: DeltaTables) -> Any:
@@ -300,7 +292,7 @@ def prepare(settings: Settings, days: int | None = None, store_uri: str | None =
     tables = RustDelta(settings.delta_root)
     timeline = Timeline.of(test_rows(settings, tables), settings.abtest.candidates, days)
     daily, states = served_views(ws, store)
-    materialize_as_of(tables, store, daily, states, timeline.start_us)
+    materialize_as_of(ws, tables, store, daily, timeline.start_us)
     print(
         f"online store as of {micros_to_datetime(timeline.start_us).isoformat()}: {len(daily)} daily views, "
         f"{len(states)} state views; {len(timeline.requests):,} requests and {len(timeline.events):,} events "

@@ -467,9 +467,14 @@ def newest_rows(
 
 
 def materialize_state(
-    spark: SparkSession | None, settings: Settings, tables: DeltaTables, store: FeatureStore
+    spark: SparkSession | None,
+    settings: Settings,
+    tables: DeltaTables,
+    store: FeatureStore,
+    before: datetime | None = None,
 ) -> list[Published]:
-    """Step 4: every declared state view whose table exists, newest row per entity, never over a newer one."""
+    """Step 4: every declared state view whose table exists, newest row per entity, never over a newer one;
+    with `before`, the state as of then (rows stamped strictly before it: a replay's start)."""
     from llmfeat.feast_repo import feature_views
     from llmfeat.serving.state_store import state_backend, write_newer
 
@@ -485,8 +490,10 @@ def materialize_state(
         backend = backend or state_backend(store, settings.feast.online_store)
         key = view.entity_columns[0].name
         applied = store.get_feature_view(view.name)
-        written = write_newer(backend, applied, key, newest_rows(spark, tables, table, key))
-        store.registry.apply_materialization(applied, store.project, EPOCH, datetime.now(UTC), commit=True)
+        rows = newest_rows(spark, tables, table, key, before=before)
+        written = write_newer(backend, applied, key, rows)
+        end = before or datetime.now(UTC)
+        store.registry.apply_materialization(applied, store.project, EPOCH, end, commit=True)
         version = tables.version(table)
         out.append(Published(table, view.name, written, -1 if version is None else version,
                              f"{written:,} states newer than the online ones written"))  # fmt: skip

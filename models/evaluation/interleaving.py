@@ -109,10 +109,8 @@ class InterleavingResult:
         return self.credit_share.mean - 0.5
 
     def users_needed(self) -> float:
-        """Users for a 95% interval of the credit share to exclude 50% at this effect: the half-width scales
-        as 1 / sqrt(users). inf when the effect is 0."""
-        half = (self.credit_share.high - self.credit_share.low) / 2
-        return self.users * (half / abs(self.effect)) ** 2 if self.effect else float("inf")
+        """Users for a 95% interval of the credit share to exclude 50% at this effect."""
+        return users_needed(self.users, self.credit_share, self.effect)
 
     def line(self) -> str:
         cs, us = self.credit_share, self.user_share
@@ -122,6 +120,13 @@ class InterleavingResult:
             f"{us.mean:.1%} [{us.low:.1%}, {us.high:.1%}] of {self.decided_users} decided, "
             f"sign test p = {self.sign_p:.3g} (95% intervals: {self.n_boot} user resamples, coins redrawn)"
         )
+
+
+def users_needed(users: int, interval: Interval, effect: float) -> float:
+    """Users for an interval measured on `users` to shrink to `effect`: its half-width scales as
+    1 / sqrt(users). inf when the effect is 0."""
+    half = (interval.high - interval.low) / 2
+    return users * (half / abs(effect)) ** 2 if effect else float("inf")
 
 
 def _shares(credit: np.ndarray, users: np.ndarray, n_users: int, weight: np.ndarray) -> tuple[float, float]:

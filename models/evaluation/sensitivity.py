@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmfeat.models.evaluation.ab_stats import Arm, lift_interval, unit_hash
-from llmfeat.models.evaluation.interleaving import Draft, InterleavingResult, analyze_draft
+from llmfeat.models.evaluation.interleaving import Draft, InterleavingResult, analyze_draft, users_needed
 from llmfeat.models.evaluation.metrics import Interval
 
 
@@ -39,8 +39,7 @@ class AbSplit:
     users: int
 
     def users_needed(self) -> float:
-        half = (self.lift.high - self.lift.low) / 2
-        return self.users * (half / abs(self.full_lift)) ** 2 if self.full_lift else float("inf")
+        return users_needed(self.users, self.lift, self.full_lift)
 
 
 def needed(users: float, same: bool) -> float:
