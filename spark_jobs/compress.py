@@ -208,15 +208,23 @@ def output_schema(key: str, dtype: str) -> str:
     return f"{key} string, vector array<{element}>, scale float, event_timestamp timestamp, {lineage}"
 
 
-def compress_entity(
-    spark: SparkSession, settings: Settings, tables: DeltaTables, entity: str
-) -> tuple[DataFrame, RegisteredCompressor]:
-    """Checks, then the compressed rows with lineage as a Spark frame kept on the executors (nothing written
-    yet; the caller unpersists it)."""
-    from pyspark import StorageLevel
+@dataclass
+class CheckedInput:
+    """One entity's representation rows at the compressor's layer, checked and cached on the executors."""
+
+    entity: str
+    reg: RegisteredCompressor
+    name: str
+    version: int
+    at: DataFrame
+
+
+def checked_input(spark: SparkSession, settings: Settings, tables: DeltaTables, entity: str) -> CheckedInput:
+    """Lineage and rows of `entity`'s representation table checked (raises CompressError naming the key):
+    cheap next to compressing, so every entity is checked before any is compressed."""
     from pyspark.sql import functions as F
 
-    from llmfeat.registry import model_uri, resolve_alias, tracking_uri
+    from llmfeat.registry import resolve_alias
 
     key, name = entity_key(entity), repr_table(entity)
     reg = resolve_alias(settings, COMPRESSOR_OF[entity])
@@ -234,25 +242,38 @@ def compress_entity(
             at.select(key).distinct() if entity == "user_snapshots" else tables.read_spark(entity).select(key)
         )
         check_rows(at, expected, key, name, reg.layer, reg.in_dim)
-        dtype = settings.marc.output_dtype
-        fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, dtype)
-        cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
-        out = at.select(*cols).mapInArrow(fn, output_schema(key, dtype))
-        lineage = {
-            "source_table": F.lit(name),
-            "source_version": F.lit(version).cast("long"),
-            "layer": F.lit(reg.layer).cast("long"),
-            "compressor_name": F.lit(reg.name),
-            "compressor_version": F.lit(reg.version).cast("string"),
-            "dtype": F.lit(dtype),
-        }
-        out = out.select(*out.columns, *[col.alias(c) for c, col in lineage.items()])
-        # Computed once on the executors: the gate and the MERGE read the cached rows.
-        rows = valid_from(out, entity, tables).orderBy(key).persist(StorageLevel.MEMORY_AND_DISK)
-        rows.count()
-    finally:
+    except BaseException:
         at.unpersist()
-    return rows, reg
+        raise
+    return CheckedInput(entity, reg, name, version, at)
+
+
+def compress_entity(settings: Settings, tables: DeltaTables, checked: CheckedInput) -> DataFrame:
+    """The compressed rows with lineage as a Spark frame kept on the executors (nothing written yet; the
+    caller unpersists it)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from llmfeat.registry import model_uri, tracking_uri
+
+    entity, reg, key = checked.entity, checked.reg, entity_key(checked.entity)
+    dtype = settings.marc.output_dtype
+    fn = PartitionCompressor(model_uri(reg), tracking_uri(settings), key, dtype)
+    cols = [key, "vector", "encoded_at", *PASSED_THROUGH]
+    out = checked.at.select(*cols).mapInArrow(fn, output_schema(key, dtype))
+    lineage = {
+        "source_table": F.lit(checked.name),
+        "source_version": F.lit(checked.version).cast("long"),
+        "layer": F.lit(reg.layer).cast("long"),
+        "compressor_name": F.lit(reg.name),
+        "compressor_version": F.lit(reg.version).cast("string"),
+        "dtype": F.lit(dtype),
+    }
+    out = out.select(*out.columns, *[col.alias(c) for c, col in lineage.items()])
+    # Computed once on the executors: the gate and the MERGE read the cached rows.
+    rows = valid_from(out, entity, tables).orderBy(key).persist(StorageLevel.MEMORY_AND_DISK)
+    rows.count()
+    return rows
 
 
 def history_until(tables: DeltaTables, snapshots: DataFrame) -> DataFrame:
@@ -327,10 +348,14 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
     from llmfeat.models.marc.baselines import bytes_per_vector
 
     tables = open_tables(settings, spark)
+    inputs: list[CheckedInput] = []
     results: list[tuple[str, DataFrame, RegisteredCompressor]] = []
     try:
         for e in entities or list(DEFAULT_ENTITIES):
-            results.append((e, *compress_entity(spark, settings, tables, e)))
+            inputs.append(checked_input(spark, settings, tables, e))
+        for checked in inputs:
+            results.append((checked.entity, compress_entity(settings, tables, checked), checked.reg))
+            checked.at.unpersist()
         check_feature_tables(results, tables, settings)
         summaries = []
         for entity, rows, reg in results:
@@ -351,6 +376,8 @@ def run(spark: SparkSession, settings: Settings, entities: list[str] | None = No
             )
         return summaries
     finally:
+        for checked in inputs:
+            checked.at.unpersist()
         for _entity, rows, _reg in results:
             rows.unpersist()
 
