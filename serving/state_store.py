@@ -8,8 +8,10 @@ Rules (every backend):
 - Per-user transactions: a user's events are read, updated and written in one transaction with the items
   they touch (SQLite: BEGIN IMMEDIATE, the database's write lock; Redis: WATCH the user's and items' hashes,
   MULTI/EXEC, retried when another writer got there first), so concurrent workers never lose an update.
-- Idempotent: the ids of applied events are kept per user (SQLite table `llmfeat_applied_events`, Redis set
-  `llmfeat:applied:<view>:<user key>`), in the same transaction; an id seen again is a duplicate.
+- Idempotent: the ids of the events applied at the user's newest time are kept (SQLite table
+  `llmfeat_applied_events`, Redis set `llmfeat:applied:<view>:<user key>`), in the same transaction; an id
+  seen again is a duplicate. Only those: an event before the newest is refused by the ordering rule anyway,
+  so a user holds as many ids as it has events at one instant, however long it lives.
 - Ordered: an event strictly older than the user's newest is refused with its reason; an equal time is
   applied. An item's counters take events in any order (counts commute).
 - The rows are Feast's own layout (the SQLite table per view, the Redis hash per entity with `_ts:<view>`),
@@ -181,7 +183,8 @@ class Transaction:
     def write(self, view: FeatureView, key: bytes, row: Mapping[str, Any], stamp: datetime) -> None:
         raise NotImplementedError
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str]) -> None:
+    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
+        """Remember these ids as applied; `replace`: forget the entity's earlier ids first."""
         raise NotImplementedError
 
 
@@ -206,6 +209,9 @@ class SqliteState:
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} (view TEXT, entity_key BLOB, event_id TEXT, "
             "PRIMARY KEY (view, event_id))"
+        )
+        self.conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {APPLIED_TABLE}_by_entity ON {APPLIED_TABLE} (view, entity_key)"
         )
         self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
         self._checkpoints = threading.Thread(target=self._checkpoint, args=(checkpoint_s,), daemon=True)
@@ -274,7 +280,10 @@ class _SqliteTx(Transaction):
         ]
         self.b.conn.executemany(sql, values)
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str]) -> None:
+    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
+        if replace:
+            sql = f"DELETE FROM {APPLIED_TABLE} WHERE view = ? AND entity_key = ?"
+            self.b.conn.execute(sql, (view.name, key))
         sql = f"INSERT OR IGNORE INTO {APPLIED_TABLE} (view, entity_key, event_id) VALUES (?, ?, ?)"
         self.b.conn.executemany(sql, [(view.name, key, e) for e in event_ids])
 
@@ -366,8 +375,10 @@ class _RedisTx(Transaction):
         mapping |= {self.b.field(view, name): encode_value(name, value) for name, value in row.items()}
         self.writes.append(lambda pipe: pipe.hset(key, mapping=mapping))
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str]) -> None:
+    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
         applied = self.b.applied_key(view, key)
+        if replace:
+            self.writes.append(lambda pipe: pipe.delete(applied))
         self.writes.append(lambda pipe: pipe.sadd(applied, *event_ids))
 
 
@@ -528,6 +539,7 @@ class OnlineState:
             tx.prefetch(reads, (v.user, user_key, [e.event_id for e in events]))
             row = tx.read(v.user, user_key)
             state = from_row(row) if row else empty(v.dim)
+            was_newest = state.newest_us
             seen = tx.seen(v.user, user_key, [e.event_id for e in events])
             fresh: list[Event] = []
             for e in events:
@@ -537,7 +549,8 @@ class OnlineState:
                     out.refused[e.event_id] = (
                         f"event at {micros_to_datetime(e.at_us).isoformat()} is older than user {user}'s "
                         f"newest event ({micros_to_datetime(state.newest_us).isoformat()}); the online state "
-                        "holds only later events (the batch job applies every event in order)"
+                        "takes only later events (the batch job applies every event in order), and an "
+                        "earlier event sent again is refused the same way"
                     )
                 else:
                     seen.add(e.event_id)
@@ -564,7 +577,8 @@ class OnlineState:
                 )
             for item, item_state in items.items():
                 tx.write(v.item, item_keys[item], item_row(item_state), _stamp(item_state))
-            tx.mark(v.user, user_key, [e.event_id for e in fresh])
+            at_newest = [e.event_id for e in fresh if e.at_us == state.newest_us]
+            tx.mark(v.user, user_key, at_newest, replace=state.newest_us > was_newest)
             out.applied += [e.event_id for e in fresh]
             return out
 

@@ -113,6 +113,20 @@ def test_a_repeated_event_and_an_older_one_change_nothing(store_settings: Settin
     assert state.push([equal]).applied == ["same-time"]
     after = state.read(state.views.user, "user_id", "5")
     assert after["event_count"] == before["event_count"] + 1
+    # only the ids at the newest time are kept: an earlier event sent again is refused by its time
+    assert applied_ids(state, "5") == {second.event_id, "same-time"}
+    assert first.event_id in state.push([first]).refused
+
+
+def applied_ids(state: OnlineState, user: str) -> set[str]:
+    """The event ids the store remembers for a user."""
+    from llmfeat.serving.state_store import APPLIED_TABLE, SqliteState
+
+    b, key = state.backend, state.backend.key("user_id", user)
+    if isinstance(b, SqliteState):
+        sql = f"SELECT event_id FROM {APPLIED_TABLE} WHERE view = ? AND entity_key = ?"
+        return {r[0] for r in b.conn.execute(sql, (state.views.user.name, key))}
+    return {m.decode() for m in b.client.smembers(b.applied_key(state.views.user, key))}
 
 
 def push_many(settings_json: str, worker: int, at_us: int, n: int) -> None:
