@@ -304,6 +304,9 @@ class StateConf(Section):
     prior_weight: float = 10.0  # pseudo-events at the fit period's like rate in the smoothed like rate
     half_life_s: float = 0.0  # > 0: also recency-weighted means (each event's weight halves per half-life)
     item_version: int | None = None  # the item vectors' compressor version; None: the one at marc.alias
+    # The online store remembers an applied event's id while its time is within this window before its
+    # user's newest event: a re-sent event inside it is a duplicate, an older one is refused by its time.
+    event_id_window_s: int = Field(default=86_400, ge=0)
 
 
 class PromotionConf(Section):

@@ -8,10 +8,11 @@ Rules (every backend):
 - Per-user transactions: a user's events are read, updated and written in one transaction with the items
   they touch (SQLite: BEGIN IMMEDIATE, the database's write lock; Redis: WATCH the user's and items' hashes,
   MULTI/EXEC, retried when another writer got there first), so concurrent workers never lose an update.
-- Idempotent: the ids of the events applied at the user's newest time are kept (SQLite table
-  `llmfeat_applied_events`, Redis set `llmfeat:applied:<view>:<user key>`), in the same transaction; an id
-  seen again is a duplicate. Only those: an event before the newest is refused by the ordering rule anyway,
-  so a user holds as many ids as it has events at one instant, however long it lives.
+- Idempotent: the ids of applied events are kept with their times (SQLite table `llmfeat_applied_events`,
+  Redis sorted set `llmfeat:applied-at:<view>:<user key>`), in the same transaction; an id seen again is a
+  duplicate. Only those within `state.event_id_window_s` (a day) of the user's newest event are kept: an event
+  older than the newest is refused by the ordering rule anyway, so a user holds at most a window of ids
+  however long it lives, and a batch re-sent within the window is reported as duplicates.
 - Ordered: an event strictly older than the user's newest is refused with its reason; an equal time is
   applied. An item's counters take events in any order (counts commute).
 - The rows are Feast's own layout (the SQLite table per view, the Redis hash per entity with `_ts:<view>`),
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from llmfeat.config import Settings
 
 APPLIED_TABLE = "llmfeat_applied_events"
+TimedIds = Sequence[tuple[str, int]]  # (event id, event time in µs)
 VECTOR_FIELDS = {"liked_mean", "disliked_mean", "liked_recent_mean", "disliked_recent_mean"}
 TEXT_FIELDS = {"representation", "representation_version"}
 FLOAT_FIELDS = {"like_rate", "liked_recent_weight", "disliked_recent_weight"}
@@ -183,8 +185,8 @@ class Transaction:
     def write(self, view: FeatureView, key: bytes, row: Mapping[str, Any], stamp: datetime) -> None:
         raise NotImplementedError
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
-        """Remember these ids as applied; `replace`: forget the entity's earlier ids first."""
+    def mark(self, view: FeatureView, key: bytes, events: TimedIds, keep_from_us: int) -> None:
+        """Remember these (id, time in µs) as applied; forget the entity's ids timed before keep_from_us."""
         raise NotImplementedError
 
 
@@ -208,10 +210,14 @@ class SqliteState:
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} (view TEXT, entity_key BLOB, event_id TEXT, "
-            "PRIMARY KEY (view, event_id))"
+            "at_us INTEGER, PRIMARY KEY (view, event_id))"
         )
+        columns = {r[1] for r in self.conn.execute(f"PRAGMA table_info({APPLIED_TABLE})")}
+        if "at_us" not in columns:  # a store written before ids had times: theirs count as old
+            self.conn.execute(f"ALTER TABLE {APPLIED_TABLE} ADD COLUMN at_us INTEGER DEFAULT 0")
         self.conn.execute(
-            f"CREATE INDEX IF NOT EXISTS {APPLIED_TABLE}_by_entity ON {APPLIED_TABLE} (view, entity_key)"
+            f"CREATE INDEX IF NOT EXISTS {APPLIED_TABLE}_by_entity "
+            f"ON {APPLIED_TABLE} (view, entity_key, at_us)"
         )
         self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
         self._checkpoints = threading.Thread(target=self._checkpoint, args=(checkpoint_s,), daemon=True)
@@ -280,12 +286,11 @@ class _SqliteTx(Transaction):
         ]
         self.b.conn.executemany(sql, values)
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
-        if replace:
-            sql = f"DELETE FROM {APPLIED_TABLE} WHERE view = ? AND entity_key = ?"
-            self.b.conn.execute(sql, (view.name, key))
-        sql = f"INSERT OR IGNORE INTO {APPLIED_TABLE} (view, entity_key, event_id) VALUES (?, ?, ?)"
-        self.b.conn.executemany(sql, [(view.name, key, e) for e in event_ids])
+    def mark(self, view: FeatureView, key: bytes, events: TimedIds, keep_from_us: int) -> None:
+        sql = f"DELETE FROM {APPLIED_TABLE} WHERE view = ? AND entity_key = ? AND at_us < ?"
+        self.b.conn.execute(sql, (view.name, key, keep_from_us))
+        sql = f"INSERT OR IGNORE INTO {APPLIED_TABLE} (view, entity_key, event_id, at_us) VALUES (?, ?, ?, ?)"
+        self.b.conn.executemany(sql, [(view.name, key, e, at) for e, at in events])
 
 
 class RedisState:
@@ -308,7 +313,7 @@ class RedisState:
         return entity_key(join_key, value, self.key_version) + self.project
 
     def applied_key(self, view: FeatureView, key: bytes) -> bytes:
-        return b"llmfeat:applied:" + view.name.encode() + b":" + key
+        return b"llmfeat:applied-at:" + view.name.encode() + b":" + key  # id -> event time (µs)
 
     def run(self, keys: Sequence[bytes], body: Callable[[Transaction], Any]) -> Any:
         import redis
@@ -344,11 +349,11 @@ class _RedisTx(Transaction):
         for view, key in reads:
             batch.hmget(key, [self.b.field(view, f.name) for f in view.features])
         view, key, ids = seen
-        batch.smismember(self.b.applied_key(view, key), ids)
+        batch.zmscore(self.b.applied_key(view, key), ids)
         *rows, flags = batch.execute()
         for (v, k), values in zip(reads, rows, strict=True):
             self._rows[(v.name, k)] = self._decode(v, values)
-        self._seen[(view.name, key)] = {e for e, f in zip(ids, flags, strict=True) if f}
+        self._seen[(view.name, key)] = {e for e, f in zip(ids, flags, strict=True) if f is not None}
 
     def _decode(self, view: FeatureView, values: list[Any]) -> dict[str, Any] | None:
         names = [f.name for f in view.features]
@@ -363,8 +368,8 @@ class _RedisTx(Transaction):
     def seen(self, view: FeatureView, key: bytes, event_ids: Sequence[str]) -> set[str]:
         if (view.name, key) in self._seen:
             return self._seen[(view.name, key)] & set(event_ids)
-        flags = self.pipe.smismember(self.b.applied_key(view, key), list(event_ids))
-        return {e for e, f in zip(event_ids, flags, strict=True) if f}
+        flags = self.pipe.zmscore(self.b.applied_key(view, key), list(event_ids))
+        return {e for e, f in zip(event_ids, flags, strict=True) if f is not None}
 
     def write(self, view: FeatureView, key: bytes, row: Mapping[str, Any], stamp: datetime) -> None:
         from google.protobuf.timestamp_pb2 import Timestamp  # type: ignore[import-untyped]
@@ -375,11 +380,10 @@ class _RedisTx(Transaction):
         mapping |= {self.b.field(view, name): encode_value(name, value) for name, value in row.items()}
         self.writes.append(lambda pipe: pipe.hset(key, mapping=mapping))
 
-    def mark(self, view: FeatureView, key: bytes, event_ids: Sequence[str], replace: bool) -> None:
-        applied = self.b.applied_key(view, key)
-        if replace:
-            self.writes.append(lambda pipe: pipe.delete(applied))
-        self.writes.append(lambda pipe: pipe.sadd(applied, *event_ids))
+    def mark(self, view: FeatureView, key: bytes, events: TimedIds, keep_from_us: int) -> None:
+        applied, scores = self.b.applied_key(view, key), {e: int(at) for e, at in events}
+        self.writes.append(lambda pipe: pipe.zremrangebyscore(applied, "-inf", f"({keep_from_us}"))
+        self.writes.append(lambda pipe: pipe.zadd(applied, scores))
 
 
 def state_backend(store: FeatureStore, online_store: str) -> SqliteState | RedisState:
@@ -466,8 +470,15 @@ def state_version(settings: Settings) -> str:
 class OnlineState:
     """The event path: `push` applies events to the user's and the items' state in the online store."""
 
-    def __init__(self, store: FeatureStore, online_store: str, views: StateViews, cfg: StateConfig):
-        self.views, self.cfg = views, cfg
+    def __init__(
+        self,
+        store: FeatureStore,
+        online_store: str,
+        views: StateViews,
+        cfg: StateConfig,
+        id_window_s: int = 86_400,
+    ):
+        self.views, self.cfg, self.id_window_us = views, cfg, id_window_s * 1_000_000
         self.backend = state_backend(store, online_store)
         self._rows = rows_reader(store, online_store) if online_store == "redis" else None
 
@@ -487,7 +498,8 @@ class OnlineState:
                 f"{state_view.name} in feature_repo/feature_views.py and run `llmfeat features apply`"
             ) from None
         views = StateViews(found[0], found[1], found[2], found[3], version, vector_dim(found[2]))
-        return cls(store, settings.feast.online_store, views, read_prior(settings, state_view.table))
+        prior = read_prior(settings, state_view.table)
+        return cls(store, settings.feast.online_store, views, prior, settings.state.event_id_window_s)
 
     def push(self, events: Sequence[Event]) -> PushResult:
         """Apply events: each user's in one transaction, in time order (stable for equal times)."""
@@ -539,7 +551,6 @@ class OnlineState:
             tx.prefetch(reads, (v.user, user_key, [e.event_id for e in events]))
             row = tx.read(v.user, user_key)
             state = from_row(row) if row else empty(v.dim)
-            was_newest = state.newest_us
             seen = tx.seen(v.user, user_key, [e.event_id for e in events])
             fresh: list[Event] = []
             for e in events:
@@ -549,8 +560,7 @@ class OnlineState:
                     out.refused[e.event_id] = (
                         f"event at {micros_to_datetime(e.at_us).isoformat()} is older than user {user}'s "
                         f"newest event ({micros_to_datetime(state.newest_us).isoformat()}); the online state "
-                        "takes only later events (the batch job applies every event in order), and an "
-                        "earlier event sent again is refused the same way"
+                        "takes only later events (the batch job applies every event in order)"
                     )
                 else:
                     seen.add(e.event_id)
@@ -577,8 +587,10 @@ class OnlineState:
                 )
             for item, item_state in items.items():
                 tx.write(v.item, item_keys[item], item_row(item_state), _stamp(item_state))
-            at_newest = [e.event_id for e in fresh if e.at_us == state.newest_us]
-            tx.mark(v.user, user_key, at_newest, replace=state.newest_us > was_newest)
+            keep_from = state.newest_us - self.id_window_us
+            tx.mark(
+                v.user, user_key, [(e.event_id, e.at_us) for e in fresh if e.at_us >= keep_from], keep_from
+            )
             out.applied += [e.event_id for e in fresh]
             return out
 

@@ -113,9 +113,21 @@ def test_a_repeated_event_and_an_older_one_change_nothing(store_settings: Settin
     assert state.push([equal]).applied == ["same-time"]
     after = state.read(state.views.user, "user_id", "5")
     assert after["event_count"] == before["event_count"] + 1
-    # only the ids at the newest time are kept: an earlier event sent again is refused by its time
-    assert applied_ids(state, "5") == {second.event_id, "same-time"}
-    assert first.event_id in state.push([first]).refused
+    assert applied_ids(state, "5") == {first.event_id, second.event_id, "same-time"}
+
+
+def test_the_ids_kept_are_those_within_the_window_of_the_newest_event(store_settings: Settings) -> None:
+    settings = store_settings.model_copy(
+        update={"state": store_settings.state.model_copy(update={"event_id_window_s": 0})}
+    )
+    state = OnlineState.open(settings, open_store(settings))
+    first, second, third, *_ = events_of(settings, "6")
+    assert second.at_us > first.at_us and third.at_us > second.at_us
+    for event in (first, second, third):
+        assert state.push([event]).applied == [event.event_id]
+        assert applied_ids(state, "6") == {event.event_id}  # window 0: only the ids at the newest time
+    assert state.push([third]).duplicates == [third.event_id]
+    assert first.event_id in state.push([first]).refused  # forgotten, and refused by its time
 
 
 def applied_ids(state: OnlineState, user: str) -> set[str]:
@@ -126,7 +138,7 @@ def applied_ids(state: OnlineState, user: str) -> set[str]:
     if isinstance(b, SqliteState):
         sql = f"SELECT event_id FROM {APPLIED_TABLE} WHERE view = ? AND entity_key = ?"
         return {r[0] for r in b.conn.execute(sql, (state.views.user.name, key))}
-    return {m.decode() for m in b.client.smembers(b.applied_key(state.views.user, key))}
+    return {m.decode() for m in b.client.zrange(b.applied_key(state.views.user, key), 0, -1)}
 
 
 def push_many(settings_json: str, worker: int, at_us: int, n: int) -> None:
