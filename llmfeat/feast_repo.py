@@ -210,6 +210,7 @@ def apply_repo(settings: Settings) -> FeatureStore:
     """`feast apply` of the declarations under this profile's config. Re-applying unchanged objects leaves the
     registry as it is; the online tables are (re)created when missing (e.g. after online.db was deleted)."""
     store = open_store(settings)
-    objects = repo_objects(settings)
-    store.apply(objects)
+    # Copies: Feast's apply infers entity columns into the views it is given, and the declarations are
+    # shared by every later call in this process.
+    store.apply([copy.deepcopy(o) for o in repo_objects(settings)])
     return store
