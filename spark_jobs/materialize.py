@@ -488,8 +488,8 @@ def materialize_state(
             out.append(Published(table, view.name, 0, -1, "no table yet: run `llmfeat user-state`"))
             continue
         backend = backend or state_backend(store, settings.feast.online_store)
-        key = view.entity_columns[0].name
-        applied = store.get_feature_view(view.name)
+        applied = store.get_feature_view(view.name)  # as applied: with the entity columns Feast inferred
+        key = applied.entity_columns[0].name
         rows = newest_rows(spark, tables, table, key, before=before)
         written = write_newer(backend, applied, key, rows)
         end = before or datetime.now(UTC)
