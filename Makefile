@@ -57,9 +57,10 @@ demo: setup
 	$(VENV)/bin/llmfeat demo $(if $(FULL),--full,)
 
 # Two workers, one test file each at a time (a file's tests share its fixtures): the Spark tests spend much of
-# their time waiting on the JVM, so two files in flight keep both cores busy.
+# their time waiting on the JVM, so two files in flight keep both cores busy. Files start in the order
+# tests/conftest.py gives (the longest first), not xdist's by number of tests.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "unit"

@@ -35,6 +35,21 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 )
 
 
+# The longest files first (seconds on 2 cores, docs/benchmarks.md): under `-n 2 --dist loadfile` a file runs
+# on one worker, and a long file started last would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "test_install.py", "test_ingest.py", "test_delta_io.py", "test_state_online.py", "test_encode_job.py",
+    "test_mlflow_project.py", "test_standalone_cluster.py", "test_mlflow_project_ctr.py",
+    "test_ctr_stream.py", "test_delta_spark_pipeline.py", "test_bahe_job.py", "test_gpu_cluster.py",
+    "test_compress.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def spark():  # type: ignore[no-untyped-def]
     from llmfeat.config import DeltaConf

@@ -17,7 +17,6 @@ import mlflow
 import pytest
 import yaml
 from test_compress import tiny_settings, write_inputs
-from test_ctr_lake import build_lake
 from test_encoder import make_tiny_model_dir
 from test_lite import tiny_lake
 from test_slmrec import tiny_slm_settings
@@ -85,22 +84,6 @@ def test_train_compressor_and_compress(project: Project, tmp_path: Path) -> None
     _, out = project.run("compress", config, entity="items")
     assert "item_marc_v1_features" in out
     assert RustDelta(tmp_path / "marc" / "delta").read_arrow("item_marc_v1_features").num_rows > 0
-
-
-def test_ctr_entry_points_train_compare_promote_and_abtest(project: Project, tmp_path: Path) -> None:
-    config = config_file(build_lake(tmp_path / "ctr"), tmp_path)
-    champion, _ = project.run("train", config, llm="no-llm", alias="champion", epochs="2")
-    challenger, _ = project.run("train", config, llm="llm", alias="challenger", epochs="2")
-    assert challenger.data.tags["ctr.uses_llm"] == "true" and "valid_auc" in challenger.data.metrics
-    version = project.client.get_model_version_by_alias("llmfeat-ctr", "challenger")
-    assert version.run_id in {champion.info.run_id, challenger.info.run_id}
-
-    compared, out = project.run("compare", config)
-    assert compared.data.tags["compare.b_alias"] == "challenger" and "diff_auc" in compared.data.metrics
-    promoted, _ = project.run("promote", config)
-    assert promoted.data.tags["promotion.decision"] in {"promoted", "rejected"}
-    abtest, _ = project.run("abtest", config)
-    assert abtest.data.metrics
 
 
 def test_train_lite_logs_one_child_run_per_model(project: Project, tmp_path: Path) -> None:
