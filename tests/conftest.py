@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -61,15 +62,36 @@ def spark():  # type: ignore[no-untyped-def]
     session.stop()
 
 
-@pytest.fixture
-def source_dir(tmp_path: Path) -> Path:
-    """Tiny CSV inputs in the layout `ingest.source: files` expects."""
-    src = tmp_path / "src"
-    src.mkdir()
+def write_sources(src: Path) -> Path:
+    src.mkdir(parents=True)
     (src / "items.csv").write_text(ITEMS)
     (src / "users.csv").write_text(USERS)
     (src / "interactions.csv").write_text(INTERACTIONS)
     return src
+
+
+@pytest.fixture
+def source_dir(tmp_path: Path) -> Path:
+    """Tiny CSV inputs in the layout `ingest.source: files` expects."""
+    return write_sources(tmp_path / "src")
+
+
+@pytest.fixture(scope="session")
+def ingested_once(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """The tiny CSVs ingested once per worker (five gated tables): the data_dir tests copy."""
+    from llmfeat.spark_jobs.ingest import run as ingest
+
+    root = tmp_path_factory.mktemp("ingested")
+    src = write_sources(root / "src")
+    files = [f"ingest.files.{n}={src / f'{n}.csv'}" for n in ("interactions", "items", "users")]
+    ingest(spark, load_settings("tiny", [f"data_dir={root / 'lake'}", "ingest.source=files", *files]))
+    return root / "lake"
+
+
+@pytest.fixture
+def ingested(ingested_once: Path, tmp_path: Path) -> Path:
+    """A copy of the ingested tiny lake at make_settings' data_dir (tmp_path/lake), as `ingest` leaves it."""
+    return Path(shutil.copytree(ingested_once, tmp_path / "lake"))
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.sample import shortest_histories
 from llmfeat.spark_jobs import bahe, bahe_encode
-from llmfeat.spark_jobs.ingest import run as ingest
 from llmfeat.user_text import history_cut_time
 
 pytestmark = pytest.mark.spark
@@ -29,13 +28,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(spark, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:  # type: ignore[no-untyped-def]
+def settings(ingested: Path, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:
     s = make_settings(
         f"encode.model={tiny_model}", "encode.max_length=64", "encode.partitions=2",
         "bahe.layer=1", "bahe.deep=llm", "bahe.deep_layers=2", "bahe.out_dim=8", "bahe.behavior_dim=4",
         "bahe.max_epochs=2", "bahe.users_per_batch=2", "bahe.emb_dim=8", "marc.output_dtype=float16",
     )  # fmt: skip
-    ingest(spark, s)
     return s
 
 

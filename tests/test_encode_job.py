@@ -15,7 +15,6 @@ from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.models.encoder import EncoderError
 from llmfeat.spark_jobs import encode
-from llmfeat.spark_jobs.ingest import run as ingest
 from llmfeat.user_text import user_text, user_texts
 
 pytestmark = pytest.mark.spark
@@ -38,11 +37,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def settings(spark, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:  # type: ignore[no-untyped-def]
+def settings(ingested: Path, make_settings: Callable[..., Settings], tiny_model: Path) -> Settings:
     s = make_settings(
         f"encode.model={tiny_model}", "encode.layers=[1,3]", "encode.max_length=64", "encode.partitions=2"
     )
-    ingest(spark, s)
     return s
 
 
@@ -160,7 +158,7 @@ def test_user_text_spark_and_python_agree_and_respect_the_cut(spark, settings: S
 
 
 def test_user_snapshots_are_a_point_in_time_series(
-    spark, make_settings: Callable[..., Settings], tiny_model: Path
+    spark, ingested: Path, make_settings: Callable[..., Settings], tiny_model: Path
 ) -> None:
     """One snapshot at each user's first appearance (demographics only), then one at the start of each day
     after a day with behaviour; a text never holds a behaviour at or after its snapshot time; a re-run encodes
@@ -168,7 +166,6 @@ def test_user_snapshots_are_a_point_in_time_series(
     from llmfeat.reprs import parse_snapshot_id
 
     settings = make_settings(f"encode.model={tiny_model}", "encode.layers=[1]")
-    ingest(spark, settings)
     tables = RustDelta(settings.delta_root, spark)
     texts = encode.entity_texts(tables, "user_snapshots", settings.encode).toPandas()
     events = tables.read_arrow("user_behaviors").to_pandas()

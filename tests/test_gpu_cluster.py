@@ -25,7 +25,6 @@ from test_encoder import make_tiny_model_dir
 from llmfeat.config import Settings
 from llmfeat.delta_io import RustDelta
 from llmfeat.session import java_major_version
-from llmfeat.spark_jobs.ingest import run as ingest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,11 +100,11 @@ def wait_for_workers(ui: int, n: int, work: Path, timeout: float = 120) -> None:
 def test_each_task_gets_its_own_gpu_address(
     standalone: str,
     spark,
+    ingested: Path,
     make_settings: Callable[..., Settings],
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    settings = make_settings()
-    ingest(spark, settings)  # the tiny tables, written with the test session
+    settings = make_settings()  # over the tiny tables, ingested with the test session
     model = make_tiny_model_dir(tmp_path / "tiny-llama")
     overrides = [
         f"spark.master={standalone}",

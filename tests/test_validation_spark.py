@@ -10,7 +10,6 @@ import pytest
 from llmfeat.config import ValidationConf
 from llmfeat.delta_io import RustDelta
 from llmfeat.spark_jobs.ingest import main as ingest_main
-from llmfeat.spark_jobs.ingest import run as ingest
 from llmfeat.validation import GateFailed, gate, repr_suite, training_set_suite
 
 pytestmark = pytest.mark.spark
@@ -85,10 +84,9 @@ def test_spark_training_set_point_in_time(spark, tmp_path: Path) -> None:
 
 
 def test_ingest_with_planted_defects_exits_nonzero_and_keeps_every_table(
-    spark, make_settings, source_dir: Path, capsys
+    spark, ingested: Path, make_settings, source_dir: Path, capsys
 ) -> None:
     settings = make_settings()
-    ingest(spark, settings)
     tables = RustDelta(settings.delta_root)
     before = {t: tables.version(t) for t in TABLES}
     lines = (source_dir / "interactions.csv").read_text().splitlines()
