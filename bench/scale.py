@@ -14,7 +14,12 @@ Each stage runs in a fresh Python process, the driver, on `spark.master` local[2
 the JVM's (VmHWM: in local mode the JVM also runs the executors) and the executors' Python workers' (sampled
 every 0.2 s, summed). Stages: ingest, encode (items, user_snapshots, behaviors), train (the MARC compressor,
 torch in one process on a sample capped by marc.max_fit_rows), compress, publish (the Feast-facing tables,
-Spark) and feast (Feast's local materialization to SQLite, which reads each view's rows into the driver).
+Spark), state (the event-time user and item state job over the published item vectors), feast (Feast's
+materialization to SQLite of the published views, then the state views' newest rows), training_set (the
+point-in-time training set of the fresh feature service, joined on the executors and written to Delta) and ctr
+(the DNN trained over that table streamed in bounded Arrow batches, one epoch).
+
+Both backends write one results file: a run is keyed by (stage, scale, backend).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "encode", "train", "compress", "publish", "feast")
+STAGES = ("ingest", "encode", "train", "compress", "publish", "state", "feast", "training_set", "ctr")
 ML100K = {"users": 943, "items": 1682}
 ID_STRIDE = 10_000  # copy k: user u -> u + k * ID_STRIDE (ML-100k ids are below it)
 
@@ -126,13 +131,21 @@ def overrides(work: Path, scale: int, backend: str = "delta-rs") -> list[str]:
         f"ingest.files.users={src / 'users.parquet'}",
         f"encode.model={work / 'tiny-llama'}",
         "encode.layers=[1,3]",
-        "encode.max_length=256",
+        "encode.max_length=64",  # texts cut to 64 tokens: encoding stays minutes at 50x
         "encode.device=cpu",
         "marc.layer=3",
         "marc.hidden_dim=64",
         "marc.task_dim=16",
         "marc.max_epochs=2",
         "marc.max_fit_rows=20000",
+        "state.item_version=1",  # the first compressor of the fresh lake
+        "ctr.llm_feature_service=ctr_fresh_marc_v1",
+        "ctr.id_feature_service=ctr_fresh_id_v1",
+        "ctr.kind=dnn",
+        "ctr.max_epochs=1",
+        "ctr.n_boot=50",
+        "ctr.stream=true",
+        "ctr.stream_table=training_set_{service}",
     ]
 
 
@@ -226,18 +239,48 @@ def _publish(spark: Any, settings: Any) -> int:
 def _feast(spark: Any, settings: Any) -> int:
     from llmfeat.delta_io import open_tables
     from llmfeat.feast_repo import apply_repo, feature_views
-    from llmfeat.spark_jobs.materialize import materialize, vector_tables, views_on
+    from llmfeat.spark_jobs.materialize import (
+        materialize,
+        materialize_state,
+        vector_tables,
+        views_on,
+    )
 
     lake = open_tables(settings, spark)
     vectors = [v.target for v in vector_tables(feature_views())]
     names = [*vectors, "feast_item_meta", "feast_user_stats", "feast_item_stats"]
     published = [n for n in names if lake.exists(n)]
-    materialize(apply_repo(settings), views_on(published), full=True)
-    return len(published)
+    store = apply_repo(settings)
+    materialize(store, views_on(published), full=True)
+    return sum(p.rows for p in materialize_state(spark, settings, lake, store))
+
+
+def _state(spark: Any, settings: Any) -> int:
+    from llmfeat.spark_jobs.user_state import run
+
+    return run(spark, settings).rows
+
+
+def _training_set(spark: Any, settings: Any) -> int:
+    from llmfeat.spark_jobs.training_set_spark import run
+
+    return sum(run(spark, settings, use_llm=True).rows.values())
+
+
+def _ctr(spark: Any, settings: Any) -> int:
+    import pyarrow.parquet as pq
+
+    from llmfeat.delta_io import open_tables
+    from llmfeat.spark_jobs.train_ctr import run, stream_table_files
+
+    run(spark, settings, use_llm=True)
+    files = stream_table_files(settings, open_tables(settings), use_llm=True)[2]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)  # the rows streamed
 
 
 STAGE_FN = {"ingest": _ingest, "encode": _encode, "train": _train, "compress": _compress,
-            "publish": _publish, "feast": _feast}  # fmt: skip
+            "publish": _publish, "state": _state, "feast": _feast, "training_set": _training_set,
+            "ctr": _ctr}  # fmt: skip
 
 
 def machine() -> dict[str, Any]:
@@ -294,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                 return done.returncode
             result = json.loads(done.stdout.strip().splitlines()[-1])
             mib = {k: result[f"{k}_peak_bytes"] / 2**20 for k in ("driver", "jvm")}
-            print(f"{scale}x {stage}: {result['seconds']:.1f} s, driver {mib['driver']:.0f} MiB, "
-                  f"JVM {mib['jvm']:.0f} MiB", flush=True)  # fmt: skip
-            runs = [r for r in results["runs"] if (r["scale"], r["stage"]) != (scale, stage)]
+            print(f"{args.backend} {scale}x {stage}: {result['seconds']:.1f} s, "
+                  f"driver {mib['driver']:.0f} MiB, JVM {mib['jvm']:.0f} MiB", flush=True)  # fmt: skip
+            key = (scale, stage, args.backend)
+            runs = [r for r in results["runs"] if (r["scale"], r["stage"], r["backend"]) != key]
             results["runs"] = [*runs, result]
             results["machine"] = machine()
             args.out.write_text(json.dumps(results, indent=1) + "\n")
