@@ -40,6 +40,8 @@ BATCH_ROWS = 16_384  # rows per Arrow batch streamed from the staging files into
 # Rows per Parquet row group delta-rs writes. Its writer holds a row group in memory until it is full, and
 # its default (about a million rows) made a write of vector rows hold ~1 GB in the driver at 10x ML-100k.
 ROW_GROUP_ROWS = 65_536
+# A scan decodes one batch ahead: Arrow's default (16 batches of each of 4 files) held ~1 GB of vector rows.
+ONE_AHEAD = {"batch_readahead": 1, "fragment_readahead": 1}
 
 
 @dataclass
@@ -428,7 +430,7 @@ def staged_reader(folder: Path, schema: pa.Schema) -> pa.RecordBatchReader:
     files = ds.dataset(str(folder), format="parquet")  # skips _SUCCESS and .crc files
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for batch in files.to_batches(columns=schema.names, batch_size=BATCH_ROWS):
+        for batch in files.to_batches(columns=schema.names, batch_size=BATCH_ROWS, **ONE_AHEAD):
             yield batch.cast(schema)
 
     return pa.RecordBatchReader.from_batches(schema, batches())

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from llmfeat.config import SampleConf
+from llmfeat.delta_io import ONE_AHEAD
 from llmfeat.errors import UserError
 
 __all__ = [
@@ -168,7 +169,7 @@ def scan(
             for start in range(0, kept.num_rows, batch_rows):
                 yield kept.slice(start, batch_rows)
         return
-    yield from dataset.to_batches(columns=columns, filter=where, batch_size=batch_rows)
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=batch_rows, **ONE_AHEAD)
 
 
 def _batches(table: Any, columns: list[str], sets: dict[str, pa.Array]) -> Iterator[pa.RecordBatch]:

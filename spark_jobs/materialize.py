@@ -455,10 +455,12 @@ def newest_rows(
     import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
+    from llmfeat.delta_io import ONE_AHEAD
+
     latest: dict[str, dict[str, Any]] = {}
     dataset = DeltaTable(tables.path(table)).to_pyarrow_dataset()
     wanted = None if before is None else ds.field("event_timestamp") < before
-    for batch in dataset.to_batches(batch_size=batch_rows, filter=wanted):
+    for batch in dataset.to_batches(batch_size=batch_rows, filter=wanted, **ONE_AHEAD):
         for row in batch.to_pylist():
             held = latest.get(row[key])
             if held is None or row["event_timestamp"] > held["event_timestamp"]:
