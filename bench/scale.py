@@ -1,8 +1,8 @@
 """Scale benchmark: the pipeline on MovieLens-100k tiled 1x, 10x and 50x, stage by stage.
 
-    .venv/bin/python bench/scale.py --scales 1,10,50 --work /tmp/llmfeat-scale --out docs/scale_results.json
-    .venv/bin/python bench/scale.py --backend delta-spark --scales 1,10 --work /tmp/llmfeat-scale-ds \
-        --out docs/scale_results_delta_spark.json
+    .venv/bin/python bench/scale.py --scales 1,10,50 --work /tmp/scale-delta-rs --out docs/scale_results.json
+    .venv/bin/python bench/scale.py --backend delta-spark --scales 1,10,50 --work /tmp/scale-delta-spark \
+        --out docs/scale_results.json     # the same file: runs are keyed by (stage, scale, backend)
 
 Data: ML-100k (from the installed recbole package) copied `scale` times: copy k renumbers its users and items
 and suffixes its titles with k, so every table (users, items, interactions, behaviours, user snapshots) grows
