@@ -476,7 +476,7 @@ class OnlineState:
         online_store: str,
         views: StateViews,
         cfg: StateConfig,
-        id_window_s: int = 86_400,
+        id_window_s: int,
     ):
         self.views, self.cfg, self.id_window_us = views, cfg, id_window_s * 1_000_000
         self.backend = state_backend(store, online_store)

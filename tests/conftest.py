@@ -63,11 +63,18 @@ def spark():  # type: ignore[no-untyped-def]
 
 
 def write_sources(src: Path) -> Path:
+    """Tiny CSV inputs in the layout `ingest.source: files` expects."""
     src.mkdir(parents=True)
     (src / "items.csv").write_text(ITEMS)
     (src / "users.csv").write_text(USERS)
     (src / "interactions.csv").write_text(INTERACTIONS)
     return src
+
+
+def source_overrides(src: Path) -> list[str]:
+    """The settings that point `ingest` at the tiny CSVs in `src`."""
+    files = [f"ingest.files.{n}={src / f'{n}.csv'}" for n in ("interactions", "items", "users")]
+    return ["ingest.source=files", *files]
 
 
 @pytest.fixture
@@ -83,8 +90,7 @@ def ingested_once(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:  # t
 
     root = tmp_path_factory.mktemp("ingested")
     src = write_sources(root / "src")
-    files = [f"ingest.files.{n}={src / f'{n}.csv'}" for n in ("interactions", "items", "users")]
-    ingest(spark, load_settings("tiny", [f"data_dir={root / 'lake'}", "ingest.source=files", *files]))
+    ingest(spark, load_settings("tiny", [f"data_dir={root / 'lake'}", *source_overrides(src)]))
     return root / "lake"
 
 
@@ -100,15 +106,7 @@ def make_settings(tmp_path: Path, source_dir: Path) -> Iterator[Callable[..., Se
 
     def make(*overrides: str) -> Settings:
         return load_settings(
-            "tiny",
-            [
-                f"data_dir={tmp_path / 'lake'}",
-                "ingest.source=files",
-                f"ingest.files.interactions={source_dir / 'interactions.csv'}",
-                f"ingest.files.items={source_dir / 'items.csv'}",
-                f"ingest.files.users={source_dir / 'users.csv'}",
-                *overrides,
-            ],
+            "tiny", [f"data_dir={tmp_path / 'lake'}", *source_overrides(source_dir), *overrides]
         )
 
     yield make

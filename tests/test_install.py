@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import source_overrides
 
 pytestmark = pytest.mark.integration
 
@@ -254,8 +255,7 @@ def test_installed_wheel_ingests_from_another_folder(
     assert missing.returncode == 1
     assert "pip install --no-deps recbole==1.2.1" in missing.stderr
     # The user's own files (the tiny CSVs; ML-100k from the data package is tests/test_ingest.py's)
-    files = [f"ingest.files.{n}={source_dir / f'{n}.csv'}" for n in ("interactions", "items", "users")]
-    cmd += ["--set", "ingest.source=files", *(a for f in files for a in ("--set", f))]
+    cmd += [a for override in source_overrides(source_dir) for a in ("--set", override)]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^interactions\s+10\s", done.stdout, re.MULTILINE), done.stdout
