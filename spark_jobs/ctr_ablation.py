@@ -11,7 +11,9 @@ interactions, with the same rules as the daily counters and the event-time state
 - cold_items: a seeded `--cold-items` share of items is launched when the test period starts. Their earlier
   events are taken out of the world: no fit row, counter or history holds them, the compressor (MARC or
   PCA) is fitted without them, and their ids are unseen. Daily features otherwise (a new item is on its
-  first day: nothing but its content is known of it); results on the cold items' test rows and the rest.
+  first day: nothing but its content is known of it). Disjoint draws of that share (5 at 0.2, or
+  `--cold-folds`) each get a world of their own; every test row is scored once by the world that held its
+  item out ("cold items", and its history slices) and once by the next, where it was warm ("warm items").
 
 Arms, all with the ids, counters and content (genres, year) of the production encoder
 (models/ctr/features.py), differing only in what else the model sees:
@@ -390,6 +392,21 @@ class DnnArms:
         return predict(model, encoder, frame)
 
 
+def cold_folds(n_items: int, frac: float, seed: int, folds: int | None = None) -> list[np.ndarray]:
+    """Disjoint seeded draws of `frac` of the items, as many as fit (5 at 0.2) or `folds`: each draw is
+    launched at the test period in a world of its own, so every covered item's test rows are scored cold
+    once, pooled over the draws (k-fold cold start: 5x the cold rows of one draw, the same share held out)."""
+    order = np.random.default_rng(seed).permutation(n_items)
+    size = max(1, int(round(frac * n_items)))
+    k = n_items // size if folds is None else min(folds, n_items // size)
+    out = []
+    for fold in range(k):
+        cold = np.zeros(n_items, bool)
+        cold[order[fold * size : (fold + 1) * size]] = True
+        out.append(cold)
+    return out
+
+
 def run(
     spark: SparkSession | None,
     settings: Settings,
@@ -400,6 +417,7 @@ def run(
     cold_frac: float = 0.2,
     out: Path = Path("docs"),
     representation: str = "marc",
+    folds: int | None = None,
 ) -> dict[str, Any]:
     """Every protocol's layer curve (trees), arms and comparisons; results merged into <out>/ctr_results.json
     (this family's entries replaced) after each protocol, so a long run leaves what it has."""
@@ -407,55 +425,105 @@ def run(
     ev = load_events(settings, layers if representation == "pca" else [], spark)
     llm = LlmItems(ev, settings, representation)
     layers = llm.layers(layers)
-    cold = np.random.default_rng(settings.ctr.seed).random(len(ev.item_keys)) < cold_frac
+    draws = cold_folds(len(ev.item_keys), cold_frac, settings.ctr.seed, folds)
     results: dict[str, Any] = {
         "family": family,
         "representation": representation,
         "n_boot": settings.ctr.n_boot,
         "cold_items_frac": cold_frac,
+        "cold_item_folds": len(draws),
         "protocols": {},
         "comparisons": [],
     }
     arms = ARMS if family == "lightgbm" else DNN_ARMS
     for protocol in protocols:
+        worlds = draws if protocol == "cold_items" else [np.zeros(len(ev.item_keys), bool)]
         curve = {}
         if family == "lightgbm":
             for layer in layers:
-                world = build_world(ev, protocol, layer, cold, settings, ["llm"], llm)
-                p = TreeArms(world, settings).predict("llm", ARMS[BOTH][1], 0)
-                curve[layer] = {"valid_auc": _auc(world, p, "valid"), "test_auc": _auc(world, p, "test")}
+                valid, test = [], []
+                for cold in worlds:
+                    world = build_world(ev, protocol, layer, cold, settings, ["llm"], llm)
+                    p = TreeArms(world, settings).predict("llm", ARMS[BOTH][1], 0)
+                    valid.append(_auc(world, p, "valid"))
+                    test.append(_auc(world, p, "test"))
+                curve[layer] = {"valid_auc": float(np.mean(valid)), "test_auc": float(np.mean(test))}
                 log.info("%s layer %d: valid AUC %.4f", protocol, layer, curve[layer]["valid_auc"])
             chosen = max(curve, key=lambda k: curve[k]["valid_auc"])
         else:
             chosen = _chosen_layer(out, protocol, layers, representation)
         reps = sorted({rep for rep, _ in arms.values()})
-        world = build_world(ev, protocol, chosen, cold, settings, reps, llm)
-        fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
-        preds: dict[str, list[np.ndarray]] = {}
-        for name, (rep, blocks) in arms.items():
-            # trees are cheap: every arm gets every seed; a DNN, the headline pair only
-            n_seeds = seeds if family == "lightgbm" or name in (BASE, BOTH) else 1
-            preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(n_seeds)]
-            log.info(
-                "%s %s: %d seed(s), valid AUC %.4f",
-                protocol,
-                name,
-                n_seeds,
-                _auc(world, preds[name][0], "valid"),
-            )
+        fitted = []
+        for k, cold in enumerate(worlds):
+            world = build_world(ev, protocol, chosen, cold, settings, reps, llm)
+            fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
+            preds: dict[str, list[np.ndarray]] = {}
+            for name, (rep, blocks) in arms.items():
+                # trees are cheap: every arm gets every seed; a DNN, the headline pair only
+                n_seeds = seeds if family == "lightgbm" or name in (BASE, BOTH) else 1
+                preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(n_seeds)]
+                log.info("%s %s (world %d of %d): %d seed(s), valid AUC %.4f", protocol, name, k + 1,
+                         len(worlds), n_seeds, _auc(world, preds[name][0], "valid"))  # fmt: skip
+            fitted.append((world, preds))
+        scored = pooled_cold_and_warm(fitted) if protocol == "cold_items" else fitted
         results["protocols"][protocol] = {
             "layer": chosen,
             "layer_curve": curve,
-            "slices": _slice_sizes(world),
+            "slices": {k: v for world, _ in scored for k, v in _slice_sizes(world).items()},
             "arms": {
-                k: {"seeds": len(v), "valid_auc": _auc(world, np.mean(v, 0), "valid")}
-                for k, v in preds.items()
+                name: {
+                    "seeds": len(v),
+                    "valid_auc": float(np.mean([_auc(w, np.mean(p[name], 0), "valid") for w, p in fitted])),
+                }
+                for name, v in fitted[0][1].items()
             },
         }
-        results["comparisons"] += compare_arms(world, preds, family, representation, settings.ctr.n_boot)
+        for world, preds in scored:
+            results["comparisons"] += compare_arms(world, preds, family, representation, settings.ctr.n_boot)
         results["seconds"] = time.monotonic() - started
         write_results(out, results)
     return results
+
+
+def pooled_cold_and_warm(
+    fitted: list[tuple[World, dict[str, list[np.ndarray]]]],
+) -> list[tuple[World, dict[str, list[np.ndarray]]]]:
+    """The cold-items worlds' test rows (the same rows in each: only earlier rows differ) pooled twice:
+    each row scored by the world that held its item out ("cold items", with the history slices under that
+    world's counts), and by the next world, where its item was warm ("warm items")."""
+    worlds = [w for w, _ in fitted]
+
+    def on_test(per_world: list[np.ndarray]) -> np.ndarray:
+        """(worlds, test rows): each world's values at its test rows."""
+        return np.stack([v[w.masks["test"]] for w, v in zip(worlds, per_world, strict=True)])
+
+    frames = [{rep: f[w.masks["test"]].reset_index(drop=True) for rep, f in w.frames.items()} for w in worlds]
+    keys = [next(iter(f.values()))[["user_id", "item_id"]] for f in frames]
+    if not all(k.equals(keys[0]) for k in keys):
+        raise AssertionError("the cold-items worlds disagree on the test rows")
+    cold = on_test([w.slices["cold items"] for w in worlds])
+    covered, at = np.asarray(cold.any(0)), np.arange(cold.shape[1])
+    cold_world = cold.argmax(0)  # an uncovered row: world 0, where it is warm; outside the cold slice
+    warm_world = (cold_world + 1) % len(fitted)
+    stacked = {  # arm -> seed -> (worlds, test rows)
+        name: [on_test([p[name][s] for _, p in fitted]) for s in range(len(seeds))]
+        for name, seeds in fitted[0][1].items()
+    }
+
+    def scored_by(world_of_row: np.ndarray) -> dict[str, list[np.ndarray]]:
+        return {name: [p[world_of_row, at] for p in seeds] for name, seeds in stacked.items()}
+
+    slices: dict[str, np.ndarray] = {"cold items": covered}
+    for name in fitted[0][0].slices:
+        if name not in ("all", "cold items", "warm items"):
+            by_world = on_test([w.slices[name] for w in worlds])
+            slices[f"cold items, {name}"] = covered & by_world[cold_world, at]
+    warm: np.ndarray = np.ones(len(at), bool) if len(fitted) > 1 else ~covered
+    test = {"test": np.ones(len(at), bool)}
+    return [
+        (World("cold_items", frames[0], test, slices), scored_by(cold_world)),
+        (World("cold_items", frames[0], test, {"warm items": warm}), scored_by(warm_world)),
+    ]
 
 
 def _auc(world: World, p: np.ndarray, split: str) -> float:
@@ -529,15 +597,21 @@ def run_key(family: str, representation: str) -> str:
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
     """Merge this run's results (one family and representation) into <out>/ctr_results.json, replacing that
-    pair's earlier ones, and rewrite <out>/ctr_results.md."""
+    pair's earlier ones for the protocols it ran, and rewrite <out>/ctr_results.md."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "ctr_results.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     stored = stored if "runs" in stored else {"runs": {}}  # a file of an older layout is replaced
     key = run_key(results["family"], results["representation"])
-    stored["runs"][key] = {k: v for k, v in results.items() if k != "comparisons"}
-    mine = {(c["family"], c["representation"]) for c in results["comparisons"]}
-    kept = [c for c in stored.get("comparisons", []) if (c["family"], c["representation"]) not in mine]
+    earlier = stored["runs"].get(key, {}).get("protocols", {})
+    run = {k: v for k, v in results.items() if k != "comparisons"}
+    stored["runs"][key] = {**run, "protocols": {**earlier, **results["protocols"]}}
+    mine = {(c["family"], c["representation"], c["protocol"]) for c in results["comparisons"]}
+    kept = [
+        c
+        for c in stored.get("comparisons", [])
+        if (c["family"], c["representation"], c["protocol"]) not in mine
+    ]
     stored["comparisons"] = kept + results["comparisons"]
     path.write_text(json.dumps(stored, indent=1))
     (out / "ctr_results.md").write_text(markdown(stored))
@@ -553,7 +627,7 @@ def headline(stored: dict[str, Any]) -> str:
     lines = []
     for key, r in sorted(stored["runs"].items()):
         for protocol, p in r["protocols"].items():
-            for name in ("all", "cold items"):
+            for name in ("all", "cold items", "warm items"):
                 cells = []
                 size = ""
                 for a, b in pairs:
@@ -614,6 +688,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cold-items", type=float, default=0.2, help="share of items launched at the test period"
     )
+    parser.add_argument(
+        "--cold-folds", type=int, default=None, help="disjoint cold-item draws (default: as many as fit)"
+    )
     parser.add_argument("--layers", default="8,15,22,30", help="tapped layers of the curve (comma list)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the headline pairs (the rest: 1)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
@@ -633,10 +710,10 @@ def command(args: argparse.Namespace) -> int:
         return 2
     protocols = [p for p in args.protocols.split(",") if p]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
-    if unknown or not 0 < args.cold_items < 1:
+    if unknown or not 0 < args.cold_items < 1 or (args.cold_folds is not None and args.cold_folds < 1):
         print(
-            f"ctr-ablation: unknown protocol {unknown} (expected {', '.join(PROTOCOLS)}) or --cold-items "
-            f"{args.cold_items} not in (0, 1)",
+            f"ctr-ablation: unknown protocol {unknown} (expected {', '.join(PROTOCOLS)}), --cold-items "
+            f"{args.cold_items} not in (0, 1) or --cold-folds {args.cold_folds} below 1",
             file=sys.stderr,
         )
         return 2
@@ -651,6 +728,7 @@ def command(args: argparse.Namespace) -> int:
         args.cold_items,
         args.out,
         args.representation,
+        args.cold_folds,
     )
     print((args.out / "ctr_results.md").read_text())
     return 0

@@ -40,8 +40,8 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 # on one worker, and a long file started last would leave the other worker idle at the end.
 LONGEST_FIRST = (
     "test_install.py", "test_ingest.py", "test_delta_io.py", "test_state_online.py", "test_encode_job.py",
-    "test_mlflow_project.py", "test_standalone_cluster.py", "test_mlflow_project_ctr.py",
-    "test_ctr_stream.py", "test_delta_spark_pipeline.py", "test_bahe_job.py", "test_gpu_cluster.py",
+    "test_mlflow_project.py", "test_delta_spark_pipeline.py", "test_mlflow_project_ctr.py",
+    "test_ctr_stream.py", "test_bahe_job.py", "test_gpu_cluster.py",
     "test_compress.py",
 )  # fmt: skip
 

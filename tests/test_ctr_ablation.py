@@ -101,10 +101,12 @@ def test_every_protocol_and_family_writes_comparisons(lake, tmp_path: Path) -> N
     ctr_ablation.run(None, lake, "lightgbm", ctr_ablation.PROTOCOLS, (1, 2), 2, 0.5, out, "pca")
     dnn = lake.model_copy(update={"ctr": lake.ctr.model_copy(update={"max_epochs": 1, "hidden": [8]})})
     ctr_ablation.run(None, dnn, "dnn", ["fresh"], (1, 2), 1, 0.5, out, "pca")
+    ctr_ablation.run(None, dnn, "dnn", ["daily"], (1, 2), 1, 0.5, out, "pca")  # merged beside "fresh"
     stored = json.loads((out / "ctr_results.json").read_text())
     trees = stored["runs"]["lightgbm / pca"]["protocols"]
     assert trees["fresh"]["layer"] in (1, 2) and set(trees["daily"]["layer_curve"]) == {"1", "2"}
     assert stored["runs"]["dnn / pca"]["protocols"]["fresh"]["layer"] == trees["fresh"]["layer"]
+    assert {c["protocol"] for c in stored["comparisons"] if c["family"] == "dnn"} == {"fresh", "daily"}
     comparisons = stored["comparisons"]
     keys = {"protocol", "slice", "a", "b", "a_uses_llm", "b_uses_llm", "family", "representation", "metric",
             "diff", "rows", "users", "n_boot", "seeds", "detectable"}  # fmt: skip
@@ -113,9 +115,14 @@ def test_every_protocol_and_family_writes_comparisons(lake, tmp_path: Path) -> N
     assert {c["protocol"] for c in comparisons if c["family"] == "lightgbm"} == set(ctr_ablation.PROTOCOLS)
     headline = [c for c in comparisons if c["family"] == "lightgbm" and c["b"] == ctr_ablation.BOTH
                 and c["a"] == ctr_ablation.BASE and c["slice"] == "all" and c["metric"] == "auc"]  # fmt: skip
-    assert len(headline) == 3 and all(c["seeds"] == 2 and c["n_boot"] == 100 for c in headline)
+    assert len(headline) == 2 and all(c["seeds"] == 2 and c["n_boot"] == 100 for c in headline)
     assert all(c["diff"][1] <= c["diff"][0] <= c["diff"][2] for c in headline)
-    assert any(c["slice"] == "cold items" for c in comparisons)
+    cold = [c for c in comparisons if c["protocol"] == "cold_items" and c["family"] == "lightgbm"]
+    # two disjoint draws of half the items: every test row is scored once cold and once warm
+    test_rows = next(c["rows"] for c in headline if c["protocol"] == "fresh")
+    assert {c["rows"] for c in cold if c["slice"] in ("cold items", "warm items")} == {test_rows}
+    assert stored["runs"]["lightgbm / pca"]["cold_item_folds"] == 2
+    assert any(c["slice"].startswith("cold items, item events") for c in cold)
     assert "| + both | ids + counters + content | all |" in (out / "ctr_results.md").read_text()
 
 
@@ -143,3 +150,12 @@ def test_marc_items_are_fitted_without_the_held_out_items(tmp_path: Path) -> Non
     assert everything.shape == without.shape == (N_ITEMS, 3) and len(llm.fits) == 2
     assert not np.allclose(everything, without)  # a different fit: the held-out items' rows are gone
     assert np.array_equal(llm(4, np.arange(len(ev.item_keys)), cold), without)  # fitted once per held-out set
+
+
+def test_cold_folds_are_disjoint_draws_of_the_share() -> None:
+    folds = ctr_ablation.cold_folds(1682, 0.2, 7)
+    assert len(folds) == 5 and all(f.sum() == 336 for f in folds)
+    assert np.stack(folds).sum(0).max() == 1  # no item is cold twice
+    assert [f.tolist() for f in ctr_ablation.cold_folds(1682, 0.2, 7, folds=2)] == [
+        f.tolist() for f in folds[:2]
+    ]

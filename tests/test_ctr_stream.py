@@ -350,8 +350,7 @@ ON_CLUSTER = textwrap.dedent(
 def test_train_ctr_workers_run_on_a_standalone_cluster_through_torch_distributor(
     files: list[str], tmp_path: Path
 ) -> None:
-    from test_gpu_cluster import cluster_env
-    from test_standalone_cluster import start_cluster
+    from test_gpu_cluster import cluster_env, start_cluster
 
     master = start_cluster(tmp_path / "cluster", cluster_env())
     try:

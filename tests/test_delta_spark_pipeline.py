@@ -1,7 +1,7 @@
-"""The pipeline with `delta.backend: delta-spark`: ingest, encode, compress and materialize write through
-Spark's Delta (MERGE on the executors), and Feast's Spark offline store reads those tables for a point-in-time
-training set, on the test session (local Spark). tests/test_standalone_cluster.py runs them on a standalone
-master with two local workers.
+"""The pipeline with `delta.backend: delta-spark` on a standalone Spark master with two workers on 127.0.0.1:
+one driver runs ingest, encode, compress and materialize, and every table is written through Spark's Delta
+(MERGE on the cluster's executors). The test's own session then reads those tables, and Feast's Spark offline
+store joins them into a point-in-time training set.
 
 The tiny lake comes from the tiny CSVs (conftest) and a tiny random-weight Llama; the MARC compressor is
 trained once on synthetic representation tables of the same encoder, width and layer (its MLflow store is the
@@ -10,6 +10,9 @@ lake's).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,11 +23,12 @@ import pytest
 from deltalake import write_deltalake
 from test_compress import LAYERS, repr_table
 from test_encoder import make_tiny_model_dir
+from test_gpu_cluster import cluster_env, start_cluster
 
 from llmfeat.config import Settings, load_settings
 from llmfeat.delta_io import SparkDelta, has_delta_jars
 
-pytestmark = pytest.mark.spark
+pytestmark = [pytest.mark.spark, pytest.mark.integration]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WIDTH, ENCODER = 32, "tiny-llama"  # the tiny Llama's hidden size and encoder id (its folder's name)
 
@@ -90,25 +94,66 @@ def train_tiny_compressor(spark, root: Path) -> tuple[Path, str]:  # type: ignor
     return model, store
 
 
-@pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
-    return train_tiny_compressor(spark, tmp_path_factory.mktemp("delta-spark"))
-
-
-def test_pipeline_writes_through_spark_delta_and_feast_reads_it(  # type: ignore[no-untyped-def]
-    spark, trained: tuple[Path, str], make_settings: Callable[..., Settings]
+def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_reads_it(  # type: ignore[no-untyped-def]
+    spark, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
+    trained = train_tiny_compressor(spark, tmp_path / "compressor")
+    settings = make_settings(*pipeline_overrides(*trained))
+    master = start_cluster(tmp_path / "cluster", cluster_env())
+    try:
+        overrides = [*pipeline_overrides(*trained), f"spark.master={master.url}", "spark.driver_memory=1g",
+                     "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
+                     f"data_dir={settings.data_dir}", *ingest_files(settings)]  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", PIPELINE, *overrides],
+            cwd=REPO_ROOT,
+            env=cluster_env(),
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
+    finally:
+        master.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    assert "executors: 2" in done.stdout, done.stdout  # one on each worker
+    assert "items_repr: encoded 4 texts" in done.stdout, done.stdout
+    assert "user_snapshots_repr: encoded" in done.stdout, done.stdout
+    assert "items_repr: nothing to encode (4 texts unchanged)" in done.stdout, done.stdout  # a re-run
+    published = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("published ")]
+    check_written_by_spark(spark, settings, published)
+    check_point_in_time_set(spark, settings)
+
+
+# One driver on the cluster runs the jobs in one session (what `llmfeat ingest`, `encode`, `compress` and
+# `features materialize` run), re-runs the item encoding, then counts the executors that did the work.
+PIPELINE = textwrap.dedent(
+    """
+    import sys
+    from llmfeat.runner import run_with_session
     from llmfeat.spark_jobs import compress, encode, ingest, materialize
 
-    settings = make_settings(*pipeline_overrides(*trained))
-    ingest.run(spark, settings)
-    for entity in ("items", "user_snapshots"):
-        assert encode.run(spark, settings, entity).encoded > 0
-    assert encode.run(spark, settings, "items").encoded == 0  # a re-run: nothing new, no commit
-    compress.run(spark, settings)
-    published = materialize.run(spark, settings)
-    check_written_by_spark(spark, settings, [p.table for p in published if p.version >= 0])
-    check_point_in_time_set(spark, settings)
+    def body(spark, settings):
+        ingest.run(spark, settings)
+        for entity in ("items", "user_snapshots", "items"):
+            print(encode.run(spark, settings, entity), flush=True)
+        compress.run(spark, settings)
+        for p in materialize.run(spark, settings):
+            if p.version >= 0:
+                print(f"published {p.table} version {p.version}", flush=True)
+        infos = spark.sparkContext._jsc.sc().statusTracker().getExecutorInfos()
+        print("executors:", len(infos) - 1, flush=True)  # without the driver
+
+    overrides = sys.argv[1:]
+    sys.exit(run_with_session("pipeline", "tiny", overrides, body))
+    """
+)
+
+
+def ingest_files(settings: Settings) -> list[str]:
+    files = settings.ingest.files
+    assert files is not None
+    return ["ingest.source=files", f"ingest.files.interactions={files.interactions}",
+            f"ingest.files.items={files.items}", f"ingest.files.users={files.users}"]  # fmt: skip
 
 
 def check_written_by_spark(spark, settings: Settings, feast_tables: list[str]) -> None:  # type: ignore[no-untyped-def]

@@ -97,6 +97,42 @@ def wait_for_workers(ui: int, n: int, work: Path, timeout: float = 120) -> None:
     raise AssertionError(f"{n} standalone worker(s) did not register within {timeout} s:\n{logs}")
 
 
+class Cluster:
+    def __init__(self, url: str, procs: list[subprocess.Popen[bytes]]):
+        self.url, self.procs = url, procs
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def start_cluster(work: Path, env: dict[str, str]) -> Cluster:
+    """A master and two workers (1 core, 1 GB each) on 127.0.0.1, from pyspark's bin/spark-class."""
+    work.mkdir(parents=True)
+    port, ui = free_port(), free_port()
+    url = f"spark://127.0.0.1:{port}"
+    cmds = [[str(SPARK_CLASS), "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+             "--port", str(port), "--webui-port", str(ui)]]  # fmt: skip
+    for i in range(2):
+        cmds.append([str(SPARK_CLASS), "org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1",
+                     "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()),
+                     "--work-dir", str(work / f"worker{i}")])  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, cmd in enumerate(cmds):
+            log = (work / f"daemon{i}.log").open("w")
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        wait_for_workers(ui, 2, work, timeout=90)
+    except BaseException:
+        Cluster(url, procs).stop()
+        raise
+    return Cluster(url, procs)
+
+
 def test_each_task_gets_its_own_gpu_address(
     standalone: str,
     spark,
