@@ -30,8 +30,7 @@ LLM branch takes as a whole (ids, + item, + both, + genre history with its item 
 
 Statistics: every difference is paired over one set of `ctr.n_boot` user resamples (the whole test set's
 users; a slice keeps its own rows of each drawn user), AUC and LogLoss, with the half-width of its interval:
-the smallest difference it could detect. Predictions are averaged over `--seeds` seeds: every arm of the
-tree family, the headline pair (ids vs + both) of the DNN (its other arms use the first seed). Results:
+the smallest difference it could detect. Every arm's predictions are averaged over `--seeds` seeds. Results:
 <out>/ctr_results.json (its `comparisons` list) and <out>/ctr_results.md.
 """
 
@@ -459,11 +458,9 @@ def run(
             fitter = TreeArms(world, settings) if family == "lightgbm" else DnnArms(world, settings)
             preds: dict[str, list[np.ndarray]] = {}
             for name, (rep, blocks) in arms.items():
-                # trees are cheap: every arm gets every seed; a DNN, the headline pair only
-                n_seeds = seeds if family == "lightgbm" or name in (BASE, BOTH) else 1
-                preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(n_seeds)]
+                preds[name] = [fitter.predict(rep, blocks, seed) for seed in range(seeds)]
                 log.info("%s %s (world %d of %d): %d seed(s), valid AUC %.4f", protocol, name, k + 1,
-                         len(worlds), n_seeds, _auc(world, preds[name][0], "valid"))  # fmt: skip
+                         len(worlds), seeds, _auc(world, preds[name][0], "valid"))  # fmt: skip
             fitted.append((world, preds))
         scored = pooled_cold_and_warm(fitted) if protocol == "cold_items" else fitted
         results["protocols"][protocol] = {
@@ -692,7 +689,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cold-folds", type=int, default=None, help="disjoint cold-item draws (default: as many as fit)"
     )
     parser.add_argument("--layers", default="8,15,22,30", help="tapped layers of the curve (comma list)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of the headline pairs (the rest: 1)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of every arm (predictions averaged)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
     parser.add_argument(
         "--representation",
