@@ -68,6 +68,7 @@ class DeltaTables(Protocol):
     def exists(self, name: str) -> bool: ...
     def version(self, name: str) -> int | None: ...
     def write(self, name: str, data: Any, mode: str = "overwrite") -> int: ...
+    def append(self, name: str, data: pa.Table) -> int: ...
     def upsert(
         self,
         name: str,
@@ -115,6 +116,7 @@ class RustDelta:
     def __init__(self, root: str | Path, spark: SparkSession | None = None):
         self.root = Path(root)
         self.spark = spark
+        self._appenders: dict[str, Any] = {}  # name -> DeltaTable kept for `append`
 
     def path(self, name: str) -> str:
         return str(self.root / name)
@@ -161,6 +163,21 @@ class RustDelta:
             else:
                 write_deltalake(self.path(name), source, mode="append", writer_properties=_props())
         return self._table(name).version()
+
+    def append(self, name: str, data: pa.Table) -> int:
+        """Append through a table handle kept for the next append (a process that appends often: the event
+        sink). Opening a table by path replays its log, holding the GIL: on a table of ~2,000 commits that
+        stalled the threads beside it for ~25 ms per append; the handle reads only what was committed
+        since."""
+        from deltalake import write_deltalake
+
+        table = self._appenders.get(name)
+        if table is None:
+            if not self.exists(name):
+                return self.write(name, data, mode="append")
+            table = self._appenders[name] = self._table(name)
+        write_deltalake(table, data, mode="append", writer_properties=_props())
+        return int(table.version())
 
     def upsert(
         self,
@@ -302,6 +319,9 @@ class SparkDelta:
         writer = writer.option("overwriteSchema", "true") if mode == "overwrite" else writer
         writer.save(self.path(name))
         return self.version(name) or 0
+
+    def append(self, name: str, data: pa.Table) -> int:
+        return self.write(name, data, mode="append")
 
     def upsert(
         self,

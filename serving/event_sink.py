@@ -62,7 +62,7 @@ def append_events(tables: DeltaTables, events: Sequence[Event]) -> int:
     """One Delta commit appending these events -> the table's new version (-1: nothing to append)."""
     if not events:
         return -1
-    return tables.write(EVENTS_TABLE, events_table(events), mode="append")
+    return tables.append(EVENTS_TABLE, events_table(events))
 
 
 class EventSink:

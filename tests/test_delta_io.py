@@ -238,3 +238,14 @@ def test_the_set_up_resolved_the_jars_once(capsys) -> None:  # type: ignore[no-u
     jars = capsys.readouterr().out.splitlines()[-1].split(",")
     assert Path(jars[0]).name == f"{'-'.join(delta_jars.coordinates())}.jar"
     assert any(Path(j).name.startswith("delta-storage-") for j in jars)
+
+
+def test_appends_through_a_kept_handle_see_other_writers(tmp_path: Path) -> None:
+    """The event sink's appends: one handle per table, kept; another process's commits in between are kept
+    too, and each append returns the version it made."""
+    sink, other = RustDelta(tmp_path), RustDelta(tmp_path)
+    assert sink.append("t", _table({"a": "1"})) == 0  # the first append creates the table
+    assert sink.append("t", _table({"b": "2"})) == 1
+    other.write("t", _table({"c": "3"}), mode="append")  # version 2, behind the kept handle's back
+    assert sink.append("t", _table({"d": "4"})) == 3
+    assert sorted(sink.read_arrow("t").column("k").to_pylist()) == ["a", "b", "c", "d"]
