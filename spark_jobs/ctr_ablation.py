@@ -11,9 +11,7 @@ interactions, with the same rules as the daily counters and the event-time state
 - cold_items: a seeded `--cold-items` share of items is launched when the test period starts. Their earlier
   events are taken out of the world: no fit row, counter or history holds them, the compressor (MARC or
   PCA) is fitted without them, and their ids are unseen. Daily features otherwise (a new item is on its
-  first day: nothing but its content is known of it). The trees learn that regime: in a share of the fit
-  and valid rows equal to the held-out share, the item is as if just launched (id unseen, counters empty;
-  item dropout as in DropoutNet). Disjoint draws of that share (5 at 0.2, or
+  first day: nothing but its content is known of it). Disjoint draws of that share (5 at 0.2, or
   `--cold-folds`) each get a world of their own; every test row is scored once by the world that held its
   item out ("cold items", and its history slices) and once by the next, where it was warm ("warm items").
 
@@ -244,9 +242,6 @@ def build_world(
     user, item, micros, day = ev.user[keep], ev.item[keep], ev.micros[keep], ev.day[keep]
     y = f["label"].to_numpy(np.int64)
     masks = split_masks(f, settings.ctr.stop_frac)
-    if protocol == "cold_items":  # the regime cold rows are scored in, simulated on the earlier rows
-        draw = np.random.default_rng((settings.ctr.seed, 2)).random(len(f)) < cold.mean()
-        masks["launched"] = (masks["fit"] | masks["valid"]) & draw
     clock = micros if protocol == "fresh" else day  # cold items: daily, as a new item is on its first day
     for who, key in (("user", user), ("item", item)):  # as of the previous day, as Feast's daily counters
         f[f"{who}_impressions"], f[f"{who}_clicks"] = earlier_counts(key, day, y)
@@ -337,18 +332,6 @@ def usable(frame: pd.DataFrame, fit: np.ndarray) -> pd.DataFrame:
     return frame.drop(columns=empty)
 
 
-ITEM_HISTORY = ("item_impressions", "item_clicks", "item_event_count", "item_liked_count")
-
-
-def as_launched(frame: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
-    """`rows` as if their item had just launched: its id outside every vocabulary (the unseen level), its
-    counters empty; its content and LLM vector stay, as they are known at launch."""
-    out = frame.copy()
-    out.loc[rows, "item_id"] = ""
-    out.loc[rows, [c for c in ITEM_HISTORY if c in out]] = 0
-    return out
-
-
 def block_columns(names: list[str], blocks: Sequence[str]) -> np.ndarray:
     """Indices of the tree matrix's columns an arm sees: the base, plus item vectors and/or the history."""
     from llmfeat.models.ctr.features import FRESH_COSINES
@@ -376,8 +359,6 @@ class TreeArms:
             frame = usable(frame, world.masks["fit"])
             y = frame["label"].to_numpy(np.float32)
             encoder = FeatureEncoder.fit(frame, y, world.masks["fit"], world.masks["train"], True)
-            if "launched" in world.masks:
-                frame = as_launched(frame, world.masks["launched"])
             self.matrices[rep] = (tree_matrix(encoder.transform(frame)), tree_feature_names(encoder))
         self.y = next(iter(world.frames.values()))["label"].to_numpy(np.float32)
 
