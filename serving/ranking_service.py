@@ -55,6 +55,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
     from llmfeat.config import ServingConf, Settings
 
 log = logging.getLogger(__name__)
+SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval in a worker: see build_app
 
 
 class RankRequest(BaseModel):
@@ -360,4 +362,7 @@ def build_app(
     # stops the worker for about 0.3 s. Frozen, later collections walk only what requests leave behind.
     gc.collect()
     gc.freeze()
+    # The loop shares the GIL with the background threads (the event log's JSON, the Delta sink, the WAL
+    # checkpoint): at Python's default 5 ms switch interval one of them held a request for up to 5 ms.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     return app
