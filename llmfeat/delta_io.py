@@ -15,6 +15,7 @@ nothing when no row changed, so re-runs never duplicate rows nor add empty versi
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -151,6 +152,8 @@ class RustDelta:
     def write(self, name: str, data: Any, mode: str = "overwrite") -> int:
         from deltalake import write_deltalake
 
+        if is_spark_frame(data):
+            return self._commit_executor_files(name, data, mode)
         with self._source(data) as source:
             if mode == "overwrite":
                 write_deltalake(
@@ -162,6 +165,36 @@ class RustDelta:
                 )
             else:
                 write_deltalake(self.path(name), source, mode="append", writer_properties=_props())
+        return self._table(name).version()
+
+    def _commit_executor_files(self, name: str, frame: DataFrame, mode: str) -> int:
+        """A Spark DataFrame written or appended with no row through the driver: the executors write its
+        Parquet files into a folder of the table, and the driver commits them as add actions (each with its
+        row count, read from the file's footer); an overwrite removes the files of the version before. A
+        failed write leaves the table as it was (the folder is removed; nothing refers to it)."""
+        import pyarrow.parquet as pq
+        from deltalake import Schema
+        from deltalake.transaction import AddAction, create_table_with_add_actions
+
+        part = f"spark-{uuid.uuid4().hex}"
+        folder = self.root / name / part
+        schema = Schema.from_arrow(arrow_schema(frame))
+        try:
+            frame.write.mode("overwrite").parquet(str(folder))
+            actions = []
+            for f in sorted(folder.glob("*.parquet")):
+                stat, rows = f.stat(), pq.ParquetFile(f).metadata.num_rows
+                stats = json.dumps({"numRecords": rows})
+                actions.append(
+                    AddAction(f"{part}/{f.name}", stat.st_size, {}, int(stat.st_mtime * 1000), True, stats)
+                )
+            if self.exists(name):
+                self._table(name).create_write_transaction(actions, mode=mode, schema=schema)
+            else:
+                create_table_with_add_actions(self.path(name), schema, actions, mode="overwrite")
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return self._table(name).version()
 
     def append(self, name: str, data: pa.Table) -> int:

@@ -83,7 +83,7 @@ def test_a_failed_write_keeps_the_previous_version(spark, backend: DeltaTables) 
     assert backend.version("t") == version and _rows(backend) == [("a", "1")]
 
 
-def test_delta_rs_streams_a_spark_frame_in_bounded_batches(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_delta_rs_merges_a_spark_frame_in_bounded_batches(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     sizes: list[int] = []
     real = delta_io.staged_reader
 
@@ -101,9 +101,10 @@ def test_delta_rs_streams_a_spark_frame_in_bounded_batches(spark, tmp_path: Path
     monkeypatch.setattr(delta_io, "staged_reader", counting)
     tables = RustDelta(tmp_path, spark)
     frame = spark.range(5000).selectExpr("CAST(id AS STRING) AS k", "array(CAST(id AS FLOAT)) AS v")
-    tables.write("t", frame)
-    tables.upsert("t", frame.where("k < '2'"), ["k"])
-    assert sum(sizes) == 5000 + frame.where("k < '2'").count() and max(sizes) <= 1000
+    tables.write("t", frame)  # committed as the executors' files: no batch through the driver
+    assert sizes == []
+    tables.upsert("t", frame.where("k < '2'"), ["k"])  # a MERGE streams its source through the driver
+    assert sum(sizes) == frame.where("k < '2'").count() and max(sizes) <= 1000
     table = tables.read_arrow("t")
     assert table.num_rows == 5000 and table.schema.field("v").type.value_type == pa.float32()
 
@@ -249,3 +250,33 @@ def test_appends_through_a_kept_handle_see_other_writers(tmp_path: Path) -> None
     other.write("t", _table({"c": "3"}), mode="append")  # version 2, behind the kept handle's back
     assert sink.append("t", _table({"d": "4"})) == 3
     assert sorted(sink.read_arrow("t").column("k").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_a_spark_frame_reaches_delta_rs_as_the_executors_files(spark, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """No row through the driver: the executors' Parquet files are committed as they are; an overwrite with
+    other columns replaces the schema and the files, an append adds, and a failed write commits nothing."""
+    from pyspark.sql import functions as F
+
+    tables = RustDelta(tmp_path, spark)
+    first = spark.createDataFrame([("a", [1.0, 2.0]), ("b", [3.0, 4.0])], "k string, v array<float>")
+    first = first.withColumn("ts", F.timestamp_micros(F.lit(1_000_000)))
+    assert tables.write("t", first) == 0
+    got = tables.read_arrow("t")
+    assert sorted(got.column("k").to_pylist()) == ["a", "b"] and got.column("v").to_pylist()[0] in (
+        [1, 2],
+        [3, 4],
+    )
+    assert str(got.schema.field("ts").type) == "timestamp[us, tz=UTC]"
+    assert all(f.split("/")[-2].startswith("spark-") for f in tables._table("t").file_uris())
+    assert tables.write("t", spark.createDataFrame([("c", 5)], "k string, n int")) == 1
+    assert tables.read_arrow("t").to_pylist() == [{"k": "c", "n": 5}]
+    assert tables.write("t", spark.createDataFrame([("d", 6)], "k string, n int"), mode="append") == 2
+    assert sorted(tables.read_arrow("t").column("k").to_pylist()) == ["c", "d"]
+    assert sorted(tables.read_arrow("t", version=0).column("k").to_pylist()) == ["a", "b"]  # time travel
+    boom = F.udf(lambda k: 1 // 0, "int")
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        tables.write("t", spark.createDataFrame([("e",)], "k string").withColumn("n", boom("k")))
+    assert (
+        tables.version("t") == 2
+        and len([p for p in (tmp_path / "t").iterdir() if p.name.startswith("spark-")]) == 3
+    )
