@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import Iterator
@@ -350,22 +348,13 @@ ON_CLUSTER = textwrap.dedent(
 def test_train_ctr_workers_run_on_a_standalone_cluster_through_torch_distributor(
     files: list[str], tmp_path: Path
 ) -> None:
-    from test_gpu_cluster import cluster_env, start_cluster
+    from test_gpu_cluster import run_driver_on_cluster
 
-    master = start_cluster(tmp_path / "cluster", cluster_env())
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", ON_CLUSTER, master.url, str(tmp_path / "data"), *files],
-            cwd=Path(__file__).parent,
-            env=cluster_env(),
-            capture_output=True,
-            text=True,
-            timeout=420,
-        )
-    finally:
-        master.stop()
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    data = str(tmp_path / "data")
+    out = run_driver_on_cluster(
+        tmp_path / "cluster", ON_CLUSTER, lambda url: [url, data, *files], Path(__file__).parent
+    )
+    result = json.loads(out.strip().splitlines()[-1])
     assert result["executors"] == 2 and result["epochs"] == WORKER_CFG.max_epochs
     assert result["auc"] > 0.7
 

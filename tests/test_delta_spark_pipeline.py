@@ -10,8 +10,6 @@ lake's).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 from deltalake import write_deltalake
 from test_compress import LAYERS, repr_table
 from test_encoder import make_tiny_model_dir
-from test_gpu_cluster import cluster_env, start_cluster
+from test_gpu_cluster import run_driver_on_cluster
 
 from llmfeat.config import Settings, load_settings
 from llmfeat.delta_io import SparkDelta, has_delta_jars
@@ -99,27 +97,17 @@ def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_r
 ) -> None:
     trained = train_tiny_compressor(spark, tmp_path / "compressor")
     settings = make_settings(*pipeline_overrides(*trained))
-    master = start_cluster(tmp_path / "cluster", cluster_env())
-    try:
-        overrides = [*pipeline_overrides(*trained), f"spark.master={master.url}", "spark.driver_memory=1g",
-                     "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
-                     f"data_dir={settings.data_dir}", *ingest_files(settings)]  # fmt: skip
-        done = subprocess.run(
-            [sys.executable, "-c", PIPELINE, *overrides],
-            cwd=REPO_ROOT,
-            env=cluster_env(),
-            capture_output=True,
-            text=True,
-            timeout=420,
-        )
-    finally:
-        master.stop()
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    assert "executors: 2" in done.stdout, done.stdout  # one on each worker
-    assert "items_repr: encoded 4 texts" in done.stdout, done.stdout
-    assert "user_snapshots_repr: encoded" in done.stdout, done.stdout
-    assert "items_repr: nothing to encode (4 texts unchanged)" in done.stdout, done.stdout  # a re-run
-    published = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("published ")]
+    overrides = [*pipeline_overrides(*trained), "spark.driver_memory=1g",
+                 "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
+                 f"data_dir={settings.data_dir}", *ingest_files(settings)]  # fmt: skip
+    out = run_driver_on_cluster(
+        tmp_path / "cluster", PIPELINE, lambda url: [*overrides, f"spark.master={url}"], REPO_ROOT
+    )
+    assert "executors: 2" in out, out  # one on each worker
+    assert "items_repr: encoded 4 texts" in out, out
+    assert "user_snapshots_repr: encoded" in out, out
+    assert "items_repr: nothing to encode (4 texts unchanged)" in out, out  # a re-run
+    published = [line.split()[1] for line in out.splitlines() if line.startswith("published ")]
     check_written_by_spark(spark, settings, published)
     check_point_in_time_set(spark, settings)
 

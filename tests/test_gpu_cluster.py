@@ -133,6 +133,25 @@ def start_cluster(work: Path, env: dict[str, str]) -> Cluster:
     return Cluster(url, procs)
 
 
+def run_driver_on_cluster(work: Path, script: str, args: Callable[[str], list[str]], cwd: Path) -> str:
+    """`python -c script *args(master URL)` as the driver of a fresh two-worker cluster (stopped after); its
+    stdout, once it exited 0."""
+    master = start_cluster(work, cluster_env())
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script, *args(master.url)],
+            cwd=cwd,
+            env=cluster_env(),
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
+    finally:
+        master.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    return done.stdout
+
+
 def test_each_task_gets_its_own_gpu_address(
     standalone: str,
     spark,
