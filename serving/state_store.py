@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from llmfeat.config import Settings
 
 APPLIED_TABLE = "llmfeat_applied_events"
+WAL_LIMIT_BYTES = 64 << 20  # the WAL file left after a restart of the log (PRAGMA journal_size_limit)
+WAL_RESTART_FRAMES = 4096  # ~16 MiB of log (one block of its index): then the log is made to start over
 TimedIds = Sequence[tuple[str, int]]  # (event id, event time in µs)
 VECTOR_FIELDS = {"liked_mean", "disliked_mean", "liked_recent_mean", "disliked_recent_mean"}
 TEXT_FIELDS = {"representation", "representation_version"}
@@ -194,7 +196,9 @@ class SqliteState:
     """Feast's SQLite online store in WAL mode (a ranking read never waits on a push), written by transactions
     that hold the database's write lock from their first read (BEGIN IMMEDIATE)."""
 
-    def __init__(self, store: FeatureStore, checkpoint_s: float = 1.0):
+    def __init__(
+        self, store: FeatureStore, checkpoint_s: float = 1.0, restart_frames: int = WAL_RESTART_FRAMES
+    ):
         from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _table_id
 
         config = store.config
@@ -206,8 +210,12 @@ class SqliteState:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL's usual setting: no fsync per commit
         # A push never copies the WAL back itself (SQLite's automatic checkpoint would, every ~1000 pages:
-        # a push in ~200 paid several ms); a thread does it every checkpoint_s, PASSIVE: never blocking.
+        # a push in ~200 paid several ms); a thread does it every checkpoint_s (see _checkpoint).
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        # SQLite reuses the WAL file from its start and never shrinks it: after one large write (a
+        # materialization) its pages fall out of the page cache, and a commit's frames (4 KiB + 24 bytes, so
+        # never page-aligned) then wait on disk reads. Truncated to this size whenever the log restarts.
+        self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {APPLIED_TABLE} (view TEXT, entity_key BLOB, event_id TEXT, "
             "at_us INTEGER, PRIMARY KEY (view, event_id))"
@@ -220,15 +228,23 @@ class SqliteState:
             f"ON {APPLIED_TABLE} (view, entity_key, at_us)"
         )
         self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
-        self._checkpoints = threading.Thread(target=self._checkpoint, args=(checkpoint_s,), daemon=True)
+        self._checkpoints = threading.Thread(
+            target=self._checkpoint, args=(checkpoint_s, restart_frames), daemon=True
+        )
         self._checkpoints.start()
 
-    def _checkpoint(self, every_s: float) -> None:
+    def _checkpoint(self, every_s: float, restart_frames: int) -> None:
+        """Copy the WAL back every `every_s`, PASSIVE (a push never waits for it). Under a steady stream of
+        pushes a commit always lands while it runs, so the log never starts over and grows without end, and
+        every read searches more of it: once it holds `restart_frames`, a RESTART checkpoint holds the
+        writers back while it copies the few frames left, and the next push starts the log over."""
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         while True:
             time.sleep(every_s)
             try:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                if frames >= restart_frames:
+                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             except sqlite3.Error:  # busy or the file went away: the next round tries again
                 continue
 
