@@ -27,6 +27,8 @@ stored with its table (`state_prior`), so both sides compute the same numbers.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -192,6 +194,22 @@ class Transaction:
         raise NotImplementedError
 
 
+class WriterLock:
+    """The online store's writers in every process, one at a time (flock on a file beside the database):
+    a waiting push wakes as soon as the other commits, where SQLite's own busy handler sleeps 1, 2, 5,
+    10 ms... between tries, holding the service's event loop all that time. One per open file: two of them
+    exclude each other in one process too."""
+
+    def __init__(self, db_path: str):
+        self.fd = os.open(db_path + "-writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
 class SqliteState:
     """Feast's SQLite online store in WAL mode (a ranking read never waits on a push), written by transactions
     that hold the database's write lock from their first read (BEGIN IMMEDIATE)."""
@@ -228,6 +246,7 @@ class SqliteState:
             f"ON {APPLIED_TABLE} (view, entity_key, at_us)"
         )
         self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
+        self._writer = WriterLock(self.path)
         self._checkpoints = threading.Thread(
             target=self._checkpoint, args=(checkpoint_s, restart_frames), daemon=True
         )
@@ -239,12 +258,14 @@ class SqliteState:
         every read searches more of it: once it holds `restart_frames`, a RESTART checkpoint holds the
         writers back while it copies the few frames left, and the next push starts the log over."""
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        writer = WriterLock(self.path)
         while True:
             time.sleep(every_s)
             try:
                 _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if frames >= restart_frames:
-                    conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    with writer:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             except sqlite3.Error:  # busy or the file went away: the next round tries again
                 continue
 
@@ -262,7 +283,7 @@ class SqliteState:
         return [found.get(k) for k in keys]
 
     def run(self, keys: Sequence[bytes], body: Callable[[Transaction], Any]) -> Any:
-        with self._lock:
+        with self._lock, self._writer:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 out = body(_SqliteTx(self))
