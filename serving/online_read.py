@@ -9,13 +9,14 @@ value into a protobuf; for 101 keys that is most of a 2-4 ms fetch. Here, for th
   - values are decoded without protobuf objects: a `FloatList` of D floats always serialises to the same
     header followed by D little-endian floats, so the rows are joined and viewed as one [N, D] array. A value
     with any other header (another dimension, another type) goes through the protobuf parser instead;
-  - SQLite rows are remembered until their table changes: the candidates of one request are mostly the items
-    of the last ones. `PRAGMA data_version` (checked on every read) moves with any other connection's
-    commit; only then is `llmfeat_table_generation` read, a counter per online table that triggers on the
-    table bump on every insert, update and delete, whoever writes (a materialization, a pushed event), and
-    only the tables whose counter moved are forgotten. So an event pushed every few milliseconds (it
-    writes the state tables) leaves the item vectors and metadata remembered. Redis has no such signal:
-    always read.
+  - SQLite rows are remembered until they change: the candidates of one request are mostly the items of the
+    last ones. `PRAGMA data_version` (checked on every read) moves with any other connection's commit; only
+    then is `llmfeat_table_generation` read, a counter per online table that triggers on the table bump on
+    every insert, update and delete, whoever writes (a materialization, a pushed event), and for the tables
+    whose counter moved, `llmfeat_changed_keys` names the entity keys written since (the triggers keep each
+    key's newest counter): only those are forgotten. So an event pushed every few milliseconds (it writes
+    one user's and one item's state) leaves the other 99 candidates' state remembered. Redis has no such
+    signal: always read.
 Which reader is the setting `feast.online_store` (sqlite or redis), checked against the online store Feast
 built. Keys, table names and field hashes come from the store's own helpers, so the layout is Feast's; the
 tests read the same rows through Feast's `online_read` and compare. A Redis cluster or sentinel goes through
@@ -121,14 +122,16 @@ def _scalar(raw: bytes) -> Any:
 
 
 GENERATIONS = "llmfeat_table_generation"
+CHANGED_KEYS = "llmfeat_changed_keys"  # (table, entity key) -> the table's counter at its last write
+TRIGGER_PREFIX = "llmfeat_key_"
 
 
 class SqliteRows:
-    """Rows of the SQLite online store, remembered per table until that table changes (see the module
-    docstring): triggers count every write to a table the reader has read, and a read whose `PRAGMA
-    data_version` moved compares the counters and forgets the tables that changed. A table dropped and created
-    again (feast apply) loses its triggers: they are installed again and the table forgotten. At most
-    `max_entries` (key, field) values are kept."""
+    """Rows of the SQLite online store, remembered per entity key until it changes (see the module docstring):
+    triggers count every write to a table the reader has read and note the key written, and a read whose
+    `PRAGMA data_version` moved compares the counters and forgets the keys written since. A table dropped
+    and created again (feast apply) loses its triggers: they are installed again and the table forgotten.
+    At most `max_entries` (key, field) values are kept."""
 
     def __init__(self, store: FeatureStore, max_entries: int = 250_000):
         from feast.infra.online_stores.sqlite import _quote_id, _table_id
@@ -170,12 +173,19 @@ class SqliteRows:
             out.append({f: [values[k] for k in keys] for f, values in zip(fields, known, strict=True)})
         return out
 
-    def _forget(self, table: str) -> None:
-        for key in [k for k in self._known if k[0] == table]:
-            self._entries -= len(self._known.pop(key))
+    def _forget(self, table: str, keys: Sequence[bytes] | None = None) -> None:
+        """Forget `keys` of `table` (None: all of it)."""
+        for field_key in [k for k in self._known if k[0] == table]:
+            values = self._known[field_key]
+            if keys is None:
+                self._entries -= len(self._known.pop(field_key))
+                continue
+            for key in keys:
+                if values.pop(key, values) is not values:
+                    self._entries -= 1
 
     def _forget_changed(self, conn: Any) -> None:
-        """Forget the tables whose write counter moved, and those whose triggers are gone."""
+        """Forget the keys written since the last comparison, and the tables whose triggers are gone."""
         if not self._watched:
             return
         try:
@@ -183,30 +193,42 @@ class SqliteRows:
         except sqlite3.OperationalError:  # the counters are gone (a new database file): start over
             counters = {}
         triggers = {r[0] for r in conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' "
-                                               "AND name LIKE 'llmfeat_gen_%'")}  # fmt: skip
+                                               f"AND name LIKE '{TRIGGER_PREFIX}%'")}  # fmt: skip
         for table in list(self._watched):
-            name = _unquoted(table)
-            if name not in triggers:  # dropped and created again: nothing says what it holds now
-                self._watched.discard(table)
+            name, now, then = _unquoted(table), counters.get(_unquoted(table)), self._generations.get(table)
+            if name not in triggers or now is None or then is None or now < then:
+                self._watched.discard(table)  # nothing says what it holds now: watched again at its next read
                 self._forget(table)
-            elif counters.get(name) != self._generations.get(table):
-                self._generations[table] = counters.get(name, 0)
-                self._forget(table)
+            elif now != then:
+                sql = f"SELECT entity_key FROM {CHANGED_KEYS} WHERE table_name = ? AND generation > ?"
+                self._forget(table, [r[0] for r in conn.execute(sql, (name, then))])
+                self._generations[table] = now
 
     def _watch(self, conn: Any, table: str) -> None:
-        """Install the write counter's triggers on `table` (idempotent) and forget what was read before."""
+        """Install the triggers on `table` (idempotent) and forget what was read of it before."""
         name = _unquoted(table)
         literal = name.replace("'", "''")
+        bump = f"UPDATE {GENERATIONS} SET generation = generation + 1 WHERE table_name = '{literal}';"
         try:
             conn.execute(f"CREATE TABLE IF NOT EXISTS {GENERATIONS} (table_name TEXT PRIMARY KEY, generation "
                          "INTEGER NOT NULL)")  # fmt: skip
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {CHANGED_KEYS} (table_name TEXT, entity_key BLOB, "
+                         "generation INTEGER NOT NULL, PRIMARY KEY (table_name, entity_key))")  # fmt: skip
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {CHANGED_KEYS}_since ON {CHANGED_KEYS} "
+                         "(table_name, generation)")  # fmt: skip
             conn.execute(f"INSERT OR IGNORE INTO {GENERATIONS} VALUES ('{literal}', 0)")
-            for event in ("INSERT", "UPDATE", "DELETE"):
-                trigger = _quoted(f"llmfeat_gen_{event.lower()}_{name}")
+            for event, row in (("INSERT", "NEW"), ("UPDATE", "OLD"), ("DELETE", "OLD")):
                 conn.execute(
-                    f"CREATE TRIGGER IF NOT EXISTS {trigger} AFTER {event} ON {table} BEGIN "
-                    f"UPDATE {GENERATIONS} SET generation = generation + 1 WHERE table_name = '{literal}';"
-                    " END"
+                    f"DROP TRIGGER IF EXISTS {_quoted(f'llmfeat_gen_{event.lower()}_{name}')}"
+                )  # older
+                note = (
+                    f"INSERT INTO {CHANGED_KEYS} SELECT '{literal}', {row}.entity_key, generation FROM "
+                    f"{GENERATIONS} WHERE table_name = '{literal}' ON CONFLICT (table_name, entity_key) "
+                    "DO UPDATE SET generation = excluded.generation;"
+                )
+                trigger = _quoted(f"{TRIGGER_PREFIX}{event.lower()}_{name}")
+                conn.execute(
+                    f"CREATE TRIGGER IF NOT EXISTS {trigger} AFTER {event} ON {table} BEGIN {bump} {note} END"
                 )
             conn.commit()
         except sqlite3.OperationalError:  # no such table yet (apply not run): read as before, watch later

@@ -236,6 +236,19 @@ def test_sqlite_reads_are_remembered_until_the_store_changes(lake: Settings, tmp
             [entity_key("item_id", "nobody", version), field.name, changed],
         )
     assert reader.read_fields(request)[0][field.name] == [changed, changed]
+    # a write to one key forgets that key only: the other candidates' rows stay remembered
+    two = [(field.view, [field.name], "item_id", ["1", "2"])]
+    reader.read_fields(two)
+    key_2 = entity_key("item_id", "2", version)
+    remembered_2 = reader._known[(table, field.name)][key_2]
+    again = (Value(string_val="Again") if field.text else Value(int64_val=5678)).SerializeToString()
+    with sqlite3.connect(data / "feast" / "online.db") as other:
+        other.execute(
+            f"UPDATE {table} SET value = ? WHERE entity_key = ? AND feature_name = ?",
+            [again, entity_key("item_id", "1", version), field.name],
+        )
+    assert reader.read_fields(two)[0][field.name] == [again, remembered_2]
+    assert reader._known[(table, field.name)][key_2] is remembered_2  # not read again
     # a write to another table (a pushed event writes the state tables) leaves this table remembered
     with sqlite3.connect(data / "feast" / "online.db") as other:
         other.execute("CREATE TABLE IF NOT EXISTS elsewhere (x INTEGER)")
@@ -247,7 +260,7 @@ def test_sqlite_reads_are_remembered_until_the_store_changes(lake: Settings, tmp
     with sqlite3.connect(data / "feast" / "online.db") as other:
         gone = [entity_key("user_id", "1", version)]
         other.execute(f"DELETE FROM {other_table} WHERE entity_key = ?", gone)
-    assert reader.read_fields(request)[0][field.name] == [changed, changed]
+    assert reader.read_fields(request)[0][field.name] == [again, changed]
     assert reader._known[(table, field.name)] is cached  # not forgotten, not read again
     user_rows = reader.read_fields([(user_field.view, [user_field.name], "user_id", ["1"])])
     assert user_rows[0][user_field.name] == [None]  # that table's rows were forgotten and read again
