@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 APPLIED_TABLE = "llmfeat_applied_events"
 WAL_LIMIT_BYTES = 64 << 20  # the WAL file left after a restart of the log (PRAGMA journal_size_limit)
 WAL_RESTART_FRAMES = 4096  # ~16 MiB of log (one block of its index): then the log is made to start over
+RESTART_WAIT_S = 0.02  # how long that RESTART (pushes wait behind it) waits for readers; else the next round
 TimedIds = Sequence[tuple[str, int]]  # (event id, event time in µs)
 VECTOR_FIELDS = {"liked_mean", "disliked_mean", "liked_recent_mean", "disliked_recent_mean"}
 TEXT_FIELDS = {"representation", "representation_version"}
@@ -255,9 +256,10 @@ class SqliteState:
     def _checkpoint(self, every_s: float, restart_frames: int) -> None:
         """Copy the WAL back every `every_s`, PASSIVE (a push never waits for it). Under a steady stream of
         pushes a commit always lands while it runs, so the log never starts over and grows without end, and
-        every read searches more of it: once it holds `restart_frames`, a RESTART checkpoint holds the
-        writers back while it copies the few frames left, and the next push starts the log over."""
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        every read searches more of it: once it holds `restart_frames`, a RESTART checkpoint with the writer
+        lock held copies the few frames left and waits for the readers of older frames (each reads for about
+        a millisecond) at most `RESTART_WAIT_S`; the next push then starts the log over."""
+        conn = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, isolation_level=None)
         writer = WriterLock(self.path)
         while True:
             time.sleep(every_s)
