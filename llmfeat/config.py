@@ -339,8 +339,11 @@ class ServingConf(Section):
     flush_interval_s: float = 2.0
     segment_mb: int = 64  # a log file is closed at this size or age, and on shutdown
     segment_s: float = 3600.0
-    events_flush_every: int = 500  # POST /events: applied events per Delta append, or every events_flush_s
-    events_flush_s: float = 1.0
+    # POST /events: applied events per Delta append, or every events_flush_s. Each append is a commit whose
+    # cost grows with the table's log (81 ms at 5,300 commits, 6 ms on a new table): one a minute per worker,
+    # not one a second; the batch job reads the table nightly, and the online state has every event at once.
+    events_flush_every: int = 20_000
+    events_flush_s: float = 60.0
     events_root: str | None = None  # Delta root applied events are appended to; default <data_dir>/delta
     # ab: each user sees one arm (stable hash); interleave: every request shows a team draft of both arms
     experiment: Literal["ab", "interleave"] = "ab"
