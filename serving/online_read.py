@@ -180,9 +180,10 @@ class SqliteRows:
             if keys is None:
                 self._entries -= len(self._known.pop(field_key))
                 continue
-            for key in keys:
-                if values.pop(key, values) is not values:
-                    self._entries -= 1
+            known = [key for key in keys if key in values]
+            for key in known:
+                del values[key]
+            self._entries -= len(known)
 
     def _forget_changed(self, conn: Any) -> None:
         """Forget the keys written since the last comparison, and the tables whose triggers are gone."""
@@ -195,7 +196,8 @@ class SqliteRows:
         triggers = {r[0] for r in conn.execute("SELECT tbl_name FROM sqlite_master WHERE type = 'trigger' "
                                                f"AND name LIKE '{TRIGGER_PREFIX}%'")}  # fmt: skip
         for table in list(self._watched):
-            name, now, then = _unquoted(table), counters.get(_unquoted(table)), self._generations.get(table)
+            name = _unquoted(table)
+            now, then = counters.get(name), self._generations.get(table)
             if name not in triggers or now is None or then is None or now < then:
                 self._watched.discard(table)  # nothing says what it holds now: watched again at its next read
                 self._forget(table)
@@ -218,9 +220,8 @@ class SqliteRows:
                          "(table_name, generation)")  # fmt: skip
             conn.execute(f"INSERT OR IGNORE INTO {GENERATIONS} VALUES ('{literal}', 0)")
             for event, row in (("INSERT", "NEW"), ("UPDATE", "OLD"), ("DELETE", "OLD")):
-                conn.execute(
-                    f"DROP TRIGGER IF EXISTS {_quoted(f'llmfeat_gen_{event.lower()}_{name}')}"
-                )  # older
+                older = _quoted(f"llmfeat_gen_{event.lower()}_{name}")  # counter only, no key: replaced
+                conn.execute(f"DROP TRIGGER IF EXISTS {older}")
                 note = (
                     f"INSERT INTO {CHANGED_KEYS} SELECT '{literal}', {row}.entity_key, generation FROM "
                     f"{GENERATIONS} WHERE table_name = '{literal}' ON CONFLICT (table_name, entity_key) "
