@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,13 @@ from pathlib import Path
 import pytest
 
 from llmfeat.config import Settings, load_settings
+
+# Every JVM the tests start is short-lived and works on a few rows: C1 only (conf/tiny.yaml says why). The
+# tiny profile sets it for the sessions it builds; these cover the JVMs started before any profile is read:
+# spark-submit's driver (SPARK_SUBMIT_OPTS) and the standalone master and workers (SPARK_DAEMON_JAVA_OPTS).
+SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_JVM)
+os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
 ITEMS = (
     "item_id,title,year,genres\n"
