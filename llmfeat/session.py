@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from llmfeat.config import DeltaConf, GpuConf, SparkConf
 from llmfeat.delta_jars import local_jars
 from llmfeat.errors import UserError
+from llmfeat.jvm_archive import java_options
 from llmfeat.paths import conf_dir
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ def session_conf(
     cfg: SparkConf, submitted: Mapping[str, str] | None = None, delta: DeltaConf | None = None
 ) -> dict[str, str]:
     """Every spark.* setting the session gets from config: master, loopback, UTC, microsecond timestamps,
-    GPUs, and with `delta` the delta-spark jars and SQL settings its backend needs. `submitted`:
+    GPUs, with `delta` the delta-spark jars and SQL settings its backend needs, and the set-up's JVM class
+    archive for a driver the session starts (llmfeat/jvm_archive.py). `submitted`:
     spark-submit's conf, when it started the job; then only what it leaves unset, and nothing in SUBMIT_OWNS
     (JOB_OWNS always)."""
     conf = {
@@ -99,6 +101,9 @@ def session_conf(
     conf.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in cfg.extra.items()})
     if delta is not None:
         conf.update(delta_conf(delta, {**conf, **(submitted or {})}))
+    archive = java_options()  # the set-up's class archive, for the driver JVM the session starts
+    if archive and submitted is None:
+        conf["spark.driver.extraJavaOptions"] = f"{conf.get('spark.driver.extraJavaOptions', '')} {archive}".strip()
     if submitted is not None:
         conf = {k: v for k, v in conf.items() if k in JOB_OWNS or k not in (*SUBMIT_OWNS, *submitted)}
     return conf

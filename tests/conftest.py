@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from llmfeat.config import Settings, load_settings
+from llmfeat.jvm_archive import java_options
 
-# Every JVM the tests start is short-lived and works on a few rows: C1 only (conf/tiny.yaml says why). The
-# tiny profile sets it for the sessions it builds; these cover the JVMs started before any profile is read:
-# spark-submit's driver (SPARK_SUBMIT_OPTS) and the standalone master and workers (SPARK_DAEMON_JAVA_OPTS).
-SHORT_LIVED_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+# Every JVM the tests start is short-lived and works on a few rows: C1 only (conf/tiny.yaml says why), and
+# the set-up's class archive (llmfeat/jvm_archive.py). The session adds them to the drivers it starts; these
+# cover the JVMs started before any profile is read: spark-submit's driver (SPARK_SUBMIT_OPTS) and the
+# standalone master and workers (SPARK_DAEMON_JAVA_OPTS).
+SHORT_LIVED_JVM = f"-XX:TieredStopAtLevel=1 -XX:+UseSerialGC {java_options()}".strip()
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_JVM)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 

@@ -66,3 +66,40 @@ def test_under_spark_submit_its_conf_wins_and_the_config_fills_gaps() -> None:
 def test_no_spark_submit_gateway_means_llmfeat_starts_the_session(monkeypatch) -> None:
     monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
     assert submitted_conf() is None
+
+
+def test_the_set_ups_class_archive_goes_to_a_driver_the_session_starts(tmp_path, monkeypatch) -> None:
+    from llmfeat import jvm_archive
+
+    archive = tmp_path / "spark.jsa"
+    monkeypatch.setattr(jvm_archive, "archive_path", lambda: archive)
+    cfg = load_settings("tiny").spark
+    assert "SharedArchiveFile" not in session_conf(cfg).get("spark.driver.extraJavaOptions", "")  # none made
+    archive.write_bytes(b"")
+    options = session_conf(cfg)["spark.driver.extraJavaOptions"].split()
+    assert options[:2] == ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"]  # the profile's own come first
+    assert f"-XX:SharedArchiveFile={archive}" in options and "-Xshare:auto" in options
+    submitted = {"spark.master": "local[1]"}  # spark-submit started the JVM: its flags are its own
+    assert "SharedArchiveFile" not in session_conf(cfg, submitted).get("spark.driver.extraJavaOptions", "")
+
+
+@pytest.mark.integration
+def test_a_driver_jvm_loads_sparks_classes_from_the_set_ups_archive(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from llmfeat.jvm_archive import archive_path
+
+    if not archive_path().exists():
+        pytest.skip("no JVM class archive: `make setup` makes it")
+    log = tmp_path / "classes.log"  # each class loaded, and where from; the session adds the archive itself
+    flags = f"-Xlog:class+load=info:file={log}"
+    script = "from llmfeat.config import load_settings; from llmfeat.session import build_session; "
+    script += "s = build_session(load_settings('tiny').spark); s.range(3).count(); s.stop()"
+    env = {**os.environ, "SPARK_SUBMIT_OPTS": flags}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = log.read_text().splitlines()
+    archived = sum("shared objects file (top)" in line for line in lines)
+    # most classes came from the archive (a JVM that cannot map it reads them all from the jars, silently)
+    assert archived > 0.5 * len(lines), (archived, len(lines))
