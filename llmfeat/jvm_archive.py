@@ -62,7 +62,8 @@ def make_archive() -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         partial = path.with_suffix(".partial")
         env = {**os.environ, "SPARK_SUBMIT_OPTS": f"-XX:ArchiveClassesAtExit={partial} -Xlog:cds=off"}
-        done = subprocess.run([sys.executable, "-c", WORKLOAD, scratch], env=env, capture_output=True, text=True)
+        cmd = [sys.executable, "-c", WORKLOAD, scratch]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not partial.exists():
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"the JVM class archive was not made:\n{done.stderr[-3000:]}")

@@ -103,7 +103,8 @@ def session_conf(
         conf.update(delta_conf(delta, {**conf, **(submitted or {})}))
     archive = java_options()  # the set-up's class archive, for the driver JVM the session starts
     if archive and submitted is None:
-        conf["spark.driver.extraJavaOptions"] = f"{conf.get('spark.driver.extraJavaOptions', '')} {archive}".strip()
+        given = conf.get("spark.driver.extraJavaOptions", "")
+        conf["spark.driver.extraJavaOptions"] = f"{given} {archive}".strip()
     if submitted is not None:
         conf = {k: v for k, v in conf.items() if k in JOB_OWNS or k not in (*SUBMIT_OWNS, *submitted)}
     return conf

@@ -97,7 +97,8 @@ def test_a_driver_jvm_loads_sparks_classes_from_the_set_ups_archive(tmp_path) ->
     script = "from llmfeat.config import load_settings; from llmfeat.session import build_session; "
     script += "s = build_session(load_settings('tiny').spark); s.range(3).count(); s.stop()"
     env = {**os.environ, "SPARK_SUBMIT_OPTS": flags}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", script]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = log.read_text().splitlines()
     archived = sum("shared objects file (top)" in line for line in lines)
