@@ -320,6 +320,7 @@ def test_two_workers_hold_one_model_trained_on_their_shares(
 ON_CLUSTER = textwrap.dedent(
     """
     import json, sys
+    from conftest import SHORT_LIVED_JVM
     from test_ctr_stream import WORKER_CFG, auc_on_test, source_of
     import pandas as pd, pyarrow.parquet as pq
     from llmfeat.config import load_settings
@@ -327,7 +328,8 @@ ON_CLUSTER = textwrap.dedent(
     from llmfeat.spark_jobs.train_ctr import fit_on_workers
 
     master, data_dir, *files = sys.argv[1:]
-    executors = ["spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1"]
+    executors = ["spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
+                 f"spark.extra.spark.executor.extraJavaOptions={SHORT_LIVED_JVM}"]
     overrides = [f"spark.master={master}", f"data_dir={data_dir}", "spark.driver_memory=1g", *executors]
     settings = load_settings("tiny", overrides)
     spark = build_session(settings.spark, settings.delta)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from conftest import SHORT_LIVED_JVM
 from deltalake import write_deltalake
 from test_compress import LAYERS, repr_table
 from test_encoder import make_tiny_model_dir
@@ -99,6 +100,7 @@ def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_r
     settings = make_settings(*pipeline_overrides(*trained))
     overrides = [*pipeline_overrides(*trained), "spark.driver_memory=1g",
                  "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
+                 f"spark.extra.spark.executor.extraJavaOptions={SHORT_LIVED_JVM}",
                  f"data_dir={settings.data_dir}", *ingest_files(settings)]  # fmt: skip
     out = run_driver_on_cluster(
         tmp_path / "cluster", PIPELINE, lambda url: [*overrides, f"spark.master={url}"], REPO_ROOT

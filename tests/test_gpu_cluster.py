@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyspark
 import pytest
+from conftest import SHORT_LIVED_JVM
 from test_encoder import make_tiny_model_dir
 
 from llmfeat.config import Settings
@@ -170,6 +171,7 @@ def test_each_task_gets_its_own_gpu_address(
         "spark.gpu.discovery_script=conf/gpu_discovery.sh",
         "spark.extra.spark.executor.cores=2",
         "spark.extra.spark.executor.memory=1g",
+        f"spark.extra.spark.executor.extraJavaOptions={SHORT_LIVED_JVM}",
         "spark.extra.spark.executorEnv.LLMFEAT_FAKE_GPUS=2",
         f"encode.model={model}",
         "encode.layers=[1,2]",
