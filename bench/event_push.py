@@ -153,6 +153,7 @@ def in_process(settings: Any, n: int, warmup: int = 200) -> dict[str, Any]:
             outcome["refused"] += len(result.refused)
     busy1, now = busy_cores()
     wall = now - wall0
+    state.close()  # its WAL checkpointer would otherwise run beside the service's in the HTTP phases
     return {**summary(latencies), **outcome, "cpu": (time.process_time() - cpu0) / wall, "wall_s": wall,
             "machine_cpu": (busy1 - busy0) / wall, "load1": os.getloadavg()[0]}  # fmt: skip
 
@@ -201,6 +202,7 @@ def rank_in_process(settings: Any, n: int = 1000) -> dict[str, Any]:
             fetch = models.get(arm).features.fetch
             out[f"fetch_{arm}_{tag}"] = timed(lambda r, f=fetch: f(r.user_id, r.item_ids), push)
     out["services"] = {arm: models.get(arm).ref.feature_service for arm in ("champion", "challenger")}
+    state.close()
     return out
 
 

@@ -237,6 +237,8 @@ class EventPath:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close()
+        if self.state is not None:
+            self.state.close()
 
 
 def open_event_path(settings: Settings, store: FeatureStore) -> EventPath:

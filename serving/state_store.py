@@ -210,6 +210,9 @@ class WriterLock:
     def __exit__(self, *exc: object) -> None:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
+    def close(self) -> None:
+        os.close(self.fd)
+
 
 class SqliteState:
     """Feast's SQLite online store in WAL mode (a ranking read never waits on a push), written by transactions
@@ -248,6 +251,7 @@ class SqliteState:
         )
         self._lock = threading.Lock()  # one transaction at a time on this connection (pushes from threads)
         self._writer = WriterLock(self.path)
+        self._closed = threading.Event()
         self._checkpoints = threading.Thread(
             target=self._checkpoint, args=(checkpoint_s, restart_frames), daemon=True
         )
@@ -261,8 +265,7 @@ class SqliteState:
         a millisecond) at most `RESTART_WAIT_S`; the next push then starts the log over."""
         conn = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, isolation_level=None)
         writer = WriterLock(self.path)
-        while True:
-            time.sleep(every_s)
+        while not self._closed.wait(every_s):
             try:
                 _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if frames >= restart_frames:
@@ -270,6 +273,17 @@ class SqliteState:
                         conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             except sqlite3.Error:  # busy or the file went away: the next round tries again
                 continue
+        conn.close()
+        writer.close()
+
+    def close(self) -> None:
+        """Stop the checkpointer (a state left open copies the WAL back every second for as long as its
+        process lives) and close the connection."""
+        self._closed.set()
+        self._checkpoints.join(timeout=10)
+        with self._lock:
+            self.conn.close()
+        self._writer.close()
 
     def key(self, join_key: str, value: str) -> bytes:
         return entity_key(join_key, value, self.key_version)
@@ -347,6 +361,9 @@ class RedisState:
         self.view_name = lambda view: _versioned_fv_name(view, config)
         self.field = lambda view, name: _mmh3(f"{self.view_name(view)}:{name}")
         self.max_retries = max_retries
+
+    def close(self) -> None:
+        """Nothing of its own: the client is Feast's store's, shared with the readers."""
 
     def key(self, join_key: str, value: str) -> bytes:
         return entity_key(join_key, value, self.key_version) + self.project
@@ -539,6 +556,9 @@ class OnlineState:
         views = StateViews(found[0], found[1], found[2], found[3], version, vector_dim(found[2]))
         prior = read_prior(settings, state_view.table)
         return cls(store, settings.feast.online_store, views, prior, settings.state.event_id_window_s)
+
+    def close(self) -> None:
+        self.backend.close()
 
     def push(self, events: Sequence[Event]) -> PushResult:
         """Apply events: each user's in one transaction, in time order (stable for equal times)."""
