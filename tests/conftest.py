@@ -16,7 +16,8 @@ from llmfeat.jvm_archive import java_options
 # the set-up's class archive (llmfeat/jvm_archive.py). The session adds them to the drivers it starts; these
 # cover the JVMs started before any profile is read: spark-submit's driver (SPARK_SUBMIT_OPTS) and the
 # standalone master and workers (SPARK_DAEMON_JAVA_OPTS).
-SHORT_LIVED_JVM = f"-XX:TieredStopAtLevel=1 -XX:+UseSerialGC {java_options()}".strip()
+TINY_JVM = load_settings("tiny").spark.extra["spark.driver.extraJavaOptions"]
+SHORT_LIVED_JVM = f"{TINY_JVM} {java_options()}".strip()
 os.environ.setdefault("SPARK_SUBMIT_OPTS", SHORT_LIVED_JVM)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", SHORT_LIVED_JVM)
 
