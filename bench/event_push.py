@@ -215,14 +215,15 @@ def request_bytes(host: str, path: str, body: bytes) -> bytes:
 
 
 async def open_loop(
-    host: str, port: int, streams: list[dict[str, Any]], seconds: float, connections: int = 128
+    host: str, port: int, streams: list[dict[str, Any]], seconds: float, connections: int = 128,
+    pick: str = "lifo",
 ) -> dict[str, Any]:
     """Several open-loop streams at once over one pool: {"kind": "rank", "rate", "candidates"} or
     {"kind": "events", "rate", "run"}. Per stream: latencies by status from the due time, errors."""
     ranks = {s["candidates"]: [request_bytes(host, "/rank", b) for b in bodies(s["candidates"])]
              for s in streams if s["kind"] == "rank"}  # fmt: skip
     makers = {i: Events(s["run"], seed=100 + i) for i, s in enumerate(streams) if s["kind"] == "events"}
-    pool = Pool(host, port, connections)
+    pool = Pool(host, port, connections, pick)
     await pool.fill()
     out = [{"latencies_ms": {}, "errors": {}, "statuses": {}, "stale_retries": 0} for _ in streams]
 
@@ -282,11 +283,11 @@ async def open_loop(
     return {"streams": out, "client_cpu": (time.process_time() - cpu0) / wall, "wall_s": wall}
 
 
-def run_load(url: str, streams: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def run_load(url: str, streams: list[dict[str, Any]], seconds: float, pick: str = "lifo") -> dict[str, Any]:
     import subprocess
 
     args = [sys.executable, __file__, "--load", url, "--streams", json.dumps(streams)]
-    args += ["--seconds", str(seconds)]
+    args += ["--seconds", str(seconds), "--pick", pick]
     done = subprocess.run(args, capture_output=True, text=True, check=True)
     return dict(json.loads(done.stdout))
 
@@ -314,7 +315,9 @@ def process_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-def measure(url: str, pid: int, redis: int | None, streams: list[dict[str, Any]], seconds: float) -> dict:
+def measure(
+    url: str, pid: int, redis: int | None, streams: list[dict[str, Any]], seconds: float, pick: str
+) -> dict:
     redis_sampler = Sampler(redis) if redis else None
     busy0, t0 = busy_cores()
     workers0 = process_cpu(pid)
@@ -322,7 +325,7 @@ def measure(url: str, pid: int, redis: int | None, streams: list[dict[str, Any]]
         if redis_sampler is not None:
             redis_sampler.__enter__()
         load1 = os.getloadavg()[0]
-        out = run_load(url, streams, seconds)
+        out = run_load(url, streams, seconds, pick)
         if redis_sampler is not None:
             redis_sampler.__exit__()
     busy1, t1 = busy_cores()
@@ -391,13 +394,13 @@ def phases(settings: Any, store: str, args: argparse.Namespace, redis: int | Non
         run_load(url, [{"kind": "rank", "rate": 50, "candidates": 100},
                        {"kind": "events", "rate": 50, "run": f"warm-{run}"}], 5)  # fmt: skip
         push = {"kind": "events", "rate": args.push_rate, "run": f"push-{run}"}
-        out["http_push"] = measure(url, proc.pid, redis, [push], args.push_seconds)
+        out["http_push"] = measure(url, proc.pid, redis, [push], args.push_seconds, args.pick)
         print(f"{store} HTTP push: {fmt(out['http_push']['streams'][0])}", flush=True)
         rank = {"kind": "rank", "rate": args.rank_rate, "candidates": 100}
-        out["rank_alone"] = measure(url, proc.pid, redis, [rank], args.seconds)
+        out["rank_alone"] = measure(url, proc.pid, redis, [rank], args.seconds, args.pick)
         print(f"{store} /rank alone: {fmt(out['rank_alone']['streams'][0])}", flush=True)
         events = {"kind": "events", "rate": args.event_rate, "run": f"mixed-{run}"}
-        out["rank_with_events"] = measure(url, proc.pid, redis, [rank, events], args.seconds)
+        out["rank_with_events"] = measure(url, proc.pid, redis, [rank, events], args.seconds, args.pick)
         r, e = out["rank_with_events"]["streams"]
         print(f"{store} /rank with events: {fmt(r)}; the events: {fmt(e)}", flush=True)
     return out
@@ -455,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-rate", type=float, default=200, help="POST /events beside /rank")
     parser.add_argument("--seconds", type=float, default=120, help="each /rank phase")
     parser.add_argument("--set", nargs="*", default=[], help="service settings (KEY=VALUE), for diagnostics")
+    parser.add_argument(
+        "--pick", choices=["lifo", "fifo"], default="lifo",
+        help="the load generator's idle connection for a request: lifo (a client pool) or fifo (round robin)",
+    )
     parser.add_argument("--http-only", action="store_true", help="skip the in-process measurements")
     parser.add_argument("--prepare-only", action="store_true", help="build the lake and stop")
     parser.add_argument("--json", type=Path, help="write every phase's numbers here")
@@ -465,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         from urllib.parse import urlparse
 
         target = urlparse(args.load)
-        run = open_loop(str(target.hostname), int(target.port or 80), json.loads(args.streams), args.seconds)
+        host, port = str(target.hostname), int(target.port or 80)
+        run = open_loop(host, port, json.loads(args.streams), args.seconds, pick=args.pick)
         print(json.dumps(run_loop(run)))
         return 0
 

@@ -242,11 +242,16 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
 class Pool:
-    """At most `size` kept-alive connections, opened up front; a request waits (FIFO) for a free one."""
+    """At most `size` kept-alive connections, opened up front; a request waits (FIFO) for a free one.
+    `pick`: which idle connection a request takes, "lifo" (the most recently used, as HTTP clients' pools do)
+    or "fifo" (the least recently used: requests spread over every connection, as a load balancer's
+    round robin does)."""
 
-    def __init__(self, host: str, port: int, size: int):
-        self.host, self.port, self.size = host, port, size
-        self.idle: list[Connection] = []
+    def __init__(self, host: str, port: int, size: int, pick: str = "lifo"):
+        if pick not in ("lifo", "fifo"):
+            raise ValueError(f"pick must be lifo or fifo, not {pick!r}")
+        self.host, self.port, self.size, self.pick = host, port, size, pick
+        self.idle: deque[Connection] = deque()
         self.open = 0
         self.opened = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
@@ -267,7 +272,7 @@ class Pool:
     async def get(self) -> Connection:
         while True:
             while self.idle:
-                conn = self.idle.pop()  # the most recently used
+                conn = self.idle.pop() if self.pick == "lifo" else self.idle.popleft()
                 if not conn[0].at_eof():
                     return conn
                 self.drop(conn)  # closed by the server while idle

@@ -10,7 +10,9 @@
 
 `data` is a Spark DataFrame (the jobs), or a pyarrow Table or pandas DataFrame (small tables). Every write is
 one Delta commit: a failed write leaves the previous version current. `upsert` MERGEs by key and commits
-nothing when no row changed, so re-runs never duplicate rows nor add empty versions.
+nothing when no row changed, so re-runs never duplicate rows nor add empty versions. On delta-rs, an upsert of
+a Spark DataFrame that mirrors it (delete_missing, every column compared) is decided on the executors and, when
+something changed, committed as their files replacing the table's: no row through the driver.
 """
 
 from __future__ import annotations
@@ -222,6 +224,10 @@ class RustDelta:
     ) -> int:
         if not self.exists(name):
             return self.write(name, data)
+        if delete_missing and compare is None and is_spark_frame(data):
+            mirrored = self._mirror(name, data, keys)
+            if mirrored is not None:
+                return mirrored
         target = self._table(name)
         with self._source(data) as source:
             # Columns new to the table: added by schema evolution, and every matched row counts as changed.
@@ -244,6 +250,26 @@ class RustDelta:
                 merge = merge.when_not_matched_by_source_delete()
             merge.execute()  # commits nothing when no row changed
         return self._table(name).version()
+
+    def _mirror(self, name: str, frame: DataFrame, keys: list[str]) -> int | None:
+        """An upsert with delete_missing and every column compared leaves the table equal to `frame`: whether
+        it changes anything is decided on the executors, and if it does, the executors' files replace the
+        table's in one overwrite commit. No row passes the driver, where delta-rs's MERGE holds its whole
+        source (the state job's at 10x ML-100k: 1.5 GB). None: the columns differ from the table's (schema
+        evolution), left to the MERGE."""
+        target = self.read_spark(name)
+        if sorted(target.columns) != sorted(frame.columns):
+            return None
+        cached = frame.storageLevel.useMemory or frame.storageLevel.useDisk
+        frame = frame if cached else frame.persist()  # computed once for the check and the write
+        try:
+            on, changed = merge_predicates(keys, frame.columns, None, "spark")
+            if not would_change(target, frame, keys, on, changed, delete_missing=True):
+                return self.version(name)
+            return self._commit_executor_files(name, frame, "overwrite")
+        finally:
+            if not cached:
+                frame.unpersist()
 
     def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
         """Delete the rows whose `keys` match a row of `data` (one commit; none when nothing matched)."""
@@ -374,7 +400,7 @@ class SparkDelta:
         frame = frame.persist()  # computed once for the check and the MERGE
         try:
             # Delta's MERGE commits a version even when no row changes: it runs only when one would.
-            if not self._changes(target.toDF(), frame, keys, on, changed, delete_missing):
+            if not would_change(target.toDF(), frame, keys, on, changed, delete_missing):
                 return self.version(name) or 0
             merge = target.alias("t").merge(frame.alias("s"), on)
             merge = merge.withSchemaEvolution() if new_cols else merge
@@ -385,20 +411,6 @@ class SparkDelta:
         finally:
             frame.unpersist()
         return self.version(name) or 0
-
-    @staticmethod
-    def _changes(
-        target: DataFrame, frame: DataFrame, keys: list[str], on: str, changed: str, delete_missing: bool
-    ) -> bool:
-        """Whether a MERGE would insert, update or (with delete_missing) delete a row (small Spark jobs)."""
-        from pyspark.sql import functions as F
-
-        t, s = target.alias("t"), frame.alias("s")
-        first_key = F.col(f"t.`{keys[0]}`")
-        upserts = s.join(t, F.expr(on), "left").where(first_key.isNull() | F.expr(changed))
-        if upserts.limit(1).count():
-            return True
-        return delete_missing and bool(t.join(s, F.expr(on), "left_anti").limit(1).count())
 
     def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
         """Delete the rows whose `keys` match a row of `data` (a MERGE in Spark)."""
@@ -431,6 +443,21 @@ class SparkDelta:
         self._api(name).vacuum(float(retention_hours))
         gone = written - len(data_files(self.path(name)))
         return Maintained(name, before, files(), gone, self.version(name) or 0)
+
+
+def would_change(
+    target: DataFrame, frame: DataFrame, keys: list[str], on: str, changed: str, delete_missing: bool
+) -> bool:
+    """Whether a MERGE of `frame` into `target` would insert, update or (with delete_missing) delete a row:
+    small Spark jobs on the executors, one row at most to the driver."""
+    from pyspark.sql import functions as F
+
+    t, s = target.alias("t"), frame.alias("s")
+    first_key = F.col(f"t.`{keys[0]}`")
+    upserts = s.join(t, F.expr(on), "left").where(first_key.isNull() | F.expr(changed))
+    if upserts.limit(1).count():
+        return True
+    return delete_missing and bool(t.join(s, F.expr(on), "left_anti").limit(1).count())
 
 
 def data_files(path: str) -> list[Path]:
