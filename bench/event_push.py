@@ -215,7 +215,11 @@ def request_bytes(host: str, path: str, body: bytes) -> bytes:
 
 
 async def open_loop(
-    host: str, port: int, streams: list[dict[str, Any]], seconds: float, connections: int = 128,
+    host: str,
+    port: int,
+    streams: list[dict[str, Any]],
+    seconds: float,
+    connections: int = 128,
     pick: str = "lifo",
 ) -> dict[str, Any]:
     """Several open-loop streams at once over one pool: {"kind": "rank", "rate", "candidates"} or
@@ -459,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=120, help="each /rank phase")
     parser.add_argument("--set", nargs="*", default=[], help="service settings (KEY=VALUE), for diagnostics")
     parser.add_argument(
-        "--pick", choices=["lifo", "fifo"], default="lifo",
+        "--pick",
+        choices=["lifo", "fifo"],
+        default="lifo",
         help="the load generator's idle connection for a request: lifo (a client pool) or fifo (round robin)",
     )
     parser.add_argument("--http-only", action="store_true", help="skip the in-process measurements")

@@ -109,7 +109,9 @@ def test_delta_rs_merges_a_spark_frame_in_bounded_batches(spark, tmp_path: Path,
     assert table.num_rows == 5000 and table.schema.field("v").type.value_type == pa.float32()
 
 
-def test_delta_rs_mirrors_a_spark_frame_with_no_row_through_the_driver(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_delta_rs_mirrors_a_spark_frame_with_no_row_through_the_driver(
+    spark, tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     """upsert(delete_missing=True) of a Spark frame: the executors decide whether anything changed and write
     the files; the driver commits them (the MERGE would hold its whole source in the driver)."""
     monkeypatch.setattr(delta_io, "staged_reader", lambda *a: pytest.fail("a row batch went to the driver"))
@@ -123,7 +125,9 @@ def test_delta_rs_mirrors_a_spark_frame_with_no_row_through_the_driver(spark, tm
     assert len(rows) == 299 and "7" not in rows and rows["8"] == [-1.0] and rows["9"] == [9.0]
     assert tables.upsert("t", mirrored, ["k"], delete_missing=True) == 1  # a re-run: nothing new
     assert tables.history("t")[0]["operation"] != "MERGE"
-    assert sorted(r["k"] for r in tables.read_spark("t", version=0).collect()) == sorted(str(i) for i in range(300))
+    assert sorted(r["k"] for r in tables.read_spark("t", version=0).collect()) == sorted(
+        str(i) for i in range(300)
+    )
 
 
 def test_spark_reads_a_delta_rs_table_with_deletion_vectors(spark, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

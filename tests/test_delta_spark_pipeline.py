@@ -3,9 +3,8 @@ one driver runs ingest, encode, compress and materialize, and every table is wri
 (MERGE on the cluster's executors). The test's own session then reads those tables, and Feast's Spark offline
 store joins them into a point-in-time training set.
 
-The tiny lake comes from the tiny CSVs (conftest) and a tiny random-weight Llama; the MARC compressor is
-trained once on synthetic representation tables of the same encoder, width and layer (its MLflow store is the
-lake's).
+The tiny lake comes from the tiny CSVs (conftest) and a tiny random-weight Llama; the MARC compressors are
+registered untrained with the lineage of that encoder, width and layer (its MLflow store is the lake's).
 """
 
 from __future__ import annotations
@@ -14,12 +13,9 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 from conftest import SHORT_LIVED_JVM
-from deltalake import write_deltalake
 from test_compress import LAYERS, repr_table
 from test_encoder import make_tiny_model_dir
 from test_gpu_cluster import run_driver_on_cluster
@@ -50,53 +46,39 @@ def pipeline_overrides(model: Path, store: str) -> list[str]:
     ]
 
 
-def synthetic_inputs(delta: Path) -> None:
-    """Representation tables of the tiny Llama's shape (encoder, width, layers), enough rows to fit MARC."""
-    rng = np.random.default_rng(1)
-    n, n_users, n_items = 600, 12, 10
-    ts = (946_684_800 + np.sort(rng.integers(0, 10**6, n))) * 1_000_000
-    q8, q9 = np.quantile(ts, [0.8, 0.9])
-    tables = {
-        "users": pa.table({"user_id": [str(k) for k in range(n_users)]}),
-        "items": pa.table({"item_id": [str(k) for k in range(n_items)]}),
-        "interactions": pa.table(
-            {
-                "user_id": [str(k) for k in rng.integers(0, n_users, n)],
-                "item_id": [str(k) for k in rng.integers(0, n_items, n)],
-                "label": pa.array(rng.integers(0, 2, n), pa.int32()),
-                "event_timestamp": pa.array(ts, pa.timestamp("us", tz="UTC")),
-                "split": np.where(ts < q8, "train", np.where(ts < q9, "valid", "test")).tolist(),
-            }
-        ),
-        "user_snapshots_repr": repr_table("snapshot_id", n_users, ENCODER, WIDTH).set_column(
-            0, "snapshot_id", pa.array([f"{k}@2000-01-01T00:00:00" for k in range(n_users) for _ in LAYERS])
-        ),
-        "items_repr": repr_table("item_id", n_items, ENCODER, WIDTH, seed=1),
-    }
-    for name, table in tables.items():
-        write_deltalake(str(delta / name), table, mode="overwrite")
+def register_tiny_compressor(root: Path) -> tuple[Path, str]:
+    """(tiny model folder, MLflow store holding untrained champion compressors for it), made under `root`:
+    the lineage of the tiny Llama's representation tables (encoder, width, layer). This test checks where the
+    tables are written; test_mlflow_project trains compressors."""
+    import mlflow
 
+    from llmfeat.models.marc.model import MarcCompressor
+    from llmfeat.registry import log_and_register, use_tracking
+    from llmfeat.reprs import layer_lineage
 
-def train_tiny_compressor(spark, root: Path) -> tuple[Path, str]:  # type: ignore[no-untyped-def]
-    """(tiny model folder, MLflow store holding the champion compressors for it), made under `root`."""
-    import torch
-
-    from llmfeat.spark_jobs.train_compressor import run as train_compressor
-
-    assert has_delta_jars(spark), "the test session has no delta-spark jars: run `make setup`"
-    torch.set_num_threads(1)
     model = make_tiny_model_dir(root / ENCODER)
     store = f"sqlite:///{root / 'mlflow.db'}"
-    synthetic_inputs(root / "synthetic" / "delta")
-    settings = load_settings("tiny", [f"data_dir={root / 'synthetic'}", *pipeline_overrides(model, store)])
-    train_compressor(spark, settings)  # reads the delta-rs tables through Spark's Delta reader
+    settings = load_settings("tiny", [f"data_dir={root}", *pipeline_overrides(model, store)])
+    marc = settings.marc
+    use_tracking(settings, marc.experiment)
+    with mlflow.start_run():
+        for entity, key in (("users", "snapshot_id"), ("items", "item_id")):
+            table = repr_table(key, 2, ENCODER, WIDTH)
+            lineage = layer_lineage(table, "tiny", marc.layer) | {
+                "entity": entity,
+                "in_dim": WIDTH,
+                "out_dim": marc.out_dim,
+            }
+            compressor = MarcCompressor(in_dim=WIDTH, out_dim=marc.out_dim, hidden_dim=marc.hidden_dim)
+            log_and_register(compressor, settings, entity, lineage)
     return model, store
 
 
 def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_reads_it(  # type: ignore[no-untyped-def]
     spark, make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    trained = train_tiny_compressor(spark, tmp_path / "compressor")
+    assert has_delta_jars(spark), "the test session has no delta-spark jars: run `make setup`"
+    trained = register_tiny_compressor(tmp_path / "compressor")
     settings = make_settings(*pipeline_overrides(*trained))
     overrides = [*pipeline_overrides(*trained), "spark.driver_memory=1g",
                  "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
