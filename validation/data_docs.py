@@ -3,8 +3,8 @@
 One great-expectations site per data_dir (<data_dir>/data_docs by default). Each gate run adds one page,
 validations/<suite>/<run_id>/<time>/<engine>-<table>.html. Validation results are kept as JSON beside it, so
 the site's runs.html lists every run of every job: plain HTML that reads offline (GX's own index.html, which
-fills its list with JavaScript from public CDNs and re-reads every stored result, is not built). The MLflow run
-that used a table carries tags pointing at its page.
+fills its list with JavaScript from public CDNs and re-reads every stored result, is not built). The MLflow
+run that used a table carries tags pointing at its page.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def docs_context(docs_dir: Path) -> EphemeralDataContext:
             # a gate renders its validation page only; the view compiles GX's templates once per process
             "site_section_builders": {
                 "validations": {
-                    "view": {"module_name": "llmfeat.validation.gx_views", "class_name": "CompiledOncePageView"}
+                    "view": {
+                        "module_name": "llmfeat.validation.gx_views",
+                        "class_name": "CompiledOncePageView",
+                    }
                 }
             },
         }

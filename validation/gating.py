@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULTS = ValidationConf()
+PAGE_EXAMPLES = 20  # unexpected values a failed expectation's Data Docs page lists (GX's own default)
 # Expectation arguments worth naming in a message; the rest (batch id, result format) is noise.
 SHOWN_KWARGS = (
     "column", "column_list", "column_A", "column_B", "min_value", "max_value", "value_set", "row_condition",
@@ -103,23 +104,28 @@ def _validate(
         gx.Checkpoint(
             name=f"{table}_gate",
             validation_definitions=[definition],
-            # BASIC: counts, observed values and a few unexpected values for the page; the failing rows' ids
-            # are asked for only when something failed (_with_row_ids), so a passing gate skips those passes
-            result_format={"result_format": "BASIC"},
+            # BASIC: counts and observed values. No unexpected values: each would cost a scan of its own
+            # (on Spark, a query per expectation that finds nothing on a passing table). The failed
+            # expectations are validated again for their rows' ids and examples (_with_row_ids).
+            result_format={"result_format": "BASIC", "partial_unexpected_count": 0},
         )
     )
     result = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=gx.RunIdentifier(run_name=run_id))
     (identifier, validation), *_ = result.run_results.items()
-    # This run's page only: GX's UpdateDataDocsAction also re-renders the suite's page and the site index
-    # (read from every stored result), and runs.html is the index that reads offline (write_runs_page).
-    context.build_data_docs(site_names=[SITE], resource_identifiers=[identifier], build_index=False)
-    urls = context.get_docs_sites_urls(resource_identifier=identifier, site_name=SITE)
     rows = batch.count() if is_spark(batch) else len(batch)  # cached: no recomputation
     failed = [r for r in validation.results if not r.success]
     if failed:
         failed = _with_row_ids(
             batch_definition.get_batch({"dataframe": batch}), gx_suite, failed, suite, conf
         )
+        shown = {r.expectation_config.id: _for_page(r) for r in failed if r.expectation_config}
+        validation.results = [shown.get(r.expectation_config.id, r) if r.expectation_config else r
+                              for r in validation.results]  # fmt: skip
+        context.validation_results_store.set(identifier, validation)
+    # This run's page only: GX's UpdateDataDocsAction also re-renders the suite's page and the site index
+    # (read from every stored result), and runs.html is the index that reads offline (write_runs_page).
+    context.build_data_docs(site_names=[SITE], resource_identifiers=[identifier], build_index=False)
+    urls = context.get_docs_sites_urls(resource_identifier=identifier, site_name=SITE)
     failures = tuple(_failure(r, suite.keys, conf) for r in failed)
     report = GateReport(
         table=table,
@@ -160,6 +166,21 @@ def _with_row_ids(
         evaluated = config is not None and not _exception(r.exception_info or {})
         again.append(batch.validate(by_id[config.id], result_format=fmt) if config and evaluated else r)
     return again
+
+
+def _for_page(r: ExpectationValidationResult) -> ExpectationValidationResult:
+    """A failed expectation's result as its Data Docs page shows it: its first PAGE_EXAMPLES unexpected
+    values, without the row ids (up to max_failing_ids of them)."""
+    from great_expectations.core import ExpectationValidationResult
+
+    shown = {k: v for k, v in (r.result or {}).items() if "index" not in k}
+    for key in ("partial_unexpected_list", "partial_unexpected_counts"):
+        if isinstance(shown.get(key), list):
+            shown[key] = shown[key][:PAGE_EXAMPLES]
+    return ExpectationValidationResult(
+        success=r.success, expectation_config=r.expectation_config, result=shown, meta=r.meta,
+        exception_info=r.exception_info,
+    )  # fmt: skip
 
 
 def _failure(r: ExpectationValidationResult, keys: tuple[str, ...], conf: ValidationConf) -> Failure:
