@@ -10,9 +10,9 @@
 
 `data` is a Spark DataFrame (the jobs), or a pyarrow Table or pandas DataFrame (small tables). Every write is
 one Delta commit: a failed write leaves the previous version current. `upsert` MERGEs by key and commits
-nothing when no row changed, so re-runs never duplicate rows nor add empty versions. On delta-rs, an upsert of
-a Spark DataFrame that mirrors it (delete_missing, every column compared) is decided on the executors and, when
-something changed, committed as their files replacing the table's: no row through the driver.
+nothing when no row changed, so re-runs never duplicate rows nor add empty versions. On delta-rs, an upsert
+of a Spark DataFrame that mirrors it (delete_missing, every column compared) is decided on the executors and,
+when something changed, committed as their files replacing the table's: no row through the driver.
 """
 
 from __future__ import annotations
