@@ -260,16 +260,11 @@ class RustDelta:
         target = self.read_spark(name)
         if sorted(target.columns) != sorted(frame.columns):
             return None
-        cached = frame.storageLevel.useMemory or frame.storageLevel.useDisk
-        frame = frame if cached else frame.persist()  # computed once for the check and the write
-        try:
+        with computed_once(frame) as frame:  # for the check and the write
             on, changed = merge_predicates(keys, frame.columns, None, "spark")
             if not would_change(target, frame, keys, on, changed, delete_missing=True):
                 return self.version(name)
             return self._commit_executor_files(name, frame, "overwrite")
-        finally:
-            if not cached:
-                frame.unpersist()
 
     def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
         """Delete the rows whose `keys` match a row of `data` (one commit; none when nothing matched)."""
@@ -397,8 +392,7 @@ class SparkDelta:
         new_cols = set(frame.columns) - set(target.toDF().columns)
         on, changed = merge_predicates(keys, frame.columns, compare, "spark")
         changed = "true" if new_cols else changed  # added by schema evolution: every matched row changes
-        frame = frame.persist()  # computed once for the check and the MERGE
-        try:
+        with computed_once(frame) as frame:  # for the check and the MERGE
             # Delta's MERGE commits a version even when no row changes: it runs only when one would.
             if not would_change(target.toDF(), frame, keys, on, changed, delete_missing):
                 return self.version(name) or 0
@@ -408,8 +402,6 @@ class SparkDelta:
             if delete_missing:
                 merge = merge.whenNotMatchedBySourceDelete()
             merge.execute()
-        finally:
-            frame.unpersist()
         return self.version(name) or 0
 
     def delete_keys(self, name: str, data: Any, keys: list[str]) -> int:
@@ -443,6 +435,21 @@ class SparkDelta:
         self._api(name).vacuum(float(retention_hours))
         gone = written - len(data_files(self.path(name)))
         return Maintained(name, before, files(), gone, self.version(name) or 0)
+
+
+@contextmanager
+def computed_once(frame: DataFrame) -> Iterator[DataFrame]:
+    """`frame` persisted for the block, unless its caller already persisted it (then its cache is the
+    caller's to keep: unpersisting it here would make the caller's next action compute it again)."""
+    level = frame.storageLevel
+    if level.useMemory or level.useDisk:
+        yield frame
+        return
+    frame = frame.persist()
+    try:
+        yield frame
+    finally:
+        frame.unpersist()
 
 
 def would_change(

@@ -57,7 +57,7 @@ def docs_context(docs_dir: Path) -> EphemeralDataContext:
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            # a gate renders its validation page only; the view compiles GX's templates once per process
+            # validation pages through a view that compiles GX's templates once per process (gx_views.py)
             "site_section_builders": {
                 "validations": {
                     "view": {
