@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from llmfeat.config import Settings
+from llmfeat.job_args import PROTOCOLS, ablation_args
 from llmfeat.models.ctr.history import DAY_US, earlier_counts, epoch_micros, history_means
 from llmfeat.models.evaluation.ab_stats import paired_deltas
 from llmfeat.models.evaluation.metrics import auc, user_weights
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("llmfeat.ablation")
 DIM = 64  # the published vectors' width: every LLM arm compares at 64 x int8
-PROTOCOLS = ("daily", "fresh", "cold_items")
 BASE, ITEM, HISTORY, BOTH = "ids + counters + content", "+ LLM item vector", "+ LLM history", "+ both"
 GENRE, ID_EMB = "+ genre history", "+ id-embedding history (out-of-fold)"
 # arm -> (representation, blocks of the tree matrix beyond the base)
@@ -677,28 +677,6 @@ def markdown(stored: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", choices=("lightgbm", "dnn"), default="lightgbm")
-    parser.add_argument(
-        "--protocols", default=",".join(PROTOCOLS), help="comma list of daily, fresh, cold_items"
-    )
-    parser.add_argument(
-        "--cold-items", type=float, default=0.2, help="share of items launched at the test period"
-    )
-    parser.add_argument(
-        "--cold-folds", type=int, default=None, help="disjoint cold-item draws (default: as many as fit)"
-    )
-    parser.add_argument("--layers", default="8,15,22,30", help="tapped layers of the curve (comma list)")
-    parser.add_argument("--seeds", type=int, default=5, help="seeds of every arm (predictions averaged)")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="where ctr_results.{json,md} go")
-    parser.add_argument(
-        "--representation",
-        choices=("marc", "pca"),
-        default="marc",
-        help="how the LLM item states are compressed",
-    )
-
-
 def command(args: argparse.Namespace) -> int:
     from llmfeat.runner import command_settings
 
@@ -736,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="llmfeat ctr-ablation")
     config_args(parser)
-    add_arguments(parser)
+    ablation_args(parser)
     return command(parser.parse_args(argv))
 
 

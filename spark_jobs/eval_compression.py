@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmfeat.job_args import sweep_args
 from llmfeat.models.ctr.data import ctr_arrays
 from llmfeat.models.marc.sweep import Entry, SweepConfig, SweepResult, Vectors, run_sweep
 from llmfeat.reprs import layer_matrix, repr_layers, repr_table
@@ -229,19 +230,12 @@ def run(
     return result
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--layers", default="", help="comma list of layers for the sweep (default: all)")
-    parser.add_argument("--marc-layers", default="", help="extra layers to train MARC on for the layer plot")
-    parser.add_argument("--out", type=Path, default=Path("docs"), help="where the table, plots and JSON go")
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import config_args, run_in_process
 
     parser = argparse.ArgumentParser(prog="eval-compression")
     config_args(parser)
-    add_arguments(parser)
+    sweep_args(parser)
     args = parser.parse_args(argv)
     cfg = sweep_config(args.seeds, args.layers, args.marc_layers)
     return run_in_process(

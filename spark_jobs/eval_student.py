@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from llmfeat.job_args import student_args
 from llmfeat.models.encoder import EncoderConfig, load_encoder, resolve_model
 from llmfeat.reprs import ReprError, layer_matrix, repr_table
 
@@ -248,22 +249,12 @@ def run(
     return result
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--student", type=Path, required=True, help="student folder written by distil-student"
-    )
-    parser.add_argument(
-        "--student-data", type=Path, required=True, help="data_dir where the student encoded items_repr"
-    )
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-
-
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import config_args, run_in_process
 
     parser = argparse.ArgumentParser(prog="eval-student")
     config_args(parser)
-    add_arguments(parser)
+    student_args(parser)
     args = parser.parse_args(argv)
     body = lambda s: run(None, s, args.student, args.student_data, args.out)  # noqa: E731
     return run_in_process("eval-student", args.config, args.overrides, body)

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from llmfeat.delta_io import open_tables, version_files
 from llmfeat.errors import UserError
 from llmfeat.feast_repo import marc_views_in, open_store
+from llmfeat.job_args import train_args
 from llmfeat.models.ctr.features import FRESH_VECTORS, VECTOR_COLUMNS, FeatureEncoder
 from llmfeat.models.ctr.model import CtrModel
 from llmfeat.models.ctr.roles import ROLE_COLUMNS, row_roles
@@ -412,14 +413,6 @@ def worker_session(settings: Settings) -> SparkSession | None:
     from llmfeat.session import build_session
 
     return build_session(settings.spark, settings.delta)
-
-
-def train_args(parser: argparse.ArgumentParser) -> None:
-    from llmfeat.spark_jobs.training_set import llm_args
-
-    which = llm_args(parser)
-    which.add_argument("--both", action="store_true", help="without LLM -> champion, with -> challenger")
-    parser.add_argument("--alias", default=None, help="registry alias to set on the new version")
 
 
 def main(argv: list[str] | None = None) -> int:

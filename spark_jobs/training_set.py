@@ -36,6 +36,7 @@ from llmfeat.delta_io import open_tables
 from llmfeat.errors import UserError
 from llmfeat.feast_join import TrainingSetError, historical_features, refs_by_view
 from llmfeat.feast_repo import open_store
+from llmfeat.job_args import llm_args
 from llmfeat.reprs import FEATURE_LINEAGE, NEWEST_EVENT_FIELDS, MarcView, marc_views_in, state_table
 from llmfeat.sample import Sample, distinct_values
 
@@ -336,16 +337,6 @@ def run(spark: SparkSession | None, settings: Settings, use_llm: bool = True) ->
     ctr.id_feature_service), run its leakage gate and describe it. Reads with delta-rs: `spark` is unused."""
     store, tables = open_store(settings), open_tables(settings)
     return summarise(*checked_training_set(settings, tables, store, use_llm))
-
-
-def llm_args(parser: argparse.ArgumentParser) -> Any:
-    """--llm (default) / --no-llm: the LLM feature service or the id one; returns the group for more."""
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument(
-        "--llm", dest="llm", action="store_true", default=True, help="with LLM vectors (default)"
-    )
-    which.add_argument("--no-llm", dest="llm", action="store_false", help="ids and side features only")
-    return which
 
 
 def main(argv: list[str] | None = None) -> int:

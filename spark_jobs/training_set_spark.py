@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from llmfeat.delta_io import open_tables
 from llmfeat.feast_join import spark_historical_features
 from llmfeat.feast_repo import open_store
+from llmfeat.job_args import llm_args
 from llmfeat.spark_jobs.training_set import (
     SPLITS,
     Snapshot,
@@ -29,7 +30,6 @@ from llmfeat.spark_jobs.training_set import (
     check_training_set,
     delta_versions,
     join_plan,
-    llm_args,
     service_names,
     vector_lineage,
 )

@@ -1,8 +1,10 @@
 """What a user of the published package gets: one wheel, installed in a fresh venv, run outside the checkout.
 
-One fresh venv serves the whole module (PyTorch alone is a few GB; pip's cache makes a second install cheap):
-it starts with only mlflow, torch and pandas, the environment of a serving system that loads a registered
-model (the tests that load models come first), and the wheel is installed into it last.
+One fresh venv serves the whole module: it starts with only mlflow, torch and pandas, the environment of a
+serving system that loads a registered model (the tests that load models come first), and the wheel is
+installed into it last. uv installs it, resolving against the index as pip does, with the same constraints:
+PyTorch's wheels alone are a few GB, which uv links from its cache where pip would unpack them again
+(2 s instead of about 130 s once the cache is warm).
 """
 
 from __future__ import annotations
@@ -33,18 +35,31 @@ VENV = ROOT / "build" / "clean-venv"
 BIN = VENV / "bin"
 
 
+UV = Path(sys.executable).parent / "uv"  # the set-up installs it into the project's venv (the dev extra)
+
+
 def pip(*args: str) -> None:
-    # --no-compile: Python compiles what a test imports when it imports it, not every module of torch
-    cmd = [str(BIN / "python"), "-m", "pip", "install", "-q", "--no-compile"]
-    cmd += ["-c", str(ROOT / "constraints.txt"), *args]
+    """`pip install` into the clean venv, through uv."""
+    cmd = [str(UV), "pip", "install", "-q", "--python", str(BIN / "python")]
+    cmd += ["-c", str(ROOT / "constraints.txt"), *built_wheels(), *args]
     subprocess.run(cmd, check=True, timeout=1500)
+
+
+def built_wheels() -> list[str]:
+    """--find-links to the wheels pip built for the set-up from packages that ship only as sources (pyspark,
+    300 MB of jars): uv would build them again for each venv."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "cache", "list", "--format=abspath"], capture_output=True, text=True
+    ).stdout
+    folders = sorted({str(Path(line).parent) for line in out.splitlines() if line.endswith(".whl")})
+    return [arg for folder in folders for arg in ("--find-links", folder)]
 
 
 @pytest.fixture(scope="module")
 def clean_venv() -> Path:
-    """A fresh venv with mlflow, torch and pandas only (torch pinned: the CPU build)."""
+    """A fresh venv with mlflow, torch and pandas only (torch pinned as the set-up pins it)."""
     shutil.rmtree(VENV, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    subprocess.run([str(UV), "venv", "-q", "--python", sys.executable, str(VENV)], check=True)
     pip("torch==2.13.0", "mlflow", "pandas")
     return VENV
 

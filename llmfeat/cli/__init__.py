@@ -134,8 +134,8 @@ def marc_command(args: argparse.Namespace) -> int:
 
 
 def marc_parsers(sub: Any) -> None:
+    from llmfeat.job_args import sweep_args
     from llmfeat.spark_jobs.compress import entity_args
-    from llmfeat.spark_jobs.eval_compression import add_arguments as eval_args
 
     config_args(sub.add_parser("train-compressor", help="MARC compressor -> MLflow registry under an alias"))
     compress = sub.add_parser(
@@ -145,7 +145,7 @@ def marc_parsers(sub: Any) -> None:
     entity_args(compress)
     ev = sub.add_parser("eval-compression", help="layer sweep and compression baselines, table and plots")
     config_args(ev)
-    eval_args(ev)
+    sweep_args(ev)
 
 
 def package_version() -> str:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     features.add_argument("--full", action="store_true", help="materialize the whole history again")
     config_args(features)
     marc_parsers(sub)
-    from llmfeat.spark_jobs import ctr_ablation
+    from llmfeat.job_args import ablation_args
 
     ablation = sub.add_parser(
         "ctr-ablation",
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "either model family, by slice and layer",
     )
     config_args(ablation)
-    ctr_ablation.add_arguments(ablation)
+    ablation_args(ablation)
     from llmfeat.cli import ctr_commands, rec_commands
 
     ctr_commands.add_parsers(sub, config_args)
@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "features":
         return features_command(args)
     if args.command == "ctr-ablation":
+        from llmfeat.spark_jobs import ctr_ablation
+
         return ctr_ablation.command(args)
     if args.command == "refresh":
         from llmfeat.spark_jobs.refresh import run as refresh

@@ -26,8 +26,7 @@ COMMANDS = ("training-set", "train-ctr", "compare", "promote", "serve", "abtest"
 
 
 def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    from llmfeat.spark_jobs.train_ctr import train_args
-    from llmfeat.spark_jobs.training_set import llm_args
+    from llmfeat.job_args import llm_args, train_args
 
     training_set = sub.add_parser(
         "training-set", help="build, gate and describe the point-in-time training set"

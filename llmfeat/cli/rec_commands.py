@@ -17,12 +17,12 @@ COMMANDS = ("train-lite", "distil-student", "eval-student")
 
 
 def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    from llmfeat.spark_jobs.eval_student import add_arguments as eval_args
+    from llmfeat.job_args import student_args
 
     lite = sub.add_parser("train-lite", help="next-item models on the time split (Lite-LLM4Rec + baselines)")
     distil = sub.add_parser("distil-student", help="SLMRec: distil a layer-pruned student encoder")
     ev = sub.add_parser("eval-student", help="student vs teacher: feature AUC and encode throughput")
-    eval_args(ev)
+    student_args(ev)
     for p in (lite, distil, ev):
         config_args(p)
 
