@@ -149,6 +149,22 @@ def _fail_if_any(bad: DataFrame, path: str, column: str, problem: str) -> None:
         raise IngestError(f"{path}: column {column!r}: {problem}; example row(s): {examples}")
 
 
+def _fail_on_first(df: DataFrame, path: str, checks: list[tuple[str, Column, str]]) -> None:
+    """Row checks (column, a bad row's condition, problem) in one pass over `df`, instead of one scan of the
+    file each; the first check that a row fails raises, with examples from a second pass over those rows."""
+    from pyspark.sql import functions as F
+
+    flags = df.select(
+        [
+            F.max(F.coalesce(bad, F.lit(False)).cast("int")).alias(str(i))
+            for i, (_, bad, _) in enumerate(checks)
+        ]
+    ).first()
+    for i, (column, bad, problem) in enumerate(checks):
+        if flags is not None and flags[str(i)]:
+            _fail_if_any(df.where(bad), path, column, problem)
+
+
 def check_ids(df: DataFrame, path: str, keys: list[str]) -> None:
     from pyspark.sql import functions as F
 
@@ -182,15 +198,13 @@ def interactions_table(raw: DataFrame, path: str, cfg: IngestConf) -> DataFrame:
         F.col("rating").cast("string").try_cast("double").alias("rating"),
         parse_timestamp("timestamp").alias("event_timestamp"),
     )
-    for key in ("user_id", "item_id"):
-        _fail_if_any(df.where(F.col(key).isNull() | (F.col(key) == "")), path, key, "null id")
-    _fail_if_any(df.where(F.col("rating").isNull()), path, "rating", "not a number")
-    _fail_if_any(
-        df.where(F.col("event_timestamp").isNull()),
-        path,
-        "timestamp",
-        "unparsable timestamp (expect epoch seconds or ISO-8601)",
-    )
+    null_id = [(key, F.col(key).isNull() | (F.col(key) == ""), "null id") for key in ("user_id", "item_id")]
+    _fail_on_first(df, path, [
+        *null_id,
+        ("rating", F.col("rating").isNull(), "not a number"),
+        ("timestamp", F.col("event_timestamp").isNull(),
+         "unparsable timestamp (expect epoch seconds or ISO-8601)"),
+    ])  # fmt: skip
     df = df.drop("rating_raw", "timestamp_raw")
     _fail_if_any(
         df.groupBy("user_id", "item_id", "event_timestamp").count().where("count > 1"),
