@@ -51,14 +51,15 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 # runs on one worker, which is handed its next file while its last two tests run; a long file started last
 # would leave the other worker idle at the end, so the files end with the shortest.
 LONGEST_FIRST = (
-    "test_install.py", "test_state_online.py", "test_ingest.py", "test_delta_spark_pipeline.py",
-    "test_mlflow_project.py", "test_mlflow_project_ctr.py", "test_encode_job.py", "test_ctr_stream.py",
-    "test_bahe_job.py", "test_compress.py", "test_spark_submit.py", "test_delta_io.py", "test_gpu_cluster.py",
-    "test_serving_load.py", "test_serving_ranking.py", "test_user_state_job.py", "test_feast_materialize.py",
-    "test_encoder.py", "test_mlflow_import.py", "test_validation_spark.py", "test_feast_repo.py",
-    "test_materialize_engines.py", "test_ctr_tree.py", "test_retrieval_services.py",
-    "test_training_set_spark.py", "test_session.py", "test_ctr_training.py", "test_slmrec_slow.py",
-    "test_terminal.py", "test_ctr_ablation.py",
+    "test_delta_spark_pipeline.py", "test_state_online.py", "test_ingest.py", "test_install.py",
+    "test_encode_job.py", "test_mlflow_project_ctr.py", "test_mlflow_project.py", "test_ctr_stream.py",
+    "test_bahe_job.py", "test_delta_io.py", "test_gpu_cluster.py", "test_spark_submit.py", "test_compress.py",
+    "test_user_state_job.py", "test_feast_materialize.py", "test_serving_ranking.py", "test_serving_load.py",
+    "test_encoder.py", "test_mlflow_import.py", "test_feast_repo.py", "test_validation_spark.py",
+    "test_materialize_engines.py", "test_validation_docs.py", "test_ctr_tree.py",
+    "test_training_set_spark.py", "test_retrieval_services.py", "test_session.py", "test_lite.py",
+    "test_ctr_training.py", "test_slmrec_slow.py", "test_sample.py", "test_ctr_ablation.py",
+    "test_terminal.py",
 )  # fmt: skip
 
 
