@@ -147,14 +147,18 @@ def run_with_session(
     overrides: list[str],
     body: Callable[[SparkSession, Settings], Any],
     errors: tuple[type[BaseException], ...] = (),
+    before_session: Callable[[Settings], Any] | None = None,
 ) -> int:
-    """Exit 2 on a config error, 1 on bad input (`errors` adds job-specific classes), 0 when `body` ran."""
+    """Exit 2 on a config error, 1 on bad input (`errors` adds job-specific classes), 0 when `body` ran.
+    `before_session` checks what needs no Spark, so that such an error comes before the JVM starts."""
     settings = command_settings(name, config, overrides)
     if settings is None:
         return 2
     from llmfeat.session import build_session
 
     def with_session(settings: Settings) -> Any:
+        if before_session is not None:
+            before_session(settings)
         spark = build_session(settings.spark, settings.delta)
         log_session(name, spark)
         return body(spark, settings)
@@ -197,9 +201,10 @@ def job_main(
     argv: list[str] | None,
     body: Callable[[SparkSession, Settings], Any],
     errors: tuple[type[BaseException], ...] = (),
+    before_session: Callable[[Settings], Any] | None = None,
 ) -> int:
     """Parse config flags, validate the config before Spark starts, run `body`, map bad input to exit 1."""
     parser = argparse.ArgumentParser(prog=f"llmfeat {name}")
     config_args(parser)
     args = parser.parse_args(argv)
-    return run_with_session(name, args.config, args.overrides, body, errors)
+    return run_with_session(name, args.config, args.overrides, body, errors, before_session)

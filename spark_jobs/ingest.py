@@ -413,7 +413,12 @@ def format_summary(summaries: list[TableSummary]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from llmfeat.runner import job_main
 
-    return job_main("ingest", argv, lambda spark, settings: print(format_summary(run(spark, settings))))
+    return job_main(
+        "ingest",
+        argv,
+        lambda spark, settings: print(format_summary(run(spark, settings))),
+        before_session=lambda settings: source_files(settings.ingest),
+    )
 
 
 if __name__ == "__main__":

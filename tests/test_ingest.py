@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -225,3 +227,12 @@ def test_movielens_100k_real_counts_and_idempotent_rerun(spark, tmp_path) -> Non
         "test": 0.1,
     }
     assert 0.54 < inter["label"].mean() < 0.56
+
+
+def test_a_missing_source_fails_before_spark_starts(tmp_path: Path) -> None:
+    """An error that needs no Spark (here: ingest.files unset) comes in a second, not after a JVM start."""
+    cmd = [sys.executable, "-m", "llmfeat.spark_jobs.ingest", "--set", f"data_dir={tmp_path}"]
+    done = subprocess.run([*cmd, "--set", "ingest.source=files"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "ingest.source is files but ingest.files is not set" in done.stderr
+    assert "Spark master" not in done.stderr  # log_session: no session was started

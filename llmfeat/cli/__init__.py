@@ -250,11 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "ingest":
-        from llmfeat.spark_jobs.ingest import format_summary
+        from llmfeat.spark_jobs.ingest import format_summary, source_files
         from llmfeat.spark_jobs.ingest import run as ingest
 
-        return run_job(
-            "ingest", args.config, args.overrides, lambda s, c: print(format_summary(ingest(s, c)))
+        # the source's files (or the data package) are found before the JVM starts
+        return run_with_session(
+            "ingest",
+            args.config,
+            args.overrides,
+            lambda s, c: print(format_summary(ingest(s, c))),
+            before_session=lambda c: source_files(c.ingest),
         )
     if args.command == "encode":
         return encode_command(args)
