@@ -2,7 +2,7 @@
 
 `llmfeat` builds every subcommand's parser before it parses, and the job modules' own `main` (spark-submit,
 the MLflow project) builds the same one: defined here, with nothing heavier than argparse, the parsers cost
-no import of the jobs (`llmfeat --help` in under a second instead of about five).
+no import of the jobs (`llmfeat --help` in under a second instead of about six).
 """
 
 from __future__ import annotations

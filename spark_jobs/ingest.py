@@ -98,6 +98,12 @@ def source_files(cfg: IngestConf) -> SourceFiles:
     return cfg.files
 
 
+def find_source(settings: Settings) -> SourceFiles:
+    """The source's files, or the data package, found before the Spark session starts (a missing one is an
+    error in a second, not after a JVM start)."""
+    return source_files(settings.ingest)
+
+
 def check_text_file(path: str) -> None:
     """Empty files and invalid UTF-8 fail here, with the line, before Spark silently replaces bad bytes."""
     p = Path(path)
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "ingest",
         argv,
         lambda spark, settings: print(format_summary(run(spark, settings))),
-        before_session=lambda settings: source_files(settings.ingest),
+        before_session=find_source,
     )
 
 

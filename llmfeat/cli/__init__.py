@@ -250,16 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.command == "ingest":
-        from llmfeat.spark_jobs.ingest import format_summary, source_files
+        from llmfeat.spark_jobs.ingest import find_source, format_summary
         from llmfeat.spark_jobs.ingest import run as ingest
 
-        # the source's files (or the data package) are found before the JVM starts
         return run_with_session(
             "ingest",
             args.config,
             args.overrides,
             lambda s, c: print(format_summary(ingest(s, c))),
-            before_session=lambda c: source_files(c.ingest),
+            before_session=find_source,
         )
     if args.command == "encode":
         return encode_command(args)
