@@ -17,6 +17,7 @@ next to every older version still declared.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import importlib.util
 import os
@@ -38,6 +39,32 @@ if TYPE_CHECKING:
 DATA_DIR_ENV = "LLMFEAT_DATA_DIR"
 FILE_STORE = "llmfeat.feast_delta.DeltaFileOfflineStore"  # feast.offline_store file: Delta read by its log
 DECLARATION_MODULES = ("entities", "data_sources", "feature_views", "feature_services", "candidate_views")
+
+
+@functools.cache
+def import_feast() -> None:
+    """Import feast, once per process, with typeguard's `@typechecked` as the identity while its modules load.
+
+    Feast decorates its classes with it, and for every method the decorator parses, transforms and compiles
+    that method's whole module again: 4 of the 7 s `import feast` takes here, paid by every process that reads
+    features (each command, Spark driver and serving worker). The decorator is put back at once, so other
+    code's checks are kept; feast's public API is typed and this project's calls to it are checked by mypy."""
+    try:
+        import typeguard
+    except ImportError:  # a feast without typeguard: nothing to skip
+        import feast.infra.online_stores.sqlite  # noqa: F401
+
+        return
+    checked = typeguard.typechecked
+    typeguard.typechecked = _unchecked  # type: ignore[assignment]
+    try:
+        import feast.infra.online_stores.sqlite  # noqa: F401  (the package, and the store opened later)
+    finally:
+        typeguard.typechecked = checked
+
+
+def _unchecked(target: Any = None, **_options: Any) -> Any:
+    return _unchecked if target is None else target
 
 
 class FeatureStoreError(UserError, RuntimeError):
@@ -92,6 +119,7 @@ def store_config(settings: Settings) -> dict[str, Any]:
 def declarations() -> dict[str, Any]:
     """Every Feast object declared in the repository (feature_repo_dir()), by variable name (the modules are
     imported, not run)."""
+    import_feast()
     from feast import Entity, FeatureService, FeatureView
     from feast.data_source import DataSource
 
@@ -119,6 +147,7 @@ def declarations() -> dict[str, Any]:
 
 def repo_objects(settings: Settings) -> list[Any]:
     """The objects to apply; with the Spark offline store each view reads its SparkSource twin instead."""
+    import_feast()
     from feast import FeatureView
 
     objects = list(declarations().values())
@@ -136,6 +165,7 @@ def repo_objects(settings: Settings) -> list[Any]:
 
 
 def feature_views() -> dict[str, FeatureView]:
+    import_feast()
     from feast import FeatureView
 
     return {v.name: v for v in declarations().values() if isinstance(v, FeatureView)}
@@ -143,6 +173,7 @@ def feature_views() -> dict[str, FeatureView]:
 
 def service_marc_views(service: str) -> list[MarcView]:
     """The MARC views (one compressor version's) that a declared feature service names."""
+    import_feast()
     from feast import FeatureService
 
     found = [s for s in declarations().values() if isinstance(s, FeatureService) and s.name == service]
@@ -196,6 +227,7 @@ def feast_cli(settings: Settings, *args: str) -> tuple[list[str], dict[str, str]
 
 def open_store(settings: Settings) -> FeatureStore:
     """The repository in feature_repo/ under this profile (registry and online store in store_dir)."""
+    import_feast()
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 

@@ -82,6 +82,33 @@ def test_declarations_import_without_side_effects(tmp_path: Path) -> None:
     assert not list(feature_repo_dir().glob("*.db"))  # importing wrote nothing
 
 
+def test_feast_imports_without_typeguards_recompiling_and_puts_the_decorator_back(tmp_path: Path) -> None:
+    script = tmp_path / "check.py"  # typeguard instruments from source: a file, not `python -c`
+    script.write_text("""
+import typeguard
+checked = typeguard.typechecked
+from llmfeat import feast_repo
+feast_repo.import_feast()
+import feast
+assert typeguard.typechecked is checked, "the decorator was not put back"
+
+@typeguard.typechecked
+def double(x: int) -> int:
+    return 2 * x
+
+try:
+    double("a")
+except typeguard.TypeCheckError:
+    pass
+else:
+    raise SystemExit("code decorated after feast's import is not checked")
+print(sorted(set(feast.FeatureView.__init__.__code__.co_names) & {"check_argument_types_internal"}))
+""")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"  # feast's methods as written, not recompiled with checks
+
+
 @pytest.mark.unit
 def test_store_config_per_profile(tmp_path: Path) -> None:
     local = feast_repo.store_config(tiny_settings(tmp_path))
