@@ -51,9 +51,9 @@ INTERACTIONS = "user_id,item_id,rating,timestamp\n" + "".join(
 # runs on one worker, which is handed its next file while its last two tests run; a long file started last
 # would leave the other worker idle at the end, so the files end with the shortest.
 LONGEST_FIRST = (
-    "test_delta_spark_pipeline.py", "test_state_online.py", "test_ingest.py", "test_install.py",
+    "test_cluster.py", "test_state_online.py", "test_ingest.py", "test_install.py",
     "test_encode_job.py", "test_mlflow_project_ctr.py", "test_mlflow_project.py", "test_ctr_stream.py",
-    "test_bahe_job.py", "test_delta_io.py", "test_gpu_cluster.py", "test_spark_submit.py", "test_compress.py",
+    "test_bahe_job.py", "test_delta_io.py", "test_spark_submit.py", "test_compress.py",
     "test_user_state_job.py", "test_feast_materialize.py", "test_serving_ranking.py", "test_serving_load.py",
     "test_encoder.py", "test_mlflow_import.py", "test_feast_repo.py", "test_validation_spark.py",
     "test_materialize_engines.py", "test_validation_docs.py", "test_ctr_tree.py",

@@ -5,7 +5,6 @@ ctr.stream=true on the tiny lake."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -297,7 +296,7 @@ def test_two_workers_hold_one_model_trained_on_their_shares(
 ) -> None:
     """torch.distributed on loopback, as TorchDistributor starts it: the workers average their gradients,
     so they end with the same weights, and the model learns from both shares."""
-    from test_gpu_cluster import free_port
+    from test_cluster import free_port
 
     from llmfeat.models.ctr.model import CtrModel
     from llmfeat.models.ctr.train import model_config
@@ -315,8 +314,8 @@ def test_two_workers_hold_one_model_trained_on_their_shares(
     assert valid[0] == valid[1] and len(valid[0]) == WORKER_CFG.max_epochs
 
 
-# The driver of the cluster test: a session on the standalone master, TorchDistributor's two tasks (one on
-# each worker) train on the files, rank 0's model comes back; prints what the test checks.
+# The driver of the cluster test (test_cluster.py): a session on the standalone master, TorchDistributor's two
+# tasks (one on each worker) train on the files, rank 0's model comes back; prints what the test checks.
 ON_CLUSTER = textwrap.dedent(
     """
     import json, sys
@@ -330,7 +329,8 @@ ON_CLUSTER = textwrap.dedent(
     master, data_dir, *files = sys.argv[1:]
     executors = ["spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
                  f"spark.extra.spark.executor.extraJavaOptions={SHORT_LIVED_JVM}"]
-    overrides = [f"spark.master={master}", f"data_dir={data_dir}", "spark.driver_memory=1g", *executors]
+    overrides = [f"spark.master={master}", f"data_dir={data_dir}", "spark.driver_memory=1g", *executors,
+                 "spark.extra.spark.cores.max=2"]
     settings = load_settings("tiny", overrides)
     spark = build_session(settings.spark, settings.delta)
     cfg = WORKER_CFG.model_copy(update={"stream_workers": 2})
@@ -343,22 +343,6 @@ ON_CLUSTER = textwrap.dedent(
                       "executors": len(infos) - 1}))
     """
 )
-
-
-@pytest.mark.spark
-@pytest.mark.integration
-def test_train_ctr_workers_run_on_a_standalone_cluster_through_torch_distributor(
-    files: list[str], tmp_path: Path
-) -> None:
-    from test_gpu_cluster import run_driver_on_cluster
-
-    data = str(tmp_path / "data")
-    out = run_driver_on_cluster(
-        tmp_path / "cluster", ON_CLUSTER, lambda url: [url, data, *files], Path(__file__).parent
-    )
-    result = json.loads(out.strip().splitlines()[-1])
-    assert result["executors"] == 2 and result["epochs"] == WORKER_CFG.max_epochs
-    assert result["auc"] > 0.7
 
 
 STREAM = ("ctr.stream=true", "ctr.stream_buffer_rows=256", "ctr.stream_batch_rows=64")
