@@ -49,12 +49,8 @@ def import_feast() -> None:
     that method's whole module again: 4 of the 7 s `import feast` takes here, paid by every process that reads
     features (each command, Spark driver and serving worker). The decorator is put back at once, so other
     code's checks are kept; feast's public API is typed and this project's calls to it are checked by mypy."""
-    try:
-        import typeguard
-    except ImportError:  # a feast without typeguard: nothing to skip
-        import feast.infra.online_stores.sqlite  # noqa: F401
+    import typeguard  # feast's own requirement
 
-        return
     checked = typeguard.typechecked
     typeguard.typechecked = _unchecked  # type: ignore[assignment]
     try:

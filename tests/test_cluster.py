@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pyspark
 import pytest
-from conftest import SHORT_LIVED_JVM
+from conftest import SHORT_LIVED_JVM, source_overrides
 from test_compress import LAYERS, repr_table
 from test_ctr_stream import ON_CLUSTER, WORKER_CFG, files  # noqa: F401  (files: its module fixture)
 from test_encoder import make_tiny_model_dir
@@ -223,7 +223,7 @@ def register_tiny_compressor(root: Path) -> tuple[Path, str]:
 
 @pytest.mark.spark
 def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_reads_it(  # type: ignore[no-untyped-def]
-    cluster: str, spark, make_settings: Callable[..., Settings], tmp_path: Path
+    cluster: str, spark, make_settings: Callable[..., Settings], source_dir: Path, tmp_path: Path
 ) -> None:
     assert has_delta_jars(spark), "the test session has no delta-spark jars: run `make setup`"
     trained = register_tiny_compressor(tmp_path / "compressor")
@@ -231,7 +231,7 @@ def test_pipeline_on_a_standalone_cluster_writes_through_spark_delta_and_feast_r
     overrides = [*pipeline_overrides(*trained), "spark.driver_memory=1g",
                  "spark.extra.spark.executor.memory=1g", "spark.extra.spark.executor.cores=1",
                  f"spark.extra.spark.executor.extraJavaOptions={SHORT_LIVED_JVM}",
-                 f"data_dir={settings.data_dir}", *ingest_files(settings)]  # fmt: skip
+                 f"data_dir={settings.data_dir}", *source_overrides(source_dir)]  # fmt: skip
     out = run_driver(PIPELINE, [*overrides, f"spark.master={cluster}", TWO_CORES], REPO_ROOT)
     assert "executors: 2" in out, out  # one on each worker
     assert "items_repr: encoded 4 texts" in out, out
@@ -265,13 +265,6 @@ PIPELINE = textwrap.dedent(
     sys.exit(run_with_session("pipeline", "tiny", overrides, body))
     """
 )
-
-
-def ingest_files(settings: Settings) -> list[str]:
-    sources = settings.ingest.files
-    assert sources is not None
-    return ["ingest.source=files", f"ingest.files.interactions={sources.interactions}",
-            f"ingest.files.items={sources.items}", f"ingest.files.users={sources.users}"]  # fmt: skip
 
 
 def check_written_by_spark(spark, settings: Settings, feast_tables: list[str]) -> None:  # type: ignore[no-untyped-def]
